@@ -1,0 +1,1 @@
+"""One module per ``ex4d`` subcommand; each defines ``register(subparsers)``. See ex4d.cli."""

@@ -1,0 +1,1 @@
+"""ex4d.synthetic"""
