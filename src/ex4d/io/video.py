@@ -29,6 +29,8 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None) -> tuple[
     path = require_file(path, "video")
     try:
         container = av.open(str(path))
+    except av.error.EOFError:  # a valid header-only file: the container ends before any frame
+        raise InputError(f"{path} contains zero frames; give a video with at least one frame") from None
     except Exception as exc:  # PyAV raises many error types for a non-video file
         raise InputError(f"cannot read {path} as a video ({type(exc).__name__}); give an mp4/mkv/mov/avi file") from None
     frames: list[np.ndarray] = []
@@ -46,7 +48,7 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None) -> tuple[
             if not frames:
                 raise InputError(f"cannot decode {path} ({type(exc).__name__}); is it a valid video?") from None
     if not frames:
-        raise InputError(f"{path} contains zero frames")
+        raise InputError(f"{path} contains zero frames; give a video with at least one frame")
     if num_frames is not None and len(frames) < num_frames:
         raise InputError(
             f"{path} has only {len(frames)} frames but {num_frames} are needed; "
