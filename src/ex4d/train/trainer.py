@@ -1,0 +1,449 @@
+"""The adapter trainer: a deterministic, resumable loop over any :class:`TrainSystem`.
+
+What is trained is decided by the system (``ex4d.train.wan_system.EX4DTrainSystem`` trains the
+LoRA + CamVidEncoder of EX-4D); this module owns the loop:
+
+* **Determinism and exact resume.** Every random draw of a training sample (timestep, noise, mask
+  erosion) comes from a seed derived from ``(seed, global sample index)``, and the data order of
+  epoch ``e`` is a permutation seeded by ``(seed, e)``. Nothing depends on RNG state carried from
+  step to step, so a run resumed from a checkpoint repeats the uninterrupted run step for step, and
+  the samples a run sees do not depend on the number of GPUs (only their grouping into steps does).
+* **Multi-GPU** through accelerate: the system is wrapped by ``accelerator.prepare`` (DDP, or FSDP
+  when launched with an FSDP config); each process takes every ``world_size``-th sample.
+  Gradient accumulation is explicit (``no_sync`` on all but the last micro-batch).
+* **Checkpoints** every ``checkpoint_every`` steps in ``<out>/checkpoints/step-NNNNNN/``: the fp32
+  trainable tensors, optimizer, LR scheduler, RNG states and step, plus the system's exported
+  adapter (``ex4d.ckpt`` that ``ex4d generate`` loads unchanged, and a safetensors adapter +
+  config). Each folder is written under a temporary name and renamed when complete.
+* **Logging**: ``<out>/log.csv`` (step, loss, lr, grad_norm, samples/s), TensorBoard when the
+  ``tensorboard`` package is installed, validation outputs every ``validate_every`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ex4d.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step-"
+#: Config fields that must not change when a run is resumed (they change which sample a step sees).
+RESUME_INVARIANTS = ("seed", "batch_size", "grad_accum")
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings (the model-side settings live in the system's own config)."""
+
+    output_dir: str = "train_out"
+    max_steps: int = 1000
+    batch_size: int = 1            # per process and micro-batch
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0     # <= 0 disables clipping
+    seed: int = 0
+    checkpoint_every: int = 500    # <= 0: only the final checkpoint
+    keep_checkpoints: int = 3      # <= 0 keeps all
+    log_every: int = 1
+    validate_every: int = 0        # <= 0 disables validation
+    num_workers: int = 0
+    tensorboard: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise InputError(f"learning rate must be > 0, got {self.learning_rate}")
+
+
+class TrainSystem(nn.Module):
+    """What the trainer trains. Subclasses implement :meth:`forward` and the adapter export.
+
+    ``forward(batch)`` takes a collated batch that includes ``seed`` (B,) int64 per-sample seeds and
+    returns a dict with a scalar ``loss``. Only parameters with ``requires_grad`` are optimised.
+    """
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors by stable name (detached, any device)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise InputError(f"checkpoint does not match the model: {len(missing)} missing "
+                             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device, p.dtype))
+
+    def export_adapter(self, out_dir: Path) -> dict[str, Path]:
+        """Write the inference-ready adapter files into ``out_dir``; return them by role."""
+        return {}
+
+    def validate(self, out_dir: Path, step: int) -> dict[str, float]:
+        """Produce validation outputs under ``out_dir``; return scalar metrics."""
+        return {}
+
+    def describe(self) -> dict:
+        """JSON-serialisable description of the model-side settings (saved with checkpoints)."""
+        return {}
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed from integers, stable across runs, platforms and process counts."""
+    digest = hashlib.sha256(",".join(str(int(v)) for v in values).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields dataset indices for steps ``start_step .. max_steps - 1`` of this process.
+
+    Global sample ``g`` (counted over all processes and micro-batches) is dataset index
+    ``perm_e[g mod N]`` with ``e = g // N`` and ``perm_e`` a permutation seeded by (seed, e).
+    Process ``rank`` of ``world`` takes, in each micro-batch, global samples
+    ``(step * accum + micro) * world * B + rank * B + b``.
+    """
+
+    def __init__(self, dataset_len: int, *, seed: int, batch_size: int, grad_accum: int, start_step: int,
+                 max_steps: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.batch, self.accum = dataset_len, seed, batch_size, grad_accum
+        self.start, self.stop, self.rank, self.world = start_step, max_steps, rank, world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def global_ids(self) -> Iterator[int]:
+        for step in range(self.start, self.stop):
+            for micro in range(self.accum):
+                first = ((step * self.accum + micro) * self.world + self.rank) * self.batch
+                yield from range(first, first + self.batch)
+
+    def index_of(self, global_id: int) -> int:
+        epoch, position = divmod(global_id, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(derive_seed(self.seed, epoch)).permutation(self.n)}
+        return int(self._perms[epoch][position])
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for g in self.global_ids():
+            yield (self.index_of(g), g)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.accum * self.batch
+
+
+class _SeededView(torch.utils.data.Dataset):
+    """Wraps a dataset so that item ``(index, global_id)`` also carries its per-sample seed."""
+
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, global_id = key
+        item = dict(self.dataset[index])
+        item["seed"] = torch.tensor(derive_seed(self.seed, global_id, 1), dtype=torch.int64)
+        item["sample_id"] = torch.tensor(global_id, dtype=torch.int64)
+        return item
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders under ``<output_dir>/checkpoints``, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, step: int,
+                    config: TrainConfig) -> Path:
+    """Atomically write a checkpoint folder (see module doc). Call on the main process only."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in system.trainable_state_dict().items()}
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        adapter = system.export_adapter(tmp)
+        state = {"step": step, "train_config": asdict(config), "system": system.describe(),
+                 "adapter_files": {role: Path(p).name for role, p in adapter.items()},
+                 "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, config: TrainConfig) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint`; return its step."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    state_path = folder / "state.json"
+    if not state_path.is_file():
+        raise InputError(f"{folder} is not a complete checkpoint (no state.json); pick another or --resume none")
+    state = json.loads(state_path.read_text())
+    saved = state.get("train_config", {})
+    changed = [k for k in RESUME_INVARIANTS if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        raise InputError(f"cannot resume from {folder}: {', '.join(f'{k} was {saved[k]}' for k in changed)}; "
+                         f"use the same values or start a new output folder")
+    system.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLog:
+    """CSV (always) and TensorBoard (if installed) scalars; main process only."""
+
+    COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "seconds")
+
+    def __init__(self, output_dir: Path, resume_step: int, tensorboard: bool) -> None:
+        self.path = Path(output_dir) / "log.csv"
+        rows = []
+        if self.path.is_file() and resume_step > 0:
+            # keep the rows up to the resumed step so that the file reads as one run
+            with open(self.path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed; logging to log.csv only")
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.COLUMNS).writerow({k: row.get(k, "") for k in self.COLUMNS})
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"train/{key}", value, row["step"])
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)   # mean loss of each step run in this call
+    final_dir: Path | None = None
+
+
+def _collate(items: list[dict]) -> dict:
+    return torch.utils.data.default_collate(items)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | None = "auto",
+          accelerator=None, progress: Callable[..., Iterable] | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train ``system`` on ``dataset`` (a map-style dataset of dicts of tensors) as ``config`` says.
+
+    resume: ``"auto"`` (latest complete checkpoint in the output folder, else start), ``None`` /
+    ``"none"`` (start from scratch), or a checkpoint folder. ``stop_after``: stop once this step is
+    reached (as if interrupted; used by tests and for time-boxed jobs). Returns the last step,
+    the per-step mean losses of this call and the final adapter folder (when ``max_steps`` was reached).
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    config.validate()
+    if len(dataset) == 0:
+        raise InputError("the training dataset is empty; make pairs first with `ex4d make-pairs`")
+    accelerator = accelerator or Accelerator()
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+    params = [p for p in system.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.max_steps)
+
+    start_step = 0
+    resume_dir = None
+    if resume == "auto":
+        found = list_checkpoints(out)
+        resume_dir = found[-1] if found else None
+    elif resume not in (None, "none"):
+        resume_dir = Path(resume)
+    if resume_dir is not None:
+        start_step = load_checkpoint(resume_dir, system, optimizer, scheduler, config)
+        log.info("resumed from %s at step %d", resume_dir, start_step)
+
+    model, optimizer = accelerator.prepare(system, optimizer)
+    unwrapped: TrainSystem = accelerator.unwrap_model(model)
+    sampler = StepSampler(len(dataset), seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                          start_step=start_step, max_steps=config.max_steps, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(_SeededView(dataset, config.seed), batch_size=config.batch_size,
+                                         sampler=sampler, num_workers=config.num_workers, collate_fn=_collate,
+                                         pin_memory=accelerator.device.type == "cuda",
+                                         persistent_workers=config.num_workers > 0)
+    metrics = None
+    if accelerator.is_main_process:
+        (out / "config.json").write_text(json.dumps({"train": asdict(config), "system": unwrapped.describe()},
+                                                    indent=2, default=str))
+        metrics = MetricsLog(out, start_step, config.tensorboard)
+
+    result = TrainResult(step=start_step)
+    batches = iter(loader)
+    steps = range(start_step, config.max_steps)
+    if progress is not None and accelerator.is_main_process:
+        steps = progress(steps, total=config.max_steps, initial=start_step, desc="train", unit="step")
+    model.train()
+    for step in steps:
+        started = time.perf_counter()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(config.grad_accum):
+            batch = _to_device(next(batches), accelerator.device)
+            sync = contextlib.nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(model)
+            with sync:
+                loss = model(batch)["loss"]
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss {loss.item()} at step {step}; lower the learning rate")
+                accelerator.backward(loss / config.grad_accum)
+            step_loss += loss.detach() / config.grad_accum
+        grad_norm = float("nan")
+        if config.max_grad_norm > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
+        result.losses.append(mean_loss)
+        result.step = step + 1
+        seconds = time.perf_counter() - started
+
+        done = result.step >= config.max_steps
+        if metrics is not None and (result.step % max(1, config.log_every) == 0 or done):
+            samples = config.batch_size * config.grad_accum * accelerator.num_processes
+            metrics.write({"step": result.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": grad_norm, "samples_per_s": samples / seconds, "seconds": seconds})
+        if config.validate_every > 0 and result.step % config.validate_every == 0 and accelerator.is_main_process:
+            model.eval()
+            values = unwrapped.validate(out / "validation" / f"{CHECKPOINT_PREFIX}{result.step:06d}", result.step)
+            model.train()
+            metrics.scalars("validation", values, result.step)
+        if (config.checkpoint_every > 0 and result.step % config.checkpoint_every == 0) or done:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{result.step:06d}", unwrapped,
+                                optimizer, scheduler, result.step, config)
+                _prune(out, config.keep_checkpoints)
+        if stop_after is not None and result.step >= stop_after:
+            break
+
+    if result.step >= config.max_steps:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = out / "final"
+            tmp = Path(tempfile.mkdtemp(prefix=".final.partial-", dir=out))
+            unwrapped.export_adapter(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            result.final_dir = final
+    if metrics is not None:
+        metrics.close()
+    return result
+
+
+def _prune(output_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
