@@ -330,6 +330,7 @@ def build_pairs(inputs: list[ClipInput], out_dir: str | os.PathLike, settings: P
                                      f"(expected {clip.video.stem}.npz or .npy)")
             request = {"format": PAIR_FORMAT, "video": _fingerprint(clip.video) if clip.video.is_file() else None,
                        "depth": _fingerprint(depth_file) if depth_file else depth, "settings": settings.to_dict()}
+            request = json.loads(json.dumps(request, default=str))  # as it reads back from pair.json
             if not overwrite and _existing_request(clip_dir) == request:
                 summary.skipped += 1  # resume: this clip's folder is complete and up to date
                 manifest.update(clip.clip_id, {**manifest.clips.get(clip.clip_id, {}), "video": str(clip.video),
@@ -358,7 +359,7 @@ def build_pairs(inputs: list[ClipInput], out_dir: str | os.PathLike, settings: P
         if record["status"] == "error":
             summary.failed += 1
             summary.errors[clip.clip_id] = record["error"]
-            log.warning("clip %s failed: %s", clip.clip_id, record["error"])
+            log.info("clip %s failed: %s", clip.clip_id, record["error"])
         record["seconds"] = round(time.perf_counter() - started, 2)
         manifest.update(clip.clip_id, record)
     if renderer is not None:

@@ -1,0 +1,89 @@
+"""``ex4d make-pairs``: simulated-mask training pairs from a folder (or list) of monocular videos."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ex4d.commands.common import add_device_arg, progress
+
+EPILOG = """examples:
+  ex4d make-pairs videos/ -o pairs/                          # DepthCrafter depth, default camera mix
+  ex4d make-pairs videos/ --depth depth_npz/ -o pairs/       # <stem>.npz depth per video
+  ex4d make-pairs list.txt --size 512 512 --yaw 30 90 -o pairs/
+  ex4d make-pairs videos/ -o pairs/ --families orbit=1,zoom=0.2   # only orbits and zooms
+
+A rerun with the same settings skips finished clips; see manifest.json for each clip's status.
+Layout and the mask algorithm: docs/training.md.
+"""
+
+
+def _families(text: str) -> dict:
+    families = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            families[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad family weight {part!r}; use name=weight,...") from None
+    return families
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "make-pairs", help="simulated-mask training pairs (video, cond, mask) from monocular videos",
+        description="For each video: depth -> per-frame DW-Mesh -> a random target camera path -> render the "
+                    "novel view and bring its visibility back to the source view. Writes video.mp4, cond.mp4, "
+                    "mask.mkv, camera.npz and pair.json per clip, and manifest.json.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="a folder of videos or a list file ('<video> [<depth>]' per line)")
+    parser.add_argument("-o", "--output", required=True, help="dataset folder (created if needed)")
+    parser.add_argument("--depth", default="depthcrafter",
+                        help="depthcrafter (default), depth-anything, or a folder with <video stem>.npz/.npy")
+    parser.add_argument("--models-dir", default=None, help="folder with downloaded weights (docs/models.md)")
+    parser.add_argument("--num-frames", type=int, default=49, help="frames per clip (default 49)")
+    parser.add_argument("--resize", choices=["reference", "keep"], default="reference",
+                        help="reference: multiples of 64, long side <= 1024 (default); keep: source size")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="resize clips to H W (e.g. 512 512, the released model's training size)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; each clip's seed derives from it and its id")
+    parser.add_argument("--families", type=_families, default=None,
+                        help="trajectory family weights, e.g. orbit=0.6,orbit_pitch=0.25,zoom=0.1,loop=0.05 "
+                             "(families: orbit, orbit_pitch, loop, zoom, dolly_zoom)")
+    parser.add_argument("--yaw", type=float, nargs=2, metavar=("MIN", "MAX"), default=(10.0, 90.0),
+                        help="orbit angle range in degrees, sign random (default 10 90)")
+    parser.add_argument("--pitch", type=float, nargs=2, metavar=("MIN", "MAX"), default=(5.0, 30.0),
+                        help="pitch range of orbit_pitch paths in degrees, sign random (default 5 30)")
+    parser.add_argument("--depth-tol", type=float, default=0.01, help="relative z-test tolerance (default 0.01)")
+    parser.add_argument("--temporal-window", type=int, default=3,
+                        help="odd window of the temporal majority filter; 1 disables (default 3)")
+    parser.add_argument("--close-radius", type=int, default=1,
+                        help="spatial closing radius of the visible region in pixels; 0 disables (default 1)")
+    parser.add_argument("--cap", choices=["none", "masked", "reference"], default="none",
+                        help="DW-Mesh cap mode, as for ex4d recon (default none)")
+    parser.add_argument("--overwrite", action="store_true", help="redo clips that are already finished")
+    add_device_arg(parser)
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from ex4d.train.masks import MaskSettings
+    from ex4d.train.pairs import PairSettings, TrajectoryDistribution, build_pairs, list_inputs
+
+    distribution = TrajectoryDistribution(yaw_range=tuple(args.yaw), pitch_range=tuple(args.pitch))
+    if args.families is not None:
+        distribution.families = args.families
+    settings = PairSettings(
+        num_frames=args.num_frames, resize=args.resize, size=tuple(args.size) if args.size else None, seed=args.seed,
+        trajectories=distribution,
+        masks=MaskSettings(rel_depth_tol=args.depth_tol, temporal_window=args.temporal_window,
+                           close_radius=args.close_radius, cap=args.cap))
+    settings.validate()
+    inputs = list_inputs(args.input)
+    summary = build_pairs(inputs, args.output, settings, depth=args.depth, models_dir=args.models_dir,
+                          device=args.device, progress=progress, overwrite=args.overwrite)
+    print(f"pairs: {summary.done} made, {summary.skipped} already done, {summary.failed} failed "
+          f"-> {summary.manifest}", file=sys.stdout)
+    for clip_id, error in summary.errors.items():
+        print(f"  failed {clip_id}: {error}", file=sys.stderr)
+    return 1 if summary.failed and not (summary.done or summary.skipped) else 0
