@@ -1,0 +1,72 @@
+"""``ex4d batch JOBS.yaml|csv``: run many jobs unattended, resumable, one process per GPU."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """jobs file (YAML; CSV takes the same names as header columns, docs/scale.md):
+  defaults: {depth: depthcrafter, stage: run, seed: 0}
+  jobs:
+    - {video: clips/a.mp4, cam: 90, output: out/a_90}
+    - {video: clips/a.mp4, cam: zoom_in, output: out/a_zoom}
+    - {video: clips/b.mp4, cam: "orbit:yaw=60,pitch=15", output: out/b, stage: recon}
+
+examples:
+  ex4d batch jobs.yaml                                  # one process; rerun to resume
+  torchrun --nproc-per-node 4 -m ex4d.cli batch jobs.yaml   # one process per GPU, jobs r, r+4, ...
+  ex4d batch jobs.csv --status                          # print the manifest's counts, run nothing
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "batch", help="run many jobs from a YAML/CSV file (resumable, one process per GPU)",
+        description="Run every job of a jobs file: each job reads a video and writes recon (and generated) "
+                    "files into its own output folder. Finished jobs are skipped on a rerun; a failing job "
+                    "is recorded with its error and the batch goes on. A manifest records status and timings.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("jobs", help="jobs file: .yaml/.yml/.json or .csv")
+    parser.add_argument("--manifest", default=None,
+                        help="manifest path (default: <jobs file stem>.manifest.json beside the jobs file)")
+    parser.add_argument("--skip-failed", action="store_true",
+                        help="do not retry jobs that failed in an earlier run (default: retry them)")
+    parser.add_argument("--status", action="store_true", help="write and summarise the manifest; run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="check the jobs file and list what would run")
+    parser.set_defaults(func=main)
+
+
+def default_manifest(jobs_file: str) -> Path:
+    path = Path(jobs_file).resolve()
+    return path.with_name(f"{path.stem}.manifest.json")
+
+
+def main(args) -> int:
+    from ex4d.batch import Worker, build_manifest, is_finished, load_jobs, run_batch, write_manifest
+    from ex4d.commands.common import progress
+
+    jobs = load_jobs(args.jobs)
+    manifest = Path(args.manifest) if args.manifest else default_manifest(args.jobs)
+    worker = Worker.from_env()
+    if args.status or args.dry_run:
+        if args.status:
+            write_manifest(manifest, jobs, str(Path(args.jobs).resolve()))
+            counts = build_manifest(jobs)["counts"]
+            print(" ".join(f"{k}={v}" for k, v in counts.items()) + f"  ({manifest})")
+        else:
+            for job in worker.share(jobs):
+                state = "finished, skip" if is_finished(job) else "run"
+                print(f"{job['index'] + 1:>5}  {job['stage']:<5} {job['cam']:<12} {job['output']}  [{state}]")
+        return 0
+    result = run_batch(jobs, manifest=manifest, jobs_file=str(Path(args.jobs).resolve()), worker=worker,
+                       retry_failed=not args.skip_failed, progress=progress)
+    prefix = "" if worker.world_size == 1 else f"rank {worker.rank}: "
+    not_retried = f", {len(result.skipped_failed)} failed earlier (not retried)" if result.skipped_failed else ""
+    print(f"{prefix}{len(result.ran)} ran, {len(result.skipped)} skipped (finished){not_retried}, "
+          f"{len(result.failed)} failed; manifest: {manifest}", file=sys.stderr)
+    if result.failed:
+        print(f"{prefix}failed jobs (errors in the manifest): "
+              + ", ".join(str(i + 1) for i in result.failed), file=sys.stderr)
+        return 1
+    return 0
