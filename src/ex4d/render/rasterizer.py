@@ -118,16 +118,18 @@ class MeshRenderer:
         self.gl_renderer = ctx.info.get("GL_RENDERER", "unknown")
         logger.info("OpenGL renderer: %s (GL %s)", self.gl_renderer, ctx.version_code)
         self.samples = min(MSAA_SAMPLES, ctx.max_samples) if self.antialias else 0
-        size = (self.width, self.height)
-        self._color_ms = ctx.renderbuffer(size, components=4, samples=self.samples, dtype="f4")
-        self._depth_ms = ctx.depth_renderbuffer(size, samples=self.samples)
-        self._fbo = ctx.framebuffer(color_attachments=[self._color_ms], depth_attachment=self._depth_ms)
-        if self.samples:
-            self._color_resolved = ctx.renderbuffer(size, components=4, dtype="f4")
-            self._fbo_resolved = ctx.framebuffer(color_attachments=[self._color_resolved])
-        else:
-            self._fbo_resolved = self._fbo
-        self._program = ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
+        # Several renderers may live in one process: always make this context current first.
+        with ctx:
+            size = (self.width, self.height)
+            self._color_ms = ctx.renderbuffer(size, components=4, samples=self.samples, dtype="f4")
+            self._depth_ms = ctx.depth_renderbuffer(size, samples=self.samples)
+            self._fbo = ctx.framebuffer(color_attachments=[self._color_ms], depth_attachment=self._depth_ms)
+            if self.samples:
+                self._color_resolved = ctx.renderbuffer(size, components=4, dtype="f4")
+                self._fbo_resolved = ctx.framebuffer(color_attachments=[self._color_resolved])
+            else:
+                self._fbo_resolved = self._fbo
+            self._program = ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
         self._vbo_pos = self._vbo_col = self._ibo = self._vao = None
         self._num_vertices = -1
         self._faces_ref = None  # the face tensor whose contents sit in the index buffer
@@ -145,9 +147,19 @@ class MeshRenderer:
 
     def release(self) -> None:
         """Free every GL object and the context."""
-        if getattr(self, "ctx", None) is not None:
-            self.ctx.release()
-            self.ctx = None
+        ctx = getattr(self, "ctx", None)
+        if ctx is None:
+            return
+        self.ctx = None
+        with ctx:  # objects must be freed in their own context, which may not be the current one
+            objects = [self._vao, self._ibo, self._vbo_pos, self._vbo_col, self._program, self._fbo,
+                       self._color_ms, self._depth_ms]
+            if self.samples:
+                objects += [self._fbo_resolved, self._color_resolved]
+            for obj in objects:
+                if obj is not None:
+                    obj.release()
+        ctx.release()
 
     # -- buffers -----------------------------------------------------------------------------
     def _upload(self, vertices, colors, faces) -> None:
@@ -209,6 +221,10 @@ class MeshRenderer:
         if vertices.shape[0] != colors.shape[0] or colors.shape[-1] != 4 or faces.shape[-1] != 3:
             raise InputError(f"mesh must have vertices (V,3), colors (V,4), faces (F,3); got "
                              f"{tuple(vertices.shape)}, {tuple(colors.shape)}, {tuple(faces.shape)}")
+        with self.ctx:
+            return self._draw(vertices, colors, faces, cam_from_world, K, near, far)
+
+    def _draw(self, vertices, colors, faces, cam_from_world, K, near, far) -> np.ndarray:
         ctx = self.ctx
         self._upload(vertices, colors, faces)
         clip_from_world = clip_from_camera(K, self.height, self.width, near, far) @ cam_from_world

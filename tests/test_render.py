@@ -1,0 +1,207 @@
+"""moderngl/EGL rasteriser and condition rendering: identity re-render, analytic shifts, depth test,
+buffer reuse, projection convention, condition frame-0 and mask rules, errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ex4d.conventions import project_points, reference_intrinsics
+from ex4d.errors import InputError, UserError
+from ex4d.mesh.dwmesh import build_dw_mesh
+from ex4d.types import Trajectory
+
+moderngl = pytest.importorskip("moderngl")
+from ex4d.render.condition import render_condition  # noqa: E402
+from ex4d.render.rasterizer import MeshRenderer, clip_from_camera  # noqa: E402
+
+H, W = 32, 48
+K = reference_intrinsics(H, W)
+
+
+def _egl_available() -> bool:
+    try:
+        moderngl.create_standalone_context(backend="egl").release()
+        return True
+    except Exception:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _egl_available(), reason="no EGL (install libegl1 + Mesa)")
+
+
+def _rgb(seed=0):
+    return torch.rand(H, W, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def _inner(width=2):
+    inner = np.zeros((H, W), bool)
+    inner[width:H - width, width:W - width] = True
+    return inner
+
+
+def _translation(tx=0.0, ty=0.0, tz=0.0):
+    cam_from_world = np.eye(4)
+    cam_from_world[:3, 3] = [tx, ty, tz]
+    return cam_from_world
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["msaa", "noaa"])
+def renderer(request):
+    with MeshRenderer(H, W, antialias=request.param) as r:
+        yield r
+
+
+def test_identity_camera_rerenders_the_source(renderer):
+    rgb = _rgb()
+    mesh = build_dw_mesh(torch.full((H, W), 3.0), rgb)
+    out = renderer.render(mesh, np.eye(4), K)
+    assert out.shape == (H, W, 4) and out.dtype == np.float32
+    inner = _inner()
+    np.testing.assert_allclose(out[inner, :3], rgb.numpy()[inner], atol=1e-5)
+    mask = out[..., 3] > 125 / 255
+    assert mask[inner].all()
+    frame = ~inner
+    frame[0, 0] = frame[-1, -1] = False  # the two unflagged corners (reference behaviour)
+    assert not mask[frame].any()
+
+
+@pytest.mark.parametrize("shift", [(4, 0), (0, -3), (-5, 2)])
+def test_translated_camera_moves_a_plane_by_the_expected_pixels(renderer, shift):
+    z0, (du, dv) = 3.0, shift
+    rgb = _rgb(1)
+    mesh = build_dw_mesh(torch.full((H, W), z0), rgb)
+    # A camera moved by +t (cam_from_world translation -t) sees the plane shifted by -f t / z pixels.
+    out = renderer.render(mesh, _translation(-du * z0 / 500, -dv * z0 / 500), K)
+    m = 3 + max(abs(du), abs(dv))
+    got = out[m:H - m, m:W - m, :3]
+    expected = rgb.numpy()[m + dv:H - m + dv, m + du:W - m + du]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_principal_point_and_focal_length_of_the_target_camera(renderer):
+    rgb = _rgb(2)
+    mesh = build_dw_mesh(torch.full((H, W), 3.0), rgb)
+    K2 = K.copy()
+    K2[0, 2] += 3  # image content moves right by 3 px
+    out = renderer.render(mesh, np.eye(4), K2)
+    np.testing.assert_allclose(out[4:-4, 6:-4, :3], rgb.numpy()[4:-4, 3:-7], atol=1e-4)
+    K3 = K.copy()
+    K3[:2, :2] *= 2  # zoom x2 about the principal point: pixel (cx + 2d) shows source (cx + d)
+    out = renderer.render(mesh, np.eye(4), K3)
+    cy, cx = H // 2, W // 2
+    np.testing.assert_allclose(out[cy + 4, cx + 6, :3], rgb.numpy()[cy + 2, cx + 3], atol=1e-4)
+
+
+def test_projection_puts_integer_pixels_at_gl_pixel_centres():
+    points = np.array([[0.3, -0.2, 2.0], [-1.0, 0.5, 7.0]])
+    K2 = np.array([[410.0, 0.0, 20.5], [0.0, 380.0, 13.0], [0.0, 0.0, 1.0]])
+    clip = np.c_[points, np.ones(2)] @ clip_from_camera(K2, H, W).T
+    ndc = clip[:, :3] / clip[:, 3:]
+    window = (ndc[:, :2] + 1) / 2 * np.array([W, H])
+    np.testing.assert_allclose(window, project_points(points, K2) + 0.5, atol=1e-9)
+    near = np.array([0, 0, 1e-3, 1.0]) @ clip_from_camera(K2, H, W).T
+    far = np.array([0, 0, 1e3, 1.0]) @ clip_from_camera(K2, H, W).T
+    assert near[2] / near[3] == pytest.approx(-1) and far[2] / far[3] == pytest.approx(1)
+
+
+def test_depth_test_keeps_the_nearest_surface_whatever_the_draw_order(renderer):
+    def quad(z, color):
+        s = z * 0.2
+        v = [[-s, -s, z], [s, -s, z], [s, s, z], [-s, s, z]]
+        return v, [color] * 4
+
+    v_far, c_far = quad(5.0, [1, 0, 0, 1])
+    v_near, c_near = quad(2.0, [0, 0, 1, 1])
+    for order in ([0, 1], [1, 0]):
+        parts = [(v_far, c_far), (v_near, c_near)]
+        verts = sum((parts[i][0] for i in order), [])
+        cols = sum((parts[i][1] for i in order), [])
+        faces = [[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]]
+        mesh = SimpleNamespace(vertices=torch.tensor(verts, dtype=torch.float32),
+                               colors=torch.tensor(cols, dtype=torch.float32),
+                               faces=torch.tensor(faces, dtype=torch.int32))
+        out = renderer.render(mesh, np.eye(4), K)
+        np.testing.assert_allclose(out[H // 2, W // 2], [0, 0, 1, 1], atol=1e-6)
+
+
+def test_empty_view_is_zero_and_buffers_are_reused_across_mesh_sizes(renderer):
+    rgb = _rgb(3)
+    depth = torch.full((H, W), 3.0)
+    depth[:, W // 2:] = 9.0
+    behind = np.diag([-1.0, 1.0, -1.0, 1.0])  # looking backwards: nothing in view
+    full = build_dw_mesh(depth, rgb)
+    assert not renderer.render(full, behind, K).any()
+    torn = build_dw_mesh(depth, rgb, watertight=False)
+    small = build_dw_mesh(torch.full((8, 8), 3.0), torch.rand(8, 8, 3))
+    pose = _translation(0.05)
+    first = renderer.render(full, pose, K)
+    renderer.render(torn, pose, K)
+    renderer.render(small, pose, K)
+    again = renderer.render(full, pose, K)
+    np.testing.assert_array_equal(first, again)
+    with MeshRenderer(H, W, antialias=renderer.samples > 0) as fresh:
+        np.testing.assert_array_equal(fresh.render(torn, pose, K), renderer.render(torn, pose, K))
+
+
+def test_renderer_errors(monkeypatch):
+    with MeshRenderer(H, W) as r:
+        mesh = build_dw_mesh(torch.full((H, W), 3.0), _rgb())
+        with pytest.raises(InputError, match="cam_from_world"):
+            r.render(mesh, np.eye(3), K)
+    with pytest.raises(RuntimeError, match="released"):
+        r.render(mesh, np.eye(4), K)
+
+    def no_egl(**kwargs):
+        raise RuntimeError("eglGetDisplay failed")
+
+    monkeypatch.setattr(moderngl, "create_standalone_context", no_egl)
+    with pytest.raises(UserError, match="libegl1"):
+        MeshRenderer(H, W)
+
+
+def _identity_trajectory(n, name="ident"):
+    return Trajectory(cam_from_world=np.repeat(np.eye(4)[None], n, 0), K=K, name=name)
+
+
+def test_render_condition_frame_zero_and_mask_rules():
+    n = 3
+    g = np.random.default_rng(0)
+    frames = g.random((n, H, W, 3), dtype=np.float32)
+    depth = np.full((n, H, W), 4.0, np.float32)
+    traj = _identity_trajectory(n)
+    traj.cam_from_world[2] = _translation(-2 * 4.0 / 500)  # camera 2 px right: content moves left
+    seen = []
+    cond = render_condition(frames, depth, None, traj, cap="masked", mesh_callback=lambda k, m: seen.append(k))
+    assert seen == [0, 1, 2]
+    assert cond.color.shape == (n, H, W, 3) and cond.mask.shape == (n, H, W) and cond.mask.dtype == bool
+    np.testing.assert_array_equal(cond.color[0], frames[0])
+    assert cond.mask[0].all()
+    inner = _inner()
+    assert cond.mask[1][inner].all() and not cond.mask[1][~inner].any()
+    np.testing.assert_allclose(cond.color[1][inner], frames[1][inner], atol=1e-5)
+    assert not cond.color[1][~cond.mask[1]].any()  # colour multiplied by the mask
+    np.testing.assert_allclose(cond.color[2][4:-4, 4:-6], frames[2][4:-4, 6:-4], atol=1e-4)
+    assert cond.settings["cap"] == "masked" and cond.name == "ident" and cond.fps == 30.0
+
+
+def test_render_condition_only_first_frame_and_bad_inputs():
+    frames = np.random.default_rng(1).random((2, H, W, 3), dtype=np.float32)
+    depth = np.full((2, H, W), 4.0, np.float32)
+    depth[1] = 8.0
+    seen = []
+    cond = render_condition(frames, depth, K, _identity_trajectory(4), only_first_frame=True,
+                            mesh_callback=lambda k, m: seen.append(k), progress=list)
+    assert seen == [0] and cond.color.shape[0] == 4
+    inner = _inner()
+    for k in (1, 2, 3):  # frame 0's colours everywhere, not frame 1's
+        np.testing.assert_allclose(cond.color[k][inner], frames[0][inner], atol=1e-5)
+    with pytest.raises(InputError, match="trajectory has 4 frames"):
+        render_condition(frames, depth, K, _identity_trajectory(4))
+    with pytest.raises(InputError, match="does not match"):
+        render_condition(frames, depth[:, :-1], K, _identity_trajectory(2))
+    with pytest.raises(InputError, match="float"):
+        render_condition((frames * 255).astype(np.uint8), depth, K, _identity_trajectory(2))
