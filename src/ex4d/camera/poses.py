@@ -103,7 +103,7 @@ def nearest_rotation(matrix: np.ndarray) -> np.ndarray:
 
 
 def check_cam_from_world(poses: np.ndarray, where: str, *, atol: float = 2e-3) -> np.ndarray:
-    """Validate user poses (T, 4, 4) and return them as float64 with exactly orthonormal rotations.
+    """Validate user poses (T, 4, 4) and return them as float64 with orthonormal rotations.
 
     Raises InputError naming ``where`` if the array is not (T,4,4), not finite, has a last row other
     than (0,0,0,1), or a 3x3 block that is not a rotation (within ``atol``, loose enough for
@@ -128,7 +128,10 @@ def check_cam_from_world(poses: np.ndarray, where: str, *, atol: float = 2e-3) -
         raise InputError(f"{where}: pose {k} is not a rigid transform (its 3x3 block is not a rotation: "
                          f"det {det[k]:.4f}, orthonormality error {gram_error[k]:.2e}); poses must be "
                          "OpenCV cam_from_world matrices")
-    poses[:, :3, :3] = nearest_rotation(rotation)
+    # Clean float32 round-off, but leave exact rotations bit-for-bit (files must round-trip).
+    rough = gram_error > 1e-9
+    if np.any(rough):
+        poses[rough, :3, :3] = nearest_rotation(rotation[rough])
     return poses
 
 

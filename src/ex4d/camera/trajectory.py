@@ -119,8 +119,12 @@ def _spec_name(kind: str, params: dict) -> str:
     for key in _PARAMS[kind]:
         if key in params:
             value = params[key]
-            # Text values are self-explanatory ("smooth", "in"); numbers need their key.
-            parts.append(key + _fmt(value) if isinstance(value, float) else key + value if key == "radius" else value)
+            if isinstance(value, float):
+                parts.append(f"{key}{_fmt(value)}")
+            elif key == "radius":  # "2x"
+                parts.append(f"radius{value}")
+            else:  # text values are self-explanatory: "smooth", "in"
+                parts.append(value)
     return _safe_name("_".join(parts))
 
 
