@@ -1,0 +1,162 @@
+"""Depth Anything V2 per frame, aligned over time (``--depth depth-anything``).
+
+A light alternative to DepthCrafter (25M parameters for the Small model vs 2.2B): each frame is
+run through transformers' ``DepthAnythingForDepthEstimation``, which predicts relative disparity
+(larger = nearer) with an unknown scale and shift per frame. Frame t is aligned to the aligned
+frame t-1 by least squares on disparity (d_t <- s d_t + b), so the scale does not flicker; the
+clip is then converted with the same reference normalisation as DepthCrafter
+(:mod:`ex4d.depth.normalize`), so the two estimators give depth in the same range.
+
+Preprocessing follows the model's image processor: keep the aspect ratio, scale so that both
+sides are at least 518 px, round each side to a multiple of 14 (bicubic), ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ex4d.depth.depthcrafter import _device, _dtype, _wrap
+from ex4d.depth.normalize import minmax_normalize, normalized_disparity_to_depth
+from ex4d.depth.weights import depth_anything_file, read_config, read_safetensors, resolve
+from ex4d.errors import InputError
+from ex4d.types import DepthVideo
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_size(height: int, width: int, target: int = 518, multiple: int = 14) -> tuple[int, int]:
+    """Network input size (H', W'): aspect kept, both sides >= target, each a multiple of ``multiple``."""
+    scale = max(target / height, target / width)
+
+    def fit(v: float) -> int:
+        out = int(round(v / multiple) * multiple)
+        return out if out >= v else int(np.ceil(v / multiple) * multiple)
+
+    return fit(height * scale), fit(width * scale)
+
+
+def align_scale_shift(disparity: np.ndarray, reference: np.ndarray, stride: int = 4) -> tuple[float, float]:
+    """Least-squares (s, b) with s*disparity + b ~= reference, on every ``stride``-th pixel. (H, W) inputs."""
+    x = disparity[::stride, ::stride].astype(np.float64).ravel()
+    y = reference[::stride, ::stride].astype(np.float64).ravel()
+    A = np.stack([x, np.ones_like(x)], axis=1)
+    (s, b), *_ = np.linalg.lstsq(A, y, rcond=None)
+    return float(s), float(b)
+
+
+def align_video(disparity: np.ndarray) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Align each frame of (T, H, W) disparity to the previous aligned frame. Returns (aligned, [(s, b)])."""
+    out = np.empty_like(disparity, dtype=np.float32)
+    out[0] = disparity[0]
+    params = [(1.0, 0.0)]
+    for t in range(1, len(disparity)):
+        s, b = align_scale_shift(disparity[t], out[t - 1])
+        if not (np.isfinite(s) and s > 0):
+            # a flat or inverted fit would flip near and far; keep the frame as predicted instead
+            log.warning("frame %d: alignment gave scale %.3g; left unaligned", t, s)
+            s, b = 1.0, 0.0
+        out[t] = s * disparity[t] + b
+        params.append((s, b))
+    return out, params
+
+
+class DepthAnythingV2:
+    """Depth Anything V2 estimator. ``variant``: small (default, 25M), base (98M) or large (335M)."""
+
+    name = "depth-anything"
+
+    def __init__(self, model, *, device, dtype, batch_size: int = 8, align: bool = True, progress=None,
+                 variant: str = "small", source: str = ""):
+        self.model = model.to(device)
+        self.device, self.dtype = device, dtype
+        self.batch_size, self.align, self.progress = batch_size, align, progress
+        self.variant, self.source = variant, source
+
+    @classmethod
+    def from_pretrained(cls, *, models_dir: str | os.PathLike | None = None, device: str = "auto",
+                        dtype=None, variant: str = "small", progress=None, allow_download: bool = True,
+                        **options) -> "DepthAnythingV2":
+        from ex4d.depth.weights import DEPTH_ANYTHING_REPOS
+
+        if variant not in DEPTH_ANYTHING_REPOS:
+            raise InputError(f"unknown Depth Anything variant {variant!r}; use {', '.join(DEPTH_ANYTHING_REPOS)}")
+        device = _device(device)
+        dtype = _dtype(dtype, device)
+        config_path, weights_path = resolve(depth_anything_file(variant), models_dir, allow_download=allow_download)
+        model = load_depth_anything(config_path, weights_path, dtype=dtype, device=device)
+        return cls(model, device=device, dtype=dtype, progress=progress, variant=variant, source=str(weights_path),
+                   **options)
+
+    @torch.no_grad()
+    def predict(self, frames: np.ndarray) -> np.ndarray:
+        """frames (T, H, W, 3) float [0, 1] -> raw relative disparity (T, H, W) float32, per frame."""
+        T, H, W, _ = frames.shape
+        size = input_size(H, W)
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        out = []
+        batches = range(0, T, self.batch_size)
+        for i in _wrap(self.progress, batches, "depth frames", len(batches)):
+            x = torch.from_numpy(np.ascontiguousarray(frames[i:i + self.batch_size])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float()
+            x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
+            x = ((x - mean) / std).to(self.dtype)
+            pred = self.model(pixel_values=x).predicted_depth  # (B, H', W')
+            pred = torch.nn.functional.interpolate(pred[:, None].float(), size=(H, W), mode="bilinear",
+                                                   align_corners=False)[:, 0]
+            out.append(pred.cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def estimate(self, frames: np.ndarray) -> DepthVideo:
+        """frames (T, H, W, 3) float [0, 1] -> DepthVideo, z (T, H, W) in the reference range."""
+        frames = np.asarray(frames, dtype=np.float32)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise InputError(f"frames must be (T, H, W, 3), got {frames.shape}")
+        disparity = self.predict(frames)
+        params = [(1.0, 0.0)] * len(disparity)
+        if self.align:
+            disparity, params = align_video(disparity)
+        depth = normalized_disparity_to_depth(minmax_normalize(disparity, where="Depth Anything output"))
+        settings = {"estimator": self.name, "variant": self.variant, "align": self.align,
+                    "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+                    "weights": self.source, "scale_shift": [list(p) for p in params]}
+        return DepthVideo(depth=depth, valid=np.ones(depth.shape, dtype=bool), K=None, estimator=self.name,
+                          settings=settings)
+
+
+def load_depth_anything(config_path, weights_path, *, dtype, device):
+    """Strict load of a transformers Depth Anything folder (config.json + model.safetensors).
+
+    transformers renames some legacy DINOv2 keys while loading, so its own loader is used and its
+    loading report is checked: any missing, unexpected or mis-shaped tensor is a CheckpointError
+    (transformers alone would only warn and leave those weights random).
+    """
+    from transformers import DepthAnythingForDepthEstimation
+
+    from ex4d.errors import CheckpointError
+
+    read_config(config_path)  # a clear error for a broken config
+    read_safetensors(weights_path)  # and for a corrupt/truncated weight file, naming it
+    folder = Path(weights_path).parent
+    try:
+        model, info = DepthAnythingForDepthEstimation.from_pretrained(
+            folder, dtype=dtype, output_loading_info=True, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load Depth Anything from {folder}: {exc}") from None
+    # the DINOv2 mask token is unused at inference and may be left out of exported files
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("mask_token")]
+    unexpected = list(info.get("unexpected_keys", []))
+    mismatched = [str(k) for k in info.get("mismatched_keys", [])]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"weight file {weights_path} does not match the model ({len(missing)} missing: "
+                              f"{', '.join(missing[:5])}; {len(unexpected)} unexpected: {', '.join(unexpected[:5])}; "
+                              f"{len(mismatched)} wrong shape: {', '.join(mismatched[:3])})")
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,421 @@
+"""DepthCrafter video depth, as EX-4D runs it (depthcrafter-spec.md).
+
+Pipeline for frames (T, H, W, 3) in [0, 1], H and W multiples of 64 (h = H/8, w = W/8):
+
+1. x = 2v - 1 in the model dtype. CLIP branch: clean frames -> anti-aliased squash to 224x224 ->
+   CLIP mean/std -> one ``image_embeds`` per frame, E (1, T, 1024).
+2. VAE branch: x + 0.02 * eps_aug (random draw no. 1) encoded in fp32, posterior mode, *unscaled*:
+   C (1, T, 4, h, w).
+3. Windows of 110 frames overlapping by 25 (one window when T <= 110). Unit noise of frame f is
+   eps_init[f mod 110] (draw no. 2); overlap frames restart from the stitched result + noise at
+   sigma_max. 5 Euler steps (EDM, v-prediction, Karras sigmas), guidance 1 = one UNet call per step.
+   Windows are blended on the final latents with weights linspace(0, 1, overlap).
+4. Decode latents / 0.18215 with the temporal VAE decoder in chunks of 8 frames from frame 0,
+   clamp(x/2 + 0.5, 0, 1), mean over RGB -> relative disparity d (T, H, W).
+5. Clip-level min-max and the reference conversion to z (:mod:`ex4d.depth.normalize`).
+
+Speed options that keep the numbers (up to kernel rounding): ``decode_batch`` (several 8-frame
+chunks per decoder call; each chunk is still its own temporal batch), the single-token
+cross-attention shortcut, ``channels_last``. Options that change numbers slightly, off by default:
+``encode_dtype="model"`` (fp16 VAE encode), ``compile``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ex4d.depth.normalize import minmax_normalize, normalized_disparity_to_depth
+from ex4d.depth.weights import (DEPTHCRAFTER_UNET, SVD_IMAGE_ENCODER, SVD_VAE, assign_weights, read_config,
+                                read_safetensors, resolve)
+from ex4d.errors import InputError
+from ex4d.types import DepthVideo
+
+log = logging.getLogger(__name__)
+
+#: EulerDiscreteScheduler config of SVD-xt (scheduler/scheduler_config.json, depthcrafter-spec.md 3.1).
+SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "interpolation_type": "linear", "use_karras_sigmas": True,
+    "sigma_min": 0.002, "sigma_max": 700.0, "timestep_spacing": "leading", "timestep_type": "continuous",
+    "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "trained_betas": None,
+}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224
+
+
+@dataclass
+class DepthCrafterSettings:
+    """Inference settings. Defaults are EX-4D's call (recon.py); the speed options keep the output."""
+
+    num_inference_steps: int = 5
+    guidance_scale: float = 1.0
+    window_size: int = 110
+    overlap: int = 25
+    seed: int = 42
+    noise_aug_strength: float = 0.02
+    fps_id: int = 7  # passed as is (SVD would pass fps - 1)
+    motion_bucket_id: int = 127
+    decode_chunk_size: int = 8  # frames per temporal decode: changes the output, keep 8
+    encode_chunk_size: int = 8  # no effect on values (the encoder is per image)
+    decode_batch: int = 1  # 8-frame chunks decoded per call (same values, fewer launches)
+    encode_dtype: str = "float32"  # "float32" (reference) or "model" (faster, slightly different)
+    single_token_attention: bool = True
+    channels_last: bool = False
+    compile: bool = False
+
+
+def window_plan(num_frames: int, window_size: int = 110, overlap: int = 25) -> tuple[list[tuple[int, int]], int]:
+    """Windows [a, b) and the effective overlap (depthcrafter-spec.md 4.1).
+
+    T <= window: one window and overlap 0. Otherwise starts a_k = k*(W - o) while a_k < T - o.
+    """
+    if num_frames < 1:
+        raise InputError(f"need at least 1 frame, got {num_frames}")
+    if num_frames <= window_size:
+        return [(0, num_frames)], 0
+    if not 0 < overlap < window_size:
+        raise InputError(f"overlap must be in [1, window_size - 1] for clips longer than one window "
+                         f"(got overlap={overlap}, window_size={window_size})")
+    stride = window_size - overlap
+    starts = range(0, num_frames - overlap, stride)
+    return [(a, min(a + window_size, num_frames)) for a in starts], overlap
+
+
+def blend_weights(overlap: int, device=None) -> torch.Tensor:
+    """Weight of the newer window on each shared frame: linspace(0, 1, overlap), fp32 (overlap,)."""
+    return torch.linspace(0, 1, overlap, dtype=torch.float32, device=device)
+
+
+def stitch(acc: torch.Tensor | None, latents: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Append window ``latents`` (1, F, ...) to ``acc`` (1, A, ...), blending the last ``overlap`` frames.
+
+    Mixed in fp32, stored in ``acc``'s dtype (the reference's order of operations).
+    """
+    if acc is None:
+        return latents
+    if overlap == 0:
+        return torch.cat([acc, latents], dim=1)
+    w = blend_weights(overlap, latents.device).view(1, overlap, *([1] * (latents.ndim - 2)))
+    mixed = w * latents[:, :overlap] + (1 - w) * acc[:, -overlap:]
+    return torch.cat([acc[:, :-overlap], mixed.to(acc.dtype), latents[:, overlap:]], dim=1)
+
+
+def clip_pixels(x: torch.Tensor) -> torch.Tensor:
+    """CLIP input from frames in [-1, 1]: (T, 3, H, W) -> fp32 (T, 3, 224, 224).
+
+    Anti-aliased squash (no crop, no aspect ratio), back to [0, 1] without clamping, CLIP mean/std.
+    """
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import \
+        _resize_with_antialiasing
+
+    y = _resize_with_antialiasing(x.float(), (CLIP_SIZE, CLIP_SIZE))
+    y = (y + 1.0) / 2.0
+    mean = torch.tensor(CLIP_MEAN, device=y.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=y.device).view(1, 3, 1, 1)
+    return (y - mean) / std
+
+
+def _wrap(progress, iterable, desc: str, total: int | None = None):
+    if progress is None:
+        return iterable
+    try:
+        return progress(iterable, desc=desc, total=total)
+    except TypeError:  # a plain callable(iterable)
+        return progress(iterable)
+
+
+class DepthCrafterPipeline:
+    """The DepthCrafter sampler over loaded modules (no file access here).
+
+    unet: :class:`DepthCrafterUNet`; vae: ``AutoencoderKLTemporalDecoder``; image_encoder:
+    ``CLIPVisionModelWithProjection``. All in ``dtype`` on ``device`` (or on the CPU with
+    ``offload=True``, moved to the device one model at a time).
+    """
+
+    def __init__(self, unet, vae, image_encoder, *, device, dtype=torch.float16,
+                 settings: DepthCrafterSettings | None = None, offload: bool = False):
+        from diffusers import EulerDiscreteScheduler
+
+        self.unet, self.vae, self.image_encoder = unet, vae, image_encoder
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.settings = settings or DepthCrafterSettings()
+        self.offload = offload
+        self.scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.multiple = self.vae_scale * 2 ** unet.num_upsamplers
+        s = self.settings
+        if s.single_token_attention:
+            from ex4d.depth.depthcrafter_unet import enable_single_token_cross_attention
+
+            enable_single_token_cross_attention(unet)
+        if s.channels_last:
+            unet.to(memory_format=torch.channels_last)
+            vae.to(memory_format=torch.channels_last)
+        # The reference upcasts the whole VAE to fp32 around encoding; an fp32 copy of the encoder
+        # (34M parameters) gives the same numbers without moving the decoder back and forth.
+        if s.encode_dtype == "float32" and dtype != torch.float32:
+            self.encoder = copy.deepcopy(vae.encoder).float()
+            self.quant_conv = copy.deepcopy(vae.quant_conv).float()
+            self.encode_dtype = torch.float32
+        elif s.encode_dtype in ("float32", "model"):
+            self.encoder, self.quant_conv, self.encode_dtype = vae.encoder, vae.quant_conv, dtype
+        else:
+            raise InputError(f"encode_dtype must be 'float32' or 'model', got {s.encode_dtype!r}")
+        self._unet_call = torch.compile(unet) if s.compile else unet
+        if not offload:
+            for m in (unet, vae, image_encoder, self.encoder, self.quant_conv):
+                m.to(self.device)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _use(self, *modules):
+        """Context that moves ``modules`` to the device for the block when offloading."""
+        pipe = self
+
+        class _Ctx:
+            def __enter__(self):
+                if pipe.offload:
+                    for m in modules:
+                        m.to(pipe.device)
+
+            def __exit__(self, *exc):
+                if pipe.offload:
+                    for m in modules:
+                        m.to("cpu")
+                    if pipe.device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+        return _Ctx()
+
+    def check_frames(self, frames: np.ndarray) -> None:
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise InputError(f"frames must be (T, H, W, 3), got {frames.shape}")
+        _, H, W, _ = frames.shape
+        if H % self.multiple or W % self.multiple:
+            raise InputError(f"DepthCrafter needs H and W divisible by {self.multiple}, got {H}x{W} "
+                             f"(use --resize reference)")
+
+    # ---- stages ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, 3, H, W) in [-1, 1] -> E (1, T, C_clip) in the model dtype."""
+        pixels = clip_pixels(x).to(self.dtype)
+        step = self.settings.encode_chunk_size
+        with self._use(self.image_encoder):
+            out = [self.image_encoder(pixel_values=pixels[i:i + step]).image_embeds
+                   for i in range(0, len(pixels), step)]
+        return torch.cat(out)[None]
+
+    @torch.no_grad()
+    def encode_video(self, x_aug: torch.Tensor) -> torch.Tensor:
+        """x_aug: (T, 3, H, W) -> C (1, T, 4, h, w) posterior mode, unscaled, in the encode dtype."""
+        step = self.settings.encode_chunk_size
+        out = []
+        with self._use(self.encoder, self.quant_conv):
+            for i in range(0, len(x_aug), step):
+                chunk = x_aug[i:i + step].to(self.encode_dtype)
+                if self.settings.channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                moments = self.quant_conv(self.encoder(chunk))
+                out.append(moments[:, : moments.shape[1] // 2])
+        return torch.cat(out)[None]
+
+    @torch.no_grad()
+    def denoise(self, cond: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator,
+                progress=None) -> torch.Tensor:
+        """cond C (1, T, 4, h, w), embeds E (1, T, C) -> final latents A (1, T, 4, h, w) in the model dtype."""
+        s = self.settings
+        T = cond.shape[1]
+        windows, overlap = window_plan(T, s.window_size, s.overlap)
+        window = min(T, s.window_size)
+        sched = self.scheduler
+        sched.set_timesteps(s.num_inference_steps, device=self.device)
+        shape = (1, window, 4, *cond.shape[-2:])
+        noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
+        noise = noise * sched.init_noise_sigma  # eps_init * sigma_init, fp16 as in the reference
+        ids = torch.tensor([[s.fps_id, s.motion_bucket_id, s.noise_aug_strength]], dtype=self.dtype,
+                           device=self.device)
+        acc = None
+        with self._use(self.unet):
+            for k, (a, b) in enumerate(_wrap(progress, windows, "depth windows", len(windows))):
+                sched.set_timesteps(s.num_inference_steps, device=self.device)
+                index = torch.arange(a, b, device=self.device) % window
+                x = noise[:, index]
+                if k > 0 and overlap:
+                    restart = x[:, :overlap] / sched.init_noise_sigma * sched.sigmas[0]
+                    x = torch.cat([acc[:, a:a + overlap] + restart, x[:, overlap:]], dim=1)
+                c_win, e_win = cond[:, a:b], embeds[:, a:b]
+                for t in _wrap(progress, sched.timesteps, f"window {k + 1}/{len(windows)} steps",
+                               len(sched.timesteps)):
+                    x_in = sched.scale_model_input(x, t)
+                    v = self._unet_call(torch.cat([x_in, c_win], dim=2), t, e_win, ids).sample
+                    if s.guidance_scale > 1.0:
+                        v_u = self._unet_call(torch.cat([x_in, torch.zeros_like(c_win)], dim=2), t,
+                                              torch.zeros_like(e_win), ids).sample
+                        v = v_u + s.guidance_scale * (v - v_u)
+                    x = sched.step(v, t, x).prev_sample
+                acc = stitch(acc, x, overlap if k > 0 else 0)
+        return acc
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, progress=None) -> torch.Tensor:
+        """latents (1, T, 4, h, w) -> relative disparity d (T, H, W) fp32 on the device.
+
+        Chunks of ``decode_chunk_size`` frames from frame 0 (the temporal decoder mixes frames
+        within a chunk); ``decode_batch`` full chunks go through one call as separate videos.
+        """
+        s = self.settings
+        z = (latents[0] / self.vae.config.scaling_factor).to(self.dtype)
+        T, n = z.shape[0], s.decode_chunk_size
+        calls = []
+        full = (T // n) * n
+        per_call = n * max(1, s.decode_batch)
+        calls += [(i, min(i + per_call, full)) for i in range(0, full, per_call)]
+        if full < T:
+            calls.append((full, T))
+        out = []
+        with self._use(self.vae.decoder):
+            for a, b in _wrap(progress, calls, "depth decode", len(calls)):
+                chunk = z[a:b]
+                if s.channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                frames = self.vae.decode(chunk, num_frames=min(n, b - a)).sample
+                out.append(((frames.float() / 2 + 0.5).clamp(0, 1)).mean(dim=1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray, progress=None, output: str = "disparity"):
+        """frames (T, H, W, 3) float [0, 1] -> relative disparity (T, H, W) float32 numpy (``output="latent"``:
+        the stitched latents (1, T, 4, h, w) as a tensor)."""
+        frames = np.asarray(frames)
+        self.check_frames(frames)
+        s = self.settings
+        generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).permute(0, 3, 1, 2)
+        x = x.to(self.device).to(self.dtype) * 2 - 1
+        embeds = self.embed_frames(x)
+        eps_aug = torch.randn(x.shape, generator=generator, device=self.device, dtype=self.dtype)
+        cond = self.encode_video(x + s.noise_aug_strength * eps_aug)
+        del eps_aug
+        latents = self.denoise(cond, embeds, generator, progress)
+        if output == "latent":
+            return latents
+        return self.decode(latents, progress).cpu().numpy()
+
+
+class DepthCrafter:
+    """DepthCrafter estimator (``--depth depthcrafter``): the paper's choice, ~4.7 GB of fp16 weights."""
+
+    name = "depthcrafter"
+
+    def __init__(self, pipeline: DepthCrafterPipeline, *, progress=None, sources: dict | None = None):
+        self.pipeline = pipeline
+        self.progress = progress
+        self.sources = sources or {}
+
+    @classmethod
+    def from_pretrained(cls, *, models_dir: str | os.PathLike | None = None, device: str = "auto",
+                        dtype: str | torch.dtype | None = None, offload: bool = False, progress=None,
+                        allow_download: bool = True, **settings) -> "DepthCrafter":
+        """Resolve and strictly load the three models (weights.py), build the pipeline.
+
+        dtype: default fp16 on CUDA (as the reference), fp32 on CPU. offload: keep models on the CPU
+        and move each to the GPU only while it runs (less memory, slower).
+        settings: fields of :class:`DepthCrafterSettings`.
+        """
+        device = _device(device)
+        dtype = _dtype(dtype, device)
+        unknown = set(settings) - set(DepthCrafterSettings.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown DepthCrafter option(s): {', '.join(sorted(unknown))}")
+        # resolve everything first so that one message names the first missing file
+        paths = {name: resolve(spec, models_dir, allow_download=allow_download)
+                 for name, spec in (("unet", DEPTHCRAFTER_UNET), ("vae", SVD_VAE),
+                                    ("image_encoder", SVD_IMAGE_ENCODER))}
+        load_device = torch.device("cpu") if offload else device
+        unet = load_unet(*paths["unet"], dtype=dtype, device=load_device)
+        vae = load_vae(*paths["vae"], dtype=dtype, device=load_device)
+        image_encoder = load_image_encoder(*paths["image_encoder"], dtype=dtype, device=load_device)
+        pipe = DepthCrafterPipeline(unet, vae, image_encoder, device=device, dtype=dtype,
+                                    settings=DepthCrafterSettings(**settings), offload=offload)
+        return cls(pipe, progress=progress, sources={k: str(v[1]) for k, v in paths.items()})
+
+    def estimate(self, frames: np.ndarray) -> DepthVideo:
+        """frames (T, H, W, 3) float [0, 1] -> DepthVideo with reference z (T, H, W) in [2.5641, 10000]."""
+        frames = np.asarray(frames, dtype=np.float32)
+        disparity = self.pipeline(frames, progress=self.progress)
+        depth = normalized_disparity_to_depth(minmax_normalize(disparity, where="DepthCrafter output"))
+        pipe = self.pipeline
+        settings = {"estimator": self.name, **asdict(pipe.settings), "dtype": str(pipe.dtype).replace("torch.", ""),
+                    "device": str(pipe.device), "offload": pipe.offload, "weights": self.sources}
+        return DepthVideo(depth=depth, valid=np.ones(depth.shape, dtype=bool), K=None, estimator=self.name,
+                          settings=settings)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def load_unet(config_path, weights_path, *, dtype, device):
+    from ex4d.depth.depthcrafter_unet import DepthCrafterUNet
+
+    config = read_config(config_path)
+    with torch.device("meta"):
+        unet = DepthCrafterUNet.from_config(config)
+    return assign_weights(unet, read_safetensors(weights_path), weights_path, dtype=dtype, device=device)
+
+
+def load_vae(config_path, weights_path, *, dtype, device):
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    config = read_config(config_path)
+    with torch.device("meta"):
+        vae = AutoencoderKLTemporalDecoder.from_config(config)
+    return assign_weights(vae, read_safetensors(weights_path), weights_path, dtype=dtype, device=device)
+
+
+def load_image_encoder(config_path, weights_path, *, dtype, device):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig.from_dict({k: v for k, v in read_config(config_path).items()
+                                         if k not in ("architectures", "torch_dtype", "dtype")})
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(config)
+    emb = model.vision_model.embeddings
+    # non-persistent buffer, absent from the file
+    emb.register_buffer("position_ids", torch.arange(emb.num_positions, device=device)[None], persistent=False)
+    ignore = ("vision_model.embeddings.position_ids",)
+    return assign_weights(model, read_safetensors(weights_path), weights_path, dtype=dtype, device=device,
+                          ignore=ignore)
+
+
+def _device(name) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was asked for but is not available; use --device cpu")
+    return device
+
+
+def _dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in table:
+        raise InputError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
+    return table[dtype]
