@@ -112,9 +112,10 @@ def _load_npz(path: Path, *, num_frames: int, K_src: np.ndarray, resample: bool)
     elif len(K) != len(poses):
         raise InputError(f"{path}: {K_key} has {len(K)} matrices but there are {len(poses)} poses")
 
+    poses_in_file = len(poses)
     poses, K, resampled = _fit_count(poses, K, num_frames, resample, str(path))
-    settings = {"kind": "file", "format": fmt, "source": str(path), "poses_in_file": int(len(arrays.get(
-        "cam_from_world", arrays.get("extrinsics")))), "resampled": resampled}
+    settings = {"kind": "file", "format": fmt, "source": str(path), "poses_in_file": poses_in_file,
+                "resampled": resampled}
     if "name" in arrays and arrays["name"].shape == ():
         settings["source_name"] = str(arrays["name"])
     return LoadedPath(poses, K, settings)
