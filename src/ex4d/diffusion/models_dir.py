@@ -1,0 +1,263 @@
+"""Where the generation weights live: the ``--models-dir`` layout and how a folder is resolved.
+
+Layout of ``--models-dir D`` (each folder is what ``hf download <repo> --local-dir <folder>`` writes)::
+
+    D/Wan-AI/Wan2.1-I2V-14B-480P/              original Wan files (7 DiT shards, T5/CLIP/VAE .pth, google/umt5-xxl/)
+    D/Wan-AI/Wan2.1-I2V-14B-480P-Diffusers/    the same model in the diffusers layout
+    D/yihouxiang/EX-4D/ex4d.ckpt               the EX-4D adapter (LoRA + CamVidEncoder)
+    D/converted/Wan2.1-I2V-14B-480P-Diffusers/ written by ``ex4d convert`` (diffusers layout, safetensors)
+    D/converted/EX-4D/adapter.safetensors      written by ``ex4d convert`` (+ adapter_config.json)
+
+Resolution order for each item: ``D`` (converted first, then the downloads), then the local
+Hugging Face cache (``local_files_only``), then a download when allowed and online. Anything
+missing raises :class:`MissingWeightsError` (exit 2) naming the missing file and the exact
+download command. Nothing here ever falls back to random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from ex4d.errors import MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+WAN_REPO = "Wan-AI/Wan2.1-I2V-14B-480P"
+WAN_DIFFUSERS_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+EX4D_REPO = "yihouxiang/EX-4D"
+CONVERTED_DIR = "converted"
+CONVERTED_WAN = "Wan2.1-I2V-14B-480P-Diffusers"
+CONVERTED_ADAPTER = "EX-4D"
+
+# Original Wan layout (file names from the Wan2.1 release; DiT shards are discovered, not listed).
+DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIT_GLOB = "diffusion_pytorch_model*.safetensors"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+
+# Diffusers layout: the sub-folders this project loads.
+DIFFUSERS_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor")
+
+ADAPTER_CKPT = "ex4d.ckpt"
+ADAPTER_SAFETENSORS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Only what the loaders read, so a download never pulls the repos' example videos.
+_ALLOW = {
+    WAN_REPO: [DIT_GLOB, DIT_INDEX, "config.json", T5_FILE, CLIP_FILE, VAE_FILE, f"{TOKENIZER_DIR}/*"],
+    WAN_DIFFUSERS_REPO: ["model_index.json"] + [f"{c}/*" for c in DIFFUSERS_COMPONENTS],
+    EX4D_REPO: [ADAPTER_CKPT],
+}
+
+
+def download_command(repo_id: str, models_dir: str | os.PathLike | None = None, filename: str | None = None) -> str:
+    """The exact command that fetches ``repo_id`` (or one file of it) into the ``--models-dir`` layout."""
+    target = Path(models_dir if models_dir is not None else "models") / repo_id
+    file_part = f" {filename}" if filename else ""
+    return f"hf download {repo_id}{file_part} --local-dir {target}"
+
+
+# ------------------------------------------------------------------------------------------
+# Completeness checks: each returns the first missing file (relative path) or None.
+# ------------------------------------------------------------------------------------------
+
+def dit_shards(folder: Path) -> list[Path]:
+    """The DiT shard files of an original Wan folder: from the index json if present, else by glob.
+
+    Shards that the index (or a ``-k-of-N`` name) promises but that are absent are still returned,
+    so that :func:`missing_original` can name them.
+    """
+    index = folder / DIT_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    shards = sorted(folder.glob(DIT_GLOB))
+    # "-0000k-of-0000N" names tell how many there must be even without the index.
+    for shard in shards:
+        m = re.search(r"-(\d+)-of-(\d+)\.safetensors$", shard.name)
+        if m:
+            n, width = int(m.group(2)), len(m.group(2))
+            stem = shard.name[: m.start()]
+            return [folder / f"{stem}-{i:0{width}d}-of-{n:0{width}d}.safetensors" for i in range(1, n + 1)]
+    return shards
+
+
+def missing_original(folder: Path) -> str | None:
+    """First missing file of an original Wan I2V folder, or None when complete."""
+    if not folder.is_dir():
+        return DIT_GLOB
+    shards = dit_shards(folder)
+    if not shards:
+        return "diffusion_pytorch_model-00001-of-00007.safetensors"
+    for shard in shards:
+        if not shard.is_file():
+            return shard.name
+    for name in (T5_FILE, CLIP_FILE, VAE_FILE):
+        if not (folder / name).is_file():
+            return name
+    tok = folder / TOKENIZER_DIR
+    if not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
+        return f"{TOKENIZER_DIR}/tokenizer.json"
+    return None
+
+
+def missing_diffusers(folder: Path) -> str | None:
+    """First missing file of a diffusers-layout Wan I2V folder, or None when complete."""
+    if not (folder / "model_index.json").is_file():
+        return "model_index.json"
+    for component in DIFFUSERS_COMPONENTS:
+        sub = folder / component
+        if component == "tokenizer":
+            if not any((sub / n).is_file() for n in ("tokenizer.json", "spiece.model")):
+                return f"{component}/tokenizer.json"
+            continue
+        config = "preprocessor_config.json" if component == "image_processor" else "config.json"
+        if not (sub / config).is_file():
+            return f"{component}/{config}"
+        if component == "image_processor":
+            continue
+        indexes = list(sub.glob("*.safetensors.index.json"))
+        if indexes:
+            for name in sorted(set(json.loads(indexes[0].read_text())["weight_map"].values())):
+                if not (sub / name).is_file():
+                    return f"{component}/{name}"
+        elif not list(sub.glob("*.safetensors")) and not list(sub.glob("*.bin")):
+            return f"{component}/*.safetensors"
+    return None
+
+
+def adapter_file_in(folder: Path) -> Path | None:
+    """The adapter file of a folder: our converted ``adapter.safetensors`` first, then ``ex4d.ckpt``."""
+    for name in (ADAPTER_SAFETENSORS, ADAPTER_CKPT):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Resolution: models dir -> HF cache -> download
+# ------------------------------------------------------------------------------------------
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _from_cache(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_ALLOW[repo_id]))
+    except Exception as exc:  # not cached (LocalEntryNotFoundError) or an unreadable cache
+        log.debug("%s not in the Hugging Face cache: %s", repo_id, exc)
+        return None
+
+
+def _download(repo_id: str, models_dir: Path | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    local_dir = models_dir / repo_id if models_dir is not None else None
+    log.info("downloading %s%s", repo_id, f" into {local_dir}" if local_dir else " into the Hugging Face cache")
+    return Path(snapshot_download(repo_id, local_dir=local_dir, allow_patterns=_ALLOW[repo_id]))
+
+
+def resolve_repo(repo_id: str, models_dir: str | os.PathLike | None, missing: Callable[[Path], str | None], *,
+                 download: bool = False, local_candidates: tuple[Path, ...] = (),
+                 command_file: str | None = None) -> Path:
+    """Return a complete local folder of ``repo_id``: models dir, then HF cache, then download.
+
+    ``missing(folder)`` names the first missing file of a candidate (None when complete).
+    ``local_candidates`` are checked before ``models_dir/repo_id`` (e.g. converted folders).
+    Raises :class:`MissingWeightsError` naming the missing file and the download command.
+    """
+    models_dir = Path(models_dir).expanduser() if models_dir is not None else None
+    first_missing: tuple[Path, str] | None = None
+    candidates = list(local_candidates) + ([models_dir / repo_id] if models_dir is not None else [])
+    for folder in candidates:
+        what = missing(folder)
+        if what is None:
+            return folder
+        if folder.exists() and first_missing is None:
+            first_missing = (folder, what)
+    cached = _from_cache(repo_id)
+    if cached is not None:
+        what = missing(cached)
+        if what is None:
+            return cached
+        log.debug("cached %s is incomplete (%s missing)", repo_id, what)
+    if download and not _offline():
+        try:
+            folder = _download(repo_id, models_dir)
+        except Exception as exc:  # network or auth failure: fall through to the one-line error
+            log.warning("download of %s failed: %s", repo_id, exc)
+        else:
+            what = missing(folder)
+            if what is None:
+                return folder
+            first_missing = (folder, what)
+    if first_missing is None:
+        where = models_dir / repo_id if models_dir is not None else Path(repo_id)
+        first_missing = (where, missing(where) or "")
+    folder, what = first_missing
+    raise MissingWeightsError(
+        f"missing weights: {folder / what} (not in the Hugging Face cache either); "
+        f"download with: {download_command(repo_id, models_dir, command_file)}")
+
+
+def resolve_wan(models_dir: str | os.PathLike | None = None, layout: str = "auto", *,
+                download: bool = False) -> tuple[str, Path]:
+    """Find the Wan2.1-I2V-14B-480P weights; returns ``(layout, folder)`` with layout ``original``/``diffusers``.
+
+    ``models_dir`` may also point straight at one layout folder. ``auto`` prefers a local diffusers
+    layout (converted, then downloaded), then the original layout, and downloads the original
+    files (the ones EX-4D documents) only if neither is local.
+    """
+    if layout not in ("auto", "original", "diffusers"):
+        raise ValueError(f"layout must be auto, original or diffusers, not {layout!r}")
+    md = Path(models_dir).expanduser() if models_dir is not None else None
+    if md is not None and md.is_dir():
+        if layout in ("auto", "diffusers") and missing_diffusers(md) is None:
+            return "diffusers", md
+        if layout in ("auto", "original") and missing_original(md) is None:
+            return "original", md
+    converted = (md / CONVERTED_DIR / CONVERTED_WAN,) if md is not None else ()
+    if layout == "diffusers":
+        return "diffusers", resolve_repo(WAN_DIFFUSERS_REPO, md, missing_diffusers, download=download,
+                                         local_candidates=converted)
+    if layout == "original":
+        return "original", resolve_repo(WAN_REPO, md, missing_original, download=download)
+    try:  # auto: any local diffusers copy first (fast safetensors load, no renaming)
+        return "diffusers", resolve_repo(WAN_DIFFUSERS_REPO, md, missing_diffusers, download=False,
+                                         local_candidates=converted)
+    except MissingWeightsError:
+        pass
+    return "original", resolve_repo(WAN_REPO, md, missing_original, download=download)
+
+
+def resolve_adapter(models_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None, *,
+                    download: bool = False) -> Path:
+    """Find the EX-4D adapter file: ``path`` (file or folder), else converted, else ``ex4d.ckpt``."""
+    if path is not None:
+        path = Path(path).expanduser()
+        if path.is_file():
+            return path
+        if path.is_dir() and adapter_file_in(path) is not None:
+            return adapter_file_in(path)
+        raise MissingWeightsError(
+            f"missing adapter weights: {path} (expected ex4d.ckpt or adapter.safetensors); "
+            f"download with: {download_command(EX4D_REPO, None, ADAPTER_CKPT)}")
+    md = Path(models_dir).expanduser() if models_dir is not None else None
+    converted = (md / CONVERTED_DIR / CONVERTED_ADAPTER,) if md is not None else ()
+
+    def missing(folder: Path) -> str | None:
+        return None if adapter_file_in(folder) is not None else ADAPTER_CKPT
+
+    folder = resolve_repo(EX4D_REPO, md, missing, download=download, local_candidates=converted,
+                          command_file=ADAPTER_CKPT)
+    return adapter_file_in(folder)
