@@ -1,0 +1,59 @@
+"""``ex4d depth``: estimate (or import) a depth video -> depth.npz + depth_preview.mp4."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ex4d.commands.common import add_device_arg, progress
+
+EPILOG = """examples:
+  ex4d depth clip.mp4 -o out/                          # DepthCrafter, as in the paper (GPU advised)
+  ex4d depth clip.mp4 -o out/ --depth depth-anything   # lighter and faster, per-frame + temporal alignment
+  ex4d depth clip.mp4 -o out/ --depth mine.npz         # import z-depth or disparity from another tool
+  ex4d depth clip.mp4 -o out/ --models-dir ~/models    # weights downloaded as in docs/depth.md
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "depth", help="estimate depth for a video (depth.npz + depth_preview.mp4)",
+        description="Estimate per-frame z-depth for the first --num-frames frames (DepthCrafter by default, "
+                    "Depth Anything V2, or a .npz/.npy file) and write depth.npz (keys depth, valid, K, "
+                    "estimator, settings) and depth_preview.mp4. Missing weights exit with code 2 and the "
+                    "download command (docs/depth.md).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("video", help="input video (mp4/mov/mkv/...)")
+    parser.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    parser.add_argument("--depth", default="depthcrafter",
+                        help="depthcrafter (default), depth-anything, or a .npz/.npy depth file")
+    parser.add_argument("--models-dir", default=None,
+                        help="folder with downloaded weights, e.g. MODELS/tencent/DepthCrafter (docs/depth.md)")
+    parser.add_argument("--num-frames", type=int, default=49, help="frames to use from the start (default 49)")
+    parser.add_argument("--resize", choices=["reference", "keep"], default="reference",
+                        help="reference: multiples of 64, long side <= 1024 (default; DepthCrafter needs "
+                             "multiples of 64); keep: source size")
+    parser.add_argument("--no-reuse", action="store_true", help="recompute even if out/depth.npz matches")
+    parser.add_argument("--no-preview", action="store_true", help="do not write depth_preview.mp4")
+    add_device_arg(parser)
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from ex4d.depth.preview import depth_preview
+    from ex4d.io.files import prepare_output_dir
+    from ex4d.io.video import write_video
+    from ex4d.pipeline import estimate_depth, load_clip
+
+    out_dir = prepare_output_dir(args.output)
+    clip = load_clip(args.video, num_frames=args.num_frames, resize=args.resize)
+    depth = estimate_depth(clip, args.depth, out_dir=out_dir, models_dir=args.models_dir, device=args.device,
+                           progress=progress, reuse=not args.no_reuse)
+    depth_path = out_dir / "depth.npz"
+    if not depth_path.exists():  # the depth file given as input was the output path itself
+        depth.save(depth_path)
+    print(f"{'depth':>8}: {depth_path}", file=sys.stdout)
+    if not args.no_preview:
+        preview = write_video(out_dir / "depth_preview.mp4", depth_preview(depth.depth), clip.fps)
+        print(f"{'preview':>8}: {preview}", file=sys.stdout)
+    return 0
