@@ -153,7 +153,9 @@ def _from_cache(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_ALLOW[repo_id]))
+        # HF_HUB_CACHE is read here, not only at import, so a cache set later (tests, notebooks) counts.
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_ALLOW[repo_id],
+                                      cache_dir=os.environ.get("HF_HUB_CACHE") or None))
     except Exception as exc:  # not cached (LocalEntryNotFoundError) or an unreadable cache
         log.debug("%s not in the Hugging Face cache: %s", repo_id, exc)
         return None

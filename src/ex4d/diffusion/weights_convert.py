@@ -116,6 +116,17 @@ def convert_dit_shards(src: Path, dst: Path, *, dtype: torch.dtype | None = torc
     return len(weight_map)
 
 
+def _dit_config_near(folder: Path) -> dict | None:
+    """The DiT config of an original folder (to check the adapter against), or None = the 14B default."""
+    if md.missing_original(folder) is not None:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in md.dit_shards(folder):
+        shapes.update(safetensors_shapes(shard))
+    hub = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
+    return dit_config_from_original(shapes, hub)
+
+
 def convert_models_dir(models_dir: str | Path, out: str | Path | None = None, *,
                        dtype: torch.dtype | None = torch.bfloat16, adapter: bool = True, wan: bool = True,
                        progress: Callable | None = None) -> dict[str, Path]:
@@ -166,8 +177,9 @@ def convert_models_dir(models_dir: str | Path, out: str | Path | None = None, *,
             (staged / "ex4d_converted_from.json").write_text(json.dumps(
                 {"source": str(src_wan), "repo": md.WAN_REPO, "dtype": str(dtype)}, indent=2))
         if src_adapter is not None:
-            weights = load_ex4d_adapter(src_adapter)
-            save_ex4d_adapter(weights, tmp / md.CONVERTED_ADAPTER)
+            config = _dit_config_near(src_wan or models_dir / md.WAN_REPO)
+            weights = load_ex4d_adapter(src_adapter, transformer_config=config)
+            save_ex4d_adapter(tmp / md.CONVERTED_ADAPTER, weights, transformer_config=config)
         for key, target in targets.items():
             staged = tmp / target.name
             os.replace(staged, target)
