@@ -1,0 +1,162 @@
+"""``ex4d generate``: rendered colour + mask videos -> the re-filmed video (Wan2.1-I2V + EX-4D adapter)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import time
+from pathlib import Path
+
+from ex4d.commands.common import add_device_arg, resolve_device
+from ex4d.errors import InputError, UserError
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  ex4d generate --color out/color_90.mp4 -o out/ex4d_90.mp4 --models-dir ~/models
+  ex4d generate --color out/color_90.mp4 --mask out/mask_90.mkv -o gen.mp4 --seed 3 --fps source
+  ex4d generate --color out/color_90.mp4 -o gen.mp4 --low-vram          # GPUs with <= 24 GB
+  ex4d generate --color out/color_90.mp4 -o gen.mp4 --compile --fp8     # faster after warm-up / less memory
+The mask defaults to the lossless mask_<cam>.mkv beside color_<cam>.mp4.
+"""
+
+#: Where the weight loaders live (the Wan loader and the adapter loader may sit in sibling modules).
+_LOADER_MODULES = ("ex4d.diffusion.weights", "ex4d.diffusion.weights_wan", "ex4d.diffusion.weights_adapter")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate the novel-view video from color/mask renders (Wan2.1-I2V-14B + EX-4D)",
+        description="Fill in the rendered colour video along the new camera path with Wan2.1-I2V-14B and the "
+                    "EX-4D adapter. Needs the Wan2.1-I2V-14B-480P weights and ex4d.ckpt (docs/models.md).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--color", required=True, help="rendered colour video (color_<cam>.mp4 from ex4d recon)")
+    parser.add_argument("--mask", default=None,
+                        help="visibility mask video (default: mask_<cam>.mkv beside --color; a .mp4 is "
+                             "thresholded, and its .mkv twin is preferred when present)")
+    parser.add_argument("-o", "--output", required=True, help="output video (.mp4)")
+    parser.add_argument("--models-dir", default=None, help="folder with downloaded weights (docs/models.md)")
+    parser.add_argument("--adapter", default=None, help="EX-4D adapter file or folder (default: found in --models-dir)")
+    parser.add_argument("--seed", type=int, default=0, help="noise and mask-erosion seed (default 0)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, as the reference)")
+    parser.add_argument("--cfg", type=float, default=5.0, help="text guidance scale (default 5)")
+    parser.add_argument("--prompt", default=None, help="prompt (default: the reference's fixed prompt)")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (default: Wan's standard one)")
+    parser.add_argument("--size", default="512x512",
+                        help="HxW working size, multiples of 16 (default 512x512, squashed as the model was "
+                             "trained), or keep-aspect (~512x512 pixels at the source aspect; untested)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="frames to generate, 4k+1 (default: all frames of --color, which must be 4k+1)")
+    parser.add_argument("--fps", default="15", help="output frame rate: a number (default 15, as the reference) "
+                                                    "or 'source' (the colour video's)")
+    parser.add_argument("--no-erode", action="store_true", help="skip the random mask erosion (not the trained input)")
+    perf = parser.add_argument_group("speed and memory")
+    perf.add_argument("--low-vram", action="store_true",
+                      help="stream the DiT and T5 from CPU memory (group offload with CUDA streams; <= 24 GB GPUs)")
+    perf.add_argument("--cpu-offload", action="store_true", help="move whole models to the GPU only while they run")
+    perf.add_argument("--fp8", action="store_true", help="store DiT weights in float8 (bf16 compute): ~16 GB less")
+    perf.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (~15 s once)")
+    perf.add_argument("--attention", default=None,
+                      help="attention kernel: native (default), cudnn, torch-flash, efficient, flash, flash3, "
+                           "sage, xformers, flex")
+    perf.add_argument("--no-batch-cfg", action="store_true", help="run the two CFG branches one after the other")
+    perf.add_argument("--no-merge-lora", action="store_true", help="keep the LoRA unmerged (slower; as the reference)")
+    add_device_arg(parser)
+    parser.set_defaults(func=main)
+
+
+def _loader(name: str):
+    """The weight-loading function ``name`` from whichever weights module provides it."""
+    for module_name in _LOADER_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise UserError(f"this ex4d build has no {name}(); reinstall ex4d")
+
+
+def parse_fps(text: str) -> float | None:
+    """A positive number, or None for 'source'."""
+    if str(text).lower() == "source":
+        return None
+    try:
+        fps = float(text)
+    except ValueError:
+        raise InputError(f"bad --fps {text!r}; give a number such as 15, or 'source'") from None
+    if not fps > 0:
+        raise InputError(f"--fps must be positive, got {text}")
+    return fps
+
+
+def check_output(output: str | Path, inputs: list[Path]) -> Path:
+    output = Path(output)
+    if output.suffix.lower() != ".mp4":
+        raise InputError(f"output {output} must be an .mp4 file")
+    for path in inputs:
+        if path is not None and output.resolve() == Path(path).resolve():
+            raise InputError(f"output {output} would overwrite the input {path}; choose another -o")
+    return output
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from ex4d.diffusion.conditioning import find_mask_for, load_condition
+    from ex4d.diffusion.performance import PerformanceOptions
+    from ex4d.io.files import require_file
+
+    fps = parse_fps(args.fps)
+    color = require_file(args.color, "colour video")
+    mask = find_mask_for(color, args.mask)
+    output = check_output(args.output, [color, mask])
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    device = resolve_device(args.device)
+    options = PerformanceOptions(merge_lora=not args.no_merge_lora, attention=args.attention, compile=args.compile,
+                                 batch_cfg=not args.no_batch_cfg, low_vram=args.low_vram,
+                                 cpu_offload=args.cpu_offload, fp8=args.fp8)
+    options.validate()
+
+    # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
+    condition = load_condition(color, mask, size=args.size, num_frames=args.num_frames, seed=args.seed,
+                               erode=not args.no_erode)
+    logger.info("condition %s frames at %sx%s, erosion sizes %s", condition.num_frames, *condition.size,
+                condition.kernel_sizes)
+
+    load_device = "cpu" if (args.low_vram or args.cpu_offload) else device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    options.dtype = dtype
+    load_wan_components = _loader("load_wan_components")
+    load_ex4d_adapter = _loader("load_ex4d_adapter")
+    adapter_path = args.adapter
+    try:
+        from ex4d.diffusion.models_dir import resolve_adapter
+
+        adapter_path = resolve_adapter(args.models_dir, args.adapter)
+    except ImportError:
+        pass
+    adapter = load_ex4d_adapter(adapter_path)
+    started = time.perf_counter()
+    components = load_wan_components(args.models_dir, torch_dtype=dtype, device=load_device)
+
+    from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, build_pipeline
+
+    pipe = build_pipeline(components, adapter, options, device)
+    logger.info("models ready in %.1f s", time.perf_counter() - started)
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    result = pipe(condition.cond, condition.mask, image=condition.first_frame,
+                  prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
+                  negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+                  num_inference_steps=args.steps, guidance_scale=args.cfg, generator=generator, output_type="np")
+    frames = result.frames[0]
+
+    from ex4d.io.video import write_video
+
+    write_video(output, frames, fps=fps if fps is not None else condition.fps)
+    print(f"wrote {output} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
+    return 0

@@ -1,0 +1,311 @@
+"""Geometry conditioning for the EX-4D generator: load, erode, scale (shared by inference and training).
+
+Everything here is pure tensor/numpy code with no model in sight, so that the trainer can build
+exactly the input distribution the released adapter was trained on (spec 7.2, 7.4, 10.16-17, 11.5):
+
+* the rendered colour video and its visibility mask are resized to the working size (512x512 by
+  default, squashed like the reference), each mask frame is eroded with a random k x k all-ones
+  kernel (k in [2, 8], cv2's border convention, seeded here instead of unseeded) and binarised;
+* ``cond = 2 * (colour * mask) - 1`` and ``mask' = 2 * mask - 1`` (in {-1, +1});
+* the camera encoder maps the mask once more through ``2 * mask' - 1``, so the VAE sees {-3, +1}:
+  that double scaling is part of the trained model's input and must be kept.
+
+Tensors leaving this module are channel-first video tensors ``(B, C, T, H, W)``; the letters follow
+the project's glossary (T frames, H, W, B batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ex4d.errors import InputError
+from ex4d.io.files import require_file
+
+logger = logging.getLogger(__name__)
+
+#: The working size of the released model (it was trained on square 512x512 clips).
+DEFAULT_SIZE = (512, 512)
+#: Frame count of the released model (13 latent frames).
+DEFAULT_NUM_FRAMES = 49
+#: Inclusive range of the erosion kernel size (reference: random.randint(2, 8)).
+EROSION_RANGE = (2, 8)
+#: Spatial multiple the generator needs: VAE factor 8 x DiT patch 2.
+SIZE_MULTIPLE = 16
+#: Temporal rule of the Wan VAE: 1 frame, then chunks of 4.
+TEMPORAL_FACTOR = 4
+
+# A lossy (H.264) mask has intermediate values only along edges; a soft or wrong video has many.
+_MID_LOW, _MID_HIGH, _MAX_MID_FRACTION = 32, 223, 0.05
+
+
+@dataclass
+class ConditionInputs:
+    """What the generator needs from a rendered condition, already scaled.
+
+    cond:   (1, 3, T, H, W) float32 in [-1, 1]; masked pixels are -1.
+    mask:   (1, 3, T, H, W) float32 in {-1, +1} (mask'; the encoder applies its own 2x-1 on top).
+    first_frame: (H, W, 3) uint8, the source frame 0 as the reference hands it to CLIP and the VAE.
+    kernel_sizes: the erosion size drawn per frame (0 where erosion was off).
+    fps: frame rate of the colour file.
+    """
+
+    cond: torch.Tensor
+    mask: torch.Tensor
+    first_frame: np.ndarray
+    kernel_sizes: list[int]
+    fps: float
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.cond.shape[2])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.cond.shape[3]), int(self.cond.shape[4])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (shared with training)
+
+
+def check_num_frames(num_frames: int, where: str = "the condition") -> None:
+    """Raise :class:`InputError` unless ``num_frames`` is 4k+1 (what the Wan VAE accepts)."""
+    if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR:
+        lower = max(1, (num_frames - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1)
+        raise InputError(
+            f"{where} has {num_frames} frames, but the generator needs 4k+1 frames (e.g. 49); "
+            f"pass --num-frames {lower} or trim the videos to {lower} frames")
+
+
+def sample_erosion_sizes(num_frames: int, seed: int | None,
+                         low: int = EROSION_RANGE[0], high: int = EROSION_RANGE[1]) -> list[int]:
+    """One kernel size per frame, uniform in [low, high] inclusive, reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [int(k) for k in rng.integers(low, high + 1, size=num_frames)]
+
+
+def erode_masks(masks: torch.Tensor, kernel_sizes: list[int]) -> torch.Tensor:
+    """Erode each binary mask frame with its own k x k all-ones kernel, cv2-style.
+
+    masks: (T, H, W) bool. kernel_sizes: T ints (k <= 1 leaves the frame unchanged).
+    cv2.erode's defaults are reproduced: the anchor is the kernel centre (k // 2, so an even kernel
+    reaches one pixel further up/left) and pixels outside the image count as *visible*, which is
+    why an all-visible frame 0 is unchanged. Returns (T, H, W) bool.
+    """
+    if masks.ndim != 3 or len(kernel_sizes) != masks.shape[0]:
+        raise ValueError(f"erode_masks wants (T,H,W) masks and T sizes, got {tuple(masks.shape)} and "
+                         f"{len(kernel_sizes)}")
+    hidden = (~masks.bool()).float()  # erosion of the visible set = dilation of the hidden set
+    out = torch.empty_like(masks, dtype=torch.bool)
+    for t, k in enumerate(kernel_sizes):
+        if k <= 1:
+            out[t] = masks[t].bool()
+            continue
+        before = k // 2
+        after = k - 1 - before
+        # dst(y, x) = min over dy, dx in [-before, after] of src(y + dy, x + dx); zero padding in the
+        # hidden domain = "outside is visible" (cv2's morphologyDefaultBorderValue for erosion).
+        padded = F.pad(hidden[t][None, None], (before, after, before, after), value=0.0)
+        dilated = F.max_pool2d(padded, kernel_size=k, stride=1)[0, 0]
+        out[t] = dilated < 0.5
+    return out
+
+
+def scale_condition(color: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's scaling: cond = 2 * (c * m) - 1, mask' = 2 * m - 1.
+
+    color: (T, H, W, 3) float in [0, 1]. mask: (T, H, W) bool (already eroded and binarised).
+    Returns cond (1, 3, T, H, W) in [-1, 1] and mask' (1, 3, T, H, W) in {-1, +1}, float32.
+    """
+    m = mask.float()[..., None]
+    cond = (color.float() * m) * 2.0 - 1.0
+    mask_scaled = m.expand(*mask.shape, 3) * 2.0 - 1.0
+    to_video = lambda x: x.permute(3, 0, 1, 2).unsqueeze(0).contiguous()  # noqa: E731
+    return to_video(cond), to_video(mask_scaled)
+
+
+def encoder_mask_input(mask_scaled: torch.Tensor) -> torch.Tensor:
+    """The camera encoder's second 2x-1 on the already-scaled mask: {-1, +1} -> {-3, +1} (R, spec 10.16)."""
+    return mask_scaled * 2.0 - 1.0
+
+
+def first_frame_latent_mask(num_frames: int, latent_height: int, latent_width: int,
+                            temporal_factor: int = TEMPORAL_FACTOR) -> torch.Tensor:
+    """The 4-channel "frame known" map of Wan I2V: (1, 4, T', h, w), 1 on latent frame 0 only.
+
+    Pixel frame 0 is repeated 4x so that T + 3 frames fold into (T' = (T-1)/4 + 1) x 4 channels.
+    """
+    known = torch.zeros(1, 1, num_frames, latent_height, latent_width)
+    known[:, :, 0] = 1.0
+    known = torch.cat([known[:, :, :1].repeat_interleave(temporal_factor, dim=2), known[:, :, 1:]], dim=2)
+    known = known.view(1, -1, temporal_factor, latent_height, latent_width)
+    return known.transpose(1, 2).contiguous()
+
+
+def parse_size(spec: str | tuple[int, int] | None, source_hw: tuple[int, int]) -> tuple[int, int]:
+    """Working size (H, W) from ``"HxW"`` (e.g. ``"512x512"``), ``"keep-aspect"`` or an (H, W) tuple.
+
+    ``keep-aspect`` keeps about 512*512 pixels at the source's aspect ratio, each side a multiple
+    of 16 (the released model was trained square: this mode is untested against it).
+    """
+    if spec is None:
+        return DEFAULT_SIZE
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("keep-aspect", "keep_aspect", "aspect"):
+            h, w = source_hw
+            area = DEFAULT_SIZE[0] * DEFAULT_SIZE[1]
+            scale = math.sqrt(area / float(h * w))
+            out = (max(SIZE_MULTIPLE, int(round(h * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE),
+                   max(SIZE_MULTIPLE, int(round(w * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE))
+            return out
+        match = re.fullmatch(r"(\d+)\s*[x,]\s*(\d+)", text)
+        if not match:
+            raise InputError(f"bad --size {spec!r}; use HxW such as 512x512, or keep-aspect")
+        spec = (int(match.group(1)), int(match.group(2)))
+    h, w = int(spec[0]), int(spec[1])
+    if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        raise InputError(f"size {h}x{w} is not a multiple of {SIZE_MULTIPLE} on each side; "
+                         f"use e.g. 512x512 or keep-aspect")
+    return h, w
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def find_mask_for(color_path: str | os.PathLike, mask_path: str | os.PathLike | None = None) -> Path:
+    """The mask file to use: the lossless ``.mkv`` twin when it exists, else the given/derived file.
+
+    ``ex4d recon`` writes ``color_<cam>.mp4``, ``mask_<cam>.mp4`` (lossy, for viewing) and
+    ``mask_<cam>.mkv`` (lossless). Given ``--mask mask_90.mp4`` the ``mask_90.mkv`` beside it is
+    preferred; with no mask given it is derived from the colour file's name.
+    """
+    color_path = Path(color_path)
+    if mask_path is None:
+        stem = color_path.stem
+        if not stem.startswith("color"):
+            raise InputError(f"no --mask given and {color_path.name} is not named color_<cam>.mp4; "
+                             f"pass --mask mask_<cam>.mkv")
+        base = color_path.with_name("mask" + stem[len("color"):])
+        for candidate in (base.with_suffix(".mkv"), base.with_suffix(".mp4")):
+            if candidate.is_file():
+                return candidate
+        raise InputError(f"no mask found beside {color_path} (looked for {base.name}.mkv/.mp4); pass --mask")
+    mask_path = Path(mask_path)
+    if mask_path.suffix.lower() != ".mkv":
+        lossless = mask_path.with_suffix(".mkv")
+        if lossless.is_file():
+            logger.info("using the lossless mask %s instead of %s", lossless, mask_path)
+            return lossless
+    return mask_path
+
+
+def _read_grey_video(path: Path, what: str) -> tuple[np.ndarray, float, str]:
+    """Decode a video as uint8 grey (T, H, W); returns (frames, fps, codec name)."""
+    import av
+
+    path = require_file(path, what)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{what} {path} has no video stream; give a video file")
+            stream = container.streams.video[0]
+            codec = stream.codec_context.name
+            fps = float(stream.average_rate) if stream.average_rate else 30.0
+            frames = [frame.to_ndarray(format="gray") for frame in container.decode(stream)]
+    except InputError:
+        raise
+    except Exception as exc:  # PyAV raises many error types for a non-video file
+        raise InputError(f"cannot read {what} {path} ({type(exc).__name__}); give an mp4/mkv video") from None
+    if not frames:
+        raise InputError(f"{what} {path} contains zero frames")
+    return np.stack(frames), fps, codec
+
+
+def _binarise_mask_frames(grey: np.ndarray, path: Path, lossless: bool) -> np.ndarray:
+    """uint8 grey (T, H, W) -> bool, refusing soft or wrong videos with a clear message."""
+    if lossless:
+        values = np.unique(grey)
+        if grey.max() <= 1:  # a {0, 1} mask written without the 255 scale
+            return grey > 0
+        if not np.isin(values, (0, 255)).all():
+            bad = values[~np.isin(values, (0, 255))][:5].tolist()
+            raise InputError(f"mask {path} is not binary (values {bad} besides 0/255); "
+                             f"give the mask_<cam>.mkv written by ex4d recon")
+        return grey > 127
+    mid = np.mean((grey >= _MID_LOW) & (grey <= _MID_HIGH))
+    if mid > _MAX_MID_FRACTION:
+        raise InputError(f"mask {path} is not binary ({mid:.0%} of its pixels are grey); "
+                         f"give the black/white mask_<cam> video written by ex4d recon")
+    return grey > 127
+
+
+def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike | None = None, *,
+                   size: str | tuple[int, int] | None = DEFAULT_SIZE, num_frames: int | None = None,
+                   seed: int | None = 0, erode: bool = True) -> ConditionInputs:
+    """Read the rendered colour video + visibility mask and turn them into generator inputs.
+
+    num_frames: None uses every frame (which must be 4k+1); a number N takes N frames spread over
+    the file with the reference's ``linspace(0, n-1, N)`` rule (the identity when n == N).
+    size: (H, W), ``"HxW"`` or ``"keep-aspect"``; default 512x512, squashed like the reference.
+    seed: seeds the per-frame erosion sizes (the reference drew them unseeded).
+    Raises :class:`InputError` for unreadable files, colour/mask frame-count or size mismatch,
+    non-binary or empty masks and frame counts that are not 4k+1.
+    """
+    from ex4d.io.video import read_video, resize_frames, to_float01
+
+    color_path = require_file(color_path, "colour video")
+    mask_file = find_mask_for(color_path, mask_path)
+    colour, fps = read_video(color_path)
+    grey, _, codec = _read_grey_video(mask_file, "mask video")
+    if len(colour) != len(grey):
+        raise InputError(f"colour video {color_path} has {len(colour)} frames but mask {mask_file} has "
+                         f"{len(grey)}; give the matching color_<cam>/mask_<cam> pair from one ex4d recon run")
+    if colour.shape[1:3] != grey.shape[1:3]:
+        raise InputError(f"colour video {color_path} is {colour.shape[2]}x{colour.shape[1]} but mask {mask_file} "
+                         f"is {grey.shape[2]}x{grey.shape[1]}; give the matching pair from one ex4d recon run")
+    lossless = codec in ("ffv1", "png", "rawvideo", "huffyuv", "ffvhuff", "utvideo")
+    visible = _binarise_mask_frames(grey, mask_file, lossless)
+    if not visible.any():
+        raise InputError(f"mask {mask_file} is empty (no visible pixel in any frame); "
+                         f"check that it is the visibility mask written by ex4d recon")
+
+    total = len(colour)
+    if num_frames is None:
+        check_num_frames(total, f"colour video {color_path}")
+        indices = np.arange(total)
+    else:
+        check_num_frames(num_frames, "--num-frames")
+        if num_frames > total:
+            raise InputError(f"colour video {color_path} has {total} frames but {num_frames} were asked; "
+                             f"pass --num-frames {max(1, (total - 1) // 4 * 4 + 1)}")
+        indices = np.linspace(0, total - 1, num_frames).astype(int)  # the reference's frame pick
+    colour, visible = colour[indices], visible[indices]
+    if not visible[0].all():
+        logger.warning("mask frame 0 of %s is not fully visible; frame 0 should be the source view", mask_file)
+
+    height, width = parse_size(size, colour.shape[1:3])
+    colour01 = torch.from_numpy(to_float01(resize_frames(colour, (height, width))))
+    # Bilinear resize of the {0, 1} mask then threshold at 0.5 equals the reference's resize of the
+    # 0/255 video, erosion and "> 0.5" (erosion is a min filter, so it commutes with thresholding).
+    mask_small = resize_frames(visible[..., None].astype(np.float32), (height, width))[..., 0] > 0.5
+    mask_t = torch.from_numpy(mask_small)
+    sizes = sample_erosion_sizes(len(indices), seed) if erode else [0] * len(indices)
+    if erode:
+        mask_t = erode_masks(mask_t, sizes)
+    cond, mask_scaled = scale_condition(colour01, mask_t)
+    # The reference hands CLIP and the y latent frame 0 of the *scaled* cond, mapped back to [0, 1]
+    # and truncated to uint8; frame 0 is fully visible so this is the resized source frame.
+    first_frame = np.floor((cond[0, :, 0].permute(1, 2, 0).numpy() + 1.0) * 0.5 * 255.0).clip(0, 255)
+    return ConditionInputs(cond=cond, mask=mask_scaled, first_frame=first_frame.astype(np.uint8),
+                           kernel_sizes=sizes, fps=fps)

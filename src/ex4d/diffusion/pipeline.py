@@ -1,0 +1,365 @@
+"""``EX4DPipeline``: Wan2.1-I2V-14B + the EX-4D adapter, in diffusers' pipeline idiom.
+
+Inputs are the scaled geometry condition of :mod:`ex4d.diffusion.conditioning` (cond and mask'
+videos, (1, 3, T, H, W)) and the first frame. The pipeline reproduces the reference's sampling
+(spec 7.3-7.10):
+
+* text: umT5 on the fixed prompt / negative prompt, cut to the true length and zero-padded to 512;
+* image: CLIP ViT-H/14 on frame 0 (bicubic 224x224 resize of the [-1, 1] image, as the
+  reference does, then CLIP normalisation), penultimate hidden state -> (1, 257, 1280);
+* y: VAE([I0; zeros]) normalised (16 ch) after the 4-channel "frame known" map -> (1, 20, T', h, w);
+* camera tokens: CamVidEncoder(VAE(cond), VAE(2 * mask' - 1)) -> (1, 5120, T', h/2, w/2), added
+  after the patch embedding through a forward hook, in both CFG branches;
+* flow-matching Euler, shift 5, sigmas 5s/(1+4s) for s = linspace(1, 0, 26)[:25], t = 1000 sigma,
+  CFG on the text only: v = v_neg + g (v_pos - v_neg); noise N(0, 1) float32 from a CPU generator;
+* untiled VAE decode, clamp to [-1, 1], uint8 frames (rounded).
+
+Shapes: latents (B, 16, T', h, w) with T' = (T - 1) / 4 + 1, h = H / 8, w = W / 8.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import re
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.utils import BaseOutput
+
+from ex4d.diffusion.adapter import CamVidEncoder, PatchEmbeddingInjector
+from ex4d.diffusion.conditioning import encoder_mask_input, first_frame_latent_mask
+from ex4d.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+#: The reference's fixed positive prompt (spec 7.8).
+DEFAULT_PROMPT = ("4K ultra HD, surround motion, realistic tone, panoramic shot, wide-angle view, "
+                  "cinematic quality")
+#: Wan's standard negative prompt, English form (spec 7.8).
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still "
+    "picture, messy background, three legs, many people in the background, walking backwards")
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 5.0
+FLOW_SHIFT = 5.0
+#: CLIP ViT-H/14 input size and normalisation (open-clip / OpenAI constants).
+CLIP_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEXT_LENGTH = 512
+
+
+def reference_sigmas(num_steps: int = DEFAULT_STEPS) -> np.ndarray:
+    """The reference's *unshifted* sigmas linspace(1, 0, n + 1)[:n]; the scheduler applies shift 5."""
+    return np.linspace(1.0, 0.0, num_steps + 1)[:num_steps]
+
+
+def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Flow-matching Euler with the reference's shift (5); pass ``reference_sigmas`` to set_timesteps."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
+
+
+def _prompt_clean(text: str) -> str:
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:  # ftfy only repairs mojibake; plain prompts are unaffected
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@dataclass
+class EX4DPipelineOutput(BaseOutput):
+    """frames: uint8 (B, T, H, W, 3) ndarray ("np"), uint8 tensor ("pt"), or latents (B, 16, T', h, w)."""
+
+    frames: Any
+
+
+class EX4DPipeline(DiffusionPipeline):
+    """Re-film a video from its rendered geometry condition with Wan2.1-I2V + the EX-4D adapter.
+
+    Components: tokenizer + text_encoder (umT5-XXL), image_encoder (CLIPVisionModel, ViT-H/14),
+    vae (AutoencoderKLWan), transformer (WanTransformer3DModel, LoRA installed), camera_encoder
+    (:class:`CamVidEncoder`), scheduler (flow-match Euler, shift 5).
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->camera_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder", "image_encoder"]
+
+    def __init__(self, tokenizer, text_encoder, image_encoder, vae: AutoencoderKLWan,
+                 transformer: WanTransformer3DModel, camera_encoder: CamVidEncoder,
+                 scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder, vae=vae,
+                              transformer=transformer, camera_encoder=camera_encoder, scheduler=scheduler)
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
+        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
+        self.batch_cfg = True
+        self._injector: PatchEmbeddingInjector | None = None
+
+    # -----------------------------------------------------------------------------------------
+    # Checks and encoders
+
+    @property
+    def injector(self) -> PatchEmbeddingInjector:
+        if self._injector is None:
+            self._injector = PatchEmbeddingInjector(self.transformer)
+        return self._injector
+
+    def check_inputs(self, cond: torch.Tensor, mask: torch.Tensor, image, guidance_scale: float,
+                     num_inference_steps: int, prompt, prompt_embeds, negative_prompt_embeds) -> None:
+        """Raise :class:`InputError` (a ValueError) for inputs the model cannot take."""
+        for name, x in (("cond", cond), ("mask", mask)):
+            if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[:2] != (1, 3):
+                raise InputError(f"{name} must be a (1, 3, T, H, W) tensor, got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if cond.shape != mask.shape:
+            raise InputError(f"cond {tuple(cond.shape)} and mask {tuple(mask.shape)} differ in shape")
+        num_frames, height, width = cond.shape[2:]
+        if (num_frames - 1) % self.vae_scale_factor_temporal:
+            raise InputError(f"the condition has {num_frames} frames; the generator needs 4k+1 (e.g. 49)")
+        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        if height % multiple or width % multiple:
+            raise InputError(f"the condition is {height}x{width}; both sides must be multiples of {multiple}")
+        if cond.min() < -1.0 - 1e-4 or cond.max() > 1.0 + 1e-4:
+            raise InputError("cond must lie in [-1, 1] (scale with ex4d.diffusion.conditioning.scale_condition)")
+        if not torch.all((mask == 1.0) | (mask == -1.0)):
+            raise InputError("mask must hold only -1 and +1 (mask' = 2m - 1)")
+        if image is not None and tuple(np.asarray(image).shape[:2]) != (height, width):
+            raise InputError(f"first frame is {np.asarray(image).shape[:2]}, the condition {height}x{width}")
+        if num_inference_steps < 1:
+            raise InputError("num_inference_steps must be >= 1")
+        if guidance_scale < 0:
+            raise InputError("guidance_scale must be >= 0")
+        if prompt_embeds is None and (self.text_encoder is None or self.tokenizer is None):
+            raise InputError("no text encoder loaded: pass prompt_embeds (and negative_prompt_embeds)")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError("prompt must be a string")
+
+    def _encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """umT5 embeddings (1, 512, 4096): true-length tokens then zeros, as the reference pads them."""
+        inputs = self.tokenizer([_prompt_clean(prompt)], padding="max_length", max_length=TEXT_LENGTH,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        ids, attention = inputs.input_ids, inputs.attention_mask
+        length = int(attention.gt(0).sum())
+        encoder_device = _module_device(self.text_encoder)
+        hidden = self.text_encoder(ids.to(encoder_device), attention.to(encoder_device)).last_hidden_state
+        hidden = hidden.to(device=device, dtype=dtype)
+        hidden[:, length:] = 0
+        return hidden
+
+    def encode_prompt(self, prompt: str, negative_prompt: str | None, do_classifier_free_guidance: bool,
+                      device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(positive, negative) text embeddings, each (1, 512, 4096); negative is None without CFG."""
+        positive = self._encode_text(prompt, device, dtype)
+        negative = None
+        if do_classifier_free_guidance:
+            negative = self._encode_text(negative_prompt if negative_prompt is not None else "", device, dtype)
+        return positive, negative
+
+    def encode_image(self, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """CLIP features (1, 257, 1280) of frame 0, image (1, 3, H, W) in [-1, 1].
+
+        Like the reference (not the PIL processor of diffusers' Wan pipeline): torch bicubic resize
+        to 224x224 without antialiasing, [0, 1], CLIP mean/std; output of the penultimate layer.
+        """
+        encoder_device = _module_device(self.image_encoder)
+        dtype = self.image_encoder.dtype
+        x = F.interpolate(image.float().to(encoder_device), size=(CLIP_SIZE, CLIP_SIZE), mode="bicubic",
+                          align_corners=False)
+        mean = torch.tensor(CLIP_MEAN, device=encoder_device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=encoder_device).view(1, 3, 1, 1)
+        x = ((x * 0.5 + 0.5) - mean) / std
+        out = self.image_encoder(pixel_values=x.to(dtype), output_hidden_states=True)
+        return out.hidden_states[-2].to(device)
+
+    def _vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Normalised VAE latent mean (B, 16, T', h, w) of a [-1, 1]-scaled video (B, 3, T, H, W)."""
+        vae_device = _module_device(self.vae)
+        latent = self.vae.encode(video.to(device=vae_device, dtype=self.vae.dtype)).latent_dist.mode()
+        mean = torch.tensor(self.vae.config.latents_mean, device=latent.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.vae.config.latents_std, device=latent.device).view(1, -1, 1, 1, 1)
+        return (latent.float() - mean) / std
+
+    def prepare_latents(self, shape: tuple[int, ...], generator: torch.Generator | None,
+                        device: torch.device, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Initial noise N(0, 1) float32 drawn on the CPU (device-independent, like the reference)."""
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            return latents.to(device=device, dtype=torch.float32)
+        if generator is not None and generator.device.type != "cpu":
+            raise InputError("pass a CPU torch.Generator: the noise is drawn on the CPU for reproducibility")
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu").to(device)
+
+    def prepare_condition(self, cond: torch.Tensor, mask: torch.Tensor, image: torch.Tensor,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y (1, 20, T', h, w), camera tokens (1, C, T', h/2, w/2)) from the scaled condition."""
+        num_frames, height, width = cond.shape[2:]
+        first = image.unsqueeze(2)  # (1, 3, 1, H, W)
+        video = torch.cat([first, first.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+        y_latent = self._vae_encode(video)
+        known = first_frame_latent_mask(num_frames, y_latent.shape[3], y_latent.shape[4],
+                                        self.vae_scale_factor_temporal).to(y_latent.device)
+        y = torch.cat([known, y_latent], dim=1).to(device)
+        cond_latent = self._vae_encode(cond)
+        mask_latent = self._vae_encode(encoder_mask_input(mask))  # {-3, +1}: the double scaling (R)
+        encoder_device = _module_device(self.camera_encoder)
+        tokens = self.camera_encoder(cond_latent.to(encoder_device), mask_latent.to(encoder_device))
+        return y, tokens.to(device)
+
+    # -----------------------------------------------------------------------------------------
+    # Sampling
+
+    def _predict(self, latent_input, timestep, positive, negative, image_embeds, guidance_scale, batch_cfg):
+        """Velocity (float32) with text-only CFG; batched CFG runs one forward of batch 2."""
+        transformer = self.transformer
+        if negative is None:
+            return transformer(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=positive,
+                               encoder_hidden_states_image=image_embeds, return_dict=False)[0].float()
+        if batch_cfg:
+            out = transformer(hidden_states=latent_input.repeat(2, 1, 1, 1, 1), timestep=timestep.repeat(2),
+                              encoder_hidden_states=torch.cat([positive, negative]),
+                              encoder_hidden_states_image=image_embeds.repeat(2, 1, 1), return_dict=False)[0]
+            v_pos, v_neg = out.float().chunk(2)
+        else:
+            v_pos = transformer(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=positive,
+                                encoder_hidden_states_image=image_embeds, return_dict=False)[0].float()
+            v_neg = transformer(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=negative,
+                                encoder_hidden_states_image=image_embeds, return_dict=False)[0].float()
+        return v_neg + guidance_scale * (v_pos - v_neg)
+
+    @torch.no_grad()
+    def __call__(self, cond: torch.Tensor, mask: torch.Tensor, image: np.ndarray | torch.Tensor | None = None,
+                 prompt: str | None = DEFAULT_PROMPT, negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 image_embeds: torch.Tensor | None = None, batch_cfg: bool | None = None,
+                 output_type: str = "np", return_dict: bool = True,
+                 callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None):
+        """Generate the video.
+
+        cond, mask: (1, 3, T, H, W) from :func:`ex4d.diffusion.conditioning.load_condition` (cond in
+        [-1, 1], mask' in {-1, +1}). image: frame 0 as uint8 (H, W, 3); default: derived from
+        cond[:, :, 0] the reference's way. output_type: "np" | "pt" (uint8 (B, T, H, W, 3)) or
+        "latent". callback_on_step_end(pipe, step, t, {"latents": ...}) may return new latents.
+        """
+        if output_type not in ("np", "pt", "latent"):
+            raise InputError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        self.check_inputs(cond, mask, image, guidance_scale, num_inference_steps, prompt, prompt_embeds,
+                          negative_prompt_embeds)
+        device = self._execution_device
+        dtype = self.transformer.dtype if not _has_layerwise_casting(self.transformer) else torch.bfloat16
+        do_cfg = guidance_scale != 1.0
+        batch_cfg = self.batch_cfg if batch_cfg is None else batch_cfg
+
+        # 1. Text and image context.
+        if prompt_embeds is None:
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, negative_prompt, do_cfg, device, dtype)
+        elif do_cfg and negative_prompt_embeds is None:
+            raise InputError("pass negative_prompt_embeds together with prompt_embeds when guidance_scale != 1")
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype) if do_cfg else None
+        if image is None:
+            # The reference: frame 0 of the scaled cond -> [0, 1] -> uint8 (truncated) -> [-1, 1].
+            image = torch.floor((cond[0, :, 0].float() + 1.0) * 0.5 * 255.0).clamp(0, 255)
+        else:
+            image = torch.as_tensor(np.asarray(image)).permute(2, 0, 1).float()
+        image = (image / 255.0 * 2.0 - 1.0).unsqueeze(0)  # (1, 3, H, W) in [-1, 1]
+        if image_embeds is None:
+            image_embeds = self.encode_image(image, device)
+        image_embeds = image_embeds.to(device=device, dtype=dtype)
+
+        # 2. Geometry condition and first-frame latent.
+        y, tokens = self.prepare_condition(cond.float(), mask.float(), image, device)
+        num_frames, height, width = cond.shape[2:]
+        shape = (1, self.vae.config.z_dim, (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+                 height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+        latents = self.prepare_latents(shape, generator, device, latents)
+        y = y.to(dtype)
+
+        # 3. Denoising: flow-match Euler on the reference's 25 sigmas.
+        self.scheduler.set_timesteps(sigmas=reference_sigmas(num_inference_steps).tolist(), device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        with self.injector.active(tokens), self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                latent_input = torch.cat([latents, y], dim=1).to(dtype)
+                timestep = t.expand(latents.shape[0])
+                velocity = self._predict(latent_input, timestep, prompt_embeds, negative_prompt_embeds,
+                                         image_embeds, guidance_scale, batch_cfg)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    result = callback_on_step_end(self, i, t, {"latents": latents})
+                    if result and "latents" in result:
+                        latents = result["latents"]
+                progress_bar.update()
+
+        # 4. Decode.
+        if output_type == "latent":
+            frames = latents
+        else:
+            frames = self.decode_latents(latents)
+            if output_type == "np":
+                frames = frames.cpu().numpy()
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return EX4DPipelineOutput(frames=frames)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, 16, T', h, w) -> uint8 frames (B, T, H, W, 3), rounded."""
+        vae_device = _module_device(self.vae)
+        mean = torch.tensor(self.vae.config.latents_mean, device=vae_device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.vae.config.latents_std, device=vae_device).view(1, -1, 1, 1, 1)
+        z = latents.to(device=vae_device, dtype=torch.float32) * std + mean
+        video = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        video = video.float().clamp(-1.0, 1.0)
+        frames = torch.round((video + 1.0) * 127.5).to(torch.uint8)
+        return frames.permute(0, 2, 3, 4, 1).contiguous()  # (B, T, H, W, 3)
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes, also under diffusers' offload hooks (which keep weights on the CPU)."""
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    return torch.device(get_module_execution_device(module))
+
+
+def _has_layerwise_casting(module: torch.nn.Module) -> bool:
+    return any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in module.parameters())
+
+
+def build_pipeline(components: dict, adapter_weights: Any | None = None, options: Any | None = None,
+                   device: torch.device | str = "cpu") -> EX4DPipeline:
+    """Assemble an :class:`EX4DPipeline` from ``load_wan_components``' dict and the adapter weights.
+
+    adapter_weights: ``load_ex4d_adapter``'s result, or None for a fresh (no-op) adapter, as used
+    by training and by benchmarks with random weights. options: a
+    :class:`ex4d.diffusion.performance.PerformanceOptions` (default: merged LoRA, fused QKV,
+    batched CFG, everything on ``device``).
+    """
+    from ex4d.diffusion.adapter import apply_adapter
+    from ex4d.diffusion.performance import PerformanceOptions, apply_performance
+
+    options = options or PerformanceOptions()
+    options.validate()
+    transformer = components["transformer"]
+    encoder, injector = apply_adapter(transformer, adapter_weights, merge=options.merge_lora)
+    pipe = EX4DPipeline(tokenizer=components.get("tokenizer"), text_encoder=components.get("text_encoder"),
+                        image_encoder=components.get("image_encoder"), vae=components["vae"],
+                        transformer=transformer, camera_encoder=encoder, scheduler=make_scheduler())
+    pipe._injector = injector
+    apply_performance(pipe, options, device)
+    return pipe
