@@ -20,10 +20,9 @@ def add_recon_args(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``recon`` and ``run``."""
     parser.add_argument("video", help="input video (mp4/mov/mkv/...)")
     parser.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
-    parser.add_argument("--cam", default="90",
-                        help="camera path: an orbit angle in degrees (30, 60, 90, -45, ...), 180 (the "
-                             "reference's closed loop, at most 45 deg of yaw), zoom_in, zoom_out, dolly_zoom, "
-                             "orbit:yaw=60,pitch=15, or a pose file (.npz/.json). Default 90")
+    from ex4d.camera.trajectory import TRAJECTORY_FORMS  # numpy only: cheap for --help
+
+    parser.add_argument("--cam", default="90", help=f"camera path (default 90): {TRAJECTORY_FORMS}")
     parser.add_argument("--depth", default="depthcrafter",
                         help="depthcrafter (default, as in the paper), depth-anything (lighter), or a "
                              ".npz/.npy depth file (docs/depth.md)")

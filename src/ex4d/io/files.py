@@ -48,7 +48,15 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
+        # mkstemp creates 0600 files; give the result the permissions a normal write would have.
+        os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, final_path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
