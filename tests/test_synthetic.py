@@ -80,10 +80,11 @@ def test_box_covers_its_projected_rectangle():
 
 
 @pytest.mark.parametrize("name", sorted(SCENES))
-def test_source_view_is_fully_observable(name):
-    K = reference_intrinsics(H, W)
+@pytest.mark.parametrize("size", [(H, W), (96, 96), (50, 70)])
+def test_source_view_is_fully_observable(name, size):
+    K = reference_intrinsics(*size)
     for frame in (0, 9):
-        assert observability(name, frame, np.eye(4), K, (H, W)).all()
+        assert observability(name, frame, np.eye(4), K, size).all()
 
 
 def test_occluded_region_seen_from_moved_camera_is_not_observable():
