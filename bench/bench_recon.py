@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -40,6 +41,8 @@ ANCHOR_MS = 16.6  # reference, H100, 512x512, per frame (lower end of 16.6-18.5 
 
 
 def _git_commit() -> str:
+    if os.environ.get("EX4D_GIT_COMMIT"):  # the device machine gets a copy of the tree without .git
+        return os.environ["EX4D_GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                                        text=True, stderr=subprocess.DEVNULL).strip()
@@ -93,6 +96,8 @@ def bench_size(height: int, width: int, device: torch.device, frames: int, warmu
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_build, t_render, t_post, t_total = [], [], [], []
     visible = []
+    mask = np.zeros((height, width), dtype=bool)
+    colour = np.zeros((height, width, 3), dtype=np.float32)
     with MeshRenderer(height, width, antialias=antialias) as renderer:
         for k in range(total):
             sync()
@@ -102,8 +107,8 @@ def bench_size(height: int, width: int, device: torch.device, frames: int, warmu
             t1 = time.perf_counter()
             rgba = renderer.render(mesh, _orbit_pose(k, total), K)
             t2 = time.perf_counter()
-            mask = rgba[..., 3] > MASK_ALPHA_THRESHOLD
-            colour = rgba[..., :3] * mask[..., None]
+            np.greater(rgba[..., 3], np.float32(MASK_ALPHA_THRESHOLD), out=mask)  # as render_condition
+            np.multiply(rgba[..., :3], mask[..., None], out=colour)
             t3 = time.perf_counter()
             if k >= warmup:
                 t_build.append(t1 - t0)

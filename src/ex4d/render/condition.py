@@ -110,9 +110,10 @@ def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str =
             if k == 0:
                 continue
             rgba = renderer.render(mesh, trajectory.cam_from_world[k], trajectory.K[k])
-            visible = rgba[..., 3] > MASK_ALPHA_THRESHOLD
-            mask[k] = visible
-            color[k] = np.clip(rgba[..., :3], 0.0, 1.0) * visible[..., None]
+            # In place: no (H, W, 3) temporaries per frame. Interpolated and MSAA-resolved colours
+            # of [0, 1] vertex colours stay in [0, 1], so no clip is needed.
+            np.greater(rgba[..., 3], np.float32(MASK_ALPHA_THRESHOLD), out=mask[k])
+            np.multiply(rgba[..., :3], mask[k][..., None], out=color[k])
     logger.info("rendered %d condition frames at %dx%d with %s (%s), cap=%s", num_out, height, width,
                 gl_renderer, aa_method, cap)
     settings = {"cap": cap, "filter": filter, "stretch_test": bool(stretch_test), "watertight": bool(watertight),

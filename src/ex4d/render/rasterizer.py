@@ -240,5 +240,6 @@ class MeshRenderer:
             self._vao.render(mode=ctx.TRIANGLES, vertices=self._num_indices)
         if self.samples:
             ctx.copy_framebuffer(self._fbo_resolved, self._fbo)
-        data = self._fbo_resolved.read(components=4, dtype="f4", alignment=1)
-        return np.frombuffer(data, dtype=np.float32).reshape(self.height, self.width, 4).copy()
+        out = np.empty((self.height, self.width, 4), dtype=np.float32)
+        self._fbo_resolved.read_into(out, components=4, dtype="f4", alignment=1)  # no extra copy
+        return out
