@@ -51,7 +51,7 @@ def tiny_vae_config() -> dict:
 
 
 def tiny_t5_config() -> dict:
-    return dict(vocab_size=96, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+    return dict(vocab_size=128, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
                 layer_norm_epsilon=1e-6, tie_word_embeddings=False, scalable_attention=True,
@@ -65,17 +65,18 @@ def tiny_clip_config() -> dict:
 
 
 def make_tiny_tokenizer():
-    """A small umT5-like tokenizer (Unigram, ``</s>`` appended, pad 0 / eos 1 / unk 2), built offline."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    """A small umT5-like tokenizer (Unigram, cased, ``</s>`` appended, pad 0 / eos 1 / unk 2), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    vocab += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,."]
+    vocab += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,."]
     vocab += [("\u2581" + w, -1.0) for w in TOKENIZER_WORDS]
     assert len(vocab) <= tiny_t5_config()["vocab_size"]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    # The same (cased) pre-tokenisation that transformers' T5 tokenizer rebuilds when it loads a
+    # folder, so a saved and reloaded tokenizer splits text identically.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
     tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
