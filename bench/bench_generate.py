@@ -1,0 +1,251 @@
+"""Speed and memory of one EX-4D generation (Wan2.1-I2V-14B + adapter), random full-size weights.
+
+Prints ONE JSON object (and appends it to --out if given): git commit, device, versions, shapes,
+median seconds per CFG step (steady state, after a warm-up generation), median whole generation
+(text + image encoders, 3 VAE encodes, 25 steps, decode; model loading excluded), peak GPU memory
+(``max_memory_allocated`` over the timed runs, weights included) and ratios to the reference's
+anchors (bench/../shared/reference/performance-anchors.md).
+
+Modes (one process each; ``set_attention_backend`` is process-global):
+  default  bf16, merged LoRA, fused self-attn QKV, batched CFG, compile_repeated_blocks(fullgraph)
+  eager    the same without torch.compile
+  lowvram  group offload with CUDA streams (DiT per block, T5 per 4 blocks), batched CFG
+  fp8      float8_e4m3fn weight storage (layerwise casting), bf16 compute, batched CFG, compile
+  unmerged the reference's setup: peft LoRA unmerged, two CFG forwards, eager
+
+Weights: the exact full-size architectures built on the meta device, materialised on the GPU and
+filled with N(0, 0.02) (norm weights 1, biases 0), bf16 with diffusers' _keep_in_fp32_modules in
+fp32; the Wan VAE with its default init in bf16. Text tokens are random ids of the reference's
+prompt lengths (32 positive, 128 negative, padded to 512); weight values do not change speed.
+
+  python bench/bench_generate.py --mode default            # on a GPU
+  python bench/bench_generate.py --tiny --mode eager       # tiny CPU check of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+REFERENCE_STEP_S = 2.637        # reference DiT + unmerged LoRA, one CFG step (2 forwards), H100
+REFERENCE_RUN_S = 65.9 + 2.7    # its 25 steps + 3 VAE encodes and 1 decode (T5/CLIP not measured)
+DIFFUSERS_COMPILED_STEP_S = 1.542
+FLOOR_STEP_S = 1.19
+
+DIT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120,
+                  rope_max_seq_len=1024, pos_embed_seq_len=None)
+T5_CONFIG = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
+                 num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True, layer_norm_epsilon=1e-6,
+                 tie_word_embeddings=False, scalable_attention=True, pad_token_id=0, eos_token_id=1)
+CLIP_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                   image_size=224, patch_size=14, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+class RandomTokenizer:
+    """Stands in for the umT5 tokenizer (no files on the bench machine): random ids, the reference's lengths."""
+
+    def __init__(self, vocab: int, positive_len: int = 32, negative_len: int = 128):
+        self.vocab, self.positive_len, self.negative_len = vocab, positive_len, negative_len
+
+    def __call__(self, texts, max_length=512, **kwargs):
+        length = self.positive_len if len(texts[0]) < 200 else self.negative_len
+        g = torch.Generator().manual_seed(length)
+        ids = torch.zeros(1, max_length, dtype=torch.long)
+        ids[0, :length] = torch.randint(3, self.vocab, (length,), generator=g)
+        mask = torch.zeros(1, max_length, dtype=torch.long)
+        mask[0, :length] = 1
+        return argparse.Namespace(input_ids=ids, attention_mask=mask)
+
+
+def materialise(model: torch.nn.Module, device: str, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()):
+    """Meta-built model -> random weights on ``device``; buffers (RoPE tables) kept exactly as built."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    for name, module in model.named_modules():
+        fp32 = any(part in keep_fp32 for part in name.split("."))
+        for pname, p in list(module.named_parameters(recurse=False)):
+            module._parameters[pname] = torch.nn.Parameter(
+                torch.empty(p.shape, device=device, dtype=torch.float32 if fp32 else dtype), requires_grad=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias":
+                p.zero_()
+            elif "norm" in name or leaf in ("weight",) and p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    for name, b in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._buffers[leaf] = b.to(device)
+    return model.eval()
+
+
+def build_full(device: str, dtype: torch.dtype) -> dict:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    with init_empty_weights(include_buffers=False):
+        transformer = WanTransformer3DModel.from_config(DIT_CONFIG)
+        text_encoder = UMT5EncoderModel(UMT5Config(**T5_CONFIG))
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**CLIP_CONFIG))
+    materialise(transformer, device, dtype, tuple(WanTransformer3DModel._keep_in_fp32_modules))
+    materialise(text_encoder, device, dtype)
+    materialise(image_encoder, device, dtype)
+    vae = AutoencoderKLWan().to(device=device, dtype=dtype).eval()
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder,
+                tokenizer=RandomTokenizer(T5_CONFIG["vocab_size"]), image_encoder=image_encoder)
+
+
+def build_tiny() -> dict:
+    from tiny_wan import make_tiny_components
+
+    comps = make_tiny_components(0)
+    comps["tokenizer"] = RandomTokenizer(90, 8, 16)
+    return comps
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="default", choices=["default", "eager", "lowvram", "fp8", "unmerged"])
+    parser.add_argument("--tiny", action="store_true", help="tiny CPU models (checks the script, not the speed)")
+    parser.add_argument("--runs", type=int, default=3, help="timed whole generations (median reported)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--attention", default=None, help="attention backend (see performance.py)")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="force torch.compile")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="force eager")
+    parser.add_argument("--out", default=None, help="append the JSON line to this file")
+    args = parser.parse_args(argv)
+
+    import diffusers
+    from diffusers.utils import logging as dlogging
+
+    from ex4d.diffusion.performance import PerformanceOptions
+    from ex4d.diffusion.pipeline import build_pipeline
+
+    dlogging.set_verbosity_error()
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = "cuda" if cuda else "cpu"
+    frames = args.frames or (9 if args.tiny else 49)
+    size = args.size or (32 if args.tiny else 512)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    mode = args.mode
+    options = PerformanceOptions(
+        merge_lora=mode != "unmerged", fuse_qkv=mode != "unmerged", compile=(mode in ("default", "fp8") if args.compile is None else args.compile) and cuda,
+        batch_cfg=mode != "unmerged", low_vram=mode == "lowvram", fp8=mode == "fp8", attention=args.attention,
+        dtype=dtype)
+
+    t0 = time.perf_counter()
+    comps = build_tiny() if args.tiny else build_full(device, dtype)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe = build_pipeline(comps, None, options, device)
+    setup_s = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True)
+    if mode == "unmerged":
+        # Non-zero LoRA B: the timing does not depend on it, but the output then does depend on the LoRA path.
+        with torch.no_grad():
+            for name, p in pipe.transformer.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.02)
+
+    g = torch.Generator().manual_seed(0)
+    cond = torch.rand(1, 3, frames, size, size, generator=g) * 2 - 1
+    mask = torch.where(torch.rand(1, 1, frames, size, size, generator=g) > 0.3, 1.0, -1.0).expand(1, 3, -1, -1, -1)
+    mask = mask.clone()
+    mask[:, :, 0] = 1.0
+
+    step_times: list[float] = []
+
+    def on_step(pipe_, i, t, kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter())
+        return None
+
+    def run(steps: int) -> tuple[float, list[float], torch.Tensor]:
+        step_times.clear()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = pipe(cond, mask, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                   output_type="np", callback_on_step_end=on_step).frames
+        if cuda:
+            torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        per_step = [b - a for a, b in zip(step_times[:-1], step_times[1:])]
+        return total, per_step, out
+
+    t0 = time.perf_counter()
+    warm_total, _, _ = run(args.warmup_steps)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    totals, steps_all, finite = [], [], True
+    for _ in range(args.runs):
+        total, per_step, out = run(args.steps)
+        totals.append(total)
+        steps_all.extend(per_step)
+        finite = finite and out.dtype.name == "uint8" and out.shape[1] == frames
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    step_median = statistics.median(steps_all) if steps_all else None
+    run_median = statistics.median(totals)
+    result = {
+        "bench": "generate", "mode": mode, "commit": git_commit(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu (tiny models)",
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "shape": {"frames": frames, "height": size, "width": size, "latent": [1, 16, (frames - 1) // 4 + 1,
+                                                                             size // 8, size // 8]},
+        "steps": args.steps, "runs": args.runs, "options": {k: (str(v) if isinstance(v, torch.dtype) else v)
+                                                            for k, v in vars(options).items()},
+        "step_s_median": round(step_median, 4) if step_median else None,
+        "step_s_n": len(steps_all),
+        "generate_s_median": round(run_median, 3), "generate_s_runs": [round(x, 3) for x in totals],
+        "non_dit_s": round(run_median - (step_median or 0) * args.steps, 3),
+        "warmup_s": round(warm_total, 2), "build_s": round(build_s, 1), "setup_s": round(setup_s, 1),
+        "peak_mem_gib": round(peak, 2) if peak is not None else None,
+        "output_ok": finite,
+    }
+    if cuda and step_median:
+        result.update({
+            "speedup_vs_reference_step": round(REFERENCE_STEP_S / step_median, 3),
+            "ratio_vs_diffusers_compiled_step": round(step_median / DIFFUSERS_COMPILED_STEP_S, 3),
+            "ratio_vs_floor_step": round(step_median / FLOOR_STEP_S, 3),
+            "speedup_vs_reference_run": round(REFERENCE_RUN_S / run_median, 3),
+        })
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
