@@ -1,0 +1,211 @@
+"""Multi-process generation on CPU (gloo): Ulysses and CFG-parallel match one process.
+
+Two spawned processes stand in for two GPUs. A tiny random I2V ``WanTransformer3DModel`` runs a
+short guided Euler loop (the sampler's shape: CFG combine, then x += v * dsigma) in each layout;
+the final latents must equal the single-process ones.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ex4d.diffusion import parallel as par
+from ex4d.errors import UserError
+
+SIGMAS = [1.0, 0.7, 0.3, 0.0]
+GUIDANCE = 5.0
+
+
+def tiny_transformer(dtype=torch.float32):
+    """A seeded tiny I2V WanTransformer3DModel (2 layers, 2 heads of 12, image cross-attention).
+
+    In bf16 the modules diffusers keeps in fp32 (time embedder, norms, ...) stay fp32, as
+    ``from_pretrained(torch_dtype=bf16)`` leaves them."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        image_dim=24, added_kv_proj_dim=24, rope_max_seq_len=64)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every weight random and non-zero (zero-init layers would hide mistakes)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    if dtype != torch.float32:
+        keep = tuple(model._keep_in_fp32_modules)
+        for name, module in model.named_modules():
+            if name and not any(part in keep for part in name.split(".")) and not list(module.children()):
+                module.to(dtype)
+    return model.eval()
+
+
+def inputs():
+    """Latent noise (1,16,3,8,8) + y (1,20,3,8,8) -> 3*4*4 = 48 tokens; text 10 tokens, image 5."""
+    g = torch.Generator().manual_seed(1)
+    return dict(noise=torch.randn(1, 16, 3, 8, 8, generator=g), y=torch.randn(1, 20, 3, 8, 8, generator=g),
+                pos=torch.randn(1, 10, 32, generator=g), neg=torch.randn(1, 7, 32, generator=g),
+                image=torch.randn(1, 5, 24, generator=g))
+
+
+def sample(model, ctx=None, dtype=torch.float32):
+    """A 3-step guided flow-matching Euler loop through :func:`par.guided_velocity`.
+
+    Latents stay fp32 (as in the reference sampler); the model sees ``dtype`` inputs."""
+    data = {k: v if k == "noise" else v.to(dtype) for k, v in inputs().items()}
+    x = data["noise"].clone()
+    for sigma, sigma_next in zip(SIGMAS[:-1], SIGMAS[1:]):
+        t = torch.tensor([1000.0 * sigma])
+
+        def predict(branch):
+            text = data["pos"] if branch == "positive" else data["neg"]
+            return model(torch.cat([x.to(dtype), data["y"]], 1), t, text,
+                         encoder_hidden_states_image=data["image"], return_dict=False)[0].float()
+
+        with torch.no_grad():
+            v = par.guided_velocity(predict, GUIDANCE, ctx)
+        x = x + v * (sigma_next - sigma)
+    return x
+
+
+def _worker(rank, world_size, port, mode, out_dir, dtype):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = par.init_parallel(mode, guidance_scale=GUIDANCE, backend="gloo")
+    try:
+        model = tiny_transformer(dtype)
+        par.enable_ulysses(model, ctx, num_tokens=48)
+        result = sample(model, ctx, dtype)
+        torch.save({"x": result, "env": {k: os.environ.get(k) for k in par.SAFE_COLLECTIVE_ENV},
+                    "layout": (ctx.mode, ctx.cfg_degree, ctx.ulysses_degree, ctx.cfg_rank)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        par.shutdown(ctx)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world_size, mode, tmp_path, dtype=torch.float32):
+    # fork: the children inherit the imported modules (spawn would re-import torch and diffusers in
+    # each, ~20 s on 2 cores). No process group exists in the parent, and each child uses 1 thread.
+    spawn = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    port = _free_port()
+    procs = [spawn.Process(target=_worker, args=(r, world_size, port, mode, str(tmp_path), dtype)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * world_size, f"a rank failed: exit codes {codes}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order as the 1-thread ranks
+    try:
+        return sample(tiny_transformer())
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode, layout", [("ulysses", ("ulysses", 1, 2)), ("cfg", ("cfg", 2, 1))])
+def test_two_processes_match_one(mode, layout, single_process, tmp_path):
+    results = run_ranks(2, mode, tmp_path)
+    assert [r["layout"][:3] for r in results] == [layout] * 2
+    if mode == "cfg":
+        assert [r["layout"][3] for r in results] == [0, 1]  # one guidance branch per rank
+    for r in results:
+        assert r["env"] == par.SAFE_COLLECTIVE_ENV  # multicast off in every rank's environment
+        torch.testing.assert_close(r["x"], single_process, rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[0]["x"], results[1]["x"])  # ranks stay in lock-step
+    assert single_process.abs().max() > 0.1  # the comparison is not between zeros
+
+
+def test_ulysses_bf16(tmp_path):
+    """bf16 weights and activations (fp32 latents), as on the GPU: all-to-all moves bf16 tensors."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = sample(tiny_transformer(torch.bfloat16), dtype=torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+    results = run_ranks(2, "ulysses", tmp_path, torch.bfloat16)
+    for r in results:
+        assert r["x"].dtype == torch.float32
+        torch.testing.assert_close(r["x"], reference, rtol=2e-2, atol=2e-2)  # bf16 tolerance
+
+
+def test_cfg_times_ulysses_on_four_processes(single_process, tmp_path):
+    results = run_ranks(4, "cfg-ulysses", tmp_path)
+    assert sorted(r["layout"][3] for r in results) == [0, 0, 1, 1]
+    for r in results:
+        assert r["layout"][:3] == ("cfg-ulysses", 2, 2)
+        torch.testing.assert_close(r["x"], single_process, rtol=1e-5, atol=1e-5)
+
+
+def test_guided_velocity_single_process_formula():
+    calls = []
+
+    def predict(branch):
+        calls.append(branch)
+        return torch.full((1, 2), 3.0 if branch == "positive" else 1.0)
+
+    v = par.guided_velocity(predict, 5.0)
+    assert calls == ["positive", "negative"]
+    assert torch.equal(v, torch.full((1, 2), 1.0 + 5.0 * 2.0))
+    calls.clear()
+    assert torch.equal(par.guided_velocity(predict, 1.0), torch.full((1, 2), 3.0)) and calls == ["positive"]
+
+
+def test_resolve_mode():
+    assert par.resolve_mode("auto", 1, 5.0) == "none"
+    assert par.resolve_mode("auto", 2, 5.0) == "cfg"
+    assert par.resolve_mode("auto", 8, 5.0) == "cfg-ulysses"
+    assert par.resolve_mode("auto", 2, 1.0) == "ulysses"
+    assert par.resolve_mode("auto", 3, 5.0) == "ulysses"
+    with pytest.raises(UserError, match="exactly 2"):
+        par.resolve_mode("cfg", 4, 5.0)
+    with pytest.raises(UserError, match="guidance"):
+        par.resolve_mode("cfg", 2, 1.0)
+    with pytest.raises(UserError, match="torchrun"):
+        par.resolve_mode("ulysses", 1, 5.0)
+    with pytest.raises(UserError, match="unknown"):
+        par.resolve_mode("ring", 2, 5.0)
+
+
+def test_checks_and_token_count():
+    assert par.num_video_tokens(49, 512, 512) == 13 * 32 * 32
+    assert par.num_video_tokens(49, 480, 832) == 13 * 30 * 52
+    par.check_ulysses(40, 13312, 8)
+    with pytest.raises(UserError, match="heads"):
+        par.check_ulysses(40, 13312, 3)
+    with pytest.raises(UserError, match="tokens"):
+        par.check_ulysses(40, 13 * 31 * 51, 2)
+
+
+def test_safe_env_is_forced():
+    env = {"NCCL_NVLS_ENABLE": "1"}
+    par.apply_safe_env(env)
+    assert env == par.SAFE_COLLECTIVE_ENV
+    assert not par.launched_distributed({}) and par.launched_distributed({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_single_process_context_needs_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = par.init_parallel("auto")
+    assert ctx.mode == "none" and ctx.is_main and ctx.cfg_degree == 1
+    model = torch.nn.Linear(2, 2)
+    assert par.enable_ulysses(model, ctx) is model  # nothing to do on one process
