@@ -151,8 +151,6 @@ def convert_models_dir(models_dir: str | Path, out: str | Path | None = None, *,
     # Resolve every input first, so a missing file fails before hours of work (exit 2).
     src_wan = md.resolve_repo(md.WAN_REPO, models_dir, md.missing_original) if wan else None
     src_adapter = md.resolve_adapter(models_dir) if adapter else None
-    if src_adapter is not None and src_adapter.suffix == ".safetensors" and not wan:
-        log.info("adapter at %s is already converted", src_adapter)
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ex4d-convert-", dir=out))
@@ -162,12 +160,11 @@ def convert_models_dir(models_dir: str | Path, out: str | Path | None = None, *,
             staged = tmp / md.CONVERTED_WAN
             log.info("converting DiT shards from %s", src_wan)
             convert_dit_shards(src_wan, staged / "transformer", dtype=dtype, progress=progress)
-            cast = dtype if dtype is not None else None
             for name, loader, path in (("text_encoder", load_t5_original, md.T5_FILE),
                                        ("image_encoder", load_clip_original, md.CLIP_FILE),
                                        ("vae", load_vae_original, md.VAE_FILE)):
                 log.info("converting %s", path)
-                model = loader(src_wan / path, torch_dtype=torch.float32 if name == "vae" else cast)
+                model = loader(src_wan / path, torch_dtype=torch.float32 if name == "vae" else dtype)
                 model.save_pretrained(str(staged / name), safe_serialization=True, max_shard_size="5GB")
                 if name == "image_encoder":
                     make_image_processor(model.config.image_size).save_pretrained(str(staged / "image_processor"))

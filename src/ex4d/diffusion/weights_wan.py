@@ -27,7 +27,7 @@ import torch
 
 from ex4d.diffusion import models_dir as md
 from ex4d.diffusion import wan_keymaps as km
-from ex4d.errors import CheckpointError
+from ex4d.errors import CheckpointError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _ALLOWED_UNEXPECTED = {"image_encoder": ("visual_projection.",), "text_encoder":
 # ------------------------------------------------------------------------------------------
 
 def _redownload_hint(path: Path) -> str:
-    return "delete it and download it again (see docs/models.md)"
+    return f"delete {path.name} and download it again (docs/models.md)"
 
 
 def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
@@ -248,7 +248,6 @@ def load_dit_original(folder: str | Path, *, torch_dtype: torch.dtype | None = t
     shards = md.dit_shards(folder)
     for shard in shards:
         if not shard.is_file():
-            from ex4d.errors import MissingWeightsError
             raise MissingWeightsError(f"missing DiT shard {shard}; download with: "
                                       f"{md.download_command(md.WAN_REPO, folder.parent.parent)}")
     shapes: dict[str, tuple[int, ...]] = {}
@@ -412,6 +411,13 @@ def _checked_from_pretrained(cls, folder: Path, subfolder: str, **kwargs):
     return model
 
 
+def _transformers_has_dtype() -> bool:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return (major, minor) >= (4, 56)
+
+
 def load_diffusers_layout(folder: str | Path, *, torch_dtype: torch.dtype = torch.bfloat16,
                           device: str | torch.device = "cpu", dtypes: dict | None = None,
                           components: Iterable[str] | None = None) -> dict:
@@ -427,7 +433,8 @@ def load_diffusers_layout(folder: str | Path, *, torch_dtype: torch.dtype = torc
     out = {}
     for name, cls in classes.items():
         if name in want:
-            dtype_kw = "torch_dtype" if name in ("transformer", "vae") else "dtype"
+            # transformers >= 4.56 names the argument dtype; diffusers and older transformers torch_dtype
+            dtype_kw = "dtype" if name in ("text_encoder", "image_encoder") and _transformers_has_dtype() else "torch_dtype"
             model = _checked_from_pretrained(cls, folder, name, **{dtype_kw: dtypes.get(name, torch_dtype)})
             out[name] = model.to(device).eval()
     if "tokenizer" in want:
