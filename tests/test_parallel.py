@@ -93,12 +93,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(world_size, mode, tmp_path, dtype=torch.float32):
+def run_ranks(world_size, mode, tmp_path, dtype=torch.float32, target=None):
     # fork: the children inherit the imported modules (spawn would re-import torch and diffusers in
     # each, ~20 s on 2 cores). No process group exists in the parent, and each child uses 1 thread.
     spawn = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     port = _free_port()
-    procs = [spawn.Process(target=_worker, args=(r, world_size, port, mode, str(tmp_path), dtype)) for r in range(world_size)]
+    if target is None:
+        target, extra = _worker, (dtype,)
+    else:
+        extra = ()
+    procs = [spawn.Process(target=target, args=(r, world_size, port, mode, str(tmp_path), *extra))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     for p in procs:
@@ -154,6 +159,83 @@ def test_cfg_times_ulysses_on_four_processes(single_process, tmp_path):
     for r in results:
         assert r["layout"][:3] == ("cfg-ulysses", 2, 2)
         torch.testing.assert_close(r["x"], single_process, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real EX4DPipeline (tiny random components) through parallelize_pipeline
+# ---------------------------------------------------------------------------------------------
+
+def tiny_pipeline():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_wan import make_tiny_components
+
+    from ex4d.diffusion.performance import PerformanceOptions
+    from ex4d.diffusion.pipeline import build_pipeline
+
+    pipe = build_pipeline(make_tiny_components(0), None, PerformanceOptions(dtype=torch.float32), "cpu")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a non-trivial camera encoder (its last layer is zero-initialised)
+        for p in pipe.camera_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_inputs():
+    """A 5-frame 32x32 condition: latents (1,16,2,4,4) -> 8 tokens, split 4 + 4 by Ulysses."""
+    from ex4d.diffusion.conditioning import scale_condition
+
+    g = torch.Generator().manual_seed(2)
+    color = torch.rand(5, 32, 32, 3, generator=g)
+    mask = torch.rand(5, 32, 32, generator=g) > 0.3
+    mask[0] = True
+    return scale_condition(color, mask)
+
+
+def run_pipeline(pipe, batch_cfg=False):
+    cond, mask = pipeline_inputs()
+    return pipe(cond, mask, num_inference_steps=2, guidance_scale=GUIDANCE, batch_cfg=batch_cfg,
+                generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+
+def _pipeline_worker(rank, world_size, port, mode, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = par.init_parallel(mode, guidance_scale=GUIDANCE, backend="gloo")
+    try:
+        pipe = par.parallelize_pipeline(tiny_pipeline(), ctx, num_tokens=8)
+        split = pipe.transformer._parallel_config is not None  # Ulysses hooks installed
+        torch.save({"x": run_pipeline(pipe), "split": split,
+                    "layout": (ctx.mode, ctx.cfg_degree, ctx.ulysses_degree, ctx.cfg_rank)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        par.shutdown(ctx)
+
+
+@pytest.fixture(scope="module")
+def single_process_pipeline():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = tiny_pipeline()
+        return run_pipeline(pipe, batch_cfg=False), run_pipeline(pipe, batch_cfg=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "cfg"])
+def test_pipeline_two_processes_match_one(mode, single_process_pipeline, tmp_path):
+    sequential, batched = single_process_pipeline
+    results = run_ranks(2, mode, tmp_path, target=_pipeline_worker)
+    assert [r["layout"][0] for r in results] == [mode, mode]
+    assert [r["split"] for r in results] == [mode == "ulysses"] * 2
+    for r in results:
+        torch.testing.assert_close(r["x"], sequential, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["x"], batched, rtol=1e-4, atol=1e-4)  # batched CFG: other GEMM shapes
+    assert sequential.abs().max() > 0.1
 
 
 def test_guided_velocity_single_process_formula():

@@ -42,6 +42,8 @@ from ex4d.errors import InputError, UserError
 log = logging.getLogger(__name__)
 
 MODES = ("none", "ulysses", "cfg", "cfg-ulysses", "auto")
+#: Attention heads of Wan2.1-I2V-14B (checked before its weights are read).
+WAN_14B_HEADS = 40
 
 #: Environment every launcher must carry: NVLink multicast (NVLS) off in NCCL, PyTorch and NVSHMEM.
 SAFE_COLLECTIVE_ENV = {
@@ -290,21 +292,146 @@ def broadcast_object(obj, ctx: ParallelContext | None, src: int = 0):
 
 
 # --------------------------------------------------------------------------------------------
-# Launcher entry point
+# EX4DPipeline integration
 # --------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun --nproc-per-node N -m ex4d.diffusion.parallel <ex4d generate args>``.
+def parallelize_pipeline(pipe, ctx: ParallelContext, *, num_tokens: int | None = None):
+    """Make an :class:`ex4d.diffusion.pipeline.EX4DPipeline` run its DiT over ``ctx``'s ranks (in place).
 
-    The same as ``ex4d generate ... --parallel auto`` (or the ``--parallel`` given).
+    Ulysses: context parallelism on ``pipe.transformer`` (after the adapter, merge and QKV fusion;
+    before compile, which then traces the parallel attention). CFG: this rank's velocity is its own
+    guidance branch, gathered with the other's (replaces the pipeline's per-step ``_predict``; the
+    batched-CFG flag is ignored since each rank runs a batch of 1). Non-main ranks hide their
+    progress bar. Returns ``pipe``.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--parallel" or a.startswith("--parallel=") for a in argv):
-        argv += ["--parallel", "auto"]
-    apply_safe_env()
-    from ex4d.cli import main as cli_main
+    if ctx.world_size == 1:
+        return pipe
+    enable_ulysses(pipe.transformer, ctx, num_tokens=num_tokens)
+    if ctx.cfg_degree > 1:
+        original = pipe._predict
 
-    return cli_main(["generate", *argv])
+        def predict(latent_input, timestep, positive, negative, image_embeds, guidance_scale, batch_cfg):
+            if negative is None:  # no guidance in this call: nothing to split
+                return original(latent_input, timestep, positive, negative, image_embeds, guidance_scale, False)
+
+            def branch(name: str) -> torch.Tensor:
+                text = positive if name == "positive" else negative
+                return pipe.transformer(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=text,
+                                        encoder_hidden_states_image=image_embeds, return_dict=False)[0].float()
+
+            return guided_velocity(branch, guidance_scale, ctx)
+
+        pipe._predict = predict
+    if not ctx.is_main:
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_parallel_arg(parser) -> None:
+    """``--parallel`` for a generation command (see :func:`resolve_mode`)."""
+    parser.add_argument("--parallel", default="auto", choices=MODES,
+                        help="multi-GPU layout under torchrun: ulysses (split the video tokens), cfg (the two "
+                             "guidance branches on 2 GPUs), cfg-ulysses (both, 4 or 8 GPUs), auto (cfg on 2, "
+                             "cfg-ulysses on 4/8), none. Ignored without torchrun. docs/scale.md")
+
+
+def generate_main(args) -> int:
+    """``ex4d generate`` on every rank of a torchrun launch: rank 0 writes the video.
+
+    ``args`` are ``ex4d generate``'s parsed arguments plus ``parallel``. Each rank loads the whole
+    model on cuda:LOCAL_RANK (Ulysses and CFG split the work, not the weights).
+    """
+    import time
+
+    from ex4d.commands.generate import check_output, parse_fps
+    from ex4d.diffusion.conditioning import find_mask_for, load_condition
+    from ex4d.diffusion.performance import PerformanceOptions
+    from ex4d.io.files import require_file
+
+    fps = parse_fps(args.fps)
+    color = require_file(args.color, "colour video")
+    mask = find_mask_for(color, args.mask)
+    output = check_output(args.output, [color, mask])
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    ctx = init_parallel(getattr(args, "parallel", "auto"), guidance_scale=args.cfg)
+    try:
+        device = ctx.device if ctx.world_size > 1 else _single_device(args.device)
+        options = PerformanceOptions(merge_lora=not args.no_merge_lora, attention=args.attention,
+                                     compile=args.compile, batch_cfg=not args.no_batch_cfg, low_vram=args.low_vram,
+                                     cpu_offload=args.cpu_offload, fp8=args.fp8)
+        options.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        options.validate()
+        condition = load_condition(color, mask, size=args.size, num_frames=args.num_frames, seed=args.seed,
+                                   erode=not args.no_erode)
+        tokens = num_video_tokens(condition.num_frames, *condition.size)
+        if ctx.ulysses_degree > 1:  # fail before loading 40 GB of weights
+            check_ulysses(WAN_14B_HEADS, tokens, ctx.ulysses_degree)
+
+        from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, build_pipeline
+        from ex4d.diffusion.weights import load_ex4d_adapter, load_wan_components, resolve_adapter
+
+        adapter_path = resolve_adapter(args.models_dir, args.adapter)
+        started = time.perf_counter()
+        load_device = "cpu" if (args.low_vram or args.cpu_offload) else device
+        components = load_wan_components(args.models_dir, torch_dtype=options.dtype, device=load_device)
+        adapter = load_ex4d_adapter(adapter_path, transformer_config=dict(components["transformer"].config))
+        pipe = build_pipeline(components, adapter, options, device)
+        parallelize_pipeline(pipe, ctx, num_tokens=tokens)
+        log.info("rank %d: models ready in %.1f s", ctx.rank, time.perf_counter() - started)
+        result = pipe(condition.cond, condition.mask, image=condition.first_frame,
+                      prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
+                      negative_prompt=args.negative_prompt if args.negative_prompt is not None
+                      else DEFAULT_NEGATIVE_PROMPT,
+                      num_inference_steps=args.steps, guidance_scale=args.cfg,
+                      generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np")
+        if ctx.is_main:
+            from ex4d.io.video import write_video
+
+            frames = result.frames[0]
+            write_video(output, frames, fps=fps if fps is not None else condition.fps)
+            print(f"wrote {output} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}; "
+                  f"{ctx.mode} on {ctx.world_size} process(es))")
+        if ctx.world_size > 1:
+            dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+def _single_device(name: str) -> torch.device:
+    from ex4d.commands.common import resolve_device
+
+    return resolve_device(name)
+
+
+def build_parser():
+    """``ex4d generate``'s arguments plus ``--parallel``."""
+    import argparse
+
+    from ex4d.commands import generate
+
+    root = argparse.ArgumentParser(prog="python -m ex4d.diffusion.parallel")
+    sub = root.add_subparsers(dest="command")
+    generate.register(sub)
+    parser = sub.choices["generate"]
+    if "--parallel" not in parser._option_string_actions:
+        add_parallel_arg(parser)
+    parser.prog = "torchrun --nproc-per-node N -m ex4d.diffusion.parallel"
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun --nproc-per-node N -m ex4d.diffusion.parallel <ex4d generate args>``."""
+    apply_safe_env()
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return generate_main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":
