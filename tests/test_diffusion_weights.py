@@ -509,3 +509,11 @@ def test_convert_bf16_casts_the_dit_but_keeps_the_vae_fp32(original_copy):
     with safe_open(str(root / "vae" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     assert not (original_copy / md.CONVERTED_DIR / md.CONVERTED_ADAPTER).exists()
+
+
+def test_no_models_dir_and_empty_cache_says_how_to_download_and_where_to_point():
+    with pytest.raises(MissingWeightsError) as info:
+        resolve_wan(None)
+    message = str(info.value)
+    assert f"hf download {md.WAN_REPO} --local-dir models/{md.WAN_REPO}" in message
+    assert "--models-dir models" in message

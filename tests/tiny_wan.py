@@ -1,7 +1,7 @@
 """Tiny random Wan2.1-I2V models of the real classes, and writers for every on-disk layout.
 
 Shared by the weight-loading, pipeline and training tests. Everything is built in code, seeded,
-and small enough for CPU CI (the whole set of components is ~1.3 M parameters):
+and small enough for CPU CI (about 1 M parameters in all, most of them in the VAE):
 
 * :func:`tiny_transformer_config` - ``WanTransformer3DModel`` with 2 layers, 2 heads of 12 (Wan's
   RoPE splits the head dim into t/h/w parts of ``d - 4*(d//6)``, ``2*(d//6)``, ``2*(d//6)``: 4/4/4

@@ -203,8 +203,12 @@ def resolve_repo(repo_id: str, models_dir: str | os.PathLike | None, missing: Ca
             if what is None:
                 return folder
             first_missing = (folder, what)
+    if models_dir is None:
+        raise MissingWeightsError(
+            f"missing weights: {repo_id} is not in the Hugging Face cache and no --models-dir was given; "
+            f"download with: {download_command(repo_id, None, command_file)} and pass --models-dir models")
     if first_missing is None:
-        where = models_dir / repo_id if models_dir is not None else Path(repo_id)
+        where = models_dir / repo_id
         first_missing = (where, missing(where) or "")
     folder, what = first_missing
     raise MissingWeightsError(
