@@ -203,11 +203,14 @@ def summarize(results: Sequence[CaseResult]) -> dict:
             "psnr_gain": dw.psnr - torn.psnr,
             "recall_change": dw.recall - torn.recall,
         })
-    summary = {"pairs": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in p.items()} for p in pairs]}
+    # "+ 0.0" turns a rounded -0.0 (a tie) into 0.0 in the JSON.
+    summary = {"pairs": [{k: (round(v, 5) + 0.0 if isinstance(v, float) else v) for k, v in p.items()}
+                         for p in pairs]}
     if pairs:
         for name in ("false_visible_reduction", "psnr_gain", "recall_change"):
-            summary[f"mean_{name}"] = round(_nanmean(p[name] for p in pairs), 5)
+            summary[f"mean_{name}"] = round(_nanmean(p[name] for p in pairs), 5) + 0.0
         summary["dwmesh_better_fv"] = f"{sum(p['false_visible_reduction'] > 0 for p in pairs)}/{len(pairs)}"
+        summary["dwmesh_worse_fv"] = f"{sum(p['false_visible_reduction'] < 0 for p in pairs)}/{len(pairs)}"
     for variant in sorted({r.variant for r in results}):
         rows = [r for r in results if r.variant == variant]
         summary[f"mean_{variant}"] = {name: round(_nanmean(getattr(r, name) for r in rows), 5)
