@@ -517,3 +517,24 @@ def test_no_models_dir_and_empty_cache_says_how_to_download_and_where_to_point()
     message = str(info.value)
     assert f"hf download {md.WAN_REPO} --local-dir models/{md.WAN_REPO}" in message
     assert "--models-dir models" in message
+
+
+def test_trained_peft_state_saves_and_reloads(tmp_path):
+    """What training does: inject, train, get_peft_model_state_dict, save; the files reload exactly."""
+    from diffusers import WanTransformer3DModel
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel.from_config(tiny_transformer_config())
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=list(LORA_TARGET_MODULES)), model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    lora = get_peft_model_state_dict(model)
+    encoder = {k: v for k, v in make_tiny_adapter_state(0).items() if k in ENCODER_KEYS}
+    written = save_ex4d_adapter(tmp_path, lora, encoder, alpha=4.0, transformer_config=tiny_transformer_config())
+    for key in ("safetensors", "ckpt"):
+        w = load_ex4d_adapter(written[key], transformer_config=tiny_transformer_config(), alpha=4.0)
+        assert (w.rank, w.scale, w.num_layers) == (2, 2.0, 2)
+        assert set(w.lora) == set(lora) and all(torch.equal(w.lora[k], lora[k]) for k in lora)

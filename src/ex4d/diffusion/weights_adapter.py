@@ -7,7 +7,8 @@ that the reference loads twice with ``strict=False``, silently ignoring whatever
 * LoRA: ``blocks.{i}.{self_attn|cross_attn}.{q|k|v|o}.lora_{A|B}[.default].weight`` and
   ``blocks.{i}.ffn.{0|2}.lora_{A|B}[.default].weight`` (EX-4D / DiffSynth naming, with or without
   PEFT's adapter name, optionally prefixed ``diffusion_model.``/``model.``/``dit.``), or the
-  diffusers naming ``blocks.{i}.attn1.to_q.lora_A.weight`` that :func:`save_ex4d_adapter` writes.
+  diffusers naming ``blocks.{i}.attn1.to_q.lora_A.weight`` that :func:`save_ex4d_adapter` writes
+  (optionally prefixed ``transformer.`` or PEFT's ``base_model.model.``).
   10 layers per block (400 / 800 tensors for the 14B model), one rank throughout.
 * CamVidEncoder: exactly ``latent_encoder.{0,2,4}.{weight,bias}`` and ``latent_patch_embedding.{weight,bias}``.
 
@@ -48,7 +49,7 @@ ENCODER_KEYS = ("latent_encoder.0.weight", "latent_encoder.0.bias", "latent_enco
 
 _ORIGINAL_RE = re.compile(r"(?:(?:diffusion_model|model|dit)\.)?blocks\.(\d+)\."
                           r"(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])\.lora_([AB])(?:\.default)?\.weight")
-_DIFFUSERS_RE = re.compile(r"(?:transformer\.)?blocks\.(\d+)\.(attn[12]\.to_[qkv]|attn[12]\.to_out\.0|"
+_DIFFUSERS_RE = re.compile(r"(?:transformer\.|base_model\.model\.)?blocks\.(\d+)\.(attn[12]\.to_[qkv]|attn[12]\.to_out\.0|"
                            r"ffn\.net\.0\.proj|ffn\.net\.2)\.lora_([AB])(?:\.default)?\.weight")
 
 CONFIG_FORMAT = "ex4d-adapter"
@@ -66,7 +67,11 @@ class AdapterWeights:
     encoder: dict[str, torch.Tensor]
     rank: int
     alpha: float
-    num_layers: int
+    num_layers: int = -1  # -1: counted from the LoRA keys
+
+    def __post_init__(self):
+        if self.num_layers < 0:
+            self.num_layers = 1 + max((int(k.split(".")[1]) for k in self.lora), default=-1)
 
     @property
     def scale(self) -> float:
