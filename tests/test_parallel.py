@@ -238,6 +238,63 @@ def test_pipeline_two_processes_match_one(mode, single_process_pipeline, tmp_pat
     assert sequential.abs().max() > 0.1
 
 
+def _cli_worker(rank, world_size, port, mode, out_dir, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    code = par.main([*argv, "--parallel", mode])
+    torch.save({"code": code}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_torchrun_entry_point_writes_the_same_video(tmp_path, monkeypatch):
+    """``-m ex4d.diffusion.parallel`` (what torchrun starts) on tiny weights on disk == ``ex4d generate``."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_wan import write_tiny_ex4d_ckpt, write_tiny_original_layout
+
+    from ex4d.cli import main as cli_main
+    from ex4d.diffusion import models_dir as md
+    from ex4d.io.video import read_video, write_video
+
+    models = tmp_path / "models"
+    write_tiny_original_layout(models / md.WAN_REPO)
+    write_tiny_ex4d_ckpt(models / md.EX4D_REPO / md.ADAPTER_CKPT)
+    rng = np.random.default_rng(0)
+    color = (rng.random((5, 32, 32, 3)) * 255).astype(np.uint8)
+    mask = np.full((5, 32, 32), 255, np.uint8)
+    mask[1:, :, 20:] = 0
+    write_video(tmp_path / "color_30.mp4", color, 10)
+    write_video(tmp_path / "mask_30.mkv", mask, 10, codec="ffv1")
+    common = ["--color", str(tmp_path / "color_30.mp4"), "--models-dir", str(models), "--size", "32x32",
+              "--steps", "2", "--device", "cpu", "--no-batch-cfg"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main(["generate", *common, "-o", str(tmp_path / "one.mp4")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out_dir = tmp_path / "ranks"
+    out_dir.mkdir()
+    spawn = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    port = _free_port()
+    argv = [*common, "-o", str(tmp_path / "two.mp4")]
+    procs = [spawn.Process(target=_cli_worker, args=(r, 2, port, "cfg", str(out_dir), argv)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [torch.load(out_dir / f"rank{r}.pt")["code"] for r in range(2)] == [0, 0]
+    one, _ = read_video(tmp_path / "one.mp4")
+    two, _ = read_video(tmp_path / "two.mp4")
+    assert one.shape == (5, 32, 32, 3) and one.std() > 1.0 and np.array_equal(one, two)
+    assert not list(tmp_path.glob("*.partial*"))  # only rank 0 wrote, atomically
+
+
 def test_guided_velocity_single_process_formula():
     calls = []
 
