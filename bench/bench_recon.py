@@ -82,14 +82,16 @@ def _orbit_pose(k: int, num: int, radius: float = 3.15, max_deg: float = 30.0) -
     """cam_from_world for a yaw orbit about the pivot (0, 0, radius), OpenCV frames."""
     a = np.radians(max_deg) * k / max(num - 1, 1)
     eye = np.array([radius * np.sin(a), 0.0, radius * (1 - np.cos(a))])
-    rot = np.array([[np.cos(a), 0, -np.sin(a)], [0, 1, 0], [np.sin(a), 0, np.cos(a)]])  # cam_from_world
+    # Rows of cam_from_world's rotation are the camera axes in world coordinates; the camera
+    # looks at the pivot: forward = (-sin a, 0, cos a).
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
     pose = np.eye(4)
     pose[:3, :3] = rot
     pose[:3, 3] = -rot @ eye
     return pose
 
 
-def bench_size(height: int, width: int, device: torch.device, frames: int, warmup: int, antialias: bool) -> dict:
+def bench_size(height: int, width: int, device: torch.device, frames: int, warmup: int, antialias: str) -> dict:
     total = frames + warmup
     depth, rgb = _scene(height, width, total, device)
     K = reference_intrinsics(height, width)
@@ -136,13 +138,17 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--sizes", default="512x512,1024x576", help="comma-separated HxW")
-    parser.add_argument("--antialias", default="both", choices=["both", "on", "off"])
+    parser.add_argument("--antialias", default="analytic,none",
+                        help="comma-separated modes among analytic, msaa, none")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.frames < 3:
         parser.error("--frames must be >= 3")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     sizes = [tuple(int(x) for x in s.lower().split("x")) for s in args.sizes.split(",")]
-    aa_modes = {"both": [True, False], "on": [True], "off": [False]}[args.antialias]
+    aa_modes = [m.strip() for m in args.antialias.split(",") if m.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     results = [bench_size(h, w, device, args.frames, args.warmup, aa) for h, w in sizes for aa in aa_modes]

@@ -49,7 +49,7 @@ def _translation(tx=0.0, ty=0.0, tz=0.0):
     return cam_from_world
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["msaa", "noaa"])
+@pytest.fixture(scope="module", params=[True, "msaa", False], ids=["analytic", "msaa", "noaa"])
 def renderer(request):
     with MeshRenderer(H, W, antialias=request.param) as r:
         yield r
@@ -143,7 +143,7 @@ def test_empty_view_is_zero_and_buffers_are_reused_across_mesh_sizes(renderer):
     renderer.render(small, pose, K)
     again = renderer.render(full, pose, K)
     np.testing.assert_array_equal(first, again)
-    with MeshRenderer(H, W, antialias=renderer.samples > 0) as fresh:
+    with MeshRenderer(H, W, antialias=renderer.antialias) as fresh:
         np.testing.assert_array_equal(fresh.render(torn, pose, K), renderer.render(torn, pose, K))
 
 
@@ -205,3 +205,51 @@ def test_render_condition_only_first_frame_and_bad_inputs():
         render_condition(frames, depth[:, :-1], K, _identity_trajectory(2))
     with pytest.raises(InputError, match="float"):
         render_condition((frames * 255).astype(np.uint8), depth, K, _identity_trajectory(2))
+
+
+def _quad_mesh(x0, x1, y0, y1, z=2.0, color=(1.0, 1.0, 1.0, 1.0)):
+    """A fronto-parallel rectangle covering pixel coordinates [x0, x1] x [y0, y1] at depth z."""
+    def world(u, v):
+        return [(u - K[0, 2]) * z / K[0, 0], (v - K[1, 2]) * z / K[1, 1], z]
+
+    verts = [world(x0, y0), world(x1, y0), world(x1, y1), world(x0, y1)]
+    return SimpleNamespace(vertices=torch.tensor(verts, dtype=torch.float32),
+                           colors=torch.tensor([color] * 4, dtype=torch.float32),
+                           faces=torch.tensor([[0, 1, 2], [0, 2, 3]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("edge,pixel,alpha", [(20.3, 20, 0.8), (20.7, 21, 0.2), (20.5, 20, 1.0)])
+def test_analytic_antialias_blends_silhouette_pixels_by_edge_position(edge, pixel, alpha):
+    with MeshRenderer(H, W, antialias=True) as r, MeshRenderer(H, W, antialias=False) as plain:
+        mesh = _quad_mesh(8.0, edge, 8.0, 24.0)
+        out = r.render(mesh, np.eye(4), K)
+        base = plain.render(mesh, np.eye(4), K)
+    row = 16
+    assert out[row, pixel, 3] == pytest.approx(alpha, abs=1e-4)
+    # Pixels away from the silhouette and the internal diagonal are untouched.
+    np.testing.assert_array_equal(out[row, 10:19], base[row, 10:19])
+    np.testing.assert_array_equal(out[12:20, 10:19], base[12:20, 10:19])
+    # The alpha > 125/255 rule keeps covered pixels and drops uncovered ones, as before blending.
+    np.testing.assert_array_equal(out[..., 3] > 125 / 255, base[..., 3] > 125 / 255)
+
+
+def test_analytic_antialias_grid_fast_path_equals_generic_adjacency():
+    g = torch.Generator().manual_seed(4)
+    depth = torch.full((H, W), 3.0)
+    depth[8:24, 14:30] = 1.5  # a box in front: folds (silhouettes) in an oblique view
+    rgb = torch.rand(H, W, 3, generator=g)
+    pose = np.eye(4)
+    a = np.radians(12)
+    pose[:3, :3] = [[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]]
+    pose[:3, 3] = [-0.4, 0.0, 0.1]
+    with MeshRenderer(H, W, antialias=True) as r, MeshRenderer(H, W, antialias=False) as plain:
+        for cap in ("none", "reference"):
+            mesh = build_dw_mesh(depth, rgb, cap=cap)
+            assert mesh.settings["grid_size"] == [H, W]
+            fast = r.render(mesh, pose, K)
+            generic_mesh = SimpleNamespace(vertices=mesh.vertices, colors=mesh.colors, faces=mesh.faces.clone())
+            generic = r.render(generic_mesh, pose, K)
+            np.testing.assert_allclose(fast, generic, atol=1e-6)
+            base = plain.render(mesh, pose, K)
+            changed = np.abs(fast - base).max(-1) > 1e-6
+            assert 0 < changed.mean() < 0.2  # only silhouette pixels move

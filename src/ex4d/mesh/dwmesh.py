@@ -298,7 +298,9 @@ def build_dw_mesh(depth, rgb, K=None, *, cap: str = "none", filter: str = "angle
 
     settings = {"cap": cap, "filter": filter, "stretch_test": bool(stretch_test), "watertight": bool(watertight),
                 "border_depth": border_depth, "min_angle_deg": float(min_angle_deg),
-                "intrinsics": [fx, fy, cx, cy]}
+                "intrinsics": [fx, fy, cx, cy],
+                # Faces are exactly grid_faces(H, W, cap) (renderers may exploit the known adjacency).
+                "grid_size": [height, width] if faces is grid_faces(height, width, cap, device) else None}
     return DWMesh(vertices=vertices, colors=colors, faces=faces, face_valid=face_valid, cap=cap,
                   settings=settings)
 

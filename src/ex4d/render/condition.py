@@ -37,7 +37,7 @@ def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str =
                      device="cpu", fps: float = 30.0,
                      progress: Callable[[Iterable], Iterable] | None = None,
                      mesh_callback: Callable[[int, object], None] | None = None,
-                     antialias: bool = True, border_depth: float | None = None) -> Condition:
+                     antialias: bool | str = True, border_depth: float | None = None) -> Condition:
     """Render ``frames`` + ``depth`` along ``trajectory`` into a :class:`~ex4d.types.Condition`.
 
     frames: (T, H, W, 3) float [0, 1] source colours. depth: (T, H, W) z-depth.
@@ -48,7 +48,8 @@ def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str =
     device: where meshes are built ("cpu", "cuda", "auto"); rendering uses the EGL device.
     progress: optional wrapper around the frame iterator (e.g. tqdm).
     mesh_callback: optional ``callback(k, mesh)`` called with every frame's mesh (e.g. PLY export).
-    antialias: 4x MSAA edge antialiasing (the reference antialiases silhouettes).
+    antialias: True/"analytic" (silhouette blend like the reference's nvdiffrast antialias, default),
+        "msaa" or False/"none"; see :mod:`ex4d.render.rasterizer`.
     border_depth: z of the pushed border ring; None -> the reference's 100.
 
     Returns Condition(color (T_out, H, W, 3) float32 already multiplied by the mask,
