@@ -284,6 +284,24 @@ def clip_state_dict_to_hf(state: dict, prefix: str = "") -> tuple[dict, list[str
     return out, ignored
 
 
+def clip_key_to_original(key: str) -> str:
+    """``CLIPVisionModel`` key -> the Wan CLIP key holding it (q/k/v all live in ``attn.to_qkv``)."""
+    key = key.removeprefix("vision_model.")
+    if key == "embeddings.class_embedding":
+        return "visual.cls_embedding"
+    if key == "embeddings.position_embedding.weight":
+        return "visual.pos_embedding"
+    module, _, leaf = key.rpartition(".")
+    if module in _CLIP_TOP_INVERSE:
+        return f"{_CLIP_TOP_INVERSE[module]}.{leaf}"
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", module)
+    if m is None:
+        raise KeyError(key)
+    if m.group(2) in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        return f"visual.transformer.{m.group(1)}.attn.to_qkv.{leaf}"
+    return f"visual.transformer.{m.group(1)}.{_CLIP_LAYER_INVERSE[m.group(2)]}.{leaf}"
+
+
 def clip_state_dict_to_original(state: dict, cat: Callable) -> dict:
     """Inverse of :func:`clip_state_dict_to_hf` for the visual tower (``cat`` = ``torch.cat``).
 

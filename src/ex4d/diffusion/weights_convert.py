@@ -97,7 +97,8 @@ def convert_dit_shards(src: Path, dst: Path, *, dtype: torch.dtype | None = torc
     with torch.device("meta"):
         model = WanTransformer3DModel.from_config(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(expected, {km.dit_key_to_diffusers(k): s for k, s in shapes.items()}, f"DiT shards in {src}")
+    check_keys(expected, {km.dit_key_to_diffusers(k): s for k, s in shapes.items()}, f"DiT shards in {src}",
+               km.dit_key_to_original)
     dst.mkdir(parents=True, exist_ok=True)
     n = len(shards)
     weight_map: dict[str, str] = {}

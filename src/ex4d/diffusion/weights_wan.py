@@ -21,7 +21,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -132,19 +132,35 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None, keep_fp32: 
 # Strict assignment into an empty model
 # ------------------------------------------------------------------------------------------
 
-def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
-    """Raise :class:`CheckpointError` unless ``found`` has exactly the ``expected`` keys and shapes."""
+def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str,
+               file_name: Callable[[str], str | None] | None = None) -> None:
+    """Raise :class:`CheckpointError` unless ``found`` has exactly the ``expected`` keys and shapes.
+
+    ``file_name`` maps a model key back to the key as stored in the file, so that messages name
+    what the user can find in the file (e.g. ``blocks.1.ffn.fc2.weight (= encoder.block.1...wo.weight)``).
+    """
+    def show(keys: list[str]) -> list[str]:
+        out = []
+        for k in keys[:3]:
+            try:
+                original = file_name(k) if file_name else None
+            except KeyError:
+                original = None
+            out.append(f"{original} (= {k})" if original and original != k else k)
+        return out
+
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        problems.append(f"{len(missing)} missing key(s), e.g. {show(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {show(unexpected)}")
     if wrong:
         k = wrong[0]
-        problems.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: file {list(found[k])} vs model {list(expected[k])}")
+        problems.append(f"{len(wrong)} shape mismatch(es), e.g. {show([k])[0]}: file {list(found[k])} "
+                        f"vs model {list(expected[k])}")
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems)
                               + " (wrong or damaged file? see docs/models.md)")
@@ -159,10 +175,11 @@ def _empty_weights() -> Iterator[None]:
         yield
 
 
-def assign_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+def assign_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                      file_name: Callable[[str], str | None] | None = None) -> torch.nn.Module:
     """Strictly assign ``state`` into ``model`` (built with empty weights); raise on any mismatch."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source, file_name)
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # cannot happen after a strict load; guards against random-weight fallbacks
@@ -263,7 +280,7 @@ def load_dit_original(folder: str | Path, *, torch_dtype: torch.dtype | None = t
             state.update(_cast({name: tensor}, torch_dtype, keep))
     with _empty_weights():
         model = WanTransformer3DModel.from_config(config)
-    assign_state_dict(model, state, f"DiT shards in {folder}")
+    assign_state_dict(model, state, f"DiT shards in {folder}", km.dit_key_to_original)
     log.info("loaded Wan DiT from %d shard(s) in %s (%d tensors)", len(shards), folder, len(state))
     return model.to(device).eval()
 
@@ -280,7 +297,8 @@ def load_vae_original(path: str | Path, *, torch_dtype: torch.dtype | None = tor
         raise CheckpointError(f"{path}: two VAE keys map to the same diffusers name; not a Wan2.1 VAE file")
     with _empty_weights():
         model = AutoencoderKLWan.from_config(config)
-    assign_state_dict(model, _cast(state, torch_dtype, fp32_modules(AutoencoderKLWan, torch_dtype)), str(path))
+    assign_state_dict(model, _cast(state, torch_dtype, fp32_modules(AutoencoderKLWan, torch_dtype)), str(path),
+                      lambda k: km.vae_key_to_original(k, config["num_res_blocks"]))
     return model.to(device).eval()
 
 
@@ -302,7 +320,7 @@ def load_t5_original(path: str | Path, *, torch_dtype: torch.dtype | None = torc
     state = _cast(state, torch_dtype, fp32_modules(UMT5EncoderModel, torch_dtype))
     with _empty_weights():
         model = UMT5EncoderModel(config)
-    assign_state_dict(model, state, str(path))
+    assign_state_dict(model, state, str(path), km.t5_key_to_original)
     model.encoder.embed_tokens = model.shared  # one tensor, as in transformers' own loading
     return model.to(device).eval()
 
@@ -328,7 +346,7 @@ def load_clip_original(path: str | Path, *, torch_dtype: torch.dtype | None = to
     state = _cast(state, torch_dtype, fp32_modules(CLIPVisionModel, torch_dtype))
     # Contiguous copies: the q/k/v chunks are views into the fused to_qkv tensor.
     state = {k: v.contiguous() for k, v in state.items()}
-    assign_state_dict(model, state, str(path))
+    assign_state_dict(model, state, str(path), km.clip_key_to_original)
     log.info("loaded CLIP visual tower from %s (%d tensors; %d unused textual/head tensors ignored)",
              path, len(raw) - len(ignored), len(ignored))
     return model.to(device).eval()
