@@ -47,6 +47,15 @@ def save_tiny_weights(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread (no OpenMP hand-offs), especially on a busy CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     return save_tiny_weights(tmp_path_factory.mktemp("models"))
