@@ -276,3 +276,25 @@ def test_condition_matches_a_ray_cast_oracle_on_a_synthetic_scene():
     assert observable[mask].mean() > 0.99            # nothing unobserved is marked visible
     assert mask[observable & inner].mean() > 0.9     # ~1 px erosion at discontinuities only
     assert np.abs(cond.color[1] - truth["rgb"])[mask].mean() < 0.03
+
+
+def test_cap_modes_in_a_render_of_content_behind_the_back_wall():
+    """Spec 4.3b: content deeper than z = 100 is hidden by the cap; "masked" marks it for
+    generation, "reference" shows a smeared corner blend as visible, "none" shows the content."""
+    depth = torch.full((H, W), 3.0)
+    depth[10:22, 16:32] = 150.0  # e.g. sky
+    rgb = _rgb(5)
+    sky = np.zeros((H, W), bool)
+    sky[12:20, 18:30] = True  # away from the flagged rim of the region
+    with MeshRenderer(H, W) as r:
+        out = {cap: r.render(build_dw_mesh(depth, rgb, cap=cap), np.eye(4), K) for cap in ("none", "masked", "reference")}
+    visible = {cap: o[..., 3] > 125 / 255 for cap, o in out.items()}
+    assert visible["none"][sky].all()
+    np.testing.assert_allclose(out["none"][sky][:, :3], rgb.numpy()[sky], atol=1e-5)
+    assert not visible["masked"][sky].any()
+    assert visible["reference"][sky].mean() > 0.5
+    assert np.abs(out["reference"][sky][:, :3] - rgb.numpy()[sky]).mean() > 0.05  # not the sky's colours
+    outside = ~sky & _inner(4)
+    outside[8:24, 14:34] = False
+    for cap in ("masked", "reference"):
+        np.testing.assert_array_equal(out[cap][outside], out["none"][outside])

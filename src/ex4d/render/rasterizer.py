@@ -117,8 +117,11 @@ class MeshRenderer:
 
     renderer = MeshRenderer(H, W); rgba = renderer.render(mesh, cam_from_world, K)  # (H, W, 4)
 
-    Not thread-safe (one EGL context). Call :meth:`release` (or use it as a context manager) to
-    free the GL objects early; otherwise they go with the object.
+    antialias: True / "analytic" (default, silhouette blend as the reference's nvdiffrast
+    antialias), "msaa" (4x MSAA) or False / "none"; see the module docstring.
+
+    Not thread-safe (one EGL context). Call :meth:`release` or use it as a context manager: GL
+    objects are not freed by garbage collection.
     """
 
     def __init__(self, height: int, width: int, *, antialias: bool | str = True):
