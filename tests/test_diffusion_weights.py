@@ -455,6 +455,32 @@ def test_corrupt_diffusers_component_is_a_checkpoint_error(tiny, tmp_path):
         load_wan_components(dst, layout="diffusers", components=["vae"])
 
 
+@pytest.mark.parametrize("component,file", [("transformer", "diffusion_pytorch_model.safetensors"),
+                                            ("text_encoder", "model.safetensors")])
+@pytest.mark.parametrize("damage", ["drop", "extra", "shape"])
+def test_diffusers_layout_key_problems_are_checkpoint_errors(tiny, tmp_path, component, file, damage):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "d"
+    shutil.copytree(tiny["diffusers"], dst)
+    path = dst / md.WAN_DIFFUSERS_REPO / component / file
+    state = load_file(str(path))
+    key = sorted(state)[3]
+    if damage == "drop":
+        del state[key]
+    elif damage == "extra":
+        key = "blocks.9.extra.weight"
+        state[key] = torch.zeros(2)
+    else:
+        state[key] = torch.zeros(*(n + 1 for n in state[key].shape))
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as info:
+        load_wan_components(dst, layout="diffusers", components=[component], torch_dtype=torch.float32)
+    assert key in str(info.value) and component in str(info.value)
+
+
 @pytest.mark.parametrize("remove,expect", [
     (None, "diffusion_pytorch_model*.safetensors"),
     (md.T5_FILE, md.T5_FILE),

@@ -402,17 +402,58 @@ def load_original_layout(folder: str | Path, *, torch_dtype: torch.dtype = torch
 # Diffusers layout
 # ------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence diffusers'/transformers' own load reports; we check the loading info and raise instead."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    before = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(before[0])
+        tlog.set_verbosity(before[1])
+
+
+def _shape_diagnosis(cls, source: Path) -> str | None:
+    """After a failed load, name the first tensor whose stored shape differs from the model's (or None)."""
+    try:
+        with _quiet_libraries():
+            if hasattr(cls, "load_config"):  # diffusers
+                with torch.device("meta"):
+                    model = cls.from_config(cls.load_config(str(source)))
+            else:  # transformers
+                from transformers import AutoConfig
+
+                with torch.device("meta"):
+                    model = cls(AutoConfig.from_pretrained(str(source)))
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        for file in sorted(source.glob("*.safetensors")):
+            for key, shape in safetensors_shapes(file).items():
+                name = key if key in expected else key.removeprefix(prefix + ".")
+                if name in expected and expected[name] != shape:
+                    return f"{file.name}: {key} has shape {list(shape)}, the model expects {list(expected[name])}"
+    except Exception:  # the diagnosis is best effort; the caller reports the original error
+        return None
+    return None
+
+
 def _checked_from_pretrained(cls, folder: Path, subfolder: str, **kwargs):
     """``cls.from_pretrained`` with the loading info checked: missing or mis-shaped keys are errors."""
     source = folder / subfolder
     try:
-        model, info = cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True,
-                                          output_loading_info=True, **kwargs)
+        with _quiet_libraries():
+            model, info = cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True,
+                                              output_loading_info=True, **kwargs)
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"cannot load {source}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]} "
-                              f"(corrupt or incomplete? see docs/models.md)") from None
+        detail = _shape_diagnosis(cls, source) or f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        raise CheckpointError(f"cannot load {source}: {detail} (corrupt or incomplete? see docs/models.md)") from None
     allowed = _ALLOWED_UNEXPECTED.get(subfolder, ())
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(allowed)]
     missing = list(info.get("missing_keys", []))
