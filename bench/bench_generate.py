@@ -121,7 +121,17 @@ def build_tiny() -> dict:
     return comps
 
 
+_T0 = time.perf_counter()
+
+
+def note(message: str) -> None:
+    """Progress on stderr (stdout carries only the JSON line)."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 def git_commit() -> str:
+    if os.environ.get("EX4D_COMMIT"):  # the GPU machine gets a copy of the tree without .git
+        return os.environ["EX4D_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
@@ -165,9 +175,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     comps = build_tiny() if args.tiny else build_full(device, dtype)
     build_s = time.perf_counter() - t0
+    note(f"built models in {build_s:.1f}s")
     t0 = time.perf_counter()
     pipe = build_pipeline(comps, None, options, device)
     setup_s = time.perf_counter() - t0
+    note(f"pipeline set up ({mode}) in {setup_s:.1f}s")
     pipe.set_progress_bar_config(disable=True)
     if mode == "unmerged":
         # Non-zero LoRA B: the timing does not depend on it, but the output then does depend on the LoRA path.
@@ -205,12 +217,15 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     warm_total, _, _ = run(args.warmup_steps)
+    note(f"warm-up ({args.warmup_steps} steps) {warm_total:.1f}s")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     totals, steps_all, finite = [], [], True
     for _ in range(args.runs):
         total, per_step, out = run(args.steps)
         totals.append(total)
+        note(f"run {len(totals)}: {total:.2f}s, median step {statistics.median(per_step) if per_step else 0:.3f}s"
+             + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""))
         steps_all.extend(per_step)
         finite = finite and out.dtype.name == "uint8" and out.shape[1] == frames
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
