@@ -6,8 +6,9 @@ generation runs window by window:
 
 * window 0 is generated from the rendered condition as usual;
 * every later window starts inside the previous one. Its overlap frames (the frames it shares with
-  what is already generated) are replaced, in the condition colour, by the frames already generated,
-  and their mask is set to 1 ("seen"), so the model copies them instead of inventing them. Its
+  what is already generated) are replaced, in the condition colour, by the video assembled so far
+  (the previous window's frames, blended where earlier overlaps were), and their mask is set to 1
+  ("seen"), so the model copies them instead of inventing them. Its
   first frame -- the stock Wan I2V image -- is therefore the frame already generated at the window
   start, which keeps identity and lighting continuous;
 * in each overlap the new window is blended with the old output by a linear ramp that is 0 at the
@@ -149,6 +150,57 @@ def generate_long(color: np.ndarray, mask: np.ndarray, generate_window: WindowGe
         if on_window is not None:
             on_window(index, (start, end), frames)
     return out
+
+
+def pipeline_window_generator(pipe, *, seed: int = 0, first_window=None, **call_kwargs) -> WindowGenerator:
+    """A :data:`WindowGenerator` over an :class:`ex4d.diffusion.pipeline.EX4DPipeline`.
+
+    Each window's colour/mask are scaled as the reference does (``cond = 2 (c m) - 1``,
+    ``mask' = 2 m - 1``; no further erosion: the whole-path mask was eroded once when loaded) and
+    its first frame, as uint8, is the I2V image. Window ``i`` draws its
+    noise from a CPU generator seeded ``seed + i``. first_window: optional ConditionInputs whose
+    own scaled tensors and first frame window 0 uses as they are (so window 0 is bit-identical to
+    one plain pipeline call). call_kwargs go to the pipeline call (prompt, num_inference_steps, ...).
+    """
+    import torch
+
+    from ex4d.diffusion.conditioning import scale_condition
+
+    def generate(color: np.ndarray, mask: np.ndarray, index: int) -> np.ndarray:
+        if index == 0 and first_window is not None:
+            n = color.shape[0]
+            result = pipe(first_window.cond[:, :, :n], first_window.mask[:, :, :n], image=first_window.first_frame,
+                          generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call_kwargs)
+            return result.frames[0].astype(np.float32) / 255.0
+        cond, mask_scaled = scale_condition(torch.from_numpy(np.ascontiguousarray(color)),
+                                            torch.from_numpy(np.ascontiguousarray(mask)))
+        # Window 0: the reference's truncation of the rendered frame 0 (equal to load_condition's
+        # first_frame). Later windows start on generated (possibly blended) frames: round them.
+        first = np.clip(color[0], 0.0, 1.0) * 255.0
+        first = (np.floor(first) if index == 0 else np.round(first)).astype(np.uint8)
+        result = pipe(cond, mask_scaled, image=first, generator=torch.Generator("cpu").manual_seed(seed + index),
+                      output_type="np", **call_kwargs)
+        return result.frames[0].astype(np.float32) / 255.0
+
+    return generate
+
+
+def generate_long_video(pipe, condition, *, window: int = DEFAULT_WINDOW, overlap: int = DEFAULT_OVERLAP,
+                        seed: int = 0, progress: Callable[[Iterable], Iterable] | None = None,
+                        **call_kwargs) -> np.ndarray:
+    """Generate a whole-path condition of any length with an EX4DPipeline, window by window.
+
+    condition: :class:`ex4d.diffusion.conditioning.ConditionInputs` of the whole path (from
+    ``load_condition``; e.g. 97 or 145 frames). Returns uint8 (T, H, W, 3) frames, T = the
+    condition's frame count. The first window is exactly what one ``pipe`` call gives for those
+    frames (same seed, first frame and condition).
+    """
+    cond = condition.cond[0].float()  # (3, T, H, W) in [-1, 1], already masked
+    color = ((cond.permute(1, 2, 3, 0).numpy() + 1.0) * 0.5).clip(0.0, 1.0).astype(np.float32)
+    mask = (condition.mask[0, 0] > 0).numpy()
+    generate = pipeline_window_generator(pipe, seed=seed, first_window=condition, **call_kwargs)
+    frames = generate_long(color, mask, generate, window=window, overlap=overlap, progress=progress)
+    return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
 
 
 def seam_frames(windows: Sequence[tuple[int, int]]) -> list[int]:
