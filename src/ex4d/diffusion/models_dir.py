@@ -185,7 +185,7 @@ def resolve_repo(repo_id: str, models_dir: str | os.PathLike | None, missing: Ca
         what = missing(folder)
         if what is None:
             return folder
-        if folder.exists() and first_missing is None:
+        if folder.exists():  # the last one (the download folder) is the one worth naming
             first_missing = (folder, what)
     cached = _from_cache(repo_id)
     if cached is not None:
