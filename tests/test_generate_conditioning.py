@@ -1,0 +1,158 @@
+"""Geometry conditioning of the generator: scaling, seeded erosion, file loading and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ex4d.diffusion.conditioning import (
+    EROSION_RANGE,
+    check_num_frames,
+    encoder_mask_input,
+    erode_masks,
+    find_mask_for,
+    first_frame_latent_mask,
+    load_condition,
+    parse_size,
+    sample_erosion_sizes,
+    scale_condition,
+)
+from ex4d.errors import InputError
+from ex4d.io.video import write_video
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling (spec 7.2, 7.4, 10.16)
+
+
+def test_scaling_matches_reference_values():
+    colour = torch.tensor([0.0, 0.25, 0.6, 1.0]).view(1, 1, 4, 1).expand(1, 1, 4, 3)  # (T,H,W,3)
+    mask = torch.tensor([True, False, True, True]).view(1, 1, 4)
+    cond, mask_scaled = scale_condition(colour, mask)
+    assert cond.shape == (1, 3, 1, 1, 4) and mask_scaled.shape == (1, 3, 1, 1, 4)
+    # visible: 2c - 1; hidden: -1 whatever the colour
+    assert torch.allclose(cond[0, 0, 0, 0], torch.tensor([-1.0, -1.0, 0.2, 1.0]))
+    assert torch.equal(mask_scaled[0, :, 0, 0], torch.tensor([1.0, -1.0, 1.0, 1.0]).expand(3, 4))
+    # the encoder's second 2x-1: the VAE sees {-3, +1}
+    assert torch.equal(encoder_mask_input(mask_scaled)[0, 0, 0, 0], torch.tensor([1.0, -3.0, 1.0, 1.0]))
+
+
+def test_first_frame_latent_mask_layout():
+    known = first_frame_latent_mask(9, 2, 3)
+    assert known.shape == (1, 4, 3, 2, 3)
+    assert torch.all(known[:, :, 0] == 1) and torch.all(known[:, :, 1:] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Erosion (spec 7.2: k x k ones, k in [2, 8], cv2 border convention; seeded here)
+
+
+def test_erosion_sizes_seeded_and_in_range():
+    a = sample_erosion_sizes(49, seed=3)
+    assert a == sample_erosion_sizes(49, seed=3)
+    assert a != sample_erosion_sizes(49, seed=4)
+    many = sample_erosion_sizes(2000, seed=0)
+    assert min(many) == EROSION_RANGE[0] and max(many) == EROSION_RANGE[1]
+
+
+def test_erosion_hand_cases_follow_cv2_anchor():
+    masks = torch.ones(3, 9, 9, dtype=torch.bool)
+    masks[1:, 4, 4] = False  # one hidden pixel
+    out = erode_masks(masks, [5, 3, 2])
+    assert out[0].all(), "an all-visible frame stays unchanged (outside counts as visible)"
+    expected3 = torch.ones(9, 9, dtype=torch.bool)
+    expected3[3:6, 3:6] = False
+    assert torch.equal(out[1], expected3)
+    # even kernel: anchor k // 2 = 1, so the hidden pixel grows down/right by one
+    expected2 = torch.ones(9, 9, dtype=torch.bool)
+    expected2[4:6, 4:6] = False
+    assert torch.equal(out[2], expected2)
+
+
+def test_erosion_shrinks_a_square_by_half_the_kernel():
+    mask = torch.zeros(1, 20, 20, dtype=torch.bool)
+    mask[0, 5:15, 5:15] = True
+    out = erode_masks(mask, [5])[0]
+    assert out.sum() == 6 * 6 and out[7:13, 7:13].all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _write_pair(folder, frames=5, size=(32, 32), mask_frames=None, mask_size=None, mask_values=None, cam="90"):
+    rng = np.random.default_rng(0)
+    h, w = size
+    colour = rng.integers(0, 256, (frames, h, w, 3), dtype=np.uint8)
+    mh, mw = mask_size or size
+    mask = np.full((mask_frames or frames, mh, mw), 255, np.uint8)
+    mask[1:, :, : mw // 2] = 0  # novel views: left half hidden
+    if mask_values is not None:
+        mask[1:, :, : mw // 2] = mask_values
+    colour_path = write_video(folder / f"color_{cam}.mp4", colour, fps=30.0)
+    mask_path = write_video(folder / f"mask_{cam}.mkv", mask, fps=30.0, codec="ffv1")
+    return colour_path, mask_path
+
+
+def test_load_condition_shapes_values_and_seed(tmp_path):
+    colour_path, mask_path = _write_pair(tmp_path)
+    a = load_condition(colour_path, mask_path, size=(16, 16), seed=1)
+    assert a.cond.shape == (1, 3, 5, 16, 16) and a.mask.shape == (1, 3, 5, 16, 16)
+    assert a.cond.min() >= -1 and a.cond.max() <= 1
+    assert set(a.mask.unique().tolist()) == {-1.0, 1.0}
+    assert torch.all(a.mask[:, :, 0] == 1), "frame 0 (the source) stays fully visible"
+    assert torch.all(a.cond[a.mask < 0] == -1), "hidden pixels are black (-1)"
+    assert all(EROSION_RANGE[0] <= k <= EROSION_RANGE[1] for k in a.kernel_sizes)
+    assert a.first_frame.shape == (16, 16, 3) and a.first_frame.dtype == np.uint8
+    b = load_condition(colour_path, mask_path, size=(16, 16), seed=1)
+    assert torch.equal(a.mask, b.mask) and a.kernel_sizes == b.kernel_sizes
+    c = load_condition(colour_path, mask_path, size=(16, 16), seed=2, erode=False)
+    assert (c.mask > 0).sum() > (a.mask > 0).sum(), "erosion shrinks the visible area"
+
+
+def test_mask_found_beside_colour_and_mkv_preferred(tmp_path):
+    colour_path, mask_path = _write_pair(tmp_path)
+    assert find_mask_for(colour_path) == mask_path
+    assert find_mask_for(colour_path, tmp_path / "mask_90.mp4") == mask_path  # the lossless twin wins
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("frames", "frames but mask"),
+    ("size", "but mask"),
+    ("nonbinary", "not binary"),
+    ("empty", "empty"),
+    ("unreadable", "cannot read"),
+    ("not4k1", "4k\\+1"),
+])
+def test_bad_inputs_raise_clear_input_errors(tmp_path, kind, pattern):
+    if kind == "frames":
+        colour_path, mask_path = _write_pair(tmp_path, mask_frames=9)
+    elif kind == "size":
+        colour_path, mask_path = _write_pair(tmp_path, mask_size=(32, 48))
+    elif kind == "nonbinary":
+        colour_path, mask_path = _write_pair(tmp_path, mask_values=128)
+    elif kind == "empty":
+        colour_path, _ = _write_pair(tmp_path)
+        mask_path = write_video(tmp_path / "empty.mkv", np.zeros((5, 32, 32), np.uint8), fps=30.0, codec="ffv1")
+    elif kind == "unreadable":
+        colour_path, _ = _write_pair(tmp_path)
+        mask_path = tmp_path / "broken.mkv"
+        mask_path.write_bytes(b"this is not a video")
+    else:
+        colour_path, mask_path = _write_pair(tmp_path, frames=6)
+    with pytest.raises(InputError, match=pattern):
+        load_condition(colour_path, mask_path, size=(16, 16))
+
+
+def test_num_frames_rule_and_size_rule():
+    check_num_frames(49)
+    with pytest.raises(InputError, match="--num-frames 45"):
+        check_num_frames(48)
+    assert parse_size("512x512", (576, 1024)) == (512, 512)
+    h, w = parse_size("keep-aspect", (576, 1024))
+    assert h % 16 == 0 and w % 16 == 0 and w > h
+    with pytest.raises(InputError, match="multiple of 16"):
+        parse_size("500x512", (512, 512))
+    with pytest.raises(InputError, match="bad --size"):
+        parse_size("big", (512, 512))
