@@ -206,14 +206,18 @@ def da_f32(model, key):
     return model.state_dict()[key].dtype == torch.float32
 
 
-def test_auto_prefers_a_local_diffusers_layout_and_accepts_a_layout_folder(tiny, tmp_path):
+def test_auto_order_converted_then_original_then_diffusers_and_layout_folders(tiny, tmp_path):
     assert resolve_wan(tiny["original"])[0] == "original"
+    assert resolve_wan(tiny["diffusers"])[0] == "diffusers"
     both = tmp_path / "both"
     (both / "Wan-AI").mkdir(parents=True)
     (both / md.WAN_REPO).symlink_to(tiny["original"] / md.WAN_REPO)
     (both / md.WAN_DIFFUSERS_REPO).symlink_to(tiny["diffusers"] / md.WAN_DIFFUSERS_REPO)
-    assert resolve_wan(both) == ("diffusers", both / md.WAN_DIFFUSERS_REPO)
-    assert resolve_wan(both, "original")[0] == "original"
+    assert resolve_wan(both) == ("original", both / md.WAN_REPO)  # what EX-4D ran with
+    assert resolve_wan(both, "diffusers") == ("diffusers", both / md.WAN_DIFFUSERS_REPO)
+    (both / md.CONVERTED_DIR).mkdir()
+    (both / md.CONVERTED_DIR / md.CONVERTED_WAN).symlink_to(tiny["diffusers"] / md.WAN_DIFFUSERS_REPO)
+    assert resolve_wan(both) == ("diffusers", both / md.CONVERTED_DIR / md.CONVERTED_WAN)
     assert resolve_wan(tiny["original"] / md.WAN_REPO) == ("original", tiny["original"] / md.WAN_REPO)
 
 

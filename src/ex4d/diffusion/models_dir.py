@@ -8,8 +8,9 @@ Layout of ``--models-dir D`` (each folder is what ``hf download <repo> --local-d
     D/converted/Wan2.1-I2V-14B-480P-Diffusers/ written by ``ex4d convert`` (diffusers layout, safetensors)
     D/converted/EX-4D/adapter.safetensors      written by ``ex4d convert`` (+ adapter_config.json)
 
-Resolution order for each item: ``D`` (converted first, then the downloads), then the local
-Hugging Face cache (``local_files_only``), then a download when allowed and online. Anything
+Resolution order for each item: ``D``, then the local Hugging Face cache (``local_files_only``),
+then a download when allowed and online; for Wan the converted copy comes first, then the
+original files, then the -Diffusers repository (:func:`resolve_wan`). Anything
 missing raises :class:`MissingWeightsError` (exit 2) naming the missing file and the exact
 download command. Nothing here ever falls back to random weights.
 """
@@ -220,9 +221,11 @@ def resolve_wan(models_dir: str | os.PathLike | None = None, layout: str = "auto
                 download: bool = False) -> tuple[str, Path]:
     """Find the Wan2.1-I2V-14B-480P weights; returns ``(layout, folder)`` with layout ``original``/``diffusers``.
 
-    ``models_dir`` may also point straight at one layout folder. ``auto`` prefers a local diffusers
-    layout (converted, then downloaded), then the original layout, and downloads the original
-    files (the ones EX-4D documents) only if neither is local.
+    ``models_dir`` may also point straight at one layout folder. ``auto`` takes, in order: the
+    ``ex4d convert`` output (made from the original files, fast to load), the original files (what
+    EX-4D ran with), then the -Diffusers repository (whose text and image encoders diffusers took
+    from google/umt5-xxl and laion/CLIP-ViT-H-14 rather than converting Wan's files); it downloads
+    the original files only if none is local.
     """
     if layout not in ("auto", "original", "diffusers"):
         raise ValueError(f"layout must be auto, original or diffusers, not {layout!r}")
@@ -238,12 +241,20 @@ def resolve_wan(models_dir: str | os.PathLike | None = None, layout: str = "auto
                                          local_candidates=converted)
     if layout == "original":
         return "original", resolve_repo(WAN_REPO, md, missing_original, download=download)
-    try:  # auto: any local diffusers copy first (fast safetensors load, no renaming)
-        return "diffusers", resolve_repo(WAN_DIFFUSERS_REPO, md, missing_diffusers, download=False,
-                                         local_candidates=converted)
+    for folder in converted:
+        if missing_diffusers(folder) is None:
+            return "diffusers", folder
+    try:
+        return "original", resolve_repo(WAN_REPO, md, missing_original, download=False)
+    except MissingWeightsError as exc:
+        original_missing = exc
+    try:
+        return "diffusers", resolve_repo(WAN_DIFFUSERS_REPO, md, missing_diffusers, download=False)
     except MissingWeightsError:
         pass
-    return "original", resolve_repo(WAN_REPO, md, missing_original, download=download)
+    if download and not _offline():
+        return "original", resolve_repo(WAN_REPO, md, missing_original, download=True)
+    raise original_missing
 
 
 def resolve_adapter(models_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None, *,
