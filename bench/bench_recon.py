@@ -151,6 +151,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    load_before = os.getloadavg()[0]
     results = [bench_size(h, w, device, args.frames, args.warmup, aa) for h, w in sizes for aa in aa_modes]
     try:
         import diffusers
@@ -170,6 +171,8 @@ def main() -> None:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cuda_peak_allocated_mib": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                                     if device.type == "cuda" else None),
+        # This machine may be shared: the 1-minute load average around the run says how busy it was.
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "results": results,
     }
     if device.type == "cuda":

@@ -99,30 +99,16 @@ def grid_silhouette_faces(vertices: torch.Tensor, grid_size: tuple[int, int], wi
     tl, tr, bl, br = (0, 0), (0, 1), (1, 0), (1, 1)
     s1 = signed(bl, tl, tr)  # (gh-1, gw-1)
     s2 = signed(bl, tr, br)
-    zero_row = torch.zeros_like(s1[:1])
-    zero_col = torch.zeros_like(s1[:, :1])
-    # Neighbour sign across each edge; 0 where the edge is on the grid boundary.
-    s2_left = torch.cat([zero_col, s2[:, :-1]], dim=1)   # T2 of block (r, c-1)
-    s2_up = torch.cat([zero_row, s2[:-1]], dim=0)        # T2 of block (r-1, c)
-    s1_right = torch.cat([s1[:, 1:], zero_col], dim=1)   # T1 of block (r, c+1)
-    s1_down = torch.cat([s1[1:], zero_row], dim=0)       # T1 of block (r+1, c)
+    # Neighbour sign across each edge. On the grid boundary there is no neighbour; padding with
+    # the face's own sign negated makes the product negative there, i.e. a silhouette edge.
+    s2_left = torch.cat([-s1[:, :1], s2[:, :-1]], dim=1)    # T2 of block (r, c-1)
+    s2_up = torch.cat([-s1[:1], s2[:-1]], dim=0)            # T2 of block (r-1, c)
+    s1_right = torch.cat([s1[:, 1:], -s2[:, -1:]], dim=1)   # T1 of block (r, c+1)
+    s1_down = torch.cat([s1[1:], -s2[-1:]], dim=0)          # T1 of block (r+1, c)
+    diag = s1 * s2 < 0  # degenerate faces (sign 0) never make a silhouette: the products are 0
 
-    boundary_left = torch.zeros_like(s1, dtype=torch.bool)
-    boundary_left[:, 0] = True
-    boundary_up = torch.zeros_like(s1, dtype=torch.bool)
-    boundary_up[0] = True
-    boundary_right = torch.zeros_like(s1, dtype=torch.bool)
-    boundary_right[:, -1] = True
-    boundary_down = torch.zeros_like(s1, dtype=torch.bool)
-    boundary_down[-1] = True
-
-    def edge(own, other, boundary):  # boundary or folded; never for degenerate faces
-        return (own != 0) & (boundary | (own * other < 0))
-
-    t1 = torch.stack([edge(s1, s2_left, boundary_left), edge(s1, s2_up, boundary_up),
-                      edge(s1, s2, torch.zeros_like(boundary_up))], dim=-1).reshape(-1, 3)
-    t2 = torch.stack([edge(s2, s1, torch.zeros_like(boundary_up)), edge(s2, s1_right, boundary_right),
-                      edge(s2, s1_down, boundary_down)], dim=-1).reshape(-1, 3)
+    t1 = torch.stack([s1 * s2_left < 0, s1 * s2_up < 0, diag], dim=-1).reshape(-1, 3)
+    t2 = torch.stack([diag, s2 * s1_right < 0, s2 * s1_down < 0], dim=-1).reshape(-1, 3)
     parts = [t1, t2]
     if with_cap:
         n = gh * gw
