@@ -287,7 +287,8 @@ def test_cap_modes_in_a_render_of_content_behind_the_back_wall():
     sky = np.zeros((H, W), bool)
     sky[12:20, 18:30] = True  # away from the flagged rim of the region
     with MeshRenderer(H, W) as r:
-        out = {cap: r.render(build_dw_mesh(depth, rgb, cap=cap), np.eye(4), K) for cap in ("none", "masked", "reference")}
+        out = {cap: r.render(build_dw_mesh(depth, rgb, cap=cap), np.eye(4), K)
+               for cap in ("none", "masked", "reference")}
     visible = {cap: o[..., 3] > 125 / 255 for cap, o in out.items()}
     assert visible["none"][sky].all()
     np.testing.assert_allclose(out["none"][sky][:, :3], rgb.numpy()[sky], atol=1e-5)
@@ -298,3 +299,19 @@ def test_cap_modes_in_a_render_of_content_behind_the_back_wall():
     outside[8:24, 14:34] = False
     for cap in ("masked", "reference"):
         np.testing.assert_array_equal(out[cap][outside], out["none"][outside])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_built_mesh_renders_like_a_cpu_built_one():
+    depth = torch.full((H, W), 3.0)
+    depth[8:24, 14:30] = 1.5
+    rgb = _rgb(6)
+    pose = _translation(-0.2, 0.05)
+    with MeshRenderer(H, W) as r:
+        cpu = r.render(build_dw_mesh(depth, rgb), pose, K)
+        gpu_mesh = build_dw_mesh(depth.cuda(), rgb.cuda())
+        assert gpu_mesh.faces.is_cuda and gpu_mesh.settings["grid_size"] == [H, W]
+        gpu = r.render(gpu_mesh, pose, K)
+    np.testing.assert_allclose(gpu, cpu, atol=1e-5)
+    assert "nvidia" in r.gl_renderer.lower()
