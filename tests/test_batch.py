@@ -219,3 +219,47 @@ def test_real_recon_jobs_through_cli(tiny_inputs, capsys):
     code = main(["batch", str(jobs_file), "--skip-failed"])
     err = capsys.readouterr().err
     assert code == 0 and "0 ran, 2 skipped (finished), 1 failed earlier (not retried)" in err
+
+
+def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
+    """stage: run on tiny weights on disk: recon + generation; the generator loads once for both
+    jobs; the second job is longer than its window and goes through overlapping windows."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_wan import write_tiny_ex4d_ckpt, write_tiny_original_layout
+
+    import ex4d.diffusion.weights as weights
+    from ex4d.diffusion import models_dir as md
+    from ex4d.io.video import read_video
+
+    models = tiny_inputs / "models"
+    write_tiny_original_layout(models / md.WAN_REPO)
+    write_tiny_ex4d_ckpt(models / md.EX4D_REPO / md.ADAPTER_CKPT)
+    loads = []
+    original = weights.load_wan_components
+    monkeypatch.setattr(weights, "load_wan_components", lambda *a, **k: loads.append(1) or original(*a, **k))
+    jobs_file = write_yaml(tiny_inputs / "jobs.yaml", (
+        "defaults: {stage: run, depth: depth.npz, resize: keep, save_mesh: none, device: cpu, models_dir: models,\n"
+        "           size: 16x16, steps: 1, guidance: 2.0}\n"
+        "jobs:\n"
+        "  - {video: clip.mp4, cam: 30, output: out/a, num_frames: 5}\n"
+        "  - {video: clip.mp4, cam: zoom_in, output: out/b, num_frames: 5, window: 5, overlap: 3}\n"))
+    jobs = load_jobs(jobs_file)
+    jobs[1]["num_frames"] = 9  # (the tiny clip has 5 frames; write a longer one for the long job)
+    from ex4d.io.video import write_video
+
+    u = np.arange(W)[None, :, None] * np.ones((H, 1, 3))
+    write_video(tiny_inputs / "long.mp4", np.stack([(u * 3 + 20 * k) % 255 for k in range(9)]).astype(np.uint8), 10)
+    np.savez(tiny_inputs / "long_depth.npz", depth=np.full((9, H, W), 5.0, np.float32))
+    jobs[1]["video"] = str(tiny_inputs / "long.mp4")
+    jobs[1]["depth"] = str(tiny_inputs / "long_depth.npz")
+    cache = {}
+    result = run_batch(jobs, cache=cache)
+    assert result.ok, [read_record(j).get("traceback") or read_record(j).get("error") for j in jobs]
+    assert len(loads) == 1 and "generate_pipe" in cache  # loaded once, kept for the next job
+    short, _ = read_video(tiny_inputs / "out" / "a" / "ex4d_30.mp4")
+    long, fps = read_video(tiny_inputs / "out" / "b" / "ex4d_zoom_in.mp4")
+    assert short.shape == (5, 16, 16, 3) and long.shape == (9, 16, 16, 3) and fps == 15.0
+    record = read_record(jobs[1])
+    assert record["outputs"]["video"].endswith("ex4d_zoom_in.mp4") and "generate" in record["timings"]
