@@ -263,3 +263,20 @@ def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
     assert short.shape == (5, 16, 16, 3) and long.shape == (9, 16, 16, 3) and fps == 15.0
     record = read_record(jobs[1])
     assert record["outputs"]["video"].endswith("ex4d_zoom_in.mp4") and "generate" in record["timings"]
+
+
+@pytest.mark.slow
+def test_bench_batch_tiny(capsys):
+    """bench/bench_batch.py --tiny runs the batch end to end and prints one JSON object."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_batch.py"
+    spec = importlib.util.spec_from_file_location("bench_batch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tiny", "--jobs", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    data = json.loads(lines[0])
+    assert data["jobs_timed"] == 3 and len(data["clip_s_runs"]) == 3 and data["clips_per_hour"] > 0
+    assert {"recon", "generate"} <= set(data["stage_s_median"])
