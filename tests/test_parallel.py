@@ -165,7 +165,7 @@ def test_cfg_times_ulysses_on_four_processes(single_process, tmp_path):
 # The real EX4DPipeline (tiny random components) through parallelize_pipeline
 # ---------------------------------------------------------------------------------------------
 
-def tiny_pipeline():
+def tiny_pipeline(device="cpu"):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -174,11 +174,11 @@ def tiny_pipeline():
     from ex4d.diffusion.performance import PerformanceOptions
     from ex4d.diffusion.pipeline import build_pipeline
 
-    pipe = build_pipeline(make_tiny_components(0), None, PerformanceOptions(dtype=torch.float32), "cpu")
+    pipe = build_pipeline(make_tiny_components(0), None, PerformanceOptions(dtype=torch.float32), device)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a non-trivial camera encoder (its last layer is zero-initialised)
         for p in pipe.camera_encoder.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p.device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -293,6 +293,41 @@ def test_torchrun_entry_point_writes_the_same_video(tmp_path, monkeypatch):
     two, _ = read_video(tmp_path / "two.mp4")
     assert one.shape == (5, 32, 32, 3) and one.std() > 1.0 and np.array_equal(one, two)
     assert not list(tmp_path.glob("*.partial*"))  # only rank 0 wrote, atomically
+
+
+def _gpu_worker(rank, world_size, port, mode, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ctx = par.init_parallel(mode, guidance_scale=GUIDANCE)  # NCCL on cuda:LOCAL_RANK
+    try:
+        reference = run_pipeline(tiny_pipeline(ctx.device)).cpu() if rank == 0 else None  # one GPU, no collectives
+        pipe = par.parallelize_pipeline(tiny_pipeline(ctx.device), ctx, num_tokens=8)
+        torch.save({"x": run_pipeline(pipe).cpu(), "reference": reference,
+                    "env": {k: os.environ.get(k) for k in par.SAFE_COLLECTIVE_ENV}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        par.shutdown(ctx)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("mode", ["ulysses", "cfg"])
+def test_two_gpus_nccl_match_one(mode, tmp_path):
+    """On a 2-GPU machine: NCCL ranks (multicast off) give one GPU's latents (tiny pipeline, fp32)."""
+    spawn = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    port = _free_port()
+    procs = [spawn.Process(target=_gpu_worker, args=(r, 2, port, mode, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in results:
+        assert r["env"] == par.SAFE_COLLECTIVE_ENV
+        torch.testing.assert_close(r["x"], results[0]["reference"], rtol=1e-3, atol=1e-3)
 
 
 def test_guided_velocity_single_process_formula():

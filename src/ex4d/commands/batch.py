@@ -45,6 +45,9 @@ def default_manifest(jobs_file: str) -> Path:
 def main(args) -> int:
     from ex4d.batch import Worker, build_manifest, is_finished, load_jobs, run_batch, write_manifest
     from ex4d.commands.common import progress
+    from ex4d.diffusion.parallel import apply_safe_env
+
+    apply_safe_env()  # launched by torchrun/accelerate: NVLink multicast stays off whatever runs inside
 
     jobs = load_jobs(args.jobs)
     manifest = Path(args.manifest) if args.manifest else default_manifest(args.jobs)
