@@ -264,8 +264,9 @@ def build_dw_mesh(depth, rgb, K=None, *, cap: str = "none", filter: str = "angle
     cos_limit = math.cos(math.radians(min_angle_deg))
     z_range = z.max() - z.min() if stretch_test else None
     opts = dict(filter=filter, cos_limit=cos_limit, stretch_test=stretch_test, z_range=z_range)
-    valid_t1, valid_t2 = _grid_validity((z * ray_x, z * ray_y, z), **opts)  # (H-1, W-1) each
-    vertices = torch.stack([z * ray_x, z * ray_y, z], dim=-1).reshape(-1, 3)  # (V, 3)
+    x, y = z * ray_x, z * ray_y
+    valid_t1, valid_t2 = _grid_validity((x, y, z), **opts)  # (H-1, W-1) each
+    vertices = torch.stack([x, y, z], dim=-1).reshape(-1, 3)  # (V, 3)
     cap_valid = None
     if cap == "masked":
         cap_valid = torch.zeros(2, dtype=torch.bool, device=device)
