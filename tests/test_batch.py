@@ -132,6 +132,15 @@ def test_resume_reruns_changed_or_deleted_and_can_skip_failed(tmp_path):
     assert sorted(runner.calls) == [1, 2] and sorted(result.skipped) == [0, 3] and result.skipped_failed == [4]
 
 
+def test_unwritable_output_does_not_stop_the_batch(tmp_path):
+    jobs = load_jobs(make_jobs_file(tmp_path, n=3))
+    blocker = Path(jobs[1]["output"])
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the output folder should be")
+    result = run_batch(jobs, runner=FakeRunner())
+    assert result.failed == [1] and result.ran == [0, 2]
+
+
 def test_interrupted_job_is_rerun(tmp_path):
     jobs = load_jobs(make_jobs_file(tmp_path, n=2))
 

@@ -90,7 +90,7 @@ def test_generate_long_seams_and_length(num_frames, expected):
     out = generate_long(color, mask, gen, window=window, overlap=overlap,
                         on_window=lambda i, span, frames: outputs.__setitem__(i, (span, frames)))
     windows = plan_windows(T, window, overlap)
-    assert windows == expected
+    assert windows == expected and seam_frames(windows) == [w[0] for w in expected[1:]]
     assert out.shape == color.shape and out.dtype == np.float32  # output length = input length
     assert [c[2] for c in gen.calls] == list(range(len(windows)))
     for i, (start, end) in enumerate(windows[1:], start=1):

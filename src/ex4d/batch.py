@@ -388,12 +388,18 @@ def _run_one(job: dict, runner: JobRunner, cache: dict, worker: Worker, result: 
     device = worker.device(job.get("device"))
     if device is not None:
         job["device"] = device
-    Path(job["output"]).mkdir(parents=True, exist_ok=True)
     base = {"index": job["index"], "name": job["name"], "fingerprint": job_fingerprint(job),
             "settings": {k: v for k, v in job.items() if k != "index"}, "rank": worker.rank}
     started, t0 = _now(), time.perf_counter()
-    # A "running" record marks a job a crash (e.g. killed for memory) interrupted; resume reruns it.
-    write_record(job, {**base, "status": "running", "started": started})
+    try:
+        Path(job["output"]).mkdir(parents=True, exist_ok=True)
+        # A "running" record marks a job a crash (e.g. killed for memory) interrupted; resume reruns it.
+        write_record(job, {**base, "status": "running", "started": started})
+    except OSError as exc:  # no record can be written there; the manifest will show it as pending
+        log.warning("job %d (%s) failed: cannot write to its output folder %s: %s", job["index"], job["name"],
+                    job["output"], exc.strerror or exc)
+        result.failed.append(job["index"])
+        return
     try:
         outputs = runner(job, cache) or {}
         timings = outputs.pop("_timings", None) if isinstance(outputs, dict) else None
