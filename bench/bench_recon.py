@@ -146,7 +146,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="512x512,1024x576", help="comma-separated HxW")
     parser.add_argument("--antialias", default="analytic,none",
                         help="comma-separated modes among analytic, msaa, none")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: what render_condition uses: 1 on a CPU device)")
     args = parser.parse_args()
     if args.frames < 3:
         parser.error("--frames must be >= 3")
@@ -155,6 +156,8 @@ def main() -> None:
     aa_modes = [m.strip() for m in args.antialias.split(",") if m.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(1)  # as render_condition does (see single_threaded_torch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     load_before = os.getloadavg()[0]

@@ -11,8 +11,9 @@ Flagged vertices (alpha 0) and empty pixels both end up with mask 0: "to be gene
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +25,26 @@ logger = logging.getLogger(__name__)
 
 #: The reference keeps a pixel where its rendered alpha (0..255) exceeds 125.
 MASK_ALPHA_THRESHOLD = 125.0 / 255.0
+
+
+@contextlib.contextmanager
+def single_threaded_torch(enabled: bool = True) -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside the block (restored afterwards).
+
+    On a CPU-only machine the per-frame loop alternates a small memory-bound torch mesh build
+    with Mesa llvmpipe's rasteriser threads. torch's OpenMP workers then wait on cores that
+    llvmpipe (or anything else) holds: measured on 2 shared cores, one torch thread used 3.7x
+    less CPU time per 512x512 frame than two (138 vs 507 ms) and ran 4x faster.
+    """
+    if not enabled:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _resolve_device(device) -> torch.device:
@@ -95,7 +116,7 @@ def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str =
     if progress is not None:
         steps = progress(steps)
     shared_mesh = None
-    with MeshRenderer(height, width, antialias=antialias) as renderer:
+    with MeshRenderer(height, width, antialias=antialias) as renderer, single_threaded_torch(dev.type == "cpu"):
         gl_renderer, aa_method = renderer.gl_renderer, renderer.antialias_method
         for k in steps:
             if only_first_frame:
