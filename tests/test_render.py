@@ -315,3 +315,14 @@ def test_cuda_built_mesh_renders_like_a_cpu_built_one():
         gpu = r.render(gpu_mesh, pose, K)
     np.testing.assert_allclose(gpu, cpu, atol=1e-5)
     assert "nvidia" in r.gl_renderer.lower()
+
+
+def test_single_threaded_torch_restores_the_thread_count():
+    from ex4d.render.condition import single_threaded_torch
+
+    before = torch.get_num_threads()
+    with pytest.raises(KeyError):
+        with single_threaded_torch():
+            assert torch.get_num_threads() == 1
+            raise KeyError("boom")
+    assert torch.get_num_threads() == before
