@@ -230,6 +230,36 @@ def test_real_recon_jobs_through_cli(tiny_inputs, capsys):
     assert code == 0 and "0 ran, 2 skipped (finished), 1 failed earlier (not retried)" in err
 
 
+def test_depth_model_loads_once_per_process(tiny_inputs, monkeypatch):
+    """Three jobs with an estimator name: the estimator is built once and reused; each job still
+    gets its own depth.npz (the pipeline's reuse/saving is unchanged)."""
+    import ex4d.depth
+    from ex4d.types import DepthVideo
+
+    built = []
+
+    class FakeEstimator:
+        name = "depth-anything"
+
+        def estimate(self, frames):
+            depth = np.full(frames.shape[:3], 6.0, np.float32)
+            return DepthVideo(depth=depth, valid=np.ones_like(depth, bool), estimator=self.name)
+
+    def fake_get_estimator(spec, **kwargs):
+        built.append(spec)
+        return FakeEstimator()
+
+    monkeypatch.setattr(ex4d.depth, "get_estimator", fake_get_estimator)
+    jobs_file = write_yaml(tiny_inputs / "jobs.yaml", (
+        f"defaults: {{stage: recon, depth: depth-anything, num_frames: {T}, resize: keep, save_mesh: none, "
+        "device: cpu}\njobs:\n"
+        + "".join(f"  - {{video: clip.mp4, cam: {c}, output: out/{c}}}\n" for c in (10, 20, 30))))
+    result = run_batch(load_jobs(jobs_file))
+    assert result.ok and built == ["depth-anything"]
+    assert all((tiny_inputs / "out" / str(c) / "depth.npz").is_file() for c in (10, 20, 30))
+    assert ex4d.depth.get_estimator is fake_get_estimator  # the batch's caching wrapper is gone again
+
+
 def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
     """stage: run on tiny weights on disk: recon + generation; the generator loads once for both
     jobs; the second job is longer than its window and goes through overlapping windows."""

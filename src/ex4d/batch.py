@@ -446,19 +446,34 @@ def default_runner(job: dict, cache: dict) -> dict:
     return _chain_stages(pipeline, job, cache)
 
 
-def _cached_estimator(cache: dict, spec: str, models_dir, device):
-    key = ("depth", spec, models_dir, device)
-    if key not in cache:
-        from ex4d.depth import get_estimator
+@contextlib.contextmanager
+def _estimators_cached_in(cache: dict) -> Iterator[None]:
+    """While active, ``ex4d.depth.get_estimator`` returns estimators kept in ``cache``.
 
-        log.info("loading depth estimator %s (once per process)", spec)
-        cache[key] = get_estimator(spec, models_dir=models_dir, device=device)
-    return cache[key]
+    ``ex4d.pipeline.estimate_depth`` builds its estimator itself on every call (its depth-file
+    reuse and saving are what the batch wants); this keeps the model loaded across the batch's jobs
+    without changing that function. Key: (spec, models_dir, device, other options but progress).
+    """
+    import ex4d.depth as depth_module
+
+    build = depth_module.get_estimator
+
+    def cached(spec, *, models_dir=None, device="auto", **options):
+        options.pop("progress", None)  # the batch shows one progress bar, not the model's
+        key = ("depth", str(spec), str(models_dir), str(device), tuple(sorted(options.items())))
+        if key not in cache:
+            log.info("loading depth estimator %s (once per process)", spec)
+            cache[key] = build(spec, models_dir=models_dir, device=device, **options)
+        return cache[key]
+
+    depth_module.get_estimator = cached
+    try:
+        yield
+    finally:
+        depth_module.get_estimator = build
 
 
 def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
-    import inspect
-
     timings: dict[str, float] = {}
     t = time.perf_counter()
     clip = pipeline.load_clip(job["video"], num_frames=job.get("num_frames", 49),
@@ -466,12 +481,10 @@ def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
     timings["load"] = time.perf_counter() - t
     device = job.get("device", "auto")
     depth_spec = job.get("depth", "depthcrafter")
-    kwargs = dict(out_dir=job["output"], models_dir=job.get("models_dir"), device=device)
-    is_file = Path(depth_spec).suffix.lower() in (".npz", ".npy")
-    if not is_file and "estimator" in inspect.signature(pipeline.estimate_depth).parameters:
-        kwargs["estimator"] = _cached_estimator(cache, depth_spec, job.get("models_dir"), device)
     t = time.perf_counter()
-    depth = pipeline.estimate_depth(clip, depth_spec, **kwargs)
+    with _estimators_cached_in(cache):
+        depth = pipeline.estimate_depth(clip, depth_spec, out_dir=job["output"], models_dir=job.get("models_dir"),
+                                        device=device)
     timings["depth"] = time.perf_counter() - t
     options = pipeline.ReconOptions(
         cam=job["cam"], cap=job.get("cap", "none"), filter=job.get("filter", "angle"),
