@@ -87,11 +87,12 @@ def _load_cached_depth(path: Path, request: dict) -> DepthVideo | None:
 
 def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | None = None,
                    models_dir: str | None = None, device: str = "auto", progress: Progress | None = None,
-                   reuse: bool = True) -> DepthVideo:
+                   reuse: bool = True, estimator=None) -> DepthVideo:
     """Depth for ``clip`` from an estimator name or a depth file, reusing ``out_dir/depth.npz``.
 
     A file (``.npz``/``.npy``) is loaded, checked and resized to the clip. An estimator name runs
-    that estimator (weights resolved as documented in docs/depth.md). When ``out_dir`` is given
+    that estimator (weights resolved as documented in docs/depth.md; pass an already loaded
+    ``estimator`` to reuse it across clips, as batch jobs do). When ``out_dir`` is given
     the result is saved there as ``depth.npz`` and reused next time if the source video, frame
     count, size and depth source are unchanged.
     """
@@ -113,9 +114,10 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
         if depth_spec not in DEPTH_ESTIMATORS:
             raise InputError(f"unknown --depth {depth_spec!r}; use one of {', '.join(DEPTH_ESTIMATORS)} "
                              f"or a .npz/.npy depth file")
-        from ex4d.depth import get_estimator
+        if estimator is None:
+            from ex4d.depth import get_estimator
 
-        estimator = get_estimator(depth_spec, models_dir=models_dir, device=device, progress=progress)
+            estimator = get_estimator(depth_spec, models_dir=models_dir, device=device, progress=progress)
         depth = estimator.estimate(clip.frames)
     depth.settings = {**depth.settings, "request": request}
     if cache_path is not None and (not is_file or Path(depth_spec).resolve() != cache_path.resolve()):
