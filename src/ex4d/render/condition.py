@@ -132,10 +132,11 @@ def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str =
             if k == 0:
                 continue
             rgba = renderer.render(mesh, trajectory.cam_from_world[k], trajectory.K[k])
-            # In place: no (H, W, 3) temporaries per frame. Interpolated and MSAA-resolved colours
-            # of [0, 1] vertex colours stay in [0, 1], so no clip is needed.
+            # In place: no (H, W, 3) temporaries per frame. The clip only catches the tiny overshoot
+            # of a pixel blended across several silhouette edges at once.
             np.greater(rgba[..., 3], np.float32(MASK_ALPHA_THRESHOLD), out=mask[k])
             np.multiply(rgba[..., :3], mask[k][..., None], out=color[k])
+            np.clip(color[k], 0.0, 1.0, out=color[k])
     logger.info("rendered %d condition frames at %dx%d with %s (%s), cap=%s", num_out, height, width,
                 gl_renderer, aa_method, cap)
     settings = {"cap": cap, "filter": filter, "stretch_test": bool(stretch_test), "watertight": bool(watertight),
