@@ -354,6 +354,9 @@ def generate_main(args) -> int:
     output = check_output(args.output, [color, mask])
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if launched_distributed() and (args.low_vram or args.cpu_offload):
+        raise UserError("--low-vram / --cpu-offload cannot be combined with multi-GPU generation (each rank "
+                        "would stream its own copy of the weights); drop them or run one process")
     ctx = init_parallel(getattr(args, "parallel", "auto"), guidance_scale=args.cfg)
     try:
         device = ctx.device if ctx.world_size > 1 else _single_device(args.device)
