@@ -145,6 +145,9 @@ def test_empty_view_is_zero_and_buffers_are_reused_across_mesh_sizes(renderer):
     np.testing.assert_array_equal(first, again)
     with MeshRenderer(H, W, antialias=renderer.antialias) as fresh:
         np.testing.assert_array_equal(fresh.render(torn, pose, K), renderer.render(torn, pose, K))
+    no_faces = SimpleNamespace(vertices=full.vertices, colors=full.colors, faces=torch.zeros(0, 3, dtype=torch.int32))
+    assert not renderer.render(no_faces, pose, K).any()
+    np.testing.assert_array_equal(renderer.render(full, pose, K), first)
 
 
 def test_renderer_errors(monkeypatch):

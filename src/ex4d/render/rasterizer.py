@@ -226,7 +226,9 @@ class MeshRenderer:
         if faces is not self._faces_ref:
             idx = faces.detach().cpu().numpy() if isinstance(faces, torch.Tensor) else np.asarray(faces)
             idx = np.ascontiguousarray(idx, dtype=np.uint32)
-            if self._ibo is not None and self._ibo.size == idx.nbytes:
+            if idx.size == 0:  # e.g. a torn mesh with every face deleted: nothing to draw
+                pass
+            elif self._ibo is not None and self._ibo.size == idx.nbytes:
                 self._ibo.write(idx)
             else:
                 if self._ibo is not None:
@@ -250,6 +252,8 @@ class MeshRenderer:
         """Rasterise ``mesh`` (a DWMesh or anything with vertices/colors/faces) from one camera.
 
         cam_from_world: (4, 4) OpenCV world -> camera. K: (3, 3) target intrinsics.
+        The index buffer is re-uploaded only when a different ``faces`` object arrives: do not
+        modify a face array in place between calls.
         Returns (H, W, 4) float32 RGBA in [0, 1]; row 0 is the top image row; empty pixels are 0.
         """
         if self.ctx is None:
