@@ -43,7 +43,7 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, roots: str | os.PathLike | list, *, size: tuple[int, int] = (512, 512),
-                 num_frames: int = 49, prompt_file: str = "prompt.txt") -> None:
+                 num_frames: int = 49) -> None:
         from ex4d.diffusion.conditioning import check_num_frames
 
         roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
@@ -52,7 +52,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise InputError(f"no finished pairs in {', '.join(map(str, roots))}; run `ex4d make-pairs` first "
                              f"(or check its manifest.json for errors)")
         check_num_frames(num_frames, "--num-frames")
-        self.size, self.num_frames, self.prompt_file = (int(size[0]), int(size[1])), int(num_frames), prompt_file
+        self.size, self.num_frames = (int(size[0]), int(size[1])), int(num_frames)
         short = []
         for clip in self.clips:
             record = json.loads((clip / "pair.json").read_text())
@@ -71,11 +71,6 @@ class PairDataset(torch.utils.data.Dataset):
 
     def clip_id(self, index: int) -> str:
         return self.clips[index].name
-
-    def prompt(self, index: int) -> str | None:
-        """The clip's caption from ``<clip>/prompt.txt`` if present, else None."""
-        path = self.clips[index] / self.prompt_file
-        return path.read_text().strip() if path.is_file() else None
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(video float32 (T, H, W, 3) [0, 1], mask bool (T, H, W)) at the training size."""

@@ -1,0 +1,116 @@
+"""``ex4d train``: train the EX-4D adapter (LoRA + CamVidEncoder) on pairs from ``ex4d make-pairs``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ex4d.commands.common import progress
+
+EPILOG = """examples:
+  ex4d train pairs/ -o runs/ex4d --models-dir models --steps 2000
+  ex4d train pairs/ -o runs/ex4d --init-adapter models/EX-4D/ex4d.ckpt --lr 3e-5   # fine-tune the release
+  accelerate launch --num_processes 8 -m ex4d.cli train pairs/ -o runs/ex4d --models-dir models  # 8 GPUs (DDP)
+
+Rerunning the same command resumes from the latest checkpoint in -o (--resume none starts over).
+Checkpoints: <out>/checkpoints/step-N/ (ex4d.ckpt loads with `ex4d generate --adapter`); final: <out>/final/.
+Details, the objective and multi-GPU setups: docs/training.md.
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train the EX-4D adapter on simulated-mask pairs",
+        description="Train the LoRA and the CamVidEncoder of EX-4D (everything else frozen) with the flow-matching "
+                    "objective of the shift-5 sampler, on pairs made by `ex4d make-pairs`.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("datasets", nargs="+", help="pair folder(s) written by ex4d make-pairs")
+    parser.add_argument("-o", "--output", required=True, help="run folder (checkpoints, log.csv, final adapter)")
+    parser.add_argument("--models-dir", default=None, help="folder with the Wan2.1-I2V weights (docs/models.md)")
+    parser.add_argument("--layout", choices=["auto", "original", "diffusers"], default="auto")
+    parser.add_argument("--init-adapter", default=None, help="start from this adapter (ex4d.ckpt / adapter.safetensors)")
+    parser.add_argument("--num-frames", type=int, default=49, help="frames per clip, 4k+1 (default 49)")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(512, 512),
+                        help="training size (default 512 512, as the released model)")
+    parser.add_argument("--validation-pairs", type=int, default=0,
+                        help="hold out this many clips (the first ones) for validation samples (default 0)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    g.add_argument("--batch-size", type=int, default=1, help="clips per GPU and micro-batch (default 1)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--lr-schedule", default="constant_with_warmup",
+                   help="constant, constant_with_warmup (default), cosine, linear, ... (diffusers names)")
+    g.add_argument("--warmup", type=int, default=0, help="warm-up steps (default 0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables (default 1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=500)
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="how many to keep; 0 keeps all (default 3)")
+    g.add_argument("--validate-every", type=int, default=0, help="validation samples every N steps; 0 = never")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loading processes (default 2)")
+    g.add_argument("--resume", default="auto", help="auto (default), none, or a checkpoint folder")
+    m = parser.add_argument_group("model")
+    m.add_argument("--lora-rank", type=int, default=16)
+    m.add_argument("--lora-alpha", type=float, default=16.0)
+    m.add_argument("--lora-targets", default="q,k,v,o,ffn.0,ffn.2",
+                   help="reference names, comma-separated (default q,k,v,o,ffn.0,ffn.2 = all ten linears per block)")
+    m.add_argument("--encoder-hidden", type=int, default=1024, help="CamVidEncoder width (1024 = released)")
+    m.add_argument("--prompt", default=None, help="training prompt (default: the inference prompt)")
+    m.add_argument("--timestep-sampling", choices=["uniform", "logit_normal"], default="uniform")
+    m.add_argument("--timestep-weighting", choices=["diffsynth", "none"], default="diffsynth")
+    m.add_argument("--no-erode", action="store_true", help="do not erode masks (inference erodes; default erodes)")
+    m.add_argument("--no-gradient-checkpointing", action="store_true")
+    m.add_argument("--cache-encodings", action="store_true",
+                   help="keep VAE/CLIP encodings of each clip in memory (faster epochs, more RAM)")
+    m.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="frozen base weights: auto = bf16 on GPU, fp32 on CPU; trainables are always fp32")
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    import torch
+    from accelerate import Accelerator
+
+    from ex4d.errors import InputError
+    from ex4d.train.dataset import PairDataset
+    from ex4d.train.trainer import TrainConfig, train
+    from ex4d.train.wan_system import EX4DTrainSystem, ModelConfig
+
+    config = TrainConfig(output_dir=args.output, max_steps=args.steps, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, learning_rate=args.lr, weight_decay=args.weight_decay,
+                         lr_schedule=args.lr_schedule, warmup_steps=args.warmup, max_grad_norm=args.max_grad_norm,
+                         seed=args.seed, checkpoint_every=args.checkpoint_every,
+                         keep_checkpoints=args.keep_checkpoints, validate_every=args.validate_every,
+                         num_workers=args.num_workers)
+    config.validate()
+    dataset = PairDataset(args.datasets, size=tuple(args.size), num_frames=args.num_frames)
+    validation = []
+    if args.validation_pairs > 0:
+        if args.validation_pairs >= len(dataset):
+            raise InputError(f"--validation-pairs {args.validation_pairs} leaves no training clip "
+                             f"(the dataset has {len(dataset)})")
+        validation = [dataset.load(i) for i in range(args.validation_pairs)]
+        dataset = torch.utils.data.Subset(dataset, range(args.validation_pairs, len(dataset)))
+
+    accelerator = Accelerator()
+    cuda = accelerator.device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype,
+                                                                torch.bfloat16 if cuda else torch.float32)
+    from ex4d.diffusion.weights import load_wan_components
+
+    components = load_wan_components(args.models_dir, layout=args.layout, torch_dtype=dtype,
+                                     device=accelerator.device)
+    model_config = ModelConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                               lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                               encoder_hidden=args.encoder_hidden, init_adapter=args.init_adapter, prompt=args.prompt,
+                               timestep_sampling=args.timestep_sampling, timestep_weighting=args.timestep_weighting,
+                               gradient_checkpointing=not args.no_gradient_checkpointing, erode=not args.no_erode,
+                               cache_encodings=args.cache_encodings)
+    system = EX4DTrainSystem(components, model_config, validation=validation, base_dtype=dtype)
+    result = train(system, dataset, config, resume=args.resume, accelerator=accelerator,
+                   progress=progress if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
+        final = result.final_dir if result.final_dir is not None else "(not reached)"
+        print(f"trained to step {result.step}; final adapter: {final}", file=sys.stdout)
+    return 0
