@@ -446,31 +446,15 @@ def default_runner(job: dict, cache: dict) -> dict:
     return _chain_stages(pipeline, job, cache)
 
 
-@contextlib.contextmanager
-def _estimators_cached_in(cache: dict) -> Iterator[None]:
-    """While active, ``ex4d.depth.get_estimator`` returns estimators kept in ``cache``.
+def _cached_estimator(cache: dict, spec: str, models_dir, device):
+    """The depth estimator for ``spec``, built once per process and kept in ``cache``."""
+    key = ("depth", str(spec), str(models_dir), str(device))
+    if key not in cache:
+        from ex4d.depth import get_estimator
 
-    ``ex4d.pipeline.estimate_depth`` builds its estimator itself on every call (its depth-file
-    reuse and saving are what the batch wants); this keeps the model loaded across the batch's jobs
-    without changing that function. Key: (spec, models_dir, device, other options but progress).
-    """
-    import ex4d.depth as depth_module
-
-    build = depth_module.get_estimator
-
-    def cached(spec, *, models_dir=None, device="auto", **options):
-        options.pop("progress", None)  # the batch shows one progress bar, not the model's
-        key = ("depth", str(spec), str(models_dir), str(device), tuple(sorted(options.items())))
-        if key not in cache:
-            log.info("loading depth estimator %s (once per process)", spec)
-            cache[key] = build(spec, models_dir=models_dir, device=device, **options)
-        return cache[key]
-
-    depth_module.get_estimator = cached
-    try:
-        yield
-    finally:
-        depth_module.get_estimator = build
+        log.info("loading depth estimator %s (once per process)", spec)
+        cache[key] = get_estimator(spec, models_dir=models_dir, device=device)
+    return cache[key]
 
 
 def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
@@ -482,9 +466,10 @@ def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
     device = job.get("device", "auto")
     depth_spec = job.get("depth", "depthcrafter")
     t = time.perf_counter()
-    with _estimators_cached_in(cache):
-        depth = pipeline.estimate_depth(clip, depth_spec, out_dir=job["output"], models_dir=job.get("models_dir"),
-                                        device=device)
+    is_file = Path(depth_spec).suffix.lower() in (".npz", ".npy")
+    estimator = None if is_file else _cached_estimator(cache, depth_spec, job.get("models_dir"), device)
+    depth = pipeline.estimate_depth(clip, depth_spec, out_dir=job["output"], models_dir=job.get("models_dir"),
+                                    device=device, estimator=estimator)
     timings["depth"] = time.perf_counter() - t
     options = pipeline.ReconOptions(
         cam=job["cam"], cap=job.get("cap", "none"), filter=job.get("filter", "angle"),
