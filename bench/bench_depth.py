@@ -118,7 +118,8 @@ def _reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_variant(name, models, frames, device, repeats, reference=None, dtype=torch.float16):
+def run_variant(name, models, frames, device, repeats, reference=None, dtype=torch.float16,
+                repeats_plain_1=False):
     from ex4d.depth.depthcrafter import DepthCrafterPipeline, DepthCrafterSettings
     from ex4d.depth.normalize import minmax_normalize
 
@@ -128,14 +129,12 @@ def run_variant(name, models, frames, device, repeats, reference=None, dtype=tor
     torch.backends.cudnn.benchmark = name != "plain"
     pipe = DepthCrafterPipeline(unet, vae, clip, device=device, dtype=dtype,
                                 settings=DepthCrafterSettings(**options))
-    if options.get("compile"):
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
     t0 = time.perf_counter()
     out = pipe(frames)  # warm-up (and compilation)
     warmup_s = time.perf_counter() - t0
     totals, stages = [], []
     _reset_peak(device)
-    for _ in range(repeats):
+    for _ in range(1 if name == "plain" and repeats_plain_1 else repeats):
         timings = {}
         _sync(device)
         t0 = time.perf_counter()
@@ -151,8 +150,6 @@ def run_variant(name, models, frames, device, repeats, reference=None, dtype=tor
     if reference is not None:
         delta = np.abs(d_hat - reference)
         result["vs_plain"] = {"max_abs_dhat": float(delta.max()), "mean_abs_dhat": float(delta.mean())}
-    if options.get("compile"):
-        vae.decoder = getattr(vae.decoder, "_orig_mod", vae.decoder)
     del pipe, out
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -191,6 +188,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frames", type=int, default=49)
     parser.add_argument("--depth-anything", action="store_true")
+    parser.add_argument("--plain-once", action="store_true",
+                        help="time the plain variant once (it is there for the output comparison)")
+    parser.add_argument("--commit", default="", help="commit id to record when git is not available")
     parser.add_argument("--tiny", action="store_true", help="toy models on the CPU: a smoke test of this script")
     parser.add_argument("--budget-s", type=float, default=420, help="skip remaining work after this long")
     args = parser.parse_args()
@@ -201,7 +201,7 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.float16
     start = time.perf_counter()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+                            text=True).stdout.strip() or args.commit
     report = {"bench": "depth", "commit": commit, "device": "cpu" if args.tiny else torch.cuda.get_device_name(device),
               "torch": torch.__version__, "diffusers": diffusers.__version__,
               "transformers": transformers.__version__, "frames": args.frames, "results": {}, "skipped": []}
@@ -216,7 +216,7 @@ def main() -> None:
             if time.perf_counter() - start > args.budget_s:
                 report["skipped"].append(f"{size_name}:{name}")
                 continue
-            row, d_hat = run_variant(name, models, frames, device, args.repeats, reference, dtype)
+            row, d_hat = run_variant(name, models, frames, device, args.repeats, reference, dtype, args.plain_once)
             if name == "plain":
                 reference = d_hat
             anchor = ANCHORS.get(size_name)

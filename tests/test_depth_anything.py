@@ -82,7 +82,7 @@ def test_estimate_with_tiny_weights(models_dir, offline):
 
 
 def test_missing_weights(tmp_path, offline):
-    with pytest.raises(MissingWeightsError, match=f"huggingface-cli download {REPO} --local-dir"):
+    with pytest.raises(MissingWeightsError, match=f"hf download {REPO} --local-dir"):
         get_estimator("depth-anything", models_dir=tmp_path, device="cpu")
 
 

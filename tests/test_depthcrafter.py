@@ -286,7 +286,7 @@ def test_missing_weights_message(tmp_path, offline):
         DepthCrafter.from_pretrained(models_dir=tmp_path / "empty", device="cpu")
     msg = str(info.value)
     assert "diffusion_pytorch_model.safetensors" in msg
-    assert f"huggingface-cli download tencent/DepthCrafter --local-dir {tmp_path / 'empty'}/tencent/DepthCrafter" \
+    assert f"hf download tencent/DepthCrafter --local-dir {tmp_path / 'empty'}/tencent/DepthCrafter" \
         in msg
     assert info.value.exit_code == 2
 
@@ -295,8 +295,11 @@ def test_missing_svd_names_the_svd_repo(models_dir, tmp_path, offline):
     import shutil
 
     shutil.copytree(models_dir / "tencent", tmp_path / "tencent")
-    with pytest.raises(MissingWeightsError, match="stable-video-diffusion-img2vid-xt"):
+    with pytest.raises(MissingWeightsError, match="stable-video-diffusion-img2vid-xt") as info:
         DepthCrafter.from_pretrained(models_dir=tmp_path, device="cpu")
+    # only the two SVD parts DepthCrafter uses are named, and the licence step is mentioned
+    assert "vae/diffusion_pytorch_model.fp16.safetensors image_encoder/config.json" in str(info.value)
+    assert "licence" in str(info.value) and "unet" not in str(info.value)
 
 
 def test_truncated_weight_file(models_dir, tmp_path, offline):
@@ -342,7 +345,7 @@ def test_cli_missing_weights_exit_2(tmp_path, offline, capsys):
                  "--num-frames", "4", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "huggingface-cli download tencent/DepthCrafter" in err and "Traceback" not in err
+    assert "hf download tencent/DepthCrafter" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "depth.npz").exists()
 
 

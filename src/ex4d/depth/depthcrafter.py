@@ -181,7 +181,13 @@ class DepthCrafterPipeline:
             self.encoder, self.quant_conv, self.encode_dtype = vae.encoder, vae.quant_conv, dtype
         else:
             raise InputError(f"encode_dtype must be 'float32' or 'model', got {s.encode_dtype!r}")
-        self._unet_call = torch.compile(unet) if s.compile else unet
+        # torch.compile: specialised graphs (dynamic=False): one per window length, and two for the
+        # decoder (8-frame chunks and the last, shorter one). First call pays minutes of compilation.
+        self._unet_call, self._encoder_call, self._decoder_call = unet, self.encoder, vae.decoder
+        if s.compile:
+            self._unet_call = torch.compile(unet, dynamic=False)
+            self._encoder_call = torch.compile(self.encoder, dynamic=False)
+            self._decoder_call = torch.compile(vae.decoder, dynamic=False)
         if not offload:
             for m in (unet, vae, image_encoder, self.encoder, self.quant_conv):
                 m.to(self.device)
@@ -235,7 +241,7 @@ class DepthCrafterPipeline:
                 chunk = x_aug[i:i + step].to(self.encode_dtype)
                 if self.settings.channels_last:
                     chunk = chunk.contiguous(memory_format=torch.channels_last)
-                moments = self.quant_conv(self.encoder(chunk))
+                moments = self.quant_conv(self._encoder_call(chunk))
                 out.append(moments[:, : moments.shape[1] // 2])
         return torch.cat(out)[None]
 
@@ -298,7 +304,11 @@ class DepthCrafterPipeline:
                 chunk = z[a:b]
                 if s.channels_last:
                     chunk = chunk.contiguous(memory_format=torch.channels_last)
-                frames = self.vae.decode(chunk, num_frames=min(n, b - a)).sample
+                frames_per_video = min(n, b - a)
+                # what AutoencoderKLTemporalDecoder.decode does, through the (maybe compiled) decoder
+                indicator = torch.zeros(len(chunk) // frames_per_video, frames_per_video, dtype=chunk.dtype,
+                                        device=chunk.device)
+                frames = self._decoder_call(chunk, num_frames=frames_per_video, image_only_indicator=indicator)
                 out.append(((frames.float() / 2 + 0.5).clamp(0, 1)).mean(dim=1))
         return torch.cat(out)
 

@@ -7,7 +7,7 @@ Resolution order for each Hugging Face repository (docs/depth.md):
 3. a download with huggingface_hub, unless offline (``HF_HUB_OFFLINE=1``) or ``allow_download=False``.
 
 If none has the file: :class:`MissingWeightsError` (exit 2) naming the file and the exact
-``huggingface-cli download`` command. Loading builds the model on the meta device from the
+``hf download`` command. Loading builds the model on the meta device from the
 file's config, checks every key and shape against the model (missing/unexpected/mismatched ->
 :class:`CheckpointError`), then assigns the tensors: a model is never left with random weights.
 """
@@ -35,7 +35,8 @@ class WeightFile:
     subfolder: str
     config: str
     weights: tuple[str, ...]
-    include: tuple[str, ...] = ()  # --include patterns for the download command
+    files: tuple[str, ...] = ()  # files named in the download command (empty: the whole repository)
+    gated: bool = False  # the Hub asks users to accept a licence before downloading
 
     def rel(self, name: str) -> str:
         return f"{self.subfolder}/{name}" if self.subfolder else name
@@ -44,10 +45,10 @@ class WeightFile:
 DEPTHCRAFTER_UNET = WeightFile("tencent/DepthCrafter", "", "config.json", ("diffusion_pytorch_model.safetensors",))
 SVD_VAE = WeightFile("stabilityai/stable-video-diffusion-img2vid-xt", "vae", "config.json",
                      ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"),
-                     include=("vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
-                              "image_encoder/config.json", "image_encoder/model.fp16.safetensors"))
+                     files=("vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+                            "image_encoder/config.json", "image_encoder/model.fp16.safetensors"), gated=True)
 SVD_IMAGE_ENCODER = WeightFile("stabilityai/stable-video-diffusion-img2vid-xt", "image_encoder", "config.json",
-                               ("model.fp16.safetensors", "model.safetensors"), include=SVD_VAE.include)
+                               ("model.fp16.safetensors", "model.safetensors"), files=SVD_VAE.files, gated=True)
 DEPTH_ANYTHING_REPOS = {
     "small": "depth-anything/Depth-Anything-V2-Small-hf",
     "base": "depth-anything/Depth-Anything-V2-Base-hf",
@@ -60,9 +61,11 @@ def depth_anything_file(variant: str = "small") -> WeightFile:
 
 
 def download_command(spec: WeightFile, models_dir: str | os.PathLike | None) -> str:
+    """The ``hf download`` command that fills ``<models_dir>/<repo>`` (``huggingface-cli download`` takes
+    the same arguments in huggingface_hub < 1.0)."""
     target = f"{models_dir or 'MODELS'}/{spec.repo}"
-    include = "".join(f' --include "{p}"' for p in spec.include)
-    return f"huggingface-cli download {spec.repo}{include} --local-dir {target}"
+    files = "".join(f" {p}" for p in spec.files)
+    return f"hf download {spec.repo}{files} --local-dir {target}"
 
 
 def _offline() -> bool:
@@ -105,9 +108,12 @@ def resolve(spec: WeightFile, models_dir: str | os.PathLike | None = None, *,
                 if not local_only:
                     log.warning("download of %s failed: %s", spec.repo, exc)
     where = Path(models_dir) / spec.repo if models_dir is not None else Path("<models-dir>") / spec.repo
+    gated = (f"; accept the model's licence on https://huggingface.co/{spec.repo} and run `hf auth login` first"
+             if spec.gated else "")
     raise MissingWeightsError(
         f"missing weights {where / spec.rel(spec.weights[0])} (not in the Hugging Face cache and not "
-        f"downloadable now); download them with: {download_command(spec, models_dir)}")
+        f"downloadable now); download them with: {download_command(spec, models_dir)} "
+        f"(or `huggingface-cli download` with the same arguments on huggingface_hub < 1.0){gated}")
 
 
 def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
