@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", default=None, help="attention backend (see performance.py)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="force torch.compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="force eager")
+    parser.add_argument("--no-fuse", action="store_true", help="keep separate Q/K/V linears")
+    parser.add_argument("--no-batch-cfg", action="store_true", help="two CFG forwards per step")
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
 
@@ -168,8 +170,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     mode = args.mode
     options = PerformanceOptions(
-        merge_lora=mode != "unmerged", fuse_qkv=mode != "unmerged", compile=(mode in ("default", "fp8") if args.compile is None else args.compile) and cuda,
-        batch_cfg=mode != "unmerged", low_vram=mode == "lowvram", fp8=mode == "fp8", attention=args.attention,
+        merge_lora=mode != "unmerged", fuse_qkv=mode != "unmerged" and not args.no_fuse, compile=(mode in ("default", "fp8") if args.compile is None else args.compile) and cuda,
+        batch_cfg=mode != "unmerged" and not args.no_batch_cfg, low_vram=mode == "lowvram", fp8=mode == "fp8", attention=args.attention,
         dtype=dtype)
 
     t0 = time.perf_counter()

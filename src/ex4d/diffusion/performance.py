@@ -131,16 +131,18 @@ def enable_low_vram(pipe, device: torch.device) -> None:
     """Group offloading with streams: DiT one block per group, T5 per block; the rest stays on ``device``.
 
     Weights live in pinned CPU memory and the next group is prefetched on a side stream while the
-    current one runs, so the copy hides under the compute of a 512x512x49 step.
+    current one runs, so the copy hides under the compute of a 512x512x49 step. The copies must be
+    non-blocking: a blocking copy stalls the host thread, and with it the kernel launches it overlaps.
     """
     pipe.transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
                                           offload_type="block_level", num_blocks_per_group=1,
-                                          use_stream=True, record_stream=True)
+                                          use_stream=True, record_stream=True, non_blocking=True)
     if pipe.text_encoder is not None:
         from diffusers.hooks import apply_group_offloading
 
         apply_group_offloading(pipe.text_encoder, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=4, use_stream=True)
+                               offload_type="block_level", num_blocks_per_group=4, use_stream=True,
+                               record_stream=True, non_blocking=True)
     for name in ("image_encoder", "vae", "camera_encoder"):
         module = getattr(pipe, name, None)
         if module is not None:
