@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import time
 from pathlib import Path
 
 from ex4d.commands.common import add_device_arg, resolve_device
-from ex4d.errors import InputError, UserError
+from ex4d.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +19,6 @@ EPILOG = """examples:
   ex4d generate --color out/color_90.mp4 -o gen.mp4 --compile --fp8     # faster after warm-up / less memory
 The mask defaults to the lossless mask_<cam>.mkv beside color_<cam>.mp4.
 """
-
-#: Where the weight loaders live (the Wan loader and the adapter loader may sit in sibling modules).
-_LOADER_MODULES = ("ex4d.diffusion.weights", "ex4d.diffusion.weights_wan", "ex4d.diffusion.weights_adapter")
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -62,22 +57,20 @@ def register(subparsers) -> None:
                            "sage, xformers, flex")
     perf.add_argument("--no-batch-cfg", action="store_true", help="run the two CFG branches one after the other")
     perf.add_argument("--no-merge-lora", action="store_true", help="keep the LoRA unmerged (slower; as the reference)")
+    perf.add_argument("--parallel", default="auto", choices=("none", "ulysses", "cfg", "cfg-ulysses", "auto"),
+                      help="multi-GPU layout when launched with torchrun (docs/scale.md); ignored otherwise")
     add_device_arg(parser)
     parser.set_defaults(func=main)
 
 
-def _loader(name: str):
-    """The weight-loading function ``name`` from whichever weights module provides it."""
-    for module_name in _LOADER_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise UserError(f"this ex4d build has no {name}(); reinstall ex4d")
+def _launched_distributed() -> bool:
+    """torchrun/accelerate with more than one process (kept here so that --help imports no torch)."""
+    import os
+
+    try:
+        return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
 
 
 def parse_fps(text: str) -> float | None:
@@ -104,6 +97,12 @@ def check_output(output: str | Path, inputs: list[Path]) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    if _launched_distributed() and getattr(args, "parallel", "auto") != "none":
+        from ex4d.diffusion.parallel import apply_safe_env, generate_main
+
+        apply_safe_env()
+        return generate_main(args)
+
     import torch
 
     from ex4d.diffusion.conditioning import find_mask_for, load_condition
@@ -131,18 +130,14 @@ def main(args: argparse.Namespace) -> int:
     load_device = "cpu" if (args.low_vram or args.cpu_offload) else device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     options.dtype = dtype
-    load_wan_components = _loader("load_wan_components")
-    load_ex4d_adapter = _loader("load_ex4d_adapter")
-    adapter_path = args.adapter
-    try:
-        from ex4d.diffusion.models_dir import resolve_adapter
+    from ex4d.diffusion.weights import load_ex4d_adapter, load_wan_components, resolve_adapter
 
-        adapter_path = resolve_adapter(args.models_dir, args.adapter)
-    except ImportError:
-        pass
-    adapter = load_ex4d_adapter(adapter_path)
+    # Missing weights raise MissingWeightsError (exit 2) naming the file and the download command;
+    # the adapter path is resolved first so that it fails before 40 GB are read.
+    adapter_path = resolve_adapter(args.models_dir, args.adapter)
     started = time.perf_counter()
     components = load_wan_components(args.models_dir, torch_dtype=dtype, device=load_device)
+    adapter = load_ex4d_adapter(adapter_path, transformer_config=dict(components["transformer"].config))
 
     from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, build_pipeline
 
