@@ -1,0 +1,141 @@
+"""The training loop and the flow-matching objective on a toy system (fast, exact)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from ex4d.errors import InputError
+from ex4d.train.objective import FlowMatchingObjective, diffsynth_weights, training_schedule
+from ex4d.train.trainer import StepSampler, TrainConfig, TrainSystem, list_checkpoints, train
+
+
+class Toy(TrainSystem):
+    """A frozen linear 'base' plus a trainable MLP, trained with the real objective on 8-d 'latents'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = nn.Linear(9, 8).requires_grad_(False)
+        self.adapter = nn.Sequential(nn.Linear(9, 32), nn.SiLU(), nn.Linear(32, 8))
+        self.objective = FlowMatchingObjective()
+
+    def forward(self, batch: dict) -> dict:
+        x0 = batch["x"]
+        draws = []
+        for seed in batch["seed"].tolist():
+            g = torch.Generator().manual_seed(seed)
+            sigma, weight = self.objective.sample(g)
+            draws.append((sigma, weight, torch.randn(8, generator=g)))
+        sigma = torch.tensor([d[0] for d in draws])
+        x_t, target = self.objective.noisy(x0, torch.stack([d[2] for d in draws]), sigma)
+        inputs = torch.cat([x_t, sigma[:, None]], 1)
+        prediction = self.base(inputs) + self.adapter(inputs)
+        return {"loss": self.objective.loss(prediction, target, torch.tensor([d[1] for d in draws]))}
+
+
+class Points(torch.utils.data.Dataset):
+    def __init__(self, n: int = 5) -> None:
+        self.x = torch.randn(n, 8, generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i]}
+
+
+def _config(tmp_path, name: str, **overrides) -> TrainConfig:
+    values = dict(output_dir=str(tmp_path / name), max_steps=12, batch_size=2, grad_accum=2, learning_rate=1e-2,
+                  checkpoint_every=4, keep_checkpoints=2, tensorboard=False, lr_schedule="cosine", warmup_steps=2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_resume_repeats_the_uninterrupted_run_step_for_step(tmp_path):
+    full = train(Toy(), Points(), _config(tmp_path, "full"))
+    part1 = train(Toy(), Points(), _config(tmp_path, "split"), stop_after=5)  # last checkpoint: step 4
+    resumed = Toy()
+    part2 = train(resumed, Points(), _config(tmp_path, "split"))
+    assert part1.step == 5 and part2.step == 12 and len(part2.losses) == 8
+    assert part1.losses[:4] + part2.losses == full.losses  # bit-identical, steps 5..12 redone from step 4
+    reference = Toy()
+    train(reference, Points(), _config(tmp_path, "again"))
+    for (name, a), b in zip(resumed.trainable_state_dict().items(), reference.trainable_state_dict().values()):
+        assert torch.equal(a, b), name
+    # the log reads as one run: steps 1..12 once each
+    with open(tmp_path / "split" / "log.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps == list(range(1, 13))
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step-000008", "step-000012"]
+    assert (tmp_path / "split" / "final").is_dir()
+
+
+def test_resume_refuses_a_changed_batch_layout(tmp_path):
+    train(Toy(), Points(), _config(tmp_path, "run"), stop_after=4)
+    with pytest.raises(InputError, match="batch_size was 2"):
+        train(Toy(), Points(), _config(tmp_path, "run", batch_size=3))
+    fresh = train(Toy(), Points(), _config(tmp_path, "run", batch_size=3), resume="none", stop_after=1)
+    assert fresh.step == 1
+
+
+def test_training_reduces_the_loss(tmp_path):
+    """Measured: the mean loss of the last 10 steps is 2.3x below the first 10 (1.63 -> 0.72; noisy,
+    random timesteps; a 2-point toy cannot reach 0 as the noise is unpredictable). Asserted > 2x
+    below: deterministic, so no flakiness."""
+    result = train(Toy(), Points(2), _config(tmp_path, "fit", max_steps=150, grad_accum=1, learning_rate=3e-2,
+                                             lr_schedule="constant", checkpoint_every=0))
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < first / 2, (first, last)
+
+
+def test_samples_do_not_depend_on_the_process_count():
+    one = StepSampler(7, seed=3, batch_size=2, grad_accum=1, start_step=0, max_steps=4)
+    ids = list(one.global_ids())
+    two = [StepSampler(7, seed=3, batch_size=1, grad_accum=1, start_step=0, max_steps=4, rank=r, world_size=2)
+           for r in range(2)]
+    merged = sorted(g for s in two for g in s.global_ids())
+    assert merged == ids == list(range(8))
+    order = [one.index_of(g) for g in range(14)]
+    assert sorted(order[:7]) == list(range(7)) and sorted(order[7:]) == list(range(7))  # epochs are permutations
+    resumed = StepSampler(7, seed=3, batch_size=2, grad_accum=1, start_step=2, max_steps=4)
+    assert list(resumed) == list(one)[4:]
+
+
+def test_bad_configs_and_data(tmp_path):
+    with pytest.raises(InputError, match="empty"):
+        train(Toy(), Points(0), _config(tmp_path, "e"))
+    with pytest.raises(InputError, match="max_steps"):
+        train(Toy(), Points(), _config(tmp_path, "e", max_steps=0))
+    with pytest.raises(InputError, match="unknown training setting"):
+        TrainConfig.from_dict({"steps": 3})
+
+    class Frozen(Toy):
+        def __init__(self):
+            super().__init__()
+            self.adapter.requires_grad_(False)
+
+    with pytest.raises(InputError, match="no trainable"):
+        train(Frozen(), Points(), _config(tmp_path, "f"))
+
+
+def test_objective_matches_the_sampler_schedule():
+    sigmas = training_schedule(5.0)
+    assert len(sigmas) == 1000 and float(sigmas[0]) == 1.0 and 0 < float(sigmas[-1]) < 0.01
+    s = 0.5
+    assert float(training_schedule(5.0, 2)[1]) == pytest.approx(5 * s / (1 + 4 * s))  # the inference formula
+    weights = diffsynth_weights(sigmas)
+    assert float(weights.mean()) == pytest.approx(1.0) and float(weights.min()) == 0.0
+    assert float(weights[torch.argmin((sigmas - 0.5).abs())]) > 1.5  # the bump peaks at t = 500
+    x0, noise = torch.ones(1, 2, 1, 1, 1), torch.zeros(1, 2, 1, 1, 1)
+    x_t, target = FlowMatchingObjective.noisy(x0, noise, torch.tensor([0.25]))
+    assert torch.allclose(x_t, 0.75 * x0) and torch.equal(target, noise - x0)
+    objective = FlowMatchingObjective(sampling="logit_normal", weighting="none")
+    g = torch.Generator().manual_seed(0)
+    draws = [objective.sample(g) for _ in range(200)]
+    assert all(0 < s < 1 and w == 1.0 for s, w in draws)
+    with pytest.raises(ValueError, match="sampling"):
+        FlowMatchingObjective(sampling="cosine")
