@@ -186,3 +186,37 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
     assert "no finished pairs" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing"), "-o", str(tmp_path / "run")]) == 1
     assert main(["train", str(tmp_path / "ds"), "-o", str(tmp_path / "run"), "--steps", "0"]) == 1
+
+
+def test_cli_make_pairs_train_generate(tmp_path, capsys):
+    """The whole chain through the CLI: pairs -> 2 training steps -> `ex4d generate` loads the result."""
+    from tiny_wan import write_tiny_original_layout
+
+    from ex4d.cli import main
+    from ex4d.io.video import read_video, to_uint8, write_video
+    from ex4d.synthetic.scenes import make_example
+
+    videos, depths = tmp_path / "videos", tmp_path / "depth"
+    videos.mkdir()
+    depths.mkdir()
+    for scene in ("boxes", "planes"):
+        clip, depth = make_example(scene, T, (32, 32))
+        write_video(videos / f"{scene}.mp4", to_uint8(clip.frames), 15.0)
+        depth.save(depths / f"{scene}.npz")
+    write_tiny_original_layout(tmp_path / "models" / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
+    assert main(["make-pairs", str(videos), "--depth", str(depths), "--num-frames", str(T), "-o",
+                 str(tmp_path / "pairs"), "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "pairs"), "-o", str(run), "--models-dir", str(tmp_path / "models"),
+                 "--steps", "2", "--size", "16", "16", "--num-frames", str(T), "--encoder-hidden", "16",
+                 "--lora-rank", "4", "--lora-alpha", "4", "--num-workers", "0", "--validation-pairs", "1",
+                 "--validate-every", "2"]) == 0
+    assert "trained to step 2" in capsys.readouterr().out
+    assert (run / "validation" / "step-000002" / "sample_00.mp4").is_file()
+    pair = tmp_path / "pairs" / "clips" / "planes"
+    out = tmp_path / "generated.mp4"
+    assert main(["generate", "--color", str(pair / "cond.mp4"), "--mask", str(pair / "mask.mkv"), "-o", str(out),
+                 "--models-dir", str(tmp_path / "models"), "--adapter", str(run / "final" / "ex4d.ckpt"),
+                 "--steps", "2", "--size", "16x16", "--num-frames", str(T), "--device", "cpu"]) == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (T, 16, 16, 3)

@@ -131,6 +131,7 @@ class EX4DTrainSystem(TrainSystem):
             vae=self.vae, transformer=self.transformer, camera_encoder=self.camera_encoder,
             scheduler=make_scheduler())
         self.pipe._injector = self.injector
+        self.pipe.set_progress_bar_config(disable=True)  # validation sampling; the trainer has its own bar
         if cfg.cache_encodings:
             # Memoise the pipeline's VAE encodes by input content: the target latent and y of a clip
             # never change, and the cond/mask latents repeat whenever the erosion draw does (always
