@@ -138,6 +138,7 @@ class ReconOptions:
     save_mesh: str = "first"  # "none" | "first" | "all"
     fps: float | None = None  # None: the source's
     resample: bool = False
+    antialias: str = "analytic"  # "analytic" (like the reference's) | "msaa" | "none"
     device: str = "auto"
 
 
@@ -150,10 +151,8 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     ``DW-Mesh_<k>.ply`` for every frame with save_mesh="all") and ``recon_<cam>.json`` (settings).
     Returns the written paths by role.
     """
-    import torch
-
     from ex4d.camera.trajectory import make_trajectory
-    from ex4d.mesh.dwmesh import build_dw_mesh, export_ply
+    from ex4d.mesh.dwmesh import export_ply
     from ex4d.render.condition import render_condition
 
     out_dir = prepare_output_dir(out_dir)
@@ -166,26 +165,29 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     fps = float(options.fps) if options.fps else clip.fps
     mesh_options = dict(cap=options.cap, filter=options.filter, stretch_test=options.stretch_test,
                         watertight=options.watertight)
+    written: dict[str, Path] = {}
+
+    def save_mesh(k: int, mesh) -> None:
+        # Meshes are exported as the renderer builds them, so none is built twice.
+        if options.save_mesh == "all":
+            written[f"mesh_{k}"] = export_ply(mesh, out_dir / f"DW-Mesh_{k:04d}.ply")
+        elif options.save_mesh == "first" and k == 0:
+            written["mesh"] = export_ply(mesh, out_dir / "DW-Mesh.ply")
+
     condition = render_condition(clip.frames, depth.depth, K_src, trajectory, **mesh_options,
                                  only_first_frame=options.only_first_frame, device=str(device), fps=fps,
-                                 progress=progress)
-    written = dict(condition.save(out_dir))
+                                 progress=progress, antialias=options.antialias,
+                                 mesh_callback=None if options.save_mesh == "none" else save_mesh)
+    written.update(condition.save(out_dir))
     written["camera"] = trajectory.save(out_dir / f"camera_{trajectory.name}.npz")
-
-    if options.save_mesh != "none":
-        frames = range(clip.num_frames) if options.save_mesh == "all" else [0]
-        for k in frames:
-            mesh = build_dw_mesh(torch.from_numpy(depth.depth[k]).to(device),
-                                 torch.from_numpy(clip.frames[k]).to(device), K_src, **mesh_options)
-            name = "DW-Mesh.ply" if options.save_mesh == "first" else f"DW-Mesh_{k:04d}.ply"
-            written[f"mesh_{k}"] = export_ply(mesh, out_dir / name)
 
     record = {
         "source": clip.source, "num_frames": clip.num_frames, "size": list(clip.size), "fps": fps,
         "depth": {"estimator": depth.estimator, "settings": depth.settings},
         "trajectory": {"name": trajectory.name, "settings": trajectory.settings},
         "options": {**mesh_options, "only_first_frame": options.only_first_frame,
-                    "save_mesh": options.save_mesh},
+                    "save_mesh": options.save_mesh, "antialias": options.antialias},
+        "render": condition.settings,
         "files": {role: path.name for role, path in written.items()},
     }
     with atomic_path(out_dir / f"recon_{trajectory.name}.json") as tmp:

@@ -41,6 +41,9 @@ def add_recon_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only-first-frame", action="store_true", help="reuse frame 0's mesh for all frames")
     parser.add_argument("--save-mesh", choices=["none", "first", "all"], default="first",
                         help="write DW-Mesh.ply for frame 0 (default), every frame, or none")
+    parser.add_argument("--antialias", choices=["analytic", "msaa", "none"], default="analytic",
+                        help="edge antialiasing: analytic silhouette blend like the reference's (default), "
+                             "4x MSAA, or none")
     parser.add_argument("--fps", type=float, default=None, help="output fps (default: the source's)")
     parser.add_argument("--resample", action="store_true",
                         help="resample a pose file whose pose count differs from --num-frames")
@@ -69,7 +72,8 @@ def recon_from_args(args) -> dict:
                            progress=progress)
     options = ReconOptions(cam=args.cam, cap=args.cap, filter=args.filter, stretch_test=args.stretch_test,
                            watertight=not args.torn, only_first_frame=args.only_first_frame,
-                           save_mesh=args.save_mesh, fps=args.fps, resample=args.resample, device=args.device)
+                           save_mesh=args.save_mesh, fps=args.fps, resample=args.resample,
+                           antialias=args.antialias, device=args.device)
     return run_recon(clip, depth, out_dir, options,
                      progress=lambda it, **kw: progress(it, desc="render", unit="frame", **kw))
 
