@@ -57,14 +57,18 @@ def align_video(disparity: np.ndarray) -> tuple[np.ndarray, list[tuple[float, fl
     out = np.empty_like(disparity, dtype=np.float32)
     out[0] = disparity[0]
     params = [(1.0, 0.0)]
+    skipped = []
     for t in range(1, len(disparity)):
         s, b = align_scale_shift(disparity[t], out[t - 1])
         if not (np.isfinite(s) and s > 0):
             # a flat or inverted fit would flip near and far; keep the frame as predicted instead
-            log.warning("frame %d: alignment gave scale %.3g; left unaligned", t, s)
+            skipped.append(t)
             s, b = 1.0, 0.0
         out[t] = s * disparity[t] + b
         params.append((s, b))
+    if skipped:
+        log.warning("%d frame(s) could not be aligned to the previous one (first: %d); left as predicted",
+                    len(skipped), skipped[0])
     return out, params
 
 
