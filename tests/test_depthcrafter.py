@@ -270,6 +270,22 @@ def test_noise_assignment_and_long_video(estimator, monkeypatch):
     torch.testing.assert_close(stitched[-1], latents)
 
 
+def test_offload_and_options_give_the_same_output(estimator):
+    """Offloading, decode batching and the single-token shortcut do not change the result."""
+    pipe = estimator.pipeline
+    f = frames(T=17)  # decoded as 8+8 (one call with decode_batch=2) + 1
+    reference = pipe(f)
+    settings = DepthCrafterSettings(decode_batch=2, single_token_attention=True, encode_chunk_size=4)
+    other = DepthCrafterPipeline(pipe.unet, pipe.vae, pipe.image_encoder, device="cpu", dtype=torch.float32,
+                                 settings=settings, offload=True)
+    try:
+        np.testing.assert_allclose(other(f), reference, atol=1e-5)
+    finally:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+
+
 def test_short_video_single_window(estimator):
     out = estimator.estimate(frames(T=2, H=8, W=12))
     assert out.depth.shape == (2, 8, 12) and np.isfinite(out.depth).all()

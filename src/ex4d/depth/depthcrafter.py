@@ -16,8 +16,10 @@ Pipeline for frames (T, H, W, 3) in [0, 1], H and W multiples of 64 (h = H/8, w 
 
 Speed options that keep the numbers (up to kernel rounding): ``decode_batch`` (several 8-frame
 chunks per decoder call; each chunk is still its own temporal batch), the single-token
-cross-attention shortcut, ``channels_last``. Options that change numbers slightly, off by default:
-``encode_dtype="model"`` (fp16 VAE encode), ``compile``.
+cross-attention shortcut, ``channels_last``; in eager fp16 on an H100 none of them was faster
+(bench/bench_depth.py). Options that change numbers slightly, off by default:
+``encode_dtype="model"`` (fp16 VAE encode, -0.2 s and -5 GiB at 576x1024) and ``compile``
+(torch.compile of UNet, VAE encoder and decoder: 2x faster after minutes of compilation).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class DepthCrafterSettings:
     encode_chunk_size: int = 8  # no effect on values (the encoder is per image)
     decode_batch: int = 1  # 8-frame chunks decoded per call (same values, fewer launches)
     encode_dtype: str = "float32"  # "float32" (reference) or "model" (faster, slightly different)
-    single_token_attention: bool = True
+    single_token_attention: bool = False  # exact shortcut, but no faster in fp16 on an H100 (measured)
     channels_last: bool = False
     compile: bool = False
 
