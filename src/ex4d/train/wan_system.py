@@ -81,6 +81,29 @@ def _lora_target_regex(targets: tuple[str, ...]) -> tuple[str, int]:
     return pattern, len(names)
 
 
+def encode_prompts(components: dict, prompt: str | None = None, negative_prompt: str | None = None, *,
+                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) umT5 embeddings (1, 512, text_dim) with the pipeline's own text encoding.
+
+    Computing them once up front lets the caller drop the text encoder (11 GB in bf16 for umT5-XXL)
+    before training. Defaults: EX-4D's fixed prompt and Wan's negative prompt.
+    """
+    from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, EX4DPipeline, make_scheduler
+
+    if components.get("text_encoder") is None or components.get("tokenizer") is None:
+        raise InputError("the text encoder and tokenizer are needed to encode the training prompt")
+    pipe = EX4DPipeline(tokenizer=components["tokenizer"], text_encoder=components["text_encoder"],
+                        image_encoder=None, vae=components["vae"], transformer=components["transformer"],
+                        camera_encoder=None, scheduler=make_scheduler())
+    dtype = dtype or components["transformer"].dtype
+    with torch.no_grad():
+        positive = pipe._encode_text(prompt if prompt is not None else DEFAULT_PROMPT, torch.device(device), dtype)
+        negative = pipe._encode_text(negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+                                     torch.device(device), dtype)
+    return positive, negative
+
+
 class EX4DTrainSystem(TrainSystem):
     """Wraps the Wan components for training. ``forward(batch)`` returns ``{"loss", "sigma"}``.
 
@@ -92,8 +115,8 @@ class EX4DTrainSystem(TrainSystem):
     """
 
     def __init__(self, components: dict, config: ModelConfig | None = None, *,
-                 text_embeds: torch.Tensor | None = None, validation: list | None = None,
-                 base_dtype: torch.dtype = torch.float32) -> None:
+                 text_embeds: torch.Tensor | None = None, negative_text_embeds: torch.Tensor | None = None,
+                 validation: list | None = None, base_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         from ex4d.diffusion.adapter import CamVidEncoder, PatchEmbeddingInjector
         from ex4d.diffusion.pipeline import EX4DPipeline, make_scheduler
@@ -141,6 +164,8 @@ class EX4DTrainSystem(TrainSystem):
                                                weighting=cfg.timestep_weighting)
         self.register_buffer("text_embeds", text_embeds.detach().clone() if text_embeds is not None else None,
                              persistent=False)
+        self.register_buffer("negative_text_embeds", negative_text_embeds.detach().clone()
+                             if negative_text_embeds is not None else None, persistent=False)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._vae_cache: dict[str, torch.Tensor] = {}
         self.validation_items = list(validation or [])
@@ -324,12 +349,13 @@ class EX4DTrainSystem(TrainSystem):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         text = self._text()
-        guidance = self.config.validation_guidance if self.text_encoder is not None else 1.0
-        negative = None
-        if guidance != 1.0:
+        negative = self.negative_text_embeds
+        if negative is None and self.text_encoder is not None:
             from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT
 
             negative = self.pipe._encode_text(DEFAULT_NEGATIVE_PROMPT, self.device, self.transformer.dtype)
+        # Without a negative prompt embedding there is no CFG branch to guide with.
+        guidance = self.config.validation_guidance if negative is not None else 1.0
         scores = []
         for i, (video, mask) in enumerate(self.validation_items):
             video_t = torch.as_tensor(video, dtype=torch.float32)
