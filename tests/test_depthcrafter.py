@@ -105,6 +105,50 @@ def test_full_size_models_match_manifests(name):
         check_state_dict(model, state, Path(name))
 
 
+#: md5 of "key:d0xd1x...," over the sorted keys of each manifest, with tensor and parameter counts, so
+#: that the check also runs where the manifests are not checked out.
+MANIFEST_FINGERPRINTS = {
+    "depthcrafter_unet": ("a7da5e591bca7f16a1937c108735c3df", 1428, 1524623082),
+    "svd_xt_vae": ("c55e072611c42d5d796111281cbba2c5", 374, 97742847),
+    "svd_xt_image_encoder": ("f4cac74909735c3105eeb571f2eb60ef", 520, 632076800),
+}
+FULL_CONFIGS = {
+    "depthcrafter_unet": dict(
+        addition_time_embed_dim=256, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024,
+        down_block_types=["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"], in_channels=8,
+        layers_per_block=2, num_attention_heads=[5, 10, 20, 20], num_frames=25, out_channels=4,
+        projection_class_embeddings_input_dim=768, sample_size=96, transformer_layers_per_block=1,
+        up_block_types=["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3),
+    "svd_xt_vae": dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                       force_upcast=True, in_channels=3, latent_channels=4, layers_per_block=2, out_channels=3,
+                       sample_size=768, scaling_factor=0.18215),
+    "svd_xt_image_encoder": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16,
+                                 num_hidden_layers=32, patch_size=14, image_size=224, projection_dim=1024,
+                                 layer_norm_eps=1e-5, hidden_act="gelu", num_channels=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST_FINGERPRINTS))
+def test_full_size_models_match_manifest_fingerprints(name):
+    import hashlib
+
+    from diffusers import AutoencoderKLTemporalDecoder
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.device("meta"):
+        if name == "depthcrafter_unet":
+            model = DepthCrafterUNet.from_config(FULL_CONFIGS[name])
+        elif name == "svd_xt_vae":
+            model = AutoencoderKLTemporalDecoder.from_config(FULL_CONFIGS[name])
+        else:
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**FULL_CONFIGS[name]))
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    text = ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in sorted(shapes.items()))
+    digest, count, params = MANIFEST_FINGERPRINTS[name]
+    assert (hashlib.md5(text.encode()).hexdigest(), len(shapes), sum(math.prod(s) for s in shapes.values())) == \
+        (digest, count, params)
+
+
 # ---- the UNet override --------------------------------------------------------------------------
 def test_unet_per_frame_embeddings():
     from diffusers import UNetSpatioTemporalConditionModel
@@ -294,6 +338,10 @@ def test_short_video_single_window(estimator):
 def test_frames_must_fit_the_model(estimator):
     with pytest.raises(InputError, match="divisible by 4"):
         estimator.estimate(frames(T=2, H=10, W=16))
+    with pytest.raises(InputError, match="float in \\[0, 1\\]"):
+        estimator.estimate((frames(T=2) * 255).astype(np.uint8))
+    with pytest.raises(InputError, match="in \\[0, 1\\]"):
+        estimator.estimate(frames(T=2) * 255)
 
 
 # ---- weights: missing, corrupt, mismatched ------------------------------------------------------

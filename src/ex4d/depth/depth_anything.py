@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ex4d.depth.depthcrafter import _device, _dtype, _wrap
+from ex4d.depth.depthcrafter import _device, _dtype, _wrap, check_unit_frames
 from ex4d.depth.normalize import minmax_normalize, normalized_disparity_to_depth
 from ex4d.depth.weights import depth_anything_file, read_config, read_safetensors, resolve
 from ex4d.errors import InputError
@@ -121,9 +121,9 @@ class DepthAnythingV2:
 
     def estimate(self, frames: np.ndarray) -> DepthVideo:
         """frames (T, H, W, 3) float [0, 1] -> DepthVideo, z (T, H, W) in the reference range."""
-        frames = np.asarray(frames, dtype=np.float32)
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise InputError(f"frames must be (T, H, W, 3), got {frames.shape}")
+        frames = np.asarray(frames)
+        check_unit_frames(frames)
+        frames = frames.astype(np.float32, copy=False)
         disparity = self.predict(frames)
         params = [(1.0, 0.0)] * len(disparity)
         if self.align:

@@ -136,6 +136,17 @@ def set_channels_last(module: torch.nn.Module, enable: bool = True) -> None:
             m.weight.data = m.weight.data.contiguous(memory_format=fmt)
 
 
+def check_unit_frames(frames: np.ndarray) -> None:
+    """Raise InputError unless frames is (T, H, W, 3) float in [0, 1] (not uint8 0..255)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise InputError(f"frames must be (T, H, W, 3) with T >= 1, got {frames.shape}")
+    if not np.issubdtype(frames.dtype, np.floating):
+        raise InputError(f"frames must be float in [0, 1], got {frames.dtype} (use ex4d.io.video.to_float01)")
+    lo, hi = float(frames.min()), float(frames.max())
+    if not (lo >= -1e-3 and hi <= 1 + 1e-3):
+        raise InputError(f"frames must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+
+
 def _wrap(progress, iterable, desc: str, total: int | None = None):
     if progress is None:
         return iterable
@@ -215,8 +226,7 @@ class DepthCrafterPipeline:
         return _Ctx()
 
     def check_frames(self, frames: np.ndarray) -> None:
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise InputError(f"frames must be (T, H, W, 3), got {frames.shape}")
+        check_unit_frames(frames)
         _, H, W, _ = frames.shape
         if H % self.multiple or W % self.multiple:
             raise InputError(f"DepthCrafter needs H and W divisible by {self.multiple}, got {H}x{W} "
@@ -392,8 +402,9 @@ class DepthCrafter:
 
     def estimate(self, frames: np.ndarray) -> DepthVideo:
         """frames (T, H, W, 3) float [0, 1] -> DepthVideo with reference z (T, H, W) in [2.5641, 10000]."""
-        frames = np.asarray(frames, dtype=np.float32)
-        disparity = self.pipeline(frames, progress=self.progress)
+        frames = np.asarray(frames)
+        check_unit_frames(frames)
+        disparity = self.pipeline(frames.astype(np.float32, copy=False), progress=self.progress)
         depth = normalized_disparity_to_depth(minmax_normalize(disparity, where="DepthCrafter output"))
         pipe = self.pipeline
         settings = {"estimator": self.name, **asdict(pipe.settings), "dtype": str(pipe.dtype).replace("torch.", ""),
