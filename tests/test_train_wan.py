@@ -216,6 +216,7 @@ def test_cli_make_pairs_train_generate(tmp_path, capsys):
                  "--validate-every", "2"]) == 0
     assert "trained to step 2" in capsys.readouterr().out
     assert (run / "validation" / "step-000002" / "sample_00.mp4").is_file()
+    assert (run / "validation.csv").read_text().splitlines()[0] == "step,psnr"
     pair = tmp_path / "pairs" / "clips" / "planes"
     out = tmp_path / "generated.mp4"
     assert main(["generate", "--color", str(pair / "cond.mp4"), "--mask", str(pair / "mask.mkv"), "-o", str(out),
@@ -223,3 +224,38 @@ def test_cli_make_pairs_train_generate(tmp_path, capsys):
                  "--steps", "2", "--size", "16x16", "--num-frames", str(T), "--device", "cpu"]) == 0
     frames, _ = read_video(out)
     assert frames.shape == (T, 16, 16, 3)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo DDP) trains and saves once (about 20 s; slow: it
+    spawns processes)."""
+    import subprocess
+
+    from tiny_wan import write_tiny_original_layout
+
+    from ex4d.cli import main
+    from ex4d.io.video import to_uint8, write_video
+    from ex4d.synthetic.scenes import make_example
+
+    videos, depths = tmp_path / "videos", tmp_path / "depth"
+    videos.mkdir()
+    depths.mkdir()
+    for scene in ("boxes", "planes"):
+        clip, depth = make_example(scene, T, (32, 32))
+        write_video(videos / f"{scene}.mp4", to_uint8(clip.frames), 15.0)
+        depth.save(depths / f"{scene}.npz")
+    write_tiny_original_layout(tmp_path / "models" / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
+    assert main(["make-pairs", str(videos), "--depth", str(depths), "--num-frames", str(T), "-o",
+                 str(tmp_path / "pairs"), "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    command = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ex4d.cli", "train",
+               str(tmp_path / "pairs"), "-o", str(run), "--models-dir", str(tmp_path / "models"), "--steps", "2",
+               "--size", "16", "16", "--num-frames", str(T), "--encoder-hidden", "16", "--lora-rank", "4",
+               "--lora-alpha", "4", "--num-workers", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained to step 2") == 1  # only the main process reports
+    assert (run / "final" / "ex4d.ckpt").is_file()
+    assert len((run / "log.csv").read_text().splitlines()) == 3

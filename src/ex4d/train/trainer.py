@@ -296,6 +296,15 @@ class MetricsLog:
                     self._writer.add_scalar(f"train/{key}", value, row["step"])
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
+        """Append ``values`` to ``<prefix>.csv`` (columns fixed by the first call) and TensorBoard."""
+        if values:
+            path = self.path.with_name(f"{prefix}.csv")
+            new = not path.is_file()
+            with open(path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["step", *sorted(values)], extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow({"step": step, **values})
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(f"{prefix}/{key}", value, step)
