@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[..., Iterable]
 
-#: Estimator names accepted by ``--depth`` besides a file path.
-DEPTH_ESTIMATORS = ("depthcrafter", "depth-anything")
-
-
 def load_clip(video: str | os.PathLike, *, num_frames: int = 49, resize: str = "reference",
               max_res: int = 1024) -> Clip:
     """Read the first ``num_frames`` frames of ``video`` as a :class:`Clip` (float [0,1]).
@@ -58,13 +54,15 @@ def _file_fingerprint(path: str | os.PathLike) -> dict:
     return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _depth_request(clip: Clip, depth_spec: str) -> dict:
+def _depth_request(clip: Clip, depth_spec: str, estimator_options: dict) -> dict:
     """What a cached ``depth.npz`` must have been made from for it to be reused."""
     request = {"source": _file_fingerprint(clip.source), "num_frames": clip.num_frames, "size": list(clip.size)}
     if Path(depth_spec).suffix.lower() in (".npz", ".npy"):
         request["depth_file"] = _file_fingerprint(depth_spec)
     else:
         request["estimator"] = depth_spec
+        if estimator_options:
+            request["estimator_options"] = {k: estimator_options[k] for k in sorted(estimator_options)}
     return request
 
 
@@ -87,16 +85,18 @@ def _load_cached_depth(path: Path, request: dict) -> DepthVideo | None:
 
 def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | None = None,
                    models_dir: str | None = None, device: str = "auto", progress: Progress | None = None,
-                   reuse: bool = True, estimator=None) -> DepthVideo:
+                   reuse: bool = True, estimator=None, estimator_options: dict | None = None) -> DepthVideo:
     """Depth for ``clip`` from an estimator name or a depth file, reusing ``out_dir/depth.npz``.
 
     A file (``.npz``/``.npy``) is loaded, checked and resized to the clip. An estimator name runs
     that estimator (weights resolved as documented in docs/depth.md; pass an already loaded
-    ``estimator`` to reuse it across clips, as batch jobs do). When ``out_dir`` is given
+    ``estimator`` to reuse it across clips, as batch jobs do; ``estimator_options`` are passed to
+    :func:`ex4d.depth.get_estimator`, e.g. ``compile``). When ``out_dir`` is given
     the result is saved there as ``depth.npz`` and reused next time if the source video, frame
     count, size and depth source are unchanged.
     """
-    request = _depth_request(clip, depth_spec)
+    estimator_options = dict(estimator_options or {})
+    request = _depth_request(clip, depth_spec, estimator_options)
     cache_path = Path(out_dir) / "depth.npz" if out_dir is not None else None
     if reuse and cache_path is not None:
         cached = _load_cached_depth(cache_path, request)
@@ -111,13 +111,11 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
         require_file(depth_spec, "depth file")
         depth = load_depth_file(depth_spec, num_frames=clip.num_frames, size=clip.size)
     else:
-        if depth_spec not in DEPTH_ESTIMATORS:
-            raise InputError(f"unknown --depth {depth_spec!r}; use one of {', '.join(DEPTH_ESTIMATORS)} "
-                             f"or a .npz/.npy depth file")
         if estimator is None:
-            from ex4d.depth import get_estimator
+            from ex4d.depth import get_estimator  # raises a clear error for an unknown name
 
-            estimator = get_estimator(depth_spec, models_dir=models_dir, device=device, progress=progress)
+            estimator = get_estimator(depth_spec, models_dir=models_dir, device=device, progress=progress,
+                                      **estimator_options)
         depth = estimator.estimate(clip.frames)
     depth.settings = {**depth.settings, "request": request}
     if cache_path is not None and (not is_file or Path(depth_spec).resolve() != cache_path.resolve()):

@@ -59,20 +59,10 @@ def main(args) -> int:
     out_dir = prepare_output_dir(args.output)
     clip = load_clip(args.video, num_frames=args.num_frames, resize=args.resize)
     depth_path = out_dir / "depth.npz"
-    options = _estimator_options(args)
-    if options:
-        # non-default estimator options: always recompute (the reuse check knows only the default settings)
-        from ex4d.depth import get_estimator
-
-        estimator = get_estimator(args.depth, models_dir=args.models_dir, device=args.device, progress=progress,
-                                  **options)
-        depth = estimator.estimate(clip.frames)
+    depth = estimate_depth(clip, args.depth, out_dir=out_dir, models_dir=args.models_dir, device=args.device,
+                           progress=progress, reuse=not args.no_reuse, estimator_options=_estimator_options(args))
+    if not depth_path.exists():  # the depth file given as input was the output path itself
         depth.save(depth_path)
-    else:
-        depth = estimate_depth(clip, args.depth, out_dir=out_dir, models_dir=args.models_dir, device=args.device,
-                               progress=progress, reuse=not args.no_reuse)
-        if not depth_path.exists():  # the depth file given as input was the output path itself
-            depth.save(depth_path)
     print(f"{'depth':>8}: {depth_path}", file=sys.stdout)
     if not args.no_preview:
         preview = write_video(out_dir / "depth_preview.mp4", depth_preview(depth.depth), clip.fps)
