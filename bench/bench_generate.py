@@ -151,8 +151,10 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", default=None, help="attention backend (see performance.py)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="force torch.compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="force eager")
-    parser.add_argument("--no-fuse", action="store_true", help="keep separate Q/K/V linears")
-    parser.add_argument("--no-batch-cfg", action="store_true", help="two CFG forwards per step")
+    parser.add_argument("--fuse", action="store_true", help="fuse the self-attention Q/K/V linears")
+    parser.add_argument("--batch-cfg", dest="batch_cfg", action="store_true", default=None,
+                        help="force one batch-2 forward per step (default: only when offloading)")
+    parser.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", help="two CFG forwards per step")
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
 
@@ -170,8 +172,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     mode = args.mode
     options = PerformanceOptions(
-        merge_lora=mode != "unmerged", fuse_qkv=mode != "unmerged" and not args.no_fuse, compile=(mode in ("default", "fp8") if args.compile is None else args.compile) and cuda,
-        batch_cfg=mode != "unmerged" and not args.no_batch_cfg, low_vram=mode == "lowvram", fp8=mode == "fp8", attention=args.attention,
+        merge_lora=mode != "unmerged", fuse_qkv=mode != "unmerged" and args.fuse, compile=(mode in ("default", "fp8") if args.compile is None else args.compile) and cuda,
+        batch_cfg=False if mode == "unmerged" else args.batch_cfg, low_vram=mode == "lowvram", fp8=mode == "fp8", attention=args.attention,
         dtype=dtype)
 
     t0 = time.perf_counter()
@@ -217,11 +219,30 @@ def main(argv=None) -> int:
         per_step = [b - a for a, b in zip(step_times[:-1], step_times[1:])]
         return total, per_step, out
 
+    phases: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            if cuda:
+                torch.cuda.synchronize()
+            phases.setdefault(name, []).append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    for name in ("encode_prompt", "encode_image", "prepare_condition", "decode_latents"):
+        setattr(pipe, name, timed(name, getattr(pipe, name)))
+
     t0 = time.perf_counter()
     warm_total, _, _ = run(args.warmup_steps)
+    phases.clear()
     note(f"warm-up ({args.warmup_steps} steps) {warm_total:.1f}s")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    summary = _summary_factory(args, options, pipe, mode, frames, size, cuda, warm_total, build_s, setup_s, phases)
     totals, steps_all, finite = [], [], True
     for _ in range(args.runs):
         total, per_step, out = run(args.steps)
@@ -230,13 +251,34 @@ def main(argv=None) -> int:
              + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""))
         steps_all.extend(per_step)
         finite = finite and out.dtype.name == "uint8" and out.shape[1] == frames
+        if len(totals) < args.runs:
+            print("partial: " + json.dumps(summary(totals, steps_all, finite)), file=sys.stderr, flush=True)
+    line = json.dumps(summary(totals, steps_all, finite))
+    print(line)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(line + "\n")
+    return 0
+
+
+def _summary_factory(args, options, pipe, mode, frames, size, cuda, warm_total, build_s, setup_s, phases):
+    import diffusers
+
+    def summary(totals, steps_all, finite):
+        return _summary(args, options, pipe, mode, frames, size, cuda, warm_total, build_s, setup_s, phases,
+                        totals, steps_all, finite, diffusers.__version__)
+    return summary
+
+
+def _summary(args, options, pipe, mode, frames, size, cuda, warm_total, build_s, setup_s, phases, totals,
+             steps_all, finite, diffusers_version):
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     step_median = statistics.median(steps_all) if steps_all else None
     run_median = statistics.median(totals)
     result = {
         "bench": "generate", "mode": mode, "commit": git_commit(),
         "device": torch.cuda.get_device_name() if cuda else "cpu (tiny models)",
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "torch": torch.__version__, "diffusers": diffusers_version,
         "shape": {"frames": frames, "height": size, "width": size, "latent": [1, 16, (frames - 1) // 4 + 1,
                                                                              size // 8, size // 8]},
         "steps": args.steps, "runs": args.runs, "options": {k: (str(v) if isinstance(v, torch.dtype) else v)
@@ -249,6 +291,8 @@ def main(argv=None) -> int:
         "peak_mem_gib": round(peak, 2) if peak is not None else None,
         "output_ok": finite,
     }
+    result["batch_cfg_effective"] = bool(pipe.batch_cfg)
+    result["phases_s_median"] = {k: round(statistics.median(v), 3) for k, v in phases.items()}
     if cuda and step_median:
         result.update({
             "speedup_vs_reference_step": round(REFERENCE_STEP_S / step_median, 3),
@@ -256,12 +300,7 @@ def main(argv=None) -> int:
             "ratio_vs_floor_step": round(step_median / FLOOR_STEP_S, 3),
             "speedup_vs_reference_run": round(REFERENCE_RUN_S / run_median, 3),
         })
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(line + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

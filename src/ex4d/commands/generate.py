@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     perf.add_argument("--attention", default=None,
                       help="attention kernel: native (default), cudnn, torch-flash, efficient, flash, flash3, "
                            "sage, xformers, flex")
-    perf.add_argument("--no-batch-cfg", action="store_true", help="run the two CFG branches one after the other")
+    perf.add_argument("--no-batch-cfg", action="store_true",
+                      help="never batch the two CFG branches (they are batched only with --low-vram/--cpu-offload)")
     perf.add_argument("--no-merge-lora", action="store_true", help="keep the LoRA unmerged (slower; as the reference)")
     perf.add_argument("--parallel", default="auto", choices=("none", "ulysses", "cfg", "cfg-ulysses", "auto"),
                       help="multi-GPU layout when launched with torchrun (docs/scale.md); ignored otherwise")
@@ -117,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
     device = resolve_device(args.device)
     options = PerformanceOptions(merge_lora=not args.no_merge_lora, attention=args.attention, compile=args.compile,
-                                 batch_cfg=not args.no_batch_cfg, low_vram=args.low_vram,
+                                 batch_cfg=False if args.no_batch_cfg else None, low_vram=args.low_vram,
                                  cpu_offload=args.cpu_offload, fp8=args.fp8)
     options.validate()
 

@@ -103,7 +103,7 @@ class EX4DPipeline(DiffusionPipeline):
                               transformer=transformer, camera_encoder=camera_encoder, scheduler=scheduler)
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
-        self.batch_cfg = True
+        self.batch_cfg = False  # set by apply_performance (batched only when offloading)
         self._injector: PatchEmbeddingInjector | None = None
 
     # -----------------------------------------------------------------------------------------
