@@ -25,6 +25,8 @@ bit for bit with nvdiffrast (which is not available here).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -51,12 +53,12 @@ def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
     return adj.view(num_faces, 3)
 
 
-def silhouette_faces(vertices: torch.Tensor, faces: torch.Tensor, adjacency: torch.Tensor,
-                     clip_from_world: np.ndarray, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Silhouette edges and vertex pixel positions in one view, on the mesh's device.
+def screen_positions(vertices: torch.Tensor, clip_from_world: np.ndarray, height: int,
+                     width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertex pixel positions (V, 2) float32 (integer pixel centres) and clip w (V,) float32.
 
-    Returns (silhouette (F, 3) bool: is edge e of face f a silhouette edge,
-    screen_xy (V, 2) float32 pixel coordinates with integer pixel centres).
+    Runs on the vertices' device. Every antialiasing path goes through this one function so that
+    all of them see bit-identical screen positions.
     """
     m = torch.as_tensor(clip_from_world, dtype=torch.float32, device=vertices.device)
     v = vertices.float()
@@ -64,7 +66,17 @@ def silhouette_faces(vertices: torch.Tensor, faces: torch.Tensor, adjacency: tor
     w = v @ m[3, :3] + m[3, 3]
     ndc = xy_clip / w.clamp_min(1e-12)[:, None]
     scale = torch.tensor([width / 2.0, height / 2.0], device=v.device)
-    screen_xy = (ndc + 1.0) * scale - 0.5
+    return (ndc + 1.0) * scale - 0.5, w
+
+
+def silhouette_faces(vertices: torch.Tensor, faces: torch.Tensor, adjacency: torch.Tensor,
+                     clip_from_world: np.ndarray, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Silhouette edges and vertex pixel positions in one view, on the mesh's device.
+
+    Returns (silhouette (F, 3) bool: is edge e of face f a silhouette edge,
+    screen_xy (V, 2) float32 pixel coordinates with integer pixel centres).
+    """
+    screen_xy, w = screen_positions(vertices, clip_from_world, height, width)
     silhouette, _ = _silhouettes_from(screen_xy, w, faces, adjacency)
     return silhouette, screen_xy
 
@@ -78,13 +90,8 @@ def grid_silhouette_faces(vertices: torch.Tensor, grid_size: tuple[int, int], wi
     edges (diagonal, right, bottom). Cap faces only share their diagonal edge with each other.
     """
     gh, gw = grid_size
-    m = torch.as_tensor(clip_from_world, dtype=torch.float32, device=vertices.device)
-    v = vertices.float()
-    xy_clip = v @ m[:2, :3].T + m[:2, 3]
-    w = v @ m[3, :3] + m[3, 3]
-    ndc = xy_clip / w.clamp_min(1e-12)[:, None]
-    scale = torch.tensor([width / 2.0, height / 2.0], device=v.device)
-    screen_xy = (ndc + 1.0) * scale - 0.5
+    screen_xy, w = screen_positions(vertices, clip_from_world, height, width)
+    v = vertices
     x, y = screen_xy[: gh * gw, 0].view(gh, gw), screen_xy[: gh * gw, 1].view(gh, gw)
     front = (w[: gh * gw] > 0).view(gh, gw)
 
@@ -207,3 +214,124 @@ def antialias_silhouettes(rgba: np.ndarray, face_id: np.ndarray, depth: np.ndarr
         delta = (flat[source] - flat[target]) * weight[:, None]
         np.add.at(out, target, delta)
     return out.reshape(rgba.shape)
+
+
+# -- sparse path: the same algorithm, touching only pixels that show a silhouette face ------------
+#
+# antialias_silhouettes above is the plain statement of the method: it scans every pixel pair and
+# needs the (F, 3) silhouette flags and (V, 2) screen positions on the host. The renderer uses the
+# two functions below instead. They compute the same numbers bit for bit (the silhouette flags
+# come from the same functions, the crossings use the same float64 arithmetic and the deltas are
+# summed in the same order), but per frame only the few faces with a silhouette edge leave the
+# mesh's device, and only pixel pairs that show such a face are examined on the host.
+
+
+@dataclass
+class SilhouetteSet:
+    """The faces of one view that have a silhouette edge, on the host (N = their number).
+
+    face: (N,) int64 face indices, ascending. edges: (N, 3) bool silhouette flag of each edge
+    e = (f[e], f[(e+1) % 3]). corners: (N, 3, 2) float32 pixel positions of the face's vertices.
+    """
+
+    face: np.ndarray
+    edges: np.ndarray
+    corners: np.ndarray
+
+
+def silhouette_set(vertices: torch.Tensor, faces: torch.Tensor, clip_from_world: np.ndarray, height: int,
+                   width: int, *, grid: tuple[int, int, bool] | None = None,
+                   adjacency: torch.Tensor | None = None) -> SilhouetteSet:
+    """Classify every face's edges on the mesh's device; bring back only the silhouette faces.
+
+    grid: (H, W, has_cap) when ``faces`` is ``grid_faces(H, W, cap)`` (structural adjacency);
+    otherwise ``adjacency`` from :func:`face_adjacency` is required. One synchronisation.
+    """
+    if grid is not None:
+        edges, screen_xy = grid_silhouette_faces(vertices, grid[:2], grid[2], clip_from_world, height, width)
+    else:
+        edges, screen_xy = silhouette_faces(vertices, faces, adjacency, clip_from_world, height, width)
+    face = torch.nonzero(edges.any(dim=1)).flatten()
+    corners = screen_xy[faces[face].long()]
+    return SilhouetteSet(face=face.cpu().numpy(), edges=edges[face].cpu().numpy(), corners=corners.cpu().numpy())
+
+
+class SparseAntialiaser:
+    """Per-size helper that applies :func:`antialias_silhouettes` using a :class:`SilhouetteSet`.
+
+    Keeps a face -> silhouette-row lookup table of F + 1 entries between frames and resets only
+    the entries it set, so a frame costs O(H W) cheap passes plus O(pairs at silhouette faces).
+    """
+
+    def __init__(self) -> None:
+        self._row = np.full(1, -1, dtype=np.int32)  # indexed by face id + 1; -1: no silhouette edge
+        self._set: np.ndarray | None = None
+
+    def __call__(self, rgba: np.ndarray, face_plus1: np.ndarray, depth: np.ndarray, sil: SilhouetteSet,
+                 num_faces: int) -> np.ndarray:
+        """Blend ``rgba`` (H, W, C) float32 IN PLACE and return it.
+
+        face_plus1: (H, W) float32 face index + 1 per pixel (0: background; exact below 2^24).
+        depth: (H, W) camera depth of the visible surface.
+        """
+        if self._row.shape[0] != num_faces + 1:
+            self._row = np.full(num_faces + 1, -1, dtype=np.int32)
+        elif self._set is not None:
+            self._row[self._set] = -1
+        self._set = sil.face + 1
+        self._row[self._set] = np.arange(len(sil.face), dtype=np.int32)
+        row = self._row[face_plus1.astype(np.int32)]  # (H, W) silhouette row of the pixel's face
+        flat = rgba.reshape(-1, rgba.shape[-1])
+        # Both directions' deltas come from the un-blended image, then are added horizontal first,
+        # in row-major order, exactly as the plain version accumulates them.
+        updates = [self._pair_deltas(flat, face_plus1, depth, row, sil, axis) for axis in (1, 0)]
+        for target, delta in updates:
+            if len(target):
+                np.add.at(flat, target, delta)
+        return rgba
+
+    @staticmethod
+    def _pair_deltas(flat, face_plus1, depth, row, sil: SilhouetteSet, axis: int):
+        """Targets (N,) and colour deltas (N, C) of one direction (axis 1: (x, x+1), 0: (y, y+1))."""
+        height, width = face_plus1.shape
+        has = row >= 0
+        if axis == 1:
+            pairs = np.flatnonzero(has[:, :-1] | has[:, 1:])
+            r, c = np.divmod(pairs, width - 1)
+            step = 1
+        else:
+            pairs = np.flatnonzero(has[:-1, :] | has[1:, :])
+            r, c = np.divmod(pairs, width)
+            step = width
+        idx_p = r * width + c
+        idx_q = idx_p + step
+        ids, z, rows = face_plus1.reshape(-1), depth.reshape(-1), row.reshape(-1)
+        id_p, id_q = ids[idx_p], ids[idx_q]
+        pf = (id_q == 0) | ((id_p > 0) & (z[idx_p] <= z[idx_q]))
+        front_row = np.where(pf, rows[idx_p], rows[idx_q])
+        # The plain version's candidates: different faces, a front face, and that face has a
+        # silhouette edge (front_row >= 0 implies a front face).
+        keep = (id_p != id_q) & (front_row >= 0)
+        r, c, pf, front_row, idx_p, idx_q = r[keep], c[keep], pf[keep], front_row[keep], idx_p[keep], idx_q[keep]
+        corners = sil.corners[front_row]  # (N, 3, 2)
+        edges = sil.edges[front_row]
+        along0 = (c if axis == 1 else r).astype(np.float64)
+        fixed = (r if axis == 1 else c).astype(np.float64)
+        t_dir = np.where(pf, 1, -1)
+        best = np.full(len(front_row), np.inf)
+        for e in range(3):
+            a, b = corners[:, e], corners[:, (e + 1) % 3]
+            if axis == 1:
+                t = _crossings(a[:, 0], a[:, 1], b[:, 0], b[:, 1], along0, fixed, t_dir)
+            else:
+                t = _crossings(a[:, 1], a[:, 0], b[:, 1], b[:, 0], along0, fixed, t_dir)
+            best = np.minimum(best, np.where(edges[:, e], t, np.inf))
+        hit = np.isfinite(best)
+        pf, t, idx_p, idx_q = pf[hit], best[hit], idx_p[hit], idx_q[hit]
+        idx_front = np.where(pf, idx_p, idx_q)
+        idx_other = np.where(pf, idx_q, idx_p)
+        near_front = t < 0.5
+        target = np.where(near_front, idx_front, idx_other)
+        source = np.where(near_front, idx_other, idx_front)
+        weight = np.where(near_front, 0.5 - t, t - 0.5).astype(np.float32)
+        return target, (flat[source] - flat[target]) * weight[:, None]

@@ -32,6 +32,7 @@ Conventions handled here and nowhere else:
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -165,12 +166,19 @@ class MeshRenderer:
             else:
                 self._fbo_resolved = self._fbo
             self._program = ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
-        self._vbo_pos = self._vbo_col = self._ibo = self._vao = None
+        self._vbo = self._ibo = self._vao = None
         self._num_vertices = -1
         self._faces_ref = None  # the face tensor whose contents sit in the index buffer
         self._num_indices = 0
-        self._adjacency = None  # face adjacency of _faces_ref (analytic antialiasing)
-        self._faces_host = None
+        self._adjacency = None  # face adjacency of _faces_ref (analytic antialiasing, generic meshes)
+        self._faces_host = None  # (F, 3) uint32 copy of _faces_ref
+        self._staging_key = None  # (V, device type) of the reused host staging buffers
+        self._staging = self._staging_screen = None
+        self._face_info = None  # (H, W, 2) float32 read-back buffer of (face id + 1, depth)
+        self._sparse_aa = None
+        #: Set to a dict to receive the last frame's stage times (ms): stage (pack + device-to-host),
+        #: gl (upload + draw + read back), antialias. None (default): no timing calls.
+        self.timings: dict | None = None
 
     @property
     def antialias_method(self) -> str:
@@ -192,7 +200,7 @@ class MeshRenderer:
             return
         self.ctx = None
         with ctx:  # objects must be freed in their own context, which may not be the current one
-            objects = [self._vao, self._ibo, self._vbo_pos, self._vbo_col, self._program, self._fbo,
+            objects = [self._vao, self._ibo, self._vbo, self._program, self._fbo,
                        self._color_ms, self._depth_ms]
             if self.samples:
                 objects += [self._fbo_resolved, self._color_resolved]
@@ -203,24 +211,52 @@ class MeshRenderer:
                     obj.release()
         ctx.release()
 
+    def face_buffer(self) -> np.ndarray | None:
+        """(H, W, 2) float32 copy of the last analytic-mode frame's (face index + 1, camera depth)
+        per pixel (0 = background), or None if there is none (e.g. other antialias modes)."""
+        return None if self._face_info is None else self._face_info.copy()
+
     # -- buffers -----------------------------------------------------------------------------
-    def _upload(self, vertices, colors, faces) -> None:
-        ctx = self.ctx
+    def _stage(self, vertices, colors) -> np.ndarray:
+        """Pack vertices + colours into one interleaved host array (V, 7) float32 in one pass.
+
+        A reused host buffer (page-locked when the mesh lives on a GPU) avoids a fresh allocation
+        and a second copy per frame; a CUDA mesh costs one asynchronous device-to-host copy and
+        one synchronisation. Returns a numpy view of the buffer.
+        """
         num_vertices = int(vertices.shape[0])
-        pos = _to_numpy_f32(vertices)
-        col = _to_numpy_f32(colors)
+        if not isinstance(vertices, torch.Tensor) or not isinstance(colors, torch.Tensor):
+            vertices = torch.from_numpy(_to_numpy_f32(vertices))
+            colors = torch.from_numpy(_to_numpy_f32(colors))
+        vertices = vertices.detach()
+        colors = colors.detach().to(vertices.device)
+        device = vertices.device
+        key = (num_vertices, device.type)
+        if self._staging_key != key:
+            self._staging = torch.empty((num_vertices, 7), dtype=torch.float32, pin_memory=device.type == "cuda")
+            self._staging_key = key
+        if device.type == "cpu":
+            torch.cat([vertices.float(), colors.float()], dim=1, out=self._staging)
+        else:
+            self._staging.copy_(torch.cat([vertices.float(), colors.float()], dim=1), non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+        return self._staging.numpy()
+
+    def _upload(self, packed: np.ndarray, faces) -> None:
+        """Vertex data into one interleaved buffer (re-allocated only when V changes); the index
+        buffer only when a different face tensor arrives."""
+        ctx = self.ctx
+        num_vertices = int(packed.shape[0])
         rebuild_vao = False
         if num_vertices != self._num_vertices:
-            for buf in (self._vbo_pos, self._vbo_col):
-                if buf is not None:
-                    buf.release()
-            self._vbo_pos = ctx.buffer(pos, dynamic=True)
-            self._vbo_col = ctx.buffer(col, dynamic=True)
+            if self._vbo is not None:
+                self._vbo.release()
+            self._vbo = ctx.buffer(packed, dynamic=True)
             self._num_vertices = num_vertices
             rebuild_vao = True
         else:
-            self._vbo_pos.write(pos)
-            self._vbo_col.write(col)
+            self._vbo.write(packed)
         # Faces come from a per-size cache in ex4d.mesh, so the same tensor object recurs every
         # frame; re-upload only when a different tensor arrives (e.g. a torn mesh).
         if faces is not self._faces_ref:
@@ -238,13 +274,12 @@ class MeshRenderer:
             self._faces_ref = faces
             self._num_indices = int(idx.size)
             self._adjacency = None
-            self._faces_host = idx
+            self._faces_host = idx.reshape(-1, 3)
         if rebuild_vao or self._vao is None:
             if self._vao is not None:
                 self._vao.release()
-            self._vao = ctx.vertex_array(
-                self._program, [(self._vbo_pos, "3f", "in_position"), (self._vbo_col, "4f", "in_color")],
-                index_buffer=self._ibo, index_element_size=4)
+            self._vao = ctx.vertex_array(self._program, [(self._vbo, "3f 4f", "in_position", "in_color")],
+                                         index_buffer=self._ibo, index_element_size=4)
 
     # -- drawing -----------------------------------------------------------------------------
     def render(self, mesh, cam_from_world: np.ndarray, K: np.ndarray, near: float = REFERENCE_NEAR,
@@ -274,8 +309,13 @@ class MeshRenderer:
 
     def _draw(self, vertices, colors, faces, cam_from_world, K, near, far, grid) -> np.ndarray:
         ctx = self.ctx
-        self._upload(vertices, colors, faces)
         clip_from_world = clip_from_camera(K, self.height, self.width, near, far) @ cam_from_world
+        analytic = self.antialias == "analytic" and faces.shape[0] > 0
+        timer = self.timings
+        t0 = _now() if timer is not None else 0.0
+        packed = self._stage(vertices, colors)
+        t1 = _now() if timer is not None else 0.0
+        self._upload(packed, faces)
         # GLSL matrices are column-major.
         self._program["clip_from_world"].write(clip_from_world.T.astype(np.float32).tobytes())
 
@@ -290,31 +330,38 @@ class MeshRenderer:
             ctx.copy_framebuffer(self._fbo_resolved, self._fbo)
         out = np.empty((self.height, self.width, 4), dtype=np.float32)
         self._fbo_resolved.read_into(out, components=4, dtype="f4", alignment=1)  # no extra copy
-        if self.antialias == "analytic" and self._num_indices:
-            out = self._antialias(out, vertices, faces, clip_from_world, grid)
+        t2 = _now() if timer is not None else 0.0
+        if analytic and self._num_indices:
+            out = self._antialias(out, vertices, clip_from_world, grid)
+        if timer is not None:
+            t3 = _now()
+            timer.update(stage_ms=1000 * (t1 - t0), gl_ms=1000 * (t2 - t1), antialias_ms=1000 * (t3 - t2))
         return out
 
-    def _antialias(self, rgba: np.ndarray, vertices, faces, clip_from_world: np.ndarray, grid) -> np.ndarray:
-        from ex4d.render.antialias import (antialias_silhouettes, face_adjacency, grid_silhouette_faces,
-                                           silhouette_faces)
+    def _antialias(self, rgba: np.ndarray, vertices, clip_from_world: np.ndarray, grid) -> np.ndarray:
+        from ex4d.render.antialias import SparseAntialiaser, face_adjacency, silhouette_set
 
         num_faces = self._num_indices // 3
         if num_faces >= _MAX_ANALYTIC_FACES:
             logger.warning("%d faces: too many for analytic antialiasing, rendering without it", num_faces)
             return rgba
-        face_info = np.empty((self.height, self.width, 2), dtype=np.float32)
+        if self._face_info is None:
+            self._face_info = np.empty((self.height, self.width, 2), dtype=np.float32)
+            self._sparse_aa = SparseAntialiaser()
+        face_info = self._face_info
         self._fbo.read_into(face_info, components=2, attachment=1, dtype="f4", alignment=1)
-        vertices_t = vertices if isinstance(vertices, torch.Tensor) else torch.from_numpy(_to_numpy_f32(vertices))
-        faces_t = faces if isinstance(faces, torch.Tensor) else torch.from_numpy(self._faces_host.astype(np.int64))
-        faces_t = faces_t.to(vertices_t.device)
-        if grid is not None:  # a DW-Mesh grid: adjacency is structural
-            silhouette, screen_xy = grid_silhouette_faces(vertices_t, grid[:2], grid[2], clip_from_world,
-                                                          self.height, self.width)
+        if isinstance(vertices, torch.Tensor):
+            vertices_t, device = vertices.detach(), vertices.device
         else:
-            if self._adjacency is None:  # once per topology (cached faces make this once per size)
-                self._adjacency = face_adjacency(faces_t)
-            silhouette, screen_xy = silhouette_faces(vertices_t, faces_t, self._adjacency, clip_from_world,
-                                                     self.height, self.width)
-        face_id = face_info[..., 0].astype(np.int64) - 1
-        return antialias_silhouettes(rgba, face_id, face_info[..., 1], screen_xy.cpu().numpy(),
-                                     self._faces_host.reshape(-1, 3), silhouette.cpu().numpy())
+            vertices_t, device = torch.from_numpy(_to_numpy_f32(vertices)), torch.device("cpu")
+        faces_t = self._faces_ref if isinstance(self._faces_ref, torch.Tensor) else torch.from_numpy(
+            self._faces_host.astype(np.int64))
+        faces_t = faces_t.to(device)
+        if grid is None and (self._adjacency is None or self._adjacency.device != device):
+            self._adjacency = face_adjacency(faces_t)  # once per topology (and device)
+        sil = silhouette_set(vertices_t, faces_t, clip_from_world, self.height, self.width, grid=grid,
+                             adjacency=self._adjacency)
+        return self._sparse_aa(rgba, face_info[..., 0], face_info[..., 1], sil, num_faces)
+
+
+_now = time.perf_counter
