@@ -4,7 +4,10 @@ For each size (512x512 and 1024x576 by default) and each antialiasing setting, r
 as ``ex4d.render.condition.render_condition`` does per frame -- build frame k's DW-Mesh on the
 device (torch), render it from a moving camera with moderngl/EGL, threshold alpha > 125/255 and
 multiply the colour by the mask -- on a synthetic depth video that changes every frame. Reports
-the median of ``--frames`` frames after ``--warmup`` frames, split into build / render / post.
+the median of ``--frames`` frames after ``--warmup`` frames, split into build / render / post, and
+render into stage (pack + device-to-host) / gl (upload + draw + read back) / antialias. With the
+analytic mode, one frame is also checked against the plain statement of the algorithm
+(``check_vs_plain``: masks equal, colour difference).
 
 Prints ONE JSON object. Anchor: the reference's per-frame loop on one H100 (mesh build with faces
 regenerated every frame + nvdiffrast rasterize/interpolate/antialias + threshold + host copy) takes
@@ -12,6 +15,7 @@ regenerated every frame + nvdiffrast rasterize/interpolate/antialias + threshold
 by 16.6 ms. Targets: <= 150 ms/frame at 512x512 on a 2-core CPU, <= 10 ms/frame on the GPU.
 
     python bench/bench_recon.py [--device cpu|cuda|auto] [--frames 20] [--sizes 512x512,1024x576]
+        [--antialias analytic,none] [--out results.json]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ex4d.conventions import reference_intrinsics  # noqa: E402
 from ex4d.mesh.dwmesh import build_dw_mesh  # noqa: E402
-from ex4d.render.condition import MASK_ALPHA_THRESHOLD  # noqa: E402
+from ex4d.render.condition import finish_frame  # noqa: E402
 from ex4d.render.rasterizer import MeshRenderer  # noqa: E402
 
 ANCHOR_MS = 16.6  # reference, H100, 512x512, per frame (lower end of 16.6-18.5 ms)
@@ -91,16 +95,42 @@ def _orbit_pose(k: int, num: int, radius: float = 3.15, max_deg: float = 30.0) -
     return pose
 
 
-def bench_size(height: int, width: int, device: torch.device, frames: int, warmup: int, antialias: str) -> dict:
+def _check_against_plain(mesh, pose, K, height, width) -> dict:
+    """One frame through the renderer's analytic mode vs the plain statement of the algorithm
+    (single-sample render + ``antialias_silhouettes`` on host copies): masks must be equal."""
+    from ex4d.render.antialias import antialias_silhouettes, grid_silhouette_faces
+    from ex4d.render.rasterizer import clip_from_camera
+
+    with MeshRenderer(height, width, antialias="analytic") as fast, MeshRenderer(height, width,
+                                                                                antialias="none") as plain:
+        got = fast.render(mesh, pose, K)
+        info = fast.face_buffer()
+        base = plain.render(mesh, pose, K)
+    clip = clip_from_camera(K, height, width) @ pose
+    sil, xy = grid_silhouette_faces(mesh.vertices, (height, width), mesh.cap != "none", clip, height, width)
+    want = antialias_silhouettes(base, info[..., 0].astype(np.int64) - 1, info[..., 1], xy.cpu().numpy(),
+                                 mesh.faces.cpu().numpy(), sil.cpu().numpy())
+    m_got, m_want = np.zeros((height, width), bool), np.zeros((height, width), bool)
+    c_got, c_want = np.zeros((height, width, 3), np.float32), np.zeros((height, width, 3), np.float32)
+    finish_frame(got, m_got, c_got)
+    finish_frame(want, m_want, c_want)
+    return {"mask_equal": bool(np.array_equal(m_got, m_want)),
+            "max_abs_colour_diff": float(np.abs(c_got - c_want).max()),
+            "pixels_blended": int((np.abs(want - base).max(-1) > 0).sum())}
+
+
+def bench_size(height: int, width: int, device: torch.device, frames: int, warmup: int, antialias: str,
+               check: bool = False) -> dict:
     total = frames + warmup
     depth, rgb = _scene(height, width, total, device)
     K = reference_intrinsics(height, width)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t_build, t_render, t_post, t_total, t_cpu = [], [], [], [], []
+    stages = {name: [] for name in ("build", "stage", "gl", "antialias", "post", "total", "cpu")}
     visible = []
     mask = np.zeros((height, width), dtype=bool)
     colour = np.zeros((height, width, 3), dtype=np.float32)
     with MeshRenderer(height, width, antialias=antialias) as renderer:
+        renderer.timings = {}
         for k in range(total):
             sync()
             c0 = time.process_time()
@@ -110,16 +140,16 @@ def bench_size(height: int, width: int, device: torch.device, frames: int, warmu
             t1 = time.perf_counter()
             rgba = renderer.render(mesh, _orbit_pose(k, total), K)
             t2 = time.perf_counter()
-            np.greater(rgba[..., 3], np.float32(MASK_ALPHA_THRESHOLD), out=mask)  # as render_condition
-            np.multiply(rgba[..., :3], mask[..., None], out=colour)
+            finish_frame(rgba, mask, colour)  # exactly what render_condition does per frame
             t3 = time.perf_counter()
             c3 = time.process_time()
             if k >= warmup:
-                t_cpu.append(c3 - c0)
-                t_build.append(t1 - t0)
-                t_render.append(t2 - t1)
-                t_post.append(t3 - t2)
-                t_total.append(t3 - t0)
+                stages["cpu"].append(c3 - c0)
+                stages["build"].append(t1 - t0)
+                stages["post"].append(t3 - t2)
+                stages["total"].append(t3 - t0)
+                for name in ("stage", "gl", "antialias"):
+                    stages[name].append(renderer.timings.get(f"{name}_ms", 0.0) / 1000)
                 visible.append(float(mask.mean()))
         gl_renderer, aa = renderer.gl_renderer, renderer.antialias_method
     del colour
@@ -127,15 +157,23 @@ def bench_size(height: int, width: int, device: torch.device, frames: int, warmu
     def ms(x):
         return round(1000 * statistics.median(x), 3)
 
-    return {"size": [height, width], "vertices": height * width, "faces": 2 * (height - 1) * (width - 1),
-            "antialias": aa, "gl_renderer": gl_renderer, "frames_timed": frames, "warmup": warmup,
-            "median_ms": ms(t_total), "build_ms": ms(t_build), "render_ms": ms(t_render), "post_ms": ms(t_post),
-            "min_ms": round(1000 * min(t_total), 3),
-            # CPU time of this process (all its threads, llvmpipe's included): less sensitive than
-            # wall time to other processes on a shared machine.
-            "cpu_time_ms": ms(t_cpu), "max_ms": round(1000 * max(t_total), 3),
-            "visible_fraction": round(statistics.mean(visible), 4),
-            "ratio_to_anchor": round(statistics.median(t_total) * 1000 / ANCHOR_MS, 3)}
+    result = {"size": [height, width], "vertices": height * width, "faces": 2 * (height - 1) * (width - 1),
+              "antialias": aa, "gl_renderer": gl_renderer, "frames_timed": frames, "warmup": warmup,
+              "median_ms": ms(stages["total"]), "build_ms": ms(stages["build"]),
+              "render_ms": ms([a + b + c for a, b, c in zip(stages["stage"], stages["gl"], stages["antialias"])]),
+              # render = stage (pack vertices+colours, device->host) + gl (upload, draw, read back)
+              # + antialias (silhouette faces on the device, blend on the host)
+              "stage_ms": ms(stages["stage"]), "gl_ms": ms(stages["gl"]), "antialias_ms": ms(stages["antialias"]),
+              "post_ms": ms(stages["post"]),
+              "min_ms": round(1000 * min(stages["total"]), 3), "max_ms": round(1000 * max(stages["total"]), 3),
+              # CPU time of this process (all its threads, llvmpipe's included): less sensitive than
+              # wall time to other processes on a shared machine.
+              "cpu_time_ms": ms(stages["cpu"]),
+              "visible_fraction": round(statistics.mean(visible), 4),
+              "ratio_to_anchor": round(statistics.median(stages["total"]) * 1000 / ANCHOR_MS, 3)}
+    if check and antialias == "analytic":
+        result["check_vs_plain"] = _check_against_plain(mesh, _orbit_pose(total - 1, total), K, height, width)
+    return result
 
 
 def main() -> None:
@@ -146,6 +184,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="512x512,1024x576", help="comma-separated HxW")
     parser.add_argument("--antialias", default="analytic,none",
                         help="comma-separated modes among analytic, msaa, none")
+    parser.add_argument("--out", default=None, help="also write the JSON object to this file")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the one-frame comparison of the analytic mode with the plain algorithm")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: what render_condition uses: 1 on a CPU device)")
     args = parser.parse_args()
@@ -161,7 +202,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     load_before = os.getloadavg()[0]
-    results = [bench_size(h, w, device, args.frames, args.warmup, aa) for h, w in sizes for aa in aa_modes]
+    results = [bench_size(h, w, device, args.frames, args.warmup, aa, check=not args.no_check)
+               for h, w in sizes for aa in aa_modes]
     try:
         import diffusers
         diffusers_version = diffusers.__version__
@@ -187,7 +229,11 @@ def main() -> None:
     if device.type == "cuda":
         # The render must run on the NVIDIA EGL driver, not on a software fallback.
         out["gl_on_nvidia"] = all("nvidia" in r["gl_renderer"].lower() for r in results)
-    print(json.dumps(out))
+    text = json.dumps(out)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -250,10 +250,9 @@ def build_dw_mesh(depth, rgb, K=None, *, cap: str = "none", filter: str = "angle
         z[-1, :] = border_depth
         z[:, 0] = border_depth
         z[:, -1] = border_depth
-    # One host sync per frame for input checking; cheap next to the mesh build itself.
-    if not bool(torch.isfinite(z).all() & (z > 0).all()):
-        raise InputError("depth has non-finite or non-positive values; z-depth must be > 0 everywhere "
-                         "(fill holes before meshing)")
+    # Input check as a device-side flag, read once at the end: on a GPU the host then waits once,
+    # after every kernel of the build has been queued, instead of stalling the queue mid-build.
+    depth_ok = torch.isfinite(z).all() & (z > 0).all()
 
     # Rays at integer pixel coordinates (reference convention), float32 as in the reference.
     u = torch.arange(width, device=device, dtype=torch.float32)
@@ -297,6 +296,9 @@ def build_dw_mesh(depth, rgb, K=None, *, cap: str = "none", filter: str = "angle
         faces = faces[face_valid]
         face_valid = torch.ones(faces.shape[0], dtype=torch.bool, device=device)
 
+    if not bool(depth_ok):
+        raise InputError("depth has non-finite or non-positive values; z-depth must be > 0 everywhere "
+                         "(fill holes before meshing)")
     settings = {"cap": cap, "filter": filter, "stretch_test": bool(stretch_test), "watertight": bool(watertight),
                 "border_depth": border_depth, "min_angle_deg": float(min_angle_deg),
                 "intrinsics": [fx, fy, cx, cy],
