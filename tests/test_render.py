@@ -318,6 +318,11 @@ def test_cuda_built_mesh_renders_like_a_cpu_built_one():
         gpu = r.render(gpu_mesh, pose, K)
     np.testing.assert_allclose(gpu, cpu, atol=1e-5)
     assert "nvidia" in r.gl_renderer.lower()
+    # Device-side silhouette classification + sparse blending == the plain host algorithm.
+    with MeshRenderer(H, W) as fast, MeshRenderer(H, W, antialias=False) as plain:
+        got = fast.render(gpu_mesh, pose, K)
+        want = _plain_analytic(gpu_mesh, pose, K, H, W, fast.face_buffer(), plain.render(gpu_mesh, pose, K))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_single_threaded_torch_restores_the_thread_count():
@@ -329,3 +334,102 @@ def test_single_threaded_torch_restores_the_thread_count():
             assert torch.get_num_threads() == 1
             raise KeyError("boom")
     assert torch.get_num_threads() == before
+
+
+# -- fast paths vs the plain statements they replace ----------------------------------------------
+
+def _orbit(deg, radius):
+    a = np.radians(deg)
+    eye = np.array([radius * np.sin(a), 0.05 * radius, radius * (1 - np.cos(a))])
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    pose = np.eye(4)
+    pose[:3, :3], pose[:3, 3] = rot, -rot @ eye
+    return pose
+
+
+def _plain_analytic(mesh, pose, K_, h, w, face_info, base):
+    """The previous renderer path: dense host antialiasing from the full (F, 3) silhouette flags."""
+    from ex4d.render.antialias import (antialias_silhouettes, face_adjacency, grid_silhouette_faces,
+                                       silhouette_faces)
+
+    clip = clip_from_camera(K_, h, w) @ pose
+    if getattr(mesh, "settings", {}).get("grid_size"):
+        sil, xy = grid_silhouette_faces(mesh.vertices, (h, w), mesh.cap != "none", clip, h, w)
+    else:
+        sil, xy = silhouette_faces(mesh.vertices, mesh.faces, face_adjacency(mesh.faces), clip, h, w)
+    return antialias_silhouettes(base, face_info[..., 0].astype(np.int64) - 1, face_info[..., 1], xy.cpu().numpy(),
+                                 mesh.faces.cpu().numpy(), sil.cpu().numpy())
+
+
+def test_fast_analytic_path_equals_the_previous_path_on_synthetic_scenes():
+    """Sparse antialiasing + interleaved upload + torch post-processing give the previous path's
+    masks exactly and its colours bit for bit, for grid meshes (with and without cap faces) and a
+    generic mesh, on a ray-cast box scene and a depth-step scene, from several orbit views."""
+    from ex4d.render.condition import finish_frame
+
+    scenes = pytest.importorskip("ex4d.synthetic.scenes")
+    h, w = 48, 64
+    clip_, depth_ = scenes.make_example("boxes", num_frames=1, size=(h, w))
+    box = np.full((h, w), 4.0, np.float32)
+    box[12:36, 20:44] = 2.0
+    cases = [(clip_.frames[0], depth_.depth[0]), (np.random.default_rng(3).random((h, w, 3), dtype=np.float32), box)]
+    Kc = reference_intrinsics(h, w)
+    blended = 0
+    with MeshRenderer(h, w, antialias="analytic") as fast, MeshRenderer(h, w, antialias="none") as plain:
+        for rgb, depth in cases:
+            radius = float(depth.min()) + 0.15
+            for cap in ("none", "reference"):
+                mesh = build_dw_mesh(torch.from_numpy(np.ascontiguousarray(depth)), torch.from_numpy(rgb), Kc,
+                                     cap=cap)
+                generic = SimpleNamespace(vertices=mesh.vertices, colors=mesh.colors, faces=mesh.faces.clone())
+                for m in (mesh, generic):
+                    for deg in (-25, 10, 40):
+                        pose = _orbit(deg, radius)
+                        got = fast.render(m, pose, Kc)
+                        base = plain.render(m, pose, Kc)
+                        want = _plain_analytic(m, pose, Kc, h, w, fast.face_buffer(), base)
+                        np.testing.assert_array_equal(got, want)
+                        blended += int((np.abs(want - base).max(-1) > 0).sum())
+                        mg, mw = np.zeros((h, w), bool), np.zeros((h, w), bool)
+                        cg, cw = np.zeros((h, w, 3), np.float32), np.zeros((h, w, 3), np.float32)
+                        finish_frame(got, mg, cg)
+                        # The previous post-processing, in numpy.
+                        np.greater(want[..., 3], np.float32(125 / 255), out=mw)
+                        np.multiply(want[..., :3], mw[..., None], out=cw)
+                        np.clip(cw, 0.0, 1.0, out=cw)
+                        np.testing.assert_array_equal(mg, mw)
+                        assert np.abs(cg - cw).max() <= 1 / 255
+    assert blended > 100  # the scenes do exercise the silhouette blending
+
+
+def test_finish_frame_equals_the_numpy_threshold_at_the_edge_values():
+    from ex4d.render.condition import finish_frame
+
+    thr = np.float32(125 / 255)
+    rng = np.random.default_rng(0)
+    rgba = (rng.random((16, 20, 4), dtype=np.float32) * 1.2 - 0.1).astype(np.float32)
+    edge = [thr, np.nextafter(thr, np.float32(0)), np.nextafter(thr, np.float32(1)), 0.0, 1.0, -0.0]
+    rgba[0, :len(edge), 3] = edge
+    mask = np.zeros((16, 20), bool)
+    color = np.full((16, 20, 3), 7.0, np.float32)
+    finish_frame(rgba, mask, color)
+    np.testing.assert_array_equal(mask, rgba[..., 3] > thr)
+    np.testing.assert_array_equal(mask[0, :3], [False, False, True])
+    np.testing.assert_array_equal(color, np.clip(rgba[..., :3] * mask[..., None], 0, 1))
+    assert color.min() >= 0 and color.max() <= 1
+
+
+def test_renderer_stage_timings_and_face_buffer():
+    mesh = build_dw_mesh(torch.full((H, W), 3.0), _rgb())
+    with MeshRenderer(H, W) as r, MeshRenderer(H, W, antialias=False) as plain:
+        assert r.face_buffer() is None
+        r.timings = {}
+        r.render(mesh, _translation(0.02), K)
+        assert set(r.timings) == {"stage_ms", "gl_ms", "antialias_ms"}
+        assert all(v >= 0 for v in r.timings.values())
+        info = r.face_buffer()
+        assert info.shape == (H, W, 2)
+        ids = info[..., 0]
+        assert ids.max() <= mesh.num_faces and ids.min() >= 0 and (ids[4:-4, 4:-4] > 0).all()
+        plain.render(mesh, _translation(0.02), K)
+        assert plain.face_buffer() is None and plain.timings is None
