@@ -2,8 +2,10 @@
 
 One code path for both machines: Mesa llvmpipe on a CPU-only machine and the NVIDIA EGL driver on
 a GPU machine. The renderer owns one EGL context, one shader program and its buffers; they are
-created once and reused across frames (the index buffer is re-uploaded only when the face tensor
-changes, the vertex buffers are re-allocated only when V changes).
+created once and reused across frames: the index buffer is re-uploaded only when the face tensor
+changes; vertices and colours travel as one interleaved (V, 7) float32 buffer, packed in one pass
+into a reused host array (page-locked for CUDA meshes: one asynchronous copy, one synchronisation
+per frame) and written into a GL buffer re-allocated only when V changes.
 
 Conventions handled here and nowhere else:
 
@@ -22,7 +24,11 @@ Conventions handled here and nowhere else:
   blended with their neighbour by the edge's position. The default, ``True`` / ``"analytic"``,
   does the same on our single-sample render (:mod:`ex4d.render.antialias`): interior pixels are
   exact, masks agree with the un-antialiased coverage to ~0.01 % of pixels (the reference's own
-  relation), and only ~0.2-0.4 % of pixels change. ``"msaa"`` (4x MSAA, box resolve) is offered but
+  relation), and only ~0.2-0.4 % of pixels change. Per frame, the silhouette edges are classified
+  on the mesh's device (GPU for a CUDA mesh, overlapping the draw) and only the faces that have
+  one come back to the host, where only the pixel pairs showing them are blended
+  (:class:`ex4d.render.antialias.SparseAntialiaser`; bit-identical to the plain
+  :func:`ex4d.render.antialias.antialias_silhouettes`). ``"msaa"`` (4x MSAA, box resolve) is offered but
   not the default: without per-sample shading, MSAA evaluates every partially covering triangle's
   colour at the pixel centre (extrapolated outside the triangle), which shifts interior colours of
   textured surfaces in novel views (mean 0.047 on a noise texture) and moves the alpha > 125/255
@@ -328,28 +334,36 @@ class MeshRenderer:
             self._vao.render(mode=ctx.TRIANGLES, vertices=self._num_indices)
         if self.samples:
             ctx.copy_framebuffer(self._fbo_resolved, self._fbo)
+        # The draw is queued, not finished: with a CUDA mesh, classify silhouette faces now so that
+        # this GPU work overlaps the rasterisation instead of following the read-back. (With a CPU
+        # mesh it would compete with llvmpipe's threads for the same cores: done after.)
+        want_sil = analytic and self._num_indices and self._num_indices // 3 < _MAX_ANALYTIC_FACES
+        on_cuda = isinstance(vertices, torch.Tensor) and vertices.is_cuda
+        sil = None
+        t_sil = 0.0
+        if want_sil and on_cuda:
+            ts = _now() if timer is not None else 0.0
+            sil = self._silhouettes(vertices, clip_from_world, grid)
+            t_sil = _now() - ts if timer is not None else 0.0
         out = np.empty((self.height, self.width, 4), dtype=np.float32)
         self._fbo_resolved.read_into(out, components=4, dtype="f4", alignment=1)  # no extra copy
         t2 = _now() if timer is not None else 0.0
+        if want_sil and not on_cuda:
+            sil = self._silhouettes(vertices, clip_from_world, grid)
         if analytic and self._num_indices:
-            out = self._antialias(out, vertices, clip_from_world, grid)
+            out = self._antialias(out, sil)
         if timer is not None:
             t3 = _now()
-            timer.update(stage_ms=1000 * (t1 - t0), gl_ms=1000 * (t2 - t1), antialias_ms=1000 * (t3 - t2))
+            # Silhouette classification is booked under antialiasing although it runs mid-draw.
+            timer.update(stage_ms=1000 * (t1 - t0), gl_ms=1000 * (t2 - t1 - t_sil),
+                         antialias_ms=1000 * (t3 - t2 + t_sil))
         return out
 
-    def _antialias(self, rgba: np.ndarray, vertices, clip_from_world: np.ndarray, grid) -> np.ndarray:
-        from ex4d.render.antialias import SparseAntialiaser, face_adjacency, silhouette_set
+    def _silhouettes(self, vertices, clip_from_world: np.ndarray, grid):
+        """The view's silhouette faces (:class:`~ex4d.render.antialias.SilhouetteSet`), computed
+        on the mesh's device."""
+        from ex4d.render.antialias import face_adjacency, silhouette_set
 
-        num_faces = self._num_indices // 3
-        if num_faces >= _MAX_ANALYTIC_FACES:
-            logger.warning("%d faces: too many for analytic antialiasing, rendering without it", num_faces)
-            return rgba
-        if self._face_info is None:
-            self._face_info = np.empty((self.height, self.width, 2), dtype=np.float32)
-            self._sparse_aa = SparseAntialiaser()
-        face_info = self._face_info
-        self._fbo.read_into(face_info, components=2, attachment=1, dtype="f4", alignment=1)
         if isinstance(vertices, torch.Tensor):
             vertices_t, device = vertices.detach(), vertices.device
         else:
@@ -359,8 +373,21 @@ class MeshRenderer:
         faces_t = faces_t.to(device)
         if grid is None and (self._adjacency is None or self._adjacency.device != device):
             self._adjacency = face_adjacency(faces_t)  # once per topology (and device)
-        sil = silhouette_set(vertices_t, faces_t, clip_from_world, self.height, self.width, grid=grid,
-                             adjacency=self._adjacency)
+        return silhouette_set(vertices_t, faces_t, clip_from_world, self.height, self.width, grid=grid,
+                              adjacency=self._adjacency)
+
+    def _antialias(self, rgba: np.ndarray, sil) -> np.ndarray:
+        from ex4d.render.antialias import SparseAntialiaser
+
+        num_faces = self._num_indices // 3
+        if sil is None:
+            logger.warning("%d faces: too many for analytic antialiasing, rendering without it", num_faces)
+            return rgba
+        if self._face_info is None:
+            self._face_info = np.empty((self.height, self.width, 2), dtype=np.float32)
+            self._sparse_aa = SparseAntialiaser()
+        face_info = self._face_info
+        self._fbo.read_into(face_info, components=2, attachment=1, dtype="f4", alignment=1)
         return self._sparse_aa(rgba, face_info[..., 0], face_info[..., 1], sil, num_faces)
 
 
