@@ -125,7 +125,8 @@ def bench_size(height: int, width: int, device: torch.device, frames: int, warmu
     depth, rgb = _scene(height, width, total, device)
     K = reference_intrinsics(height, width)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    stages = {name: [] for name in ("build", "stage", "gl", "antialias", "post", "total", "cpu")}
+    stages = {name: [] for name in ("build", "stage", "gl", "upload", "draw_read", "antialias", "post", "total",
+                                    "cpu")}
     visible = []
     mask = np.zeros((height, width), dtype=bool)
     colour = np.zeros((height, width, 3), dtype=np.float32)
@@ -148,7 +149,7 @@ def bench_size(height: int, width: int, device: torch.device, frames: int, warmu
                 stages["build"].append(t1 - t0)
                 stages["post"].append(t3 - t2)
                 stages["total"].append(t3 - t0)
-                for name in ("stage", "gl", "antialias"):
+                for name in ("stage", "gl", "upload", "draw_read", "antialias"):
                     stages[name].append(renderer.timings.get(f"{name}_ms", 0.0) / 1000)
                 visible.append(float(mask.mean()))
         gl_renderer, aa = renderer.gl_renderer, renderer.antialias_method
@@ -164,6 +165,8 @@ def bench_size(height: int, width: int, device: torch.device, frames: int, warmu
               # render = stage (pack vertices+colours, device->host) + gl (upload, draw, read back)
               # + antialias (silhouette faces on the device, blend on the host)
               "stage_ms": ms(stages["stage"]), "gl_ms": ms(stages["gl"]), "antialias_ms": ms(stages["antialias"]),
+              # gl = upload (vertex buffer write) + draw_read (draw, then blocking read-back)
+              "upload_ms": ms(stages["upload"]), "draw_read_ms": ms(stages["draw_read"]),
               "post_ms": ms(stages["post"]),
               "min_ms": round(1000 * min(stages["total"]), 3), "max_ms": round(1000 * max(stages["total"]), 3),
               # CPU time of this process (all its threads, llvmpipe's included): less sensitive than

@@ -425,7 +425,7 @@ def test_renderer_stage_timings_and_face_buffer():
         assert r.face_buffer() is None
         r.timings = {}
         r.render(mesh, _translation(0.02), K)
-        assert set(r.timings) == {"stage_ms", "gl_ms", "antialias_ms"}
+        assert set(r.timings) == {"stage_ms", "gl_ms", "antialias_ms", "upload_ms", "draw_read_ms"}
         assert all(v >= 0 for v in r.timings.values())
         info = r.face_buffer()
         assert info.shape == (H, W, 2)

@@ -183,7 +183,7 @@ class MeshRenderer:
         self._face_info = None  # (H, W, 2) float32 read-back buffer of (face id + 1, depth)
         self._sparse_aa = None
         #: Set to a dict to receive the last frame's stage times (ms): stage (pack + device-to-host),
-        #: gl (upload + draw + read back), antialias. None (default): no timing calls.
+        #: gl (upload + draw + read back) = upload + draw_read, antialias. None (default): no timing.
         self.timings: dict | None = None
 
     @property
@@ -322,6 +322,7 @@ class MeshRenderer:
         packed = self._stage(vertices, colors)
         t1 = _now() if timer is not None else 0.0
         self._upload(packed, faces)
+        t_up = _now() if timer is not None else 0.0
         # GLSL matrices are column-major.
         self._program["clip_from_world"].write(clip_from_world.T.astype(np.float32).tobytes())
 
@@ -356,7 +357,8 @@ class MeshRenderer:
             t3 = _now()
             # Silhouette classification is booked under antialiasing although it runs mid-draw.
             timer.update(stage_ms=1000 * (t1 - t0), gl_ms=1000 * (t2 - t1 - t_sil),
-                         antialias_ms=1000 * (t3 - t2 + t_sil))
+                         antialias_ms=1000 * (t3 - t2 + t_sil), upload_ms=1000 * (t_up - t1),
+                         draw_read_ms=1000 * (t2 - t_up - t_sil))
         return out
 
     def _silhouettes(self, vertices, clip_from_world: np.ndarray, grid):
