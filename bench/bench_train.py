@@ -190,13 +190,15 @@ def expected_trainable(config: dict, rank: int, hidden: int) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--devices", type=int, default=1, help="processes expected (1 without accelerate launch)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="number of processes expected (checked; default: whatever was launched)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 over the frozen base (run under accelerate launch)")
     p.add_argument("--tiny", action="store_true", help="tiny components on the CPU (checks the script)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step (>= 3)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--frames", type=int, default=49)
-    p.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    p.add_argument("--frames", type=int, default=None, help="frames (4k+1; default 49, --tiny 5)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="frame size, multiples of 16 (default 512 512, --tiny 32 32)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--no-erode", action="store_true", help="skip the per-step CPU mask erosion")
@@ -204,23 +206,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 3:
         p.error("--steps must be >= 3 (the median of at least 3 steps is reported)")
-    if args.tiny:
-        args.frames, args.size = 5, (32, 32)
+    if args.frames is None:
+        args.frames = 5 if args.tiny else 49
+    if args.size is None:
+        args.size = (32, 32) if args.tiny else (512, 512)
+    if (args.frames - 1) % 4 or args.size[0] % 16 or args.size[1] % 16:
+        p.error("--frames must be 4k+1 and --size multiples of 16")
     return args
 
 
 def make_accelerator(fsdp: bool):
     from accelerate import Accelerator
 
+    # cpu=True makes accelerate join the process group that torchrun set up (gloo) when there is no
+    # GPU; without it every CPU process would train alone.
+    cpu = not torch.cuda.is_available()
     if not fsdp:
-        return Accelerator()
+        return Accelerator(cpu=cpu)
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["WanTransformerBlock"], reshard_after_forward=True,
         state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
-    return Accelerator(fsdp_plugin=plugin)
+    return Accelerator(cpu=cpu, fsdp_plugin=plugin)
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -232,11 +241,16 @@ def run(args: argparse.Namespace) -> dict | None:
     from ex4d.train.trainer import TrainConfig, train
     from ex4d.train.wan_system import EX4DTrainSystem, ModelConfig
 
+    if args.fsdp and not torch.cuda.is_available():
+        raise SystemExit("--fsdp needs GPUs: accelerate shards with FSDP only in multi-GPU runs")
     accelerator = make_accelerator(args.fsdp)
     world = accelerator.num_processes
-    if world != args.devices and not args.fsdp:
-        raise SystemExit(f"--devices {args.devices} but {world} process(es) were started; "
-                         f"use accelerate launch --num_processes {args.devices} for more than one")
+    if args.fsdp and accelerator.distributed_type.value != "FSDP":
+        raise SystemExit(f"--fsdp but accelerate runs {accelerator.distributed_type.value}; "
+                         f"start it with accelerate launch --multi_gpu --num_processes N")
+    if args.devices is not None and world != args.devices:
+        raise SystemExit(f"--devices {args.devices} but {world} process(es) were started; start "
+                         f"{args.devices} with accelerate launch --num_processes {args.devices} (or omit --devices)")
     device = accelerator.device
     cuda = device.type == "cuda"
     if args.tiny:
@@ -274,9 +288,17 @@ def run(args: argparse.Namespace) -> dict | None:
     prepare_seconds: list[float] = []
     original_prepare = system.prepare
 
+    setup_peak: list[float] = []
+
     def timed_prepare(batch):
         if cuda:
             torch.cuda.synchronize(device)
+            if len(prepare_seconds) == args.warmup:
+                # The timed steps' own peak: under FSDP the unsharded model built before wrapping
+                # would otherwise set it. What is allocated now (shards, optimizer state, the batch)
+                # still counts.
+                setup_peak.append(torch.cuda.max_memory_allocated(device) / 2**30)
+                torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         out = original_prepare(batch)
         if cuda:
@@ -300,11 +322,17 @@ def run(args: argparse.Namespace) -> dict | None:
     # max_steps beyond stop_after: no final checkpoint/export is written (only log.csv).
     result = train(system, dataset, config, resume="none", accelerator=accelerator, stop_after=total)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
-    peaks = [peak]
+    first = max(setup_peak + [peak])
+    peaks, firsts = [peak], [first]
     if world > 1:
-        gathered = accelerator.gather(torch.tensor([peak], device=device))
-        peaks = [float(v) for v in gathered.cpu()]
-    peaks = [round(p, 2) for p in peaks] if cuda else None  # no CUDA allocator statistics on the CPU
+        gathered = accelerator.gather(torch.tensor([[peak, first]], device=device)).cpu()
+        peaks, firsts = [float(v) for v in gathered[:, 0]], [float(v) for v in gathered[:, 1]]
+    # no CUDA allocator statistics on the CPU
+    peaks = [round(p, 2) for p in peaks] if cuda else None
+    firsts = [round(p, 2) for p in firsts] if cuda else None
+    # Which parameters the run really sharded (FSDP2 turns them into DTensors).
+    sharded = any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+                  for p in system.transformer.parameters())
     if not accelerator.is_main_process:
         return None
 
@@ -324,6 +352,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "world_size": world,
         "mode": "fsdp2" if args.fsdp else ("single" if world == 1 else "ddp"),
+        "distributed_type": accelerator.distributed_type.value, "parameters_sharded": sharded,
         "tiny": args.tiny,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__,
         "peft": peft.__version__,
@@ -349,9 +378,15 @@ def run(args: argparse.Namespace) -> dict | None:
         "prepare_seconds_median": round(statistics.median(timed_prepare_s), 4) if timed_prepare_s else None,
         "samples_per_s": round(world / median, 4),
         "peak_memory_gib_per_process": peaks,
+        "peak_memory_gib_per_process_incl_setup": firsts,
+        "peak_memory_note": "torch.cuda.max_memory_allocated over the timed steps (weights, optimizer state and "
+                            "batch included); _incl_setup also covers model build, wrapping and the warm-up step",
         "losses": [round(v, 5) for v in result.losses],
         "grad_norms": [float(r["grad_norm"]) for r in rows],
         "anchor": "none: the reference publishes no training code or training numbers",
+        "notes": ("grad_norms are 0 under FSDP because ex4d.train.trainer clips the parameter list it "
+                  "collected before accelerator.prepare, which FSDP2 replaces (clipping is inactive)"
+                  if args.fsdp and not any(float(r["grad_norm"]) > 0 for r in rows) else ""),
     }
 
 

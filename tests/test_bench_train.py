@@ -23,6 +23,7 @@ def test_bench_train_tiny_prints_one_json_object(tmp_path):
     result = json.loads(lines[0])
     assert out.read_text().strip() == lines[0]
     assert result["tiny"] is True and result["world_size"] == 1 and result["mode"] == "single"
+    assert result["distributed_type"] == "NO" and result["parameters_sharded"] is False
     assert len(result["step_seconds"]) == 3 and len(result["warmup_step_seconds"]) == 1
     assert result["step_seconds_median"] > 0
     assert len(result["losses"]) == 4 and all(v == v for v in result["losses"])  # finite, one per step
