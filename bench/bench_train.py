@@ -202,6 +202,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--no-erode", action="store_true", help="skip the per-step CPU mask erosion")
+    p.add_argument("--fsdp-bf16-gather", action="store_true",
+                   help="with --fsdp: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), i.e. all-gather "
+                        "every parameter in bf16 (a fallback for torch builds whose FSDP2 cannot all-gather "
+                        "the fp32 LoRA together with the bf16 base)")
     p.add_argument("--out", type=Path, help="also append the JSON line to this file")
     args = p.parse_args(argv)
     if args.steps < 3:
@@ -215,7 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_accelerator(fsdp: bool):
+def make_accelerator(fsdp: bool, bf16_gather: bool = False):
     from accelerate import Accelerator
 
     # cpu=True makes accelerate join the process group that torchrun set up (gloo) when there is no
@@ -225,10 +229,15 @@ def make_accelerator(fsdp: bool):
         return Accelerator(cpu=cpu)
     from accelerate.utils import FullyShardedDataParallelPlugin
 
+    policy = None
+    if bf16_gather:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["WanTransformerBlock"], reshard_after_forward=True,
-        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False, mixed_precision_policy=policy)
     return Accelerator(cpu=cpu, fsdp_plugin=plugin)
 
 
@@ -243,7 +252,9 @@ def run(args: argparse.Namespace) -> dict | None:
 
     if args.fsdp and not torch.cuda.is_available():
         raise SystemExit("--fsdp needs GPUs: accelerate shards with FSDP only in multi-GPU runs")
-    accelerator = make_accelerator(args.fsdp)
+    if args.fsdp_bf16_gather and not args.fsdp:
+        raise SystemExit("--fsdp-bf16-gather needs --fsdp")
+    accelerator = make_accelerator(args.fsdp, args.fsdp_bf16_gather)
     world = accelerator.num_processes
     if args.fsdp and accelerator.distributed_type.value != "FSDP":
         raise SystemExit(f"--fsdp but accelerate runs {accelerator.distributed_type.value}; "
@@ -351,7 +362,8 @@ def run(args: argparse.Namespace) -> dict | None:
         "git_commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "world_size": world,
-        "mode": "fsdp2" if args.fsdp else ("single" if world == 1 else "ddp"),
+        "mode": ("fsdp2-bf16-gather" if args.fsdp_bf16_gather else "fsdp2") if args.fsdp
+                else ("single" if world == 1 else "ddp"),
         "distributed_type": accelerator.distributed_type.value, "parameters_sharded": sharded,
         "tiny": args.tiny,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__,
