@@ -26,13 +26,16 @@ Input: 512 x 512 x 49 frames -> latent 16 x 13 x 64 x 64 -> 13 x 32 x 32 = 13312
 batch 1 per process, the mask's right half hidden after frame 0.
 
   source bench/gpu_env.sh; python bench/bench_train.py --devices 1
-  source bench/gpu_env.sh; accelerate launch --num_processes 2 --num_machines 1 --multi_gpu \\
-      --mixed_precision no --dynamo_backend no bench/bench_train.py --fsdp
+  source bench/gpu_env.sh; accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+      --mixed_precision no --dynamo_backend no bench/bench_train.py --fsdp --devices 2
   python bench/bench_train.py --tiny                # tiny CPU check of the script itself (< 1 min)
+  torchrun --nproc_per_node 2 bench/bench_train.py --tiny --devices 2   # the same with 2 CPU processes (DDP, gloo)
 
 --fsdp shards the frozen base with FSDP2 (accelerate's FullyShardedDataParallelPlugin, version 2,
 one unit per ``WanTransformerBlock`` plus the root); FSDP2 keeps per-parameter dtypes, so the fp32
 LoRA inside the bf16 blocks needs no flattening to one dtype (FSDP1 would refuse it).
+``--fsdp-bf16-gather`` adds MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) for torch
+builds that cannot all-gather mixed dtypes. accelerate shards only multi-GPU runs, so --fsdp needs GPUs.
 """
 
 from __future__ import annotations
