@@ -158,7 +158,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
 
-    import diffusers
     from diffusers.utils import logging as dlogging
 
     from ex4d.diffusion.performance import PerformanceOptions

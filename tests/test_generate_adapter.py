@@ -20,7 +20,6 @@ from ex4d.diffusion.adapter import (  # noqa: E402
     inject_lora,
     load_lora_weights,
     lora_target_names,
-    merge_lora,
 )
 from ex4d.errors import CheckpointError  # noqa: E402
 

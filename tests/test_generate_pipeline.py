@@ -155,3 +155,26 @@ def test_cli_generates_from_tiny_weight_files(tmp_path, monkeypatch):
     assert code == 0 and out.exists()
     frames, fps = read_video(out)
     assert frames.shape == (T, 16, 16, 3) and abs(fps - 24.0) < 1e-3
+
+
+@torch.no_grad()
+def test_pinned_swap_keeps_outputs_and_restores_host_weights():
+    from ex4d.diffusion.performance import PinnedSwap
+    from ex4d.diffusion.pipeline import _module_device
+
+    encoder = make_tiny_components(1)["text_encoder"]
+    ids = torch.tensor([[5, 6, 7, 1, 0, 0]])
+    attention = (ids > 0).long()
+    before = encoder(ids, attention).last_hidden_state
+    swap = PinnedSwap(encoder, "cpu")
+    hosts = [host for _, host in swap.tensors]
+    calls = []
+    encoder.register_forward_pre_hook(lambda m, a: calls.append(m.shared.weight.data_ptr()))
+    after = encoder(ids, attention).last_hidden_state
+    assert torch.equal(before, after)
+    assert calls and all(t.data_ptr() == h.data_ptr() for (t, _), h in zip(swap.tensors, hosts)), \
+        "after the forward the parameters point at the host copies again"
+    assert len(swap.tensors) == len({id(t) for t, _ in swap.tensors}), "tied weights are swapped once"
+    assert _module_device(encoder) == torch.device("cpu")
+    swap.remove()
+    assert not hasattr(encoder, "_ex4d_execution_device")

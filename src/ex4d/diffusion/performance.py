@@ -12,7 +12,8 @@ the documented rounding of merged LoRA, fused projections and fp8 weight storage
    the DiT's weight memory; the norms, patch and condition embeddings stay in their dtype.
 4. Placement: everything on the GPU; or the low-VRAM mode: group offloading with CUDA streams
    (the DiT streams one block at a time from pinned CPU memory, prefetching the next; the T5
-   encoder likewise), for GPUs of <= 24 GB; or whole-model CPU offload.
+   is copied in bulk from pinned memory around its forward), for GPUs of <= 24 GB; or whole-model
+   CPU offload.
 5. Attention backend (diffusers' dispatcher). NOTE: ``set_attention_backend`` is process-global
    in diffusers (it sets the registry's active backend), and ``reset_attention_backend`` does not
    undo that; so it is applied only when asked.
@@ -21,9 +22,8 @@ the documented rounding of merged LoRA, fused projections and fp8 weight storage
 Measured on one H100 80GB (random full-size weights, 512x512x49, 25 steps; bench/bench_generate.py):
 compiled bf16 1.52 s per CFG step, 40.7 s per generation excluding loading, 47.7 GiB peak (T5, CLIP
 and VAE resident too); eager 2.07 s; fp8 storage + compile 1.60 s (batched) at 32.7 GiB; low-VRAM
-+ compile 2.04 s per step at 14.6 GiB, but its T5 pass is slow (~12 s per prompt: the T5 layers
-sit below a T5Stack, so block-level offload makes the whole encoder one group) -- leaf-level
-offload of the T5 or cached prompt embeddings are the next step there.
++ compile 2.04 s per step at 14.6 GiB, measured with the T5 under block-level group offload, which
+took ~12 s per prompt (see :class:`PinnedSwap`, which replaces it and is not yet timed on a GPU).
 
 7. Batched CFG (one forward of batch 2 per step): on by default only when offloading, where it
    halves the weight traffic; on a GPU that holds the model two batch-1 forwards measured 4 %
@@ -139,7 +139,7 @@ def enable_fp8_storage(transformer: nn.Module, compute_dtype: torch.dtype = torc
 
 
 def enable_low_vram(pipe, device: torch.device) -> None:
-    """Group offloading with streams: DiT one block per group, T5 per block; the rest stays on ``device``.
+    """Group offloading with streams for the DiT (one block per group), :class:`PinnedSwap` for the T5.
 
     Weights live in pinned CPU memory and the next group is prefetched on a side stream while the
     current one runs, so the copy hides under the compute of a 512x512x49 step. The copies must be
@@ -149,15 +149,51 @@ def enable_low_vram(pipe, device: torch.device) -> None:
                                           offload_type="block_level", num_blocks_per_group=1,
                                           use_stream=True, record_stream=True, non_blocking=True)
     if pipe.text_encoder is not None:
-        from diffusers.hooks import apply_group_offloading
-
-        apply_group_offloading(pipe.text_encoder, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=4, use_stream=True,
-                               record_stream=True, non_blocking=True)
+        # Not diffusers' block-level offload: the T5 layers sit below a T5Stack, so it would make the
+        # whole encoder one unstreamed group copied from pageable memory (~12 s per prompt measured).
+        PinnedSwap(pipe.text_encoder, device)
     for name in ("image_encoder", "vae", "camera_encoder"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(device)
+
+
+class PinnedSwap:
+    """Keep a module's weights in pinned CPU memory; copy them to ``device`` only around its forward.
+
+    For a model that runs once or twice per generation (the 11 GB T5): one bulk non-blocking copy
+    from pinned memory (~50 GB/s) before the forward, and after it the parameters simply point at
+    the CPU copies again (weights are read-only, so nothing is copied back). Tied weights are
+    handled once. ``module._ex4d_execution_device`` tells the pipeline where its inputs go.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | str):
+        self.module, self.device = module, torch.device(device)
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                host = tensor.data.to("cpu")
+                host = host.pin_memory() if pin else host
+                tensor.data = host
+                self.tensors.append((tensor, host))
+        module._ex4d_execution_device = self.device
+        self._handles = [module.register_forward_pre_hook(self._onload),
+                         module.register_forward_hook(self._offload)]
+
+    def _onload(self, module, args):
+        for tensor, host in self.tensors:
+            tensor.data = host.to(self.device, non_blocking=True)
+
+    def _offload(self, module, args, output):
+        for tensor, host in self.tensors:
+            tensor.data = host
+        return output
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.module.__dict__.pop("_ex4d_execution_device", None)
 
 
 def apply_performance(pipe, options: PerformanceOptions, device: torch.device | str) -> None:

@@ -334,6 +334,9 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     """Where a module computes, also under diffusers' offload hooks (which keep weights on the CPU)."""
     from diffusers.utils.torch_utils import get_module_execution_device
 
+    explicit = getattr(module, "_ex4d_execution_device", None)  # set by performance.PinnedSwap
+    if explicit is not None:
+        return torch.device(explicit)
     return torch.device(get_module_execution_device(module))
 
 
