@@ -491,91 +491,38 @@ def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
 # Generation stage (pipeline loaded once per process and kept while the settings match)
 # --------------------------------------------------------------------------------------------
 
+def job_generate_options(job: dict):
+    """The :class:`ex4d.pipeline.GenerateOptions` of a ``stage: run`` job."""
+    from ex4d.pipeline import GenerateOptions
+
+    memory = job.get("memory", "full")
+    return GenerateOptions(
+        seed=job.get("seed", 0), steps=job.get("steps", 25), cfg=job.get("guidance", 5.0),
+        prompt=job.get("prompt"), negative_prompt=job.get("negative_prompt"), size=job.get("size", "512x512"),
+        fps=job.get("out_fps", 15.0), erode=job.get("erode", True), window=job.get("window", 49),
+        overlap=job.get("overlap", 17), models_dir=job.get("models_dir"), adapter=job.get("adapter"),
+        device=job.get("device", "auto"), attention=job.get("attention"), compile=job.get("compile", False),
+        low_vram=memory == "low-vram", cpu_offload=memory == "cpu-offload", fp8=job.get("fp8", False))
+
+
 def generation_key(job: dict) -> tuple:
     """What the cached generation pipeline depends on; a job with another key reloads it."""
-    return (job.get("models_dir"), job.get("adapter"), job.get("memory", "full"), bool(job.get("fp8", False)),
-            bool(job.get("compile", False)), job.get("attention"), str(_job_device(job)))
-
-
-def _job_device(job: dict):
-    from ex4d.commands.common import resolve_device
-
-    return resolve_device(job.get("device", "auto"))
-
-
-def cached_pipeline(job: dict, cache: dict):
-    """The EX4DPipeline for ``job``'s settings, loaded once and reused by every later job.
-
-    Only one pipeline is kept (a 14B model per GPU is all there is room for): a job with other
-    settings drops the old one first. A pipeline placed in ``cache["generate_pipe"]`` with
-    ``cache["generate_key"] = generation_key(job)`` is used as is (benchmarks with random weights).
-    """
-    key = generation_key(job)
-    if cache.get("generate_key") == key and cache.get("generate_pipe") is not None:
-        return cache["generate_pipe"]
-    if cache.pop("generate_pipe", None) is not None:
-        cache.pop("generate_key", None)
-        _free_accelerator_memory()
-    import torch
-
-    from ex4d.diffusion.performance import PerformanceOptions
-    from ex4d.diffusion.pipeline import build_pipeline
-    from ex4d.diffusion.weights import load_ex4d_adapter, load_wan_components, resolve_adapter
-
-    device = _job_device(job)
-    memory = job.get("memory", "full")
-    options = PerformanceOptions(compile=job.get("compile", False), low_vram=memory == "low-vram",
-                                 cpu_offload=memory == "cpu-offload", fp8=job.get("fp8", False),
-                                 attention=job.get("attention"))
-    options.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    options.validate()
-    adapter_path = resolve_adapter(job.get("models_dir"), job.get("adapter"))
-    log.info("loading the generation pipeline (once per process)")
-    components = load_wan_components(job.get("models_dir"), torch_dtype=options.dtype,
-                                     device="cpu" if memory != "full" else device)
-    adapter = load_ex4d_adapter(adapter_path, transformer_config=dict(components["transformer"].config))
-    pipe = build_pipeline(components, adapter, options, device)
-    pipe.set_progress_bar_config(disable=True)  # the batch has its own progress display
-    cache["generate_pipe"], cache["generate_key"] = pipe, key
-    return pipe
+    return job_generate_options(job).pipeline_key()
 
 
 def generate_stage(job: dict, recon: dict, cache: dict, timings: dict | None = None) -> dict:
     """Generate ``ex4d_<cam>.mp4`` in the job's output folder from the recon files in ``recon``.
 
-    Clips longer than ``window`` frames (default 49) go through overlapping windows
-    (:mod:`ex4d.diffusion.long_video`). Returns {"video": path}.
+    The pipeline is loaded once per process and kept in ``cache``; clips longer than the window
+    (default 49 frames) go through overlapping windows. Returns {"video": path}.
     """
-    import numpy as np
-    import torch
-
-    from ex4d.diffusion.conditioning import load_condition
-    from ex4d.diffusion.long_video import DEFAULT_OVERLAP, DEFAULT_WINDOW, generate_long_video
-    from ex4d.diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DEFAULT_STEPS
-    from ex4d.io.video import write_video
+    from ex4d.pipeline import run_generate
 
     if "color" not in recon:
         raise UserError(f"job {job['index'] + 1}: the recon stage wrote no colour video to generate from")
     color = Path(recon["color"])
     mask = Path(recon["mask_lossless"]) if "mask_lossless" in recon else None
-    seed = job.get("seed", 0)
-    condition = load_condition(color, mask, size=job.get("size", "512x512"), seed=seed, erode=job.get("erode", True))
-    t = time.perf_counter()
-    pipe = cached_pipeline(job, cache)
-    if timings is not None:
-        timings["load_generator"] = time.perf_counter() - t
-    kwargs = dict(prompt=job.get("prompt", DEFAULT_PROMPT),
-                  negative_prompt=job.get("negative_prompt", DEFAULT_NEGATIVE_PROMPT),
-                  num_inference_steps=job.get("steps", DEFAULT_STEPS),
-                  guidance_scale=job.get("guidance", DEFAULT_GUIDANCE))
-    window = job.get("window", DEFAULT_WINDOW)
-    if condition.num_frames > window:
-        frames = generate_long_video(pipe, condition, window=window, overlap=job.get("overlap", DEFAULT_OVERLAP),
-                                     seed=seed, **kwargs)
-    else:
-        frames = pipe(condition.cond, condition.mask, image=condition.first_frame,
-                      generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).frames[0]
     name = color.name.replace("color_", "ex4d_", 1) if color.name.startswith("color_") else f"ex4d_{color.name}"
-    out = write_video(Path(job["output"]) / Path(name).with_suffix(".mp4"), np.asarray(frames),
-                      fps=job.get("out_fps", 15.0))  # 15 fps: the reference's output rate
+    out = run_generate(color, mask, Path(job["output"]) / Path(name).with_suffix(".mp4"), job_generate_options(job),
+                       cache=cache)
     return {"video": str(out)}

@@ -163,6 +163,19 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     fps = float(options.fps) if options.fps else clip.fps
     mesh_options = dict(cap=options.cap, filter=options.filter, stretch_test=options.stretch_test,
                         watertight=options.watertight)
+    record_path = out_dir / f"recon_{trajectory.name}.json"
+    request = {
+        "source": _file_fingerprint(clip.source) if clip.source and Path(clip.source).is_file() else clip.source,
+        "frames": hashlib.sha1(np.ascontiguousarray(clip.frames)).hexdigest(),
+        "depth": hashlib.sha1(np.ascontiguousarray(depth.depth)).hexdigest(),
+        "K_src": np.asarray(K_src).tolist(), "fps": fps,
+        "trajectory": stable_hash([trajectory.cam_from_world.tolist(), trajectory.K.tolist()]),
+        "options": {k: v for k, v in vars(options).items() if k not in ("device", "fps")},
+    }
+    previous = _current_outputs(record_path, request, out_dir)
+    if previous is not None:
+        log.info("recon outputs in %s are up to date", out_dir)
+        return previous
     written: dict[str, Path] = {}
 
     def save_mesh(k: int, mesh) -> None:
@@ -180,18 +193,31 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     written["camera"] = trajectory.save(out_dir / f"camera_{trajectory.name}.npz")
 
     record = {
+        "request": request,
         "source": clip.source, "num_frames": clip.num_frames, "size": list(clip.size), "fps": fps,
         "depth": {"estimator": depth.estimator, "settings": depth.settings},
         "trajectory": {"name": trajectory.name, "settings": trajectory.settings},
         "options": {**mesh_options, "only_first_frame": options.only_first_frame,
                     "save_mesh": options.save_mesh, "antialias": options.antialias},
         "render": condition.settings,
-        "files": {role: path.name for role, path in written.items()},
     }
-    with atomic_path(out_dir / f"recon_{trajectory.name}.json") as tmp:
+    written["record"] = record_path
+    record["files"] = {role: path.name for role, path in written.items()}
+    with atomic_path(record_path) as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str))
-    written["record"] = out_dir / f"recon_{trajectory.name}.json"
     return written
+
+
+def _current_outputs(record_path: Path, request: dict, out_dir: Path) -> dict[str, Path] | None:
+    """The files of a previous recon run if its record matches ``request`` and they all exist."""
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if json.loads(json.dumps(request, default=str)) != record.get("request"):
+        return None
+    files = {role: out_dir / name for role, name in record.get("files", {}).items()}
+    return files if files and all(path.is_file() for path in files.values()) else None
 
 
 def _resolve_device(name: str):
@@ -211,3 +237,195 @@ def _resolve_device(name: str):
 def stable_hash(obj) -> str:
     """Short hash of a JSON-serialisable object (for skip-if-unchanged checks)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation (Wan2.1-I2V-14B + the EX-4D adapter)
+
+
+@dataclass
+class GenerateOptions:
+    """Settings of the generation stage (see ``ex4d generate --help``).
+
+    The first group decides what is computed; the second only how fast and in how much memory,
+    and together with ``models_dir``/``adapter``/``device`` it decides the loaded pipeline
+    (:meth:`pipeline_key`).
+    """
+
+    seed: int = 0
+    steps: int = 25
+    cfg: float = 5.0
+    prompt: str | None = None  # None: the reference's fixed prompt
+    negative_prompt: str | None = None  # None: Wan's standard negative prompt
+    size: str = "512x512"
+    num_frames: int | None = None  # None: every frame of the colour video (4k+1)
+    fps: float | None = 15.0  # None: the colour video's
+    erode: bool = True
+    window: int = 49  # longer clips are generated in overlapping windows of this many frames
+    overlap: int = 17
+    models_dir: str | None = None
+    adapter: str | None = None
+    device: str = "auto"
+    merge_lora: bool = True
+    attention: str | None = None
+    compile: bool = False
+    batch_cfg: bool | None = None  # None: batched only when offloading (measured faster there)
+    low_vram: bool = False
+    cpu_offload: bool = False
+    fp8: bool = False
+
+    def pipeline_key(self) -> tuple:
+        """What the loaded pipeline depends on; jobs with equal keys share one loaded pipeline."""
+        return (self.models_dir, self.adapter, str(_resolve_device(self.device)), self.merge_lora, self.attention,
+                self.compile, self.batch_cfg, self.low_vram, self.cpu_offload, self.fp8)
+
+    def call_kwargs(self) -> dict:
+        from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+
+        return dict(prompt=self.prompt if self.prompt is not None else DEFAULT_PROMPT,
+                    negative_prompt=self.negative_prompt if self.negative_prompt is not None
+                    else DEFAULT_NEGATIVE_PROMPT,
+                    num_inference_steps=self.steps, guidance_scale=self.cfg)
+
+    def record(self) -> dict:
+        """The settings that change the output video (for skip-if-unchanged checks)."""
+        return {k: getattr(self, k) for k in ("seed", "steps", "cfg", "prompt", "negative_prompt", "size",
+                                                "num_frames", "fps", "erode", "window", "overlap", "models_dir",
+                                                "adapter", "merge_lora", "fp8")}
+
+
+def load_generator(options: GenerateOptions, parallel=None):
+    """Load Wan2.1-I2V-14B + the EX-4D adapter as an EX4DPipeline with ``options``' speed settings.
+
+    Missing weights raise MissingWeightsError (exit 2) naming the file and the download command; the
+    adapter is resolved first so that a missing adapter fails before 40 GB of weights are read.
+    parallel: an :class:`ex4d.diffusion.parallel.ParallelContext` under torchrun, else None.
+    """
+    import time
+
+    import torch
+
+    from ex4d.diffusion.performance import PerformanceOptions
+    from ex4d.diffusion.pipeline import build_pipeline
+    from ex4d.diffusion.weights import load_ex4d_adapter, load_wan_components, resolve_adapter
+
+    device = parallel.device if parallel is not None and parallel.world_size > 1 else _resolve_device(options.device)
+    perf = PerformanceOptions(merge_lora=options.merge_lora, attention=options.attention, compile=options.compile,
+                              batch_cfg=options.batch_cfg, low_vram=options.low_vram,
+                              cpu_offload=options.cpu_offload, fp8=options.fp8)
+    perf.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    perf.validate()
+    adapter_path = resolve_adapter(options.models_dir, options.adapter)
+    started = time.perf_counter()
+    offloading = options.low_vram or options.cpu_offload
+    components = load_wan_components(options.models_dir, torch_dtype=perf.dtype,
+                                     device="cpu" if offloading else device)
+    adapter = load_ex4d_adapter(adapter_path, transformer_config=dict(components["transformer"].config))
+    pipe = build_pipeline(components, adapter, perf, device)
+    log.info("generation models ready in %.1f s", time.perf_counter() - started)
+    return pipe
+
+
+def cached_generator(options: GenerateOptions, cache: dict, parallel=None):
+    """The pipeline for ``options`` from ``cache`` (``generate_pipe``/``generate_key``), loading it once.
+
+    Only one pipeline is kept: a 14B model per GPU is all there is room for, so other settings
+    drop the old one first. A pipeline placed in the cache with a matching key is used as is.
+    """
+    key = options.pipeline_key()
+    if cache.get("generate_key") == key and cache.get("generate_pipe") is not None:
+        return cache["generate_pipe"]
+    if cache.pop("generate_pipe", None) is not None:
+        cache.pop("generate_key", None)
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    pipe = load_generator(options, parallel=parallel)
+    cache["generate_pipe"], cache["generate_key"] = pipe, key
+    return pipe
+
+
+def _generate_request(color: Path, mask: Path, options: GenerateOptions) -> dict:
+    return {"color": _file_fingerprint(color), "mask": _file_fingerprint(mask), "options": options.record()}
+
+
+def generation_is_current(output: str | os.PathLike, color, mask, options: GenerateOptions) -> bool:
+    """True if ``output`` exists and its ``.json`` record says it was made from these inputs and settings."""
+    output = Path(output)
+    record = output.with_suffix(".json")
+    if not (output.is_file() and record.is_file()):
+        return False
+    try:
+        return json.loads(record.read_text()).get("request") == _generate_request(Path(color), Path(mask), options)
+    except (OSError, ValueError):
+        return False
+
+
+def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
+                 options: GenerateOptions, *, cache: dict | None = None, parallel=None,
+                 progress: Progress | None = None) -> Path:
+    """Generate the re-filmed video from a colour video and its mask; write ``output`` (.mp4).
+
+    mask: None takes ``mask_<cam>.mkv`` (lossless) beside ``color_<cam>.mp4``. Clips longer than
+    ``options.window`` frames are generated in overlapping windows (docs/scale.md). Inputs are
+    checked before any weights load. ``cache``: a dict kept across calls so the models load once.
+    ``parallel``: a ParallelContext under torchrun (only its main rank writes). Writes
+    ``output`` and ``output.json`` (the settings and input fingerprints) atomically.
+    """
+    import torch
+
+    from ex4d.diffusion.conditioning import find_mask_for, load_condition
+    from ex4d.io.video import write_video
+
+    color = require_file(color, "colour video")
+    mask = find_mask_for(color, mask)
+    output = Path(output)
+    if output.suffix.lower() != ".mp4":
+        raise InputError(f"output {output} must be an .mp4 file")
+    if output.resolve() in (color.resolve(), mask.resolve()):
+        raise InputError(f"output {output} would overwrite the input; choose another -o")
+    if options.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {options.steps}")
+    prepare_output_dir(output.parent)
+    # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
+    condition = load_condition(color, mask, size=options.size, num_frames=options.num_frames, seed=options.seed,
+                               erode=options.erode)
+    log.info("condition: %d frames at %dx%d, erosion sizes %s", condition.num_frames, *condition.size,
+             condition.kernel_sizes)
+    long_clip = condition.num_frames > options.window
+    if parallel is not None and parallel.world_size > 1:
+        from ex4d.diffusion.parallel import WAN_14B_HEADS, check_ulysses, num_video_tokens
+
+        if long_clip:
+            raise InputError(f"multi-GPU generation handles up to {options.window} frames; run longer clips on "
+                             f"one GPU per clip (ex4d batch spreads clips over GPUs)")
+        tokens = num_video_tokens(condition.num_frames, *condition.size)
+        if parallel.ulysses_degree > 1:
+            check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
+
+    pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel)
+    if parallel is not None and parallel.world_size > 1:
+        from ex4d.diffusion.parallel import parallelize_pipeline
+
+        parallelize_pipeline(pipe, parallel, num_tokens=tokens)
+    if long_clip:
+        from ex4d.diffusion.long_video import generate_long_video
+
+        frames = generate_long_video(pipe, condition, window=options.window, overlap=options.overlap,
+                                     seed=options.seed, progress=progress, **options.call_kwargs())
+    else:
+        result = pipe(condition.cond, condition.mask, image=condition.first_frame,
+                      generator=torch.Generator("cpu").manual_seed(options.seed), output_type="np",
+                      **options.call_kwargs())
+        frames = result.frames[0]
+    if parallel is None or parallel.is_main:
+        write_video(output, np.asarray(frames), fps=options.fps if options.fps is not None else condition.fps)
+        with atomic_path(output.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps({"request": _generate_request(color, mask, options),
+                                       "frames": int(len(frames)), "erosion_sizes": condition.kernel_sizes},
+                                      indent=2, default=str))
+    return output

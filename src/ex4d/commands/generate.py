@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
-from ex4d.commands.common import add_device_arg, resolve_device
+from ex4d.commands.common import add_device_arg
 from ex4d.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +30,19 @@ def register(subparsers) -> None:
                         help="visibility mask video (default: mask_<cam>.mkv beside --color; a .mp4 is "
                              "thresholded, and its .mkv twin is preferred when present)")
     parser.add_argument("-o", "--output", required=True, help="output video (.mp4)")
-    parser.add_argument("--models-dir", default=None, help="folder with downloaded weights (docs/models.md)")
+    add_generation_args(parser)
+    add_device_arg(parser)
+    parser.set_defaults(func=main)
+
+
+def add_generation_args(parser: argparse.ArgumentParser, *, with_recon: bool = False) -> None:
+    """Options shared by ``generate`` and ``run`` (everything but the input/output paths).
+
+    with_recon: ``run`` already has --models-dir and --num-frames from the recon options; there the
+    rendered clip has exactly --num-frames frames and all of them are generated.
+    """
+    if not with_recon:
+        parser.add_argument("--models-dir", default=None, help="folder with downloaded weights (docs/models.md)")
     parser.add_argument("--adapter", default=None, help="EX-4D adapter file or folder (default: found in --models-dir)")
     parser.add_argument("--seed", type=int, default=0, help="noise and mask-erosion seed (default 0)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, as the reference)")
@@ -41,10 +52,19 @@ def register(subparsers) -> None:
     parser.add_argument("--size", default="512x512",
                         help="HxW working size, multiples of 16 (default 512x512, squashed as the model was "
                              "trained), or keep-aspect (~512x512 pixels at the source aspect; untested)")
-    parser.add_argument("--num-frames", type=int, default=None,
-                        help="frames to generate, 4k+1 (default: all frames of --color, which must be 4k+1)")
-    parser.add_argument("--fps", default="15", help="output frame rate: a number (default 15, as the reference) "
-                                                    "or 'source' (the colour video's)")
+    if with_recon:
+        parser.set_defaults(gen_num_frames=None)
+    else:
+        parser.add_argument("--num-frames", dest="gen_num_frames", type=int, default=None, metavar="N",
+                            help="frames to generate, 4k+1 (default: all frames of the colour video, which must "
+                                 "be 4k+1); picked evenly over the clip as the reference does")
+    parser.add_argument("--window", type=int, default=49,
+                        help="clips longer than this many frames (4k+1) are generated in overlapping windows, "
+                             "each conditioned on the frames already generated (docs/scale.md); default 49")
+    parser.add_argument("--overlap", type=int, default=17, help="frames shared by consecutive windows (default 17)")
+    parser.add_argument("--out-fps" if with_recon else "--fps", dest="gen_fps", default="15", metavar="FPS",
+                        help="frame rate of the generated video: a number (default 15, as the reference) or "
+                             "'source' (the colour video's)")
     parser.add_argument("--no-erode", action="store_true", help="skip the random mask erosion (not the trained input)")
     perf = parser.add_argument_group("speed and memory")
     perf.add_argument("--low-vram", action="store_true",
@@ -60,8 +80,6 @@ def register(subparsers) -> None:
     perf.add_argument("--no-merge-lora", action="store_true", help="keep the LoRA unmerged (slower; as the reference)")
     perf.add_argument("--parallel", default="auto", choices=("none", "ulysses", "cfg", "cfg-ulysses", "auto"),
                       help="multi-GPU layout when launched with torchrun (docs/scale.md); ignored otherwise")
-    add_device_arg(parser)
-    parser.set_defaults(func=main)
 
 
 def _launched_distributed() -> bool:
@@ -97,6 +115,19 @@ def check_output(output: str | Path, inputs: list[Path]) -> Path:
     return output
 
 
+def options_from_args(args: argparse.Namespace):
+    """GenerateOptions from parsed ``generate``/``run`` arguments."""
+    from ex4d.pipeline import GenerateOptions
+
+    return GenerateOptions(
+        seed=args.seed, steps=args.steps, cfg=args.cfg, prompt=args.prompt, negative_prompt=args.negative_prompt,
+        size=args.size, num_frames=args.gen_num_frames, fps=parse_fps(args.gen_fps), erode=not args.no_erode,
+        window=args.window, overlap=args.overlap, models_dir=args.models_dir, adapter=args.adapter,
+        device=args.device, merge_lora=not args.no_merge_lora, attention=args.attention, compile=args.compile,
+        batch_cfg=False if args.no_batch_cfg else None, low_vram=args.low_vram, cpu_offload=args.cpu_offload,
+        fp8=args.fp8)
+
+
 def main(args: argparse.Namespace) -> int:
     if _launched_distributed() and getattr(args, "parallel", "auto") != "none":
         from ex4d.diffusion.parallel import apply_safe_env, generate_main
@@ -104,55 +135,8 @@ def main(args: argparse.Namespace) -> int:
         apply_safe_env()
         return generate_main(args)
 
-    import torch
+    from ex4d.pipeline import run_generate
 
-    from ex4d.diffusion.conditioning import find_mask_for, load_condition
-    from ex4d.diffusion.performance import PerformanceOptions
-    from ex4d.io.files import require_file
-
-    fps = parse_fps(args.fps)
-    color = require_file(args.color, "colour video")
-    mask = find_mask_for(color, args.mask)
-    output = check_output(args.output, [color, mask])
-    if args.steps < 1:
-        raise InputError(f"--steps must be >= 1, got {args.steps}")
-    device = resolve_device(args.device)
-    options = PerformanceOptions(merge_lora=not args.no_merge_lora, attention=args.attention, compile=args.compile,
-                                 batch_cfg=False if args.no_batch_cfg else None, low_vram=args.low_vram,
-                                 cpu_offload=args.cpu_offload, fp8=args.fp8)
-    options.validate()
-
-    # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
-    condition = load_condition(color, mask, size=args.size, num_frames=args.num_frames, seed=args.seed,
-                               erode=not args.no_erode)
-    logger.info("condition %s frames at %sx%s, erosion sizes %s", condition.num_frames, *condition.size,
-                condition.kernel_sizes)
-
-    load_device = "cpu" if (args.low_vram or args.cpu_offload) else device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    options.dtype = dtype
-    from ex4d.diffusion.weights import load_ex4d_adapter, load_wan_components, resolve_adapter
-
-    # Missing weights raise MissingWeightsError (exit 2) naming the file and the download command;
-    # the adapter path is resolved first so that it fails before 40 GB are read.
-    adapter_path = resolve_adapter(args.models_dir, args.adapter)
-    started = time.perf_counter()
-    components = load_wan_components(args.models_dir, torch_dtype=dtype, device=load_device)
-    adapter = load_ex4d_adapter(adapter_path, transformer_config=dict(components["transformer"].config))
-
-    from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, build_pipeline
-
-    pipe = build_pipeline(components, adapter, options, device)
-    logger.info("models ready in %.1f s", time.perf_counter() - started)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    result = pipe(condition.cond, condition.mask, image=condition.first_frame,
-                  prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
-                  negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
-                  num_inference_steps=args.steps, guidance_scale=args.cfg, generator=generator, output_type="np")
-    frames = result.frames[0]
-
-    from ex4d.io.video import write_video
-
-    write_video(output, frames, fps=fps if fps is not None else condition.fps)
-    print(f"wrote {output} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
+    output = run_generate(args.color, args.mask, args.output, options_from_args(args))
+    print(f"wrote {output}")
     return 0

@@ -341,71 +341,23 @@ def generate_main(args) -> int:
     ``args`` are ``ex4d generate``'s parsed arguments plus ``parallel``. Each rank loads the whole
     model on cuda:LOCAL_RANK (Ulysses and CFG split the work, not the weights).
     """
-    import time
+    from ex4d.commands.generate import options_from_args
+    from ex4d.pipeline import run_generate
 
-    from ex4d.commands.generate import check_output, parse_fps
-    from ex4d.diffusion.conditioning import find_mask_for, load_condition
-    from ex4d.diffusion.performance import PerformanceOptions
-    from ex4d.io.files import require_file
-
-    fps = parse_fps(args.fps)
-    color = require_file(args.color, "colour video")
-    mask = find_mask_for(color, args.mask)
-    output = check_output(args.output, [color, mask])
-    if args.steps < 1:
-        raise InputError(f"--steps must be >= 1, got {args.steps}")
-    if launched_distributed() and (args.low_vram or args.cpu_offload):
+    options = options_from_args(args)
+    if launched_distributed() and (options.low_vram or options.cpu_offload):
         raise UserError("--low-vram / --cpu-offload cannot be combined with multi-GPU generation (each rank "
                         "would stream its own copy of the weights); drop them or run one process")
-    ctx = init_parallel(getattr(args, "parallel", "auto"), guidance_scale=args.cfg)
+    ctx = init_parallel(getattr(args, "parallel", "auto"), guidance_scale=options.cfg)
     try:
-        device = ctx.device if ctx.world_size > 1 else _single_device(args.device)
-        options = PerformanceOptions(merge_lora=not args.no_merge_lora, attention=args.attention,
-                                     compile=args.compile, batch_cfg=not args.no_batch_cfg, low_vram=args.low_vram,
-                                     cpu_offload=args.cpu_offload, fp8=args.fp8)
-        options.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        options.validate()
-        condition = load_condition(color, mask, size=args.size, num_frames=args.num_frames, seed=args.seed,
-                                   erode=not args.no_erode)
-        tokens = num_video_tokens(condition.num_frames, *condition.size)
-        if ctx.ulysses_degree > 1:  # fail before loading 40 GB of weights
-            check_ulysses(WAN_14B_HEADS, tokens, ctx.ulysses_degree)
-
-        from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, build_pipeline
-        from ex4d.diffusion.weights import load_ex4d_adapter, load_wan_components, resolve_adapter
-
-        adapter_path = resolve_adapter(args.models_dir, args.adapter)
-        started = time.perf_counter()
-        load_device = "cpu" if (args.low_vram or args.cpu_offload) else device
-        components = load_wan_components(args.models_dir, torch_dtype=options.dtype, device=load_device)
-        adapter = load_ex4d_adapter(adapter_path, transformer_config=dict(components["transformer"].config))
-        pipe = build_pipeline(components, adapter, options, device)
-        parallelize_pipeline(pipe, ctx, num_tokens=tokens)
-        log.info("rank %d: models ready in %.1f s", ctx.rank, time.perf_counter() - started)
-        result = pipe(condition.cond, condition.mask, image=condition.first_frame,
-                      prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
-                      negative_prompt=args.negative_prompt if args.negative_prompt is not None
-                      else DEFAULT_NEGATIVE_PROMPT,
-                      num_inference_steps=args.steps, guidance_scale=args.cfg,
-                      generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np")
+        output = run_generate(args.color, args.mask, args.output, options, parallel=ctx)
         if ctx.is_main:
-            from ex4d.io.video import write_video
-
-            frames = result.frames[0]
-            write_video(output, frames, fps=fps if fps is not None else condition.fps)
-            print(f"wrote {output} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}; "
-                  f"{ctx.mode} on {ctx.world_size} process(es))")
+            print(f"wrote {output} ({ctx.mode} on {ctx.world_size} process(es))")
         if ctx.world_size > 1:
             dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     finally:
         shutdown(ctx)
     return 0
-
-
-def _single_device(name: str) -> torch.device:
-    from ex4d.commands.common import resolve_device
-
-    return resolve_device(name)
 
 
 def build_parser():

@@ -1,0 +1,66 @@
+"""`ex4d run` end to end with tiny weight files: depth file -> recon -> generation, then skip on rerun."""
+
+import json
+
+import pytest
+
+from ex4d.cli import main
+from ex4d.io.video import read_video
+
+tiny_wan = pytest.importorskip("tiny_wan")
+
+
+@pytest.fixture()
+def models(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    root = tmp_path / "models"
+    tiny_wan.write_tiny_original_layout(root / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
+    tiny_wan.write_tiny_ex4d_ckpt(root / "yihouxiang" / "EX-4D" / "ex4d.ckpt")
+    return root
+
+
+def run_cli(tmp_path, models, frames, extra=()):
+    example = tmp_path / "example"
+    if not (example / "video.mp4").exists():
+        assert main(["synth", "-o", str(example), "--scene", "boxes", "--num-frames", str(frames),
+                     "--size", "64x64"]) == 0
+    out = tmp_path / "out"
+    code = main(["run", str(example / "video.mp4"), "--depth", str(example / "depth.npz"), "--cam", "30",
+                 "--num-frames", str(frames), "--resize", "keep", "-o", str(out), "--models-dir", str(models),
+                 "--size", "16x16", "--steps", "2", "--device", "cpu", *extra])
+    return code, out
+
+
+def test_run_end_to_end_and_skips_when_current(tmp_path, models, capsys):
+    code, out = run_cli(tmp_path, models, 5)
+    assert code == 0
+    video = out / "ex4d_30.mp4"
+    frames, fps = read_video(video)
+    assert frames.shape == (5, 16, 16, 3)
+    assert abs(fps - 15.0) < 1e-6  # the reference's output rate by default
+    record = json.loads((out / "ex4d_30.json").read_text())
+    assert record["request"]["options"]["steps"] == 2
+    before = video.stat().st_mtime_ns
+    capsys.readouterr()
+    code, _ = run_cli(tmp_path, models, 5)
+    assert code == 0
+    assert "up to date" in capsys.readouterr().out
+    assert video.stat().st_mtime_ns == before  # not regenerated
+    code, _ = run_cli(tmp_path, models, 5, extra=["--seed", "1"])
+    assert code == 0 and video.stat().st_mtime_ns != before  # a changed setting regenerates
+
+
+def test_run_long_clip_in_windows(tmp_path, models):
+    # 13 frames with 9-frame windows overlapping by 5: windows (0, 9) and (4, 13).
+    code, out = run_cli(tmp_path, models, 13, extra=["--window", "9", "--overlap", "5"])
+    assert code == 0
+    frames, _ = read_video(out / "ex4d_30.mp4")
+    assert frames.shape == (13, 16, 16, 3)
+
+
+def test_run_rejects_a_clip_that_is_not_4k_plus_1(tmp_path, models, capsys):
+    code, out = run_cli(tmp_path, models, 6)
+    assert code == 1
+    assert "4k+1" in capsys.readouterr().err.replace("4k + 1", "4k+1")
+    assert not (out / "ex4d_30.mp4").exists()
