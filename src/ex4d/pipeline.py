@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ex4d.conventions import reference_intrinsics
+from ex4d.devices import resolve_device
 from ex4d.errors import InputError
 from ex4d.io.files import atomic_path, prepare_output_dir, require_file
 from ex4d.io.video import read_video, reference_size, resize_frames, to_float01
@@ -156,7 +157,7 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     out_dir = prepare_output_dir(out_dir)
     if depth.depth.shape[0] != clip.num_frames or depth.depth.shape[1:] != clip.size:
         raise InputError(f"depth is {depth.depth.shape} but the clip is {(clip.num_frames, *clip.size)}")
-    device = _resolve_device(options.device)
+    device = resolve_device(options.device)
     K_src = depth.K if depth.K is not None else reference_intrinsics(*clip.size)
     trajectory = make_trajectory(options.cam, num_frames=clip.num_frames, size=clip.size, K=K_src,
                                  depth0=depth.depth[0], resample=options.resample)
@@ -220,20 +221,6 @@ def _current_outputs(record_path: Path, request: dict, out_dir: Path) -> dict[st
     return files if files and all(path.is_file() for path in files.values()) else None
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown --device {name!r}; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    return device
-
-
 def stable_hash(obj) -> str:
     """Short hash of a JSON-serialisable object (for skip-if-unchanged checks)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -276,7 +263,7 @@ class GenerateOptions:
 
     def pipeline_key(self) -> tuple:
         """What the loaded pipeline depends on; jobs with equal keys share one loaded pipeline."""
-        return (self.models_dir, self.adapter, str(_resolve_device(self.device)), self.merge_lora, self.attention,
+        return (self.models_dir, self.adapter, str(resolve_device(self.device)), self.merge_lora, self.attention,
                 self.compile, self.batch_cfg, self.low_vram, self.cpu_offload, self.fp8)
 
     def call_kwargs(self) -> dict:
@@ -309,7 +296,7 @@ def load_generator(options: GenerateOptions, parallel=None):
     from ex4d.diffusion.pipeline import build_pipeline
     from ex4d.diffusion.weights import load_ex4d_adapter, load_wan_components, resolve_adapter
 
-    device = parallel.device if parallel is not None and parallel.world_size > 1 else _resolve_device(options.device)
+    device = parallel.device if parallel is not None and parallel.world_size > 1 else resolve_device(options.device)
     perf = PerformanceOptions(merge_lora=options.merge_lora, attention=options.attention, compile=options.compile,
                               batch_cfg=options.batch_cfg, low_vram=options.low_vram,
                               cpu_offload=options.cpu_offload, fp8=options.fp8)

@@ -7,6 +7,8 @@ import sys
 
 from tqdm import tqdm
 
+from ex4d.devices import resolve_device  # noqa: F401  (re-exported for the commands)
+
 
 def progress(iterable=None, total=None, desc: str = "", **kwargs):
     """A tqdm progress bar on stderr, hidden when stderr is not a terminal unless forced."""
@@ -17,11 +19,3 @@ def progress(iterable=None, total=None, desc: str = "", **kwargs):
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

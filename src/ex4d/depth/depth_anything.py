@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ex4d.depth.depthcrafter import _device, _dtype, _wrap, check_unit_frames
+from ex4d.depth.depthcrafter import _dtype, _wrap, check_unit_frames
+from ex4d.devices import resolve_device
 from ex4d.depth.normalize import minmax_normalize, normalized_disparity_to_depth
 from ex4d.depth.weights import depth_anything_file, read_config, read_safetensors, resolve
 from ex4d.errors import InputError
@@ -92,7 +93,7 @@ class DepthAnythingV2:
 
         if variant not in DEPTH_ANYTHING_REPOS:
             raise InputError(f"unknown Depth Anything variant {variant!r}; use {', '.join(DEPTH_ANYTHING_REPOS)}")
-        device = _device(device)
+        device = resolve_device(device)
         dtype = _dtype(dtype, device)
         config_path, weights_path = resolve(depth_anything_file(variant), models_dir, allow_download=allow_download)
         model = load_depth_anything(config_path, weights_path, dtype=dtype, device=device)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ex4d.depth.normalize import minmax_normalize, normalized_disparity_to_depth
+from ex4d.devices import resolve_device
 from ex4d.depth.weights import (DEPTHCRAFTER_UNET, SVD_IMAGE_ENCODER, SVD_VAE, assign_weights, read_config,
                                 read_safetensors, resolve)
 from ex4d.errors import InputError
@@ -383,7 +384,7 @@ class DepthCrafter:
         and move each to the GPU only while it runs (less memory, slower).
         settings: fields of :class:`DepthCrafterSettings`.
         """
-        device = _device(device)
+        device = resolve_device(device)
         dtype = _dtype(dtype, device)
         unknown = set(settings) - set(DepthCrafterSettings.__dataclass_fields__)
         if unknown:
@@ -446,20 +447,6 @@ def load_image_encoder(config_path, weights_path, *, dtype, device):
     ignore = ("vision_model.embeddings.position_ids",)
     return assign_weights(model, read_safetensors(weights_path), weights_path, dtype=dtype, device=device,
                           ignore=ignore)
-
-
-def _device(name) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA was asked for but is not available; use --device cpu")
-    return device
 
 
 def _dtype(dtype, device: torch.device) -> torch.dtype:

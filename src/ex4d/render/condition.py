@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from ex4d.devices import resolve_device
+
 from ex4d.errors import InputError
 from ex4d.types import Condition, Trajectory
 
@@ -69,12 +71,6 @@ def finish_frame(rgba: np.ndarray, mask_out: np.ndarray, color_out: np.ndarray) 
     color.clamp_(0.0, 1.0)
 
 
-def _resolve_device(device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str = "none", filter: str = "angle",
                      stretch_test: bool = False, watertight: bool = True, only_first_frame: bool = False,
                      device="cpu", fps: float = 30.0,
@@ -119,7 +115,7 @@ def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str =
                          f"with num_frames={num_src} or use only_first_frame")
     K_src = reference_intrinsics(height, width) if K_src is None else np.asarray(K_src, dtype=np.float64)
     border = REFERENCE_BORDER_DEPTH if border_depth is None else float(border_depth)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     mesh_options = dict(cap=cap, filter=filter, stretch_test=stretch_test, watertight=watertight,
                         border_depth=border)
 

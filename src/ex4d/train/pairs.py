@@ -305,11 +305,11 @@ def build_pairs(inputs: list[ClipInput], out_dir: str | os.PathLike, settings: P
     depth: ``depthcrafter`` / ``depth-anything`` (one estimator, loaded once, for the batch), or a
     folder holding ``<video stem>.npz`` / ``.npy`` per clip. A list file's per-line depth wins.
     """
-    from ex4d.pipeline import _resolve_device
+    from ex4d.devices import resolve_device
 
     settings.validate()
     out_dir = prepare_output_dir(out_dir)
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     manifest = Manifest(out_dir, settings.to_dict())
     summary = BatchSummary(manifest=manifest.path)
     depth_dir = Path(depth) if Path(depth).is_dir() else None
