@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -54,6 +55,27 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final_dir``; it replaces ``final_dir`` only if the block succeeds.
+
+    For outputs made of several files (a training pair, a checkpoint): readers see either the old
+    complete folder or the new complete one, never a half-written one.
+    """
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.partial-", dir=final_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes 0700 folders
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _current_umask() -> int:

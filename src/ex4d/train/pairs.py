@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -35,7 +33,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ex4d.errors import InputError, UserError
-from ex4d.io.files import atomic_path, prepare_output_dir
+from ex4d.io.files import atomic_dir, atomic_path, prepare_output_dir
 from ex4d.train.masks import MaskSettings, simulate_masks
 
 log = logging.getLogger(__name__)
@@ -177,21 +175,12 @@ def write_pair(pair: Pair, clip_dir: Path, record: dict) -> Path:
     """Write a pair's files into ``clip_dir`` atomically (temporary folder, then rename)."""
     from ex4d.io.video import to_uint8, write_video
 
-    clip_dir = Path(clip_dir)
-    clip_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{clip_dir.name}.partial-", dir=clip_dir.parent))
-    try:
+    with atomic_dir(clip_dir) as tmp:
         write_video(tmp / "video.mp4", to_uint8(pair.video), pair.fps)
         write_video(tmp / "cond.mp4", to_uint8(pair.cond), pair.fps)
         write_video(tmp / "mask.mkv", pair.mask.astype(np.uint8) * 255, pair.fps, codec="ffv1")
         pair.trajectory.save(tmp / "camera.npz")
         (tmp / "pair.json").write_text(json.dumps({**record, **pair.stats()}, indent=2, default=str))
-        if clip_dir.exists():
-            shutil.rmtree(clip_dir)
-        os.replace(tmp, clip_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return clip_dir
 
 
