@@ -304,8 +304,20 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
     if erode:
         mask_t = erode_masks(mask_t, sizes)
     cond, mask_scaled = scale_condition(colour01, mask_t)
-    # The reference hands CLIP and the y latent frame 0 of the *scaled* cond, mapped back to [0, 1]
-    # and truncated to uint8; frame 0 is fully visible so this is the resized source frame.
-    first_frame = np.floor((cond[0, :, 0].permute(1, 2, 0).numpy() + 1.0) * 0.5 * 255.0).clip(0, 255)
-    return ConditionInputs(cond=cond, mask=mask_scaled, first_frame=first_frame.astype(np.uint8),
-                           kernel_sizes=sizes, fps=fps)
+    first_frame = first_frame_uint8(cond).permute(1, 2, 0).numpy().astype(np.uint8)
+    return ConditionInputs(cond=cond, mask=mask_scaled, first_frame=first_frame, kernel_sizes=sizes, fps=fps)
+
+
+def first_frame_uint8(cond: torch.Tensor) -> torch.Tensor:
+    """The I2V first frame as the reference makes it: (3, H, W) float holding integers 0..255.
+
+    The reference hands CLIP and the y latent frame 0 of the *scaled* cond (B, 3, T, H, W) in
+    [-1, 1], mapped back to [0, 1] and truncated to uint8 (a PIL round trip); frame 0 is fully
+    visible, so this is the resized source frame.
+    """
+    return torch.floor((cond[0, :, 0].float() + 1.0) * 0.5 * 255.0).clamp(0, 255)
+
+
+def image_to_model_range(image_uint8: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) values 0..255 -> (1, 3, H, W) in [-1, 1], what the CLIP and VAE inputs expect."""
+    return (image_uint8.float() / 255.0 * 2.0 - 1.0).unsqueeze(0)

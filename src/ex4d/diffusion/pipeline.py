@@ -32,7 +32,8 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscret
 from diffusers.utils import BaseOutput
 
 from ex4d.diffusion.adapter import CamVidEncoder, PatchEmbeddingInjector
-from ex4d.diffusion.conditioning import encoder_mask_input, first_frame_latent_mask
+from ex4d.diffusion.conditioning import (encoder_mask_input, first_frame_latent_mask, first_frame_uint8,
+                                         image_to_model_range)
 from ex4d.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -272,11 +273,10 @@ class EX4DPipeline(DiffusionPipeline):
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype) if do_cfg else None
         if image is None:
-            # The reference: frame 0 of the scaled cond -> [0, 1] -> uint8 (truncated) -> [-1, 1].
-            image = torch.floor((cond[0, :, 0].float() + 1.0) * 0.5 * 255.0).clamp(0, 255)
+            image = first_frame_uint8(cond)
         else:
             image = torch.as_tensor(np.asarray(image)).permute(2, 0, 1).float()
-        image = (image / 255.0 * 2.0 - 1.0).unsqueeze(0)  # (1, 3, H, W) in [-1, 1]
+        image = image_to_model_range(image)  # (1, 3, H, W) in [-1, 1]
         if image_embeds is None:
             image_embeds = self.encode_image(image, device)
         image_embeds = image_embeds.to(device=device, dtype=dtype)
