@@ -139,3 +139,28 @@ def test_objective_matches_the_sampler_schedule():
     assert all(0 < s < 1 and w == 1.0 for s, w in draws)
     with pytest.raises(ValueError, match="sampling"):
         FlowMatchingObjective(sampling="cosine")
+
+
+def test_clipping_sees_the_parameters_that_prepare_returns(tmp_path):
+    """FSDP2 replaces the parameter objects in ``prepare``; an accelerator doing the same (and
+    remapping the optimizer, as accelerate does) must still give a nonzero, clipped gradient norm."""
+    from accelerate import Accelerator
+
+    class Replacing(Accelerator):
+        def prepare(self, model, optimizer):
+            model, optimizer = super().prepare(model, optimizer)
+            mapping = {}
+            for module in model.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None:
+                        mapping[p] = module._parameters[name] = nn.Parameter(p.detach().clone(),
+                                                                             requires_grad=p.requires_grad)
+            for group in optimizer.optimizer.param_groups:
+                group["params"] = [mapping[p] for p in group["params"]]
+            return model, optimizer
+
+    config = _config(tmp_path, "clip", max_steps=3, checkpoint_every=0, max_grad_norm=1e-3)
+    train(Toy(), Points(), config, accelerator=Replacing(cpu=True))
+    with open(tmp_path / "clip" / "log.csv") as handle:
+        norms = [float(row["grad_norm"]) for row in csv.DictReader(handle)]
+    assert len(norms) == 3 and all(n > 1e-3 for n in norms), norms  # measured before clipping

@@ -11,6 +11,7 @@ EPILOG = """examples:
   ex4d train pairs/ -o runs/ex4d --models-dir models --steps 2000
   ex4d train pairs/ -o runs/ex4d --init-adapter models/EX-4D/ex4d.ckpt --lr 3e-5   # fine-tune the release
   accelerate launch --num_processes 8 -m ex4d.cli train pairs/ -o runs/ex4d --models-dir models  # 8 GPUs (DDP)
+  accelerate launch --config_file fsdp2.yaml -m ex4d.cli train pairs/ ...   # FSDP2 (docs/training.md; untested on GPUs)
 
 Rerunning the same command resumes from the latest checkpoint in -o (--resume none starts over).
 Checkpoints: <out>/checkpoints/step-N/ (ex4d.ckpt loads with `ex4d generate --adapter`); final: <out>/final/.
@@ -70,11 +71,10 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     import torch
-    from accelerate import Accelerator
 
     from ex4d.errors import InputError
     from ex4d.train.dataset import PairDataset
-    from ex4d.train.trainer import TrainConfig, train
+    from ex4d.train.trainer import TrainConfig, make_accelerator, train
     from ex4d.train.wan_system import EX4DTrainSystem, ModelConfig, encode_prompts
 
     config = TrainConfig(output_dir=args.output, max_steps=args.steps, batch_size=args.batch_size,
@@ -93,14 +93,16 @@ def main(args) -> int:
         validation = [dataset.load(i) for i in range(args.validation_pairs)]
         dataset = torch.utils.data.Subset(dataset, range(args.validation_pairs, len(dataset)))
 
-    accelerator = Accelerator()
+    # cpu=True without a GPU, so that CPU processes started by torchrun form one (gloo) DDP group
+    accelerator = make_accelerator()
     cuda = accelerator.device.type == "cuda"
+    # multi-process CPU runs report "cpu:<rank>", which safetensors' loader refuses
+    device = accelerator.device if cuda else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype,
                                                                 torch.bfloat16 if cuda else torch.float32)
     from ex4d.diffusion.weights import load_wan_components
 
-    components = load_wan_components(args.models_dir, layout=args.layout, torch_dtype=dtype,
-                                     device=accelerator.device)
+    components = load_wan_components(args.models_dir, layout=args.layout, torch_dtype=dtype, device=device)
     model_config = ModelConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
                                encoder_hidden=args.encoder_hidden, init_adapter=args.init_adapter, prompt=args.prompt,
@@ -108,10 +110,13 @@ def main(args) -> int:
                                gradient_checkpointing=not args.no_gradient_checkpointing, erode=not args.no_erode,
                                cache_encodings=args.cache_encodings)
     # Encode the prompt once and drop umT5 (11 GB in bf16): nothing else needs it during training.
-    positive, negative = encode_prompts(components, args.prompt, device=accelerator.device)
+    positive, negative = encode_prompts(components, args.prompt, device=device)
     components.pop("text_encoder", None)
     if cuda:
         torch.cuda.empty_cache()
+    # The LoRA A matrices are drawn at random (Kaiming): from --seed, not from whatever the RNG
+    # state is after loading, so that runs (and the processes of one run) start identically.
+    torch.manual_seed(args.seed)
     system = EX4DTrainSystem(components, model_config, text_embeds=positive, negative_text_embeds=negative,
                              validation=validation, base_dtype=dtype)
     result = train(system, dataset, config, resume=args.resume, accelerator=accelerator,

@@ -8,9 +8,11 @@ LoRA + CamVidEncoder of EX-4D); this module owns the loop:
   epoch ``e`` is a permutation seeded by ``(seed, e)``. Nothing depends on RNG state carried from
   step to step, so a run resumed from a checkpoint repeats the uninterrupted run step for step, and
   the samples a run sees do not depend on the number of GPUs (only their grouping into steps does).
-* **Multi-GPU** through accelerate: the system is wrapped by ``accelerator.prepare`` (DDP, or FSDP
-  when launched with an FSDP config); each process takes every ``world_size``-th sample.
-  Gradient accumulation is explicit (``no_sync`` on all but the last micro-batch).
+* **Multi-GPU** through accelerate: the system is wrapped by ``accelerator.prepare`` (DDP, or FSDP2
+  when launched with an ``fsdp_version: 2`` config); each process takes every ``world_size``-th
+  sample. Gradient accumulation is explicit (``no_sync`` on all but the last micro-batch). Under
+  FSDP2 the trainable tensors are sharded DTensors: checkpoints and the final adapter gather them
+  (and the optimizer state) on every process before the main process writes them.
 * **Checkpoints** every ``checkpoint_every`` steps in ``<out>/checkpoints/step-NNNNNN/``: the fp32
   trainable tensors, optimizer, LR scheduler, RNG states and step, plus the system's exported
   adapter (``ex4d.ckpt`` that ``ex4d generate`` loads unchanged, and a safetensors adapter +
@@ -109,8 +111,12 @@ class TrainSystem(nn.Module):
             for name, p in params.items():
                 p.copy_(state[name].to(p.device, p.dtype))
 
-    def export_adapter(self, out_dir: Path) -> dict[str, Path]:
-        """Write the inference-ready adapter files into ``out_dir``; return them by role."""
+    def export_adapter(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> dict[str, Path]:
+        """Write the inference-ready adapter files into ``out_dir``; return them by role.
+
+        state: the full trainable tensors by :meth:`trainable_state_dict` name (the trainer passes
+        them gathered from every process under FSDP); None reads them from the module.
+        """
         return {}
 
     def validate(self, out_dir: Path, step: int) -> dict[str, float]:
@@ -209,25 +215,90 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def gather_trainable(system: TrainSystem, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The full trainable tensors, fp32 on the CPU, by :meth:`TrainSystem.trainable_state_dict` name.
+
+    FSDP2-sharded tensors (DTensors) are all-gathered, so under FSDP every process must call this
+    in the same order; ``keep=False`` (the non-main processes) takes part in the gathers but returns
+    an empty dict. Unsharded tensors are only copied.
+    """
+    out = {}
+    for name, value in system.trainable_state_dict().items():
+        value = value.detach()
+        if _is_sharded(value):
+            value = value.full_tensor()  # collective: every process, same order
+        if keep:
+            # activation-checkpoint wrappers add a path component; names must match the unwrapped model
+            out[name.replace("_checkpoint_wrapped_module.", "")] = value.float().cpu().contiguous()
+    return out
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the scheduler/RNG: gathered trainables + optimizer state.
+
+    optimizer_format: ``"torch"`` (``optimizer.state_dict()``, unsharded runs) or ``"full"``
+    (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` with full_state_dict,
+    parameters keyed by name; FSDP2 runs).
+    """
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    optimizer_format: str = "torch"
+
+
+def gather_training_state(system: TrainSystem, optimizer, *, model=None, keep: bool = True) -> TrainingState:
+    """Collect the checkpoint tensors. Under FSDP2 (any trainable is a DTensor) every process must
+    call it (the gathers are collectives; ``model`` is then the prepared model); the result is only
+    filled where ``keep``. Otherwise it is a plain copy and only the writing process needs to call it."""
+    sharded = any(_is_sharded(p) for p in system.parameters() if p.requires_grad)
+    trainable = gather_trainable(system, keep=keep)
+    if not sharded:
+        return TrainingState(trainable, optimizer.state_dict() if keep else {}, "torch")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    # full_state_dict + cpu_offload: all ranks gather, only rank 0 keeps a (CPU) copy
+    optim = get_optimizer_state_dict(model if model is not None else system, _plain_optimizer(optimizer),
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return TrainingState(trainable, optim if keep else {}, "full")
+
+
+def _plain_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper (if any)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def save_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, step: int,
-                    config: TrainConfig) -> Path:
-    """Atomically write a checkpoint folder (see module doc). Call on the main process only."""
+                    config: TrainConfig, *, state: TrainingState | None = None) -> Path:
+    """Atomically write a checkpoint folder (see module doc). Call on the main process only.
+
+    state: from :func:`gather_training_state` (required under FSDP2, where it must be gathered on
+    every process first); None gathers it here (unsharded runs).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = gather_training_state(system, optimizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in system.trainable_state_dict().items()}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(state.trainable, str(tmp / "trainable.safetensors"))
+        torch.save(state.optimizer, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
-        adapter = system.export_adapter(tmp)
-        state = {"step": step, "train_config": asdict(config), "system": system.describe(),
+        adapter = system.export_adapter(tmp, state.trainable)
+        record = {"step": step, "train_config": asdict(config), "system": system.describe(),
+                 "optimizer_format": state.optimizer_format,
                  "adapter_files": {role: Path(p).name for role, p in adapter.items()},
                  "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+        (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -237,8 +308,13 @@ def save_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, ste
     return folder
 
 
-def load_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, config: TrainConfig) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint`; return its step."""
+def load_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, config: TrainConfig, *,
+                    load_optimizer: bool = True) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint`; return its step.
+
+    Call before ``accelerator.prepare``. ``load_optimizer=False`` leaves the optimizer to
+    :func:`load_optimizer_full` after prepare (FSDP2, whose optimizer state is sharded).
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -252,10 +328,26 @@ def load_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, con
         raise InputError(f"cannot resume from {folder}: {', '.join(f'{k} was {saved[k]}' for k in changed)}; "
                          f"use the same values or start a new output folder")
     system.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    if load_optimizer:
+        if state.get("optimizer_format", "torch") != "torch":
+            raise InputError(f"{folder} was saved by an FSDP run; resume it with FSDP (fsdp_version 2)")
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
     return int(state["step"])
+
+
+def load_optimizer_full(folder: Path, model, optimizer) -> None:
+    """Load a checkpoint's optimizer state into an FSDP2-prepared optimizer (every process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    folder = Path(folder)
+    state = json.loads((folder / "state.json").read_text())
+    saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    if state.get("optimizer_format", "torch") != "full":
+        raise InputError(f"{folder} was saved by an unsharded run; resume it without FSDP (or --resume none)")
+    set_optimizer_state_dict(model, _plain_optimizer(optimizer), saved,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,13 +435,16 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
     reached (as if interrupted; used by tests and for time-boxed jobs). Returns the last step,
     the per-step mean losses of this call and the final adapter folder (when ``max_steps`` was reached).
     """
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
     config.validate()
     if len(dataset) == 0:
         raise InputError("the training dataset is empty; make pairs first with `ex4d make-pairs`")
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
+    fsdp2 = bool(getattr(accelerator, "is_fsdp2", False))
+    if accelerator.distributed_type.value == "FSDP" and not fsdp2:
+        raise InputError("FSDP1 flattens each block's parameters into one dtype and cannot hold fp32 LoRA in bf16 "
+                         "blocks; set fsdp_version: 2 in the accelerate config (docs/training.md)")
     out = Path(config.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -357,6 +452,8 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
     params = [p for p in system.parameters() if p.requires_grad]
     if not params:
         raise InputError("the model has no trainable parameters")
+    # Built on the unprepared parameters and prepared together with the model: accelerate maps the
+    # optimizer onto the parameters FSDP2 creates (matched by name).
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
@@ -370,11 +467,16 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
     elif resume not in (None, "none"):
         resume_dir = Path(resume)
     if resume_dir is not None:
-        start_step = load_checkpoint(resume_dir, system, optimizer, scheduler, config)
-        log.info("resumed from %s at step %d", resume_dir, start_step)
+        start_step = load_checkpoint(resume_dir, system, optimizer, scheduler, config, load_optimizer=not fsdp2)
 
     model, optimizer = accelerator.prepare(system, optimizer)
     unwrapped: TrainSystem = accelerator.unwrap_model(model)
+    # FSDP2 replaces the parameter objects: clip the prepared ones (the old list gets no gradients).
+    params = [p for p in model.parameters() if p.requires_grad]
+    if resume_dir is not None:
+        if fsdp2:
+            load_optimizer_full(resume_dir, model, optimizer)
+        log.info("resumed from %s at step %d", resume_dir, start_step)
     sampler = StepSampler(len(dataset), seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
                           start_step=start_step, max_steps=config.max_steps, rank=accelerator.process_index,
                           world_size=accelerator.num_processes)
@@ -384,8 +486,9 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
                                          persistent_workers=config.num_workers > 0)
     metrics = None
     if accelerator.is_main_process:
-        (out / "config.json").write_text(json.dumps({"train": asdict(config), "system": unwrapped.describe()},
-                                                    indent=2, default=str))
+        run = {"world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value}
+        (out / "config.json").write_text(json.dumps({"train": asdict(config), "system": unwrapped.describe(),
+                                                     "run": run}, indent=2, default=str))
         metrics = MetricsLog(out, start_step, config.tensorboard)
 
     result = TrainResult(step=start_step)
@@ -429,19 +532,26 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
             metrics.scalars("validation", values, result.step)
         if (config.checkpoint_every > 0 and result.step % config.checkpoint_every == 0) or done:
             accelerator.wait_for_everyone()
+            # Under FSDP2 every process takes part in the gathers; only the main one keeps and writes.
+            state = None
+            if fsdp2 or accelerator.is_main_process:
+                state = gather_training_state(unwrapped, optimizer, model=model, keep=accelerator.is_main_process)
             if accelerator.is_main_process:
                 save_checkpoint(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{result.step:06d}", unwrapped,
-                                optimizer, scheduler, result.step, config)
+                                optimizer, scheduler, result.step, config, state=state)
                 _prune(out, config.keep_checkpoints)
         if stop_after is not None and result.step >= stop_after:
             break
 
     if result.step >= config.max_steps:
         accelerator.wait_for_everyone()
+        trainable = None
+        if fsdp2 or accelerator.is_main_process:
+            trainable = gather_trainable(unwrapped, keep=accelerator.is_main_process)
         if accelerator.is_main_process:
             final = out / "final"
             tmp = Path(tempfile.mkdtemp(prefix=".final.partial-", dir=out))
-            unwrapped.export_adapter(tmp)
+            unwrapped.export_adapter(tmp, trainable)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -449,6 +559,18 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
     if metrics is not None:
         metrics.close()
     return result
+
+
+def make_accelerator(**kwargs):
+    """An ``Accelerator`` that also joins a CPU-only process group.
+
+    Without ``cpu=True`` on a machine with no GPU, accelerate does not join the gloo group that
+    ``torchrun`` set up, and every process would train alone on its share of the data.
+    """
+    from accelerate import Accelerator
+
+    kwargs.setdefault("cpu", not torch.cuda.is_available())
+    return Accelerator(**kwargs)
 
 
 def _prune(output_dir: Path, keep: int) -> None:

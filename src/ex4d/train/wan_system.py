@@ -236,7 +236,9 @@ class EX4DTrainSystem(TrainSystem):
 
         num_frames = video.shape[0]
         sizes = sample_erosion_sizes(num_frames, seed) if self.config.erode else [0] * num_frames
-        eroded = erode_masks(mask.cpu(), sizes).to(video.device)
+        # On the mask's own device: max-pool erosion of a 0/1 mask is exact anywhere (no rounding),
+        # and a CPU round trip costs seconds per 49x512x512 clip.
+        eroded = erode_masks(mask, sizes).to(video.device)
         cond, mask_scaled = scale_condition(video, eroded)
         # What the pipeline hands CLIP and the y latent when no image is given: frame 0 of the
         # scaled cond -> [0, 1] -> uint8 (truncated) -> [-1, 1] (EX4DPipeline.__call__).
@@ -325,13 +327,43 @@ class EX4DTrainSystem(TrainSystem):
 
         return get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME)
 
-    def export_adapter(self, out_dir: Path) -> dict[str, Path]:
-        """``adapter.safetensors`` + ``adapter_config.json`` + ``ex4d.ckpt`` (what ``ex4d generate`` loads)."""
+    @staticmethod
+    def split_trainable(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(LoRA as :meth:`lora_state_dict` names it, CamVidEncoder state dict) from trainable tensors.
+
+        Works on tensors gathered from FSDP shards, where the module's own state dicts would
+        hold DTensors. Names: ``transformer.blocks.0.attn1.to_q.lora_A.<adapter>.weight`` ->
+        ``blocks.0.attn1.to_q.lora_A.weight``; ``camera_encoder.<name>`` -> ``<name>``.
+        """
+        from ex4d.diffusion.adapter import ADAPTER_NAME
+
+        lora, encoder = {}, {}
+        for name, value in state.items():
+            if name.startswith("transformer.") and "lora_" in name:
+                key = name[len("transformer."):]
+                for part in ("lora_A", "lora_B"):
+                    key = key.replace(f".{part}.{ADAPTER_NAME}.", f".{part}.")
+                lora[key] = value
+            elif name.startswith("camera_encoder."):
+                encoder[name[len("camera_encoder."):]] = value
+            else:
+                raise InputError(f"unexpected trainable tensor {name!r}: neither LoRA nor CamVidEncoder")
+        return lora, encoder
+
+    def export_adapter(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> dict[str, Path]:
+        """``adapter.safetensors`` + ``adapter_config.json`` + ``ex4d.ckpt`` (what ``ex4d generate`` loads).
+
+        state: full trainable tensors (see :meth:`TrainSystem.export_adapter`); None reads the module.
+        """
         from ex4d.diffusion.weights_adapter import save_ex4d_adapter
 
         if tuple(self.config.lora_targets) != REFERENCE_TARGETS:
             return {}  # not loadable by the generation stage; the checkpoint keeps trainable.safetensors
-        return save_ex4d_adapter(out_dir, self.lora_state_dict(), self.camera_encoder.state_dict(),
+        if state is None:
+            lora, encoder = self.lora_state_dict(), self.camera_encoder.state_dict()
+        else:
+            lora, encoder = self.split_trainable(state)
+        return save_ex4d_adapter(out_dir, lora, encoder,
                                  alpha=self.config.lora_alpha, transformer_config=dict(self.transformer.config),
                                  dtype=torch.float32)
 
