@@ -20,7 +20,7 @@ Shapes: video (B, T, H, W, 3) in [0, 1]; mask (B, T, H, W) bool; latents (B, 16,
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
