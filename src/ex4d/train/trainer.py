@@ -445,6 +445,9 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
     if accelerator.distributed_type.value == "FSDP" and not fsdp2:
         raise InputError("FSDP1 flattens each block's parameters into one dtype and cannot hold fp32 LoRA in bf16 "
                          "blocks; set fsdp_version: 2 in the accelerate config (docs/training.md)")
+    if fsdp2 and config.validate_every > 0:
+        # validation samples on the main process only; a sharded model needs every process in each forward
+        raise InputError("validation samples are not supported under FSDP; set --validate-every 0")
     out = Path(config.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
