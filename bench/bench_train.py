@@ -399,9 +399,6 @@ def run(args: argparse.Namespace) -> dict | None:
         "losses": [round(v, 5) for v in result.losses],
         "grad_norms": [float(r["grad_norm"]) for r in rows],
         "anchor": "none: the reference publishes no training code or training numbers",
-        "notes": ("grad_norms are 0 under FSDP because ex4d.train.trainer clips the parameter list it "
-                  "collected before accelerator.prepare, which FSDP2 replaces (clipping is inactive)"
-                  if args.fsdp and not any(float(r["grad_norm"]) > 0 for r in rows) else ""),
     }
 
 

@@ -232,7 +232,8 @@ class EX4DTrainSystem(TrainSystem):
         Returns cond/mask' (1, 3, T, H, W), the first-frame image (1, 3, H, W) in [-1, 1] and the
         erosion sizes drawn from ``seed``.
         """
-        from ex4d.diffusion.conditioning import erode_masks, sample_erosion_sizes, scale_condition
+        from ex4d.diffusion.conditioning import (erode_masks, first_frame_uint8, image_to_model_range,
+                                                 sample_erosion_sizes, scale_condition)
 
         num_frames = video.shape[0]
         sizes = sample_erosion_sizes(num_frames, seed) if self.config.erode else [0] * num_frames
@@ -240,10 +241,8 @@ class EX4DTrainSystem(TrainSystem):
         # and a CPU round trip costs seconds per 49x512x512 clip.
         eroded = erode_masks(mask, sizes).to(video.device)
         cond, mask_scaled = scale_condition(video, eroded)
-        # What the pipeline hands CLIP and the y latent when no image is given: frame 0 of the
-        # scaled cond -> [0, 1] -> uint8 (truncated) -> [-1, 1] (EX4DPipeline.__call__).
-        image = torch.floor((cond[0, :, 0].float() + 1.0) * 0.5 * 255.0).clamp(0, 255)
-        image = (image / 255.0 * 2.0 - 1.0).unsqueeze(0)
+        # What the pipeline hands CLIP and the y latent when no image is given (EX4DPipeline.__call__).
+        image = image_to_model_range(first_frame_uint8(cond))
         return {"cond": cond, "mask": mask_scaled, "image": image, "kernel_sizes": sizes}
 
     def _cached_vae_encode(self, video: torch.Tensor) -> torch.Tensor:
