@@ -31,7 +31,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from ex4d.errors import InputError
+from ex4d.io.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -287,24 +287,17 @@ def save_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, ste
     folder.parent.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = gather_training_state(system, optimizer)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         save_file(state.trainable, str(tmp / "trainable.safetensors"))
         torch.save(state.optimizer, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         adapter = system.export_adapter(tmp, state.trainable)
         record = {"step": step, "train_config": asdict(config), "system": system.describe(),
-                 "optimizer_format": state.optimizer_format,
-                 "adapter_files": {role: Path(p).name for role, p in adapter.items()},
-                 "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "optimizer_format": state.optimizer_format,
+                  "adapter_files": {role: Path(p).name for role, p in adapter.items()},
+                  "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -553,11 +546,8 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
             trainable = gather_trainable(unwrapped, keep=accelerator.is_main_process)
         if accelerator.is_main_process:
             final = out / "final"
-            tmp = Path(tempfile.mkdtemp(prefix=".final.partial-", dir=out))
-            unwrapped.export_adapter(tmp, trainable)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with atomic_dir(final) as tmp:
+                unwrapped.export_adapter(tmp, trainable)
             result.final_dir = final
     if metrics is not None:
         metrics.close()
