@@ -434,15 +434,12 @@ def _free_accelerator_memory() -> None:
 def default_runner(job: dict, cache: dict) -> dict:
     """Run one job through :mod:`ex4d.pipeline`.
 
-    Uses ``ex4d.pipeline.run_job(job, cache)`` when the pipeline provides it; otherwise chains
-    load_clip -> depth (estimator cached in ``cache``) -> run_recon, and for ``stage: run``
-    :func:`generate_stage` (pipeline cached in ``cache``). Returns {role: path} of the files
-    written, plus ``_timings`` (seconds per stage).
+    Chains load_clip -> depth (estimator cached in ``cache``) -> run_recon, and for
+    ``stage: run`` :func:`generate_stage` (pipeline cached in ``cache``). Returns {role: path} of
+    the files written, plus ``_timings`` (seconds per stage).
     """
     import ex4d.pipeline as pipeline
 
-    if hasattr(pipeline, "run_job"):
-        return pipeline.run_job(job, cache)
     return _chain_stages(pipeline, job, cache)
 
 
@@ -524,5 +521,5 @@ def generate_stage(job: dict, recon: dict, cache: dict, timings: dict | None = N
     mask = Path(recon["mask_lossless"]) if "mask_lossless" in recon else None
     name = color.name.replace("color_", "ex4d_", 1) if color.name.startswith("color_") else f"ex4d_{color.name}"
     out = run_generate(color, mask, Path(job["output"]) / Path(name).with_suffix(".mp4"), job_generate_options(job),
-                       cache=cache)
+                       cache=cache, show_progress=False)  # the batch has its own progress display
     return {"video": str(out)}

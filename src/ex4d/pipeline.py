@@ -354,13 +354,14 @@ def generation_is_current(output: str | os.PathLike, color, mask, options: Gener
 
 def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
                  options: GenerateOptions, *, cache: dict | None = None, parallel=None,
-                 progress: Progress | None = None) -> Path:
+                 progress: Progress | None = None, show_progress: bool = True) -> Path:
     """Generate the re-filmed video from a colour video and its mask; write ``output`` (.mp4).
 
     mask: None takes ``mask_<cam>.mkv`` (lossless) beside ``color_<cam>.mp4``. Clips longer than
     ``options.window`` frames are generated in overlapping windows (docs/scale.md). Inputs are
     checked before any weights load. ``cache``: a dict kept across calls so the models load once.
-    ``parallel``: a ParallelContext under torchrun (only its main rank writes). Writes
+    ``parallel``: a ParallelContext under torchrun (only its main rank writes). ``show_progress``:
+    the sampler's progress bar (batch jobs have their own). Writes
     ``output`` and ``output.json`` (the settings and input fingerprints) atomically.
     """
     import torch
@@ -395,6 +396,7 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
             check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
 
     pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel)
+    pipe.set_progress_bar_config(disable=not show_progress)
     if parallel is not None and parallel.world_size > 1:
         from ex4d.diffusion.parallel import parallelize_pipeline
 
