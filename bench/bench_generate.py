@@ -20,6 +20,20 @@ prompt lengths (32 positive, 128 negative, padded to 512); weight values do not 
 
   python bench/bench_generate.py --mode default            # on a GPU
   python bench/bench_generate.py --tiny --mode eager       # tiny CPU check of the script itself
+
+Several GPUs (ex4d.diffusion.parallel; every rank builds the whole random model on cuda:LOCAL_RANK
+with the same seed, so the ranks hold identical weights):
+  torchrun --nproc-per-node 2 bench/bench_generate.py --parallel cfg --baseline-step-s 1.52
+  torchrun --nproc-per-node 2 bench/bench_generate.py --parallel ulysses --save-output /tmp/uly.npy
+Rank 0 prints the one JSON object, with these fields added to the single-GPU ones: world_size,
+parallel_mode, cfg_degree, ulysses_degree, peak_mem_gib_per_rank, step_s_median_per_rank,
+devices_per_rank and (given --baseline-step-s, the one-GPU step median) speedup_vs_baseline_step.
+``--tiny`` runs the ranks on the CPU over gloo. NVLink multicast stays off (apply_safe_env).
+
+Same-seed agreement: ``--save-output PATH.npy`` writes rank 0's frames of the last timed run
+(uint8 (T,H,W,3)) and its final latents beside it (PATH.latents.npy, float32 (16,T',h,w));
+  python bench/bench_generate.py --compare one_gpu.npy two_gpu.npy
+prints max/mean absolute difference and PSNR of the frames (and of the latents where both exist).
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,11 +137,12 @@ def build_tiny() -> dict:
 
 
 _T0 = time.perf_counter()
+_RANK_TAG = ""  # "r1 " etc. under torchrun
 
 
 def note(message: str) -> None:
     """Progress on stderr (stdout carries only the JSON line)."""
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+    print(f"[{_RANK_TAG}{time.perf_counter() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def git_commit() -> str:
@@ -156,7 +172,70 @@ def main(argv=None) -> int:
                         help="force one batch-2 forward per step (default: only when offloading)")
     parser.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", help="two CFG forwards per step")
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
+    parser.add_argument("--parallel", default="none", choices=["none", "ulysses", "cfg", "cfg-ulysses"],
+                        help="multi-GPU layout; launch with torchrun --nproc-per-node N (docs/scale.md)")
+    parser.add_argument("--baseline-step-s", type=float, default=None,
+                        help="one-GPU median CFG step (s) of the same mode: adds speedup_vs_baseline_step")
+    parser.add_argument("--save-output", default=None, metavar="PATH.npy",
+                        help="write rank 0's frames of the last timed run (and PATH.latents.npy)")
+    parser.add_argument("--compare", nargs=2, default=None, metavar=("A.npy", "B.npy"),
+                        help="only compare two --save-output files (max/mean abs diff, PSNR) and exit")
     args = parser.parse_args(argv)
+    if args.compare:
+        line = json.dumps(compare_outputs(*args.compare))
+        print(line)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(line + "\n")
+        return 0
+    if args.save_output and not args.save_output.endswith(".npy"):
+        parser.error(f"--save-output {args.save_output} must end in .npy")
+    if args.parallel != "none" and args.mode in ("lowvram",):
+        parser.error("--mode lowvram streams each rank's own copy of the weights; not with --parallel")
+
+    from ex4d.diffusion.parallel import apply_safe_env, launched_distributed
+
+    ctx = None
+    if args.parallel != "none" or launched_distributed():
+        apply_safe_env()  # before any process group: NVLink multicast stays off
+        ctx = _init_parallel(args, parser)
+    try:
+        return _bench(args, ctx)
+    finally:
+        if ctx is not None:
+            from ex4d.diffusion.parallel import shutdown
+
+            shutdown(ctx)
+
+
+def _init_parallel(args, parser):
+    """Join torchrun's process group for ``args.parallel`` (gloo on the CPU with --tiny)."""
+    global _RANK_TAG
+    from ex4d.diffusion.parallel import WAN_14B_HEADS, check_ulysses, init_parallel, num_video_tokens
+    from ex4d.diffusion.pipeline import DEFAULT_GUIDANCE
+    from ex4d.errors import UserError
+
+    try:
+        ctx = init_parallel(args.parallel, guidance_scale=DEFAULT_GUIDANCE, backend="gloo" if args.tiny else None)
+        frames = args.frames or (9 if args.tiny else 49)
+        size = args.size or (32 if args.tiny else 512)
+        # Fail before 60 GB of random weights are built: the heads and tokens must split evenly.
+        heads = _tiny_heads() if args.tiny else WAN_14B_HEADS
+        check_ulysses(heads, num_video_tokens(frames, size, size), ctx.ulysses_degree)
+    except UserError as exc:
+        parser.error(str(exc))
+    _RANK_TAG = f"r{ctx.rank} "
+    return ctx
+
+
+def _tiny_heads() -> int:
+    from tiny_wan import tiny_transformer_config
+
+    return int(tiny_transformer_config()["num_attention_heads"])
+
+
+def _bench(args, ctx) -> int:
+    """The measurement itself; ``ctx`` is a ParallelContext under torchrun, else None."""
 
     from diffusers.utils import logging as dlogging
 
@@ -166,6 +245,9 @@ def main(argv=None) -> int:
     dlogging.set_verbosity_error()
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
+    world = ctx.world_size if ctx is not None else 1
+    if world > 1 and cuda:
+        device = str(ctx.device)  # cuda:LOCAL_RANK, already the current device
     frames = args.frames or (9 if args.tiny else 49)
     size = args.size or (32 if args.tiny else 512)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -176,17 +258,26 @@ def main(argv=None) -> int:
         dtype=dtype)
 
     t0 = time.perf_counter()
+    # Seeded so that every rank (and a one-GPU run) builds the same random weights: needed for the
+    # same-seed comparison; the values do not change the speed.
+    torch.manual_seed(0)
     comps = build_tiny() if args.tiny else build_full(device, dtype)
     build_s = time.perf_counter() - t0
     note(f"built models in {build_s:.1f}s")
     t0 = time.perf_counter()
     pipe = build_pipeline(comps, None, options, device)
+    if world > 1:
+        from ex4d.diffusion.parallel import num_video_tokens, parallelize_pipeline
+
+        # After merge/fusion/compile setup, as ex4d.pipeline.run_generate does (compile is lazy).
+        parallelize_pipeline(pipe, ctx, num_tokens=num_video_tokens(frames, size, size))
     setup_s = time.perf_counter() - t0
     note(f"pipeline set up ({mode}) in {setup_s:.1f}s")
     pipe.set_progress_bar_config(disable=True)
     if mode == "unmerged":
         # Non-zero LoRA B: the timing does not depend on it, but the output then does depend on the LoRA path.
         with torch.no_grad():
+            torch.manual_seed(1)  # identical on every rank
             for name, p in pipe.transformer.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, 0.02)
@@ -198,15 +289,20 @@ def main(argv=None) -> int:
     mask[:, :, 0] = 1.0
 
     step_times: list[float] = []
+    final_latents: list[torch.Tensor] = []
+    current_steps = [0]
 
     def on_step(pipe_, i, t, kwargs):
         if cuda:
             torch.cuda.synchronize()
         step_times.append(time.perf_counter())
+        if args.save_output and i == current_steps[0] - 1:  # after the timestamp: not in any step time
+            final_latents[:] = [kwargs["latents"].float().cpu()]
         return None
 
     def run(steps: int) -> tuple[float, list[float], torch.Tensor]:
         step_times.clear()
+        current_steps[0] = steps
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -242,6 +338,7 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     summary = _summary_factory(args, options, pipe, mode, frames, size, cuda, warm_total, build_s, setup_s, phases)
+    main_rank = ctx is None or ctx.is_main
     totals, steps_all, finite = [], [], True
     for _ in range(args.runs):
         total, per_step, out = run(args.steps)
@@ -250,14 +347,90 @@ def main(argv=None) -> int:
              + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""))
         steps_all.extend(per_step)
         finite = finite and out.dtype.name == "uint8" and out.shape[1] == frames
-        if len(totals) < args.runs:
+        if len(totals) < args.runs and main_rank:
             print("partial: " + json.dumps(summary(totals, steps_all, finite)), file=sys.stderr, flush=True)
-    line = json.dumps(summary(totals, steps_all, finite))
-    print(line)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(line + "\n")
+    result = summary(totals, steps_all, finite)
+    if world > 1:
+        result.update(_parallel_fields(ctx, cuda, steps_all))
+    if args.baseline_step_s and result["step_s_median"]:
+        result["baseline_step_s"] = args.baseline_step_s
+        result["speedup_vs_baseline_step"] = round(args.baseline_step_s / result["step_s_median"], 3)
+    if args.save_output and main_rank:
+        result["saved_output"] = _save_output(args.save_output, out[0], final_latents[0] if final_latents else None)
+    if main_rank:
+        line = json.dumps(result)
+        print(line)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(line + "\n")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank tears the group down while rank 0 is still writing
     return 0
+
+
+def _parallel_fields(ctx, cuda: bool, steps_all: list[float]) -> dict:
+    """Per-rank peaks and step medians gathered to every rank (all_gather_object; a collective)."""
+    import torch.distributed as dist
+
+    mine = {"rank": ctx.rank, "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "step_s_median": round(statistics.median(steps_all), 4) if steps_all else None,
+            "device": f"{ctx.device} {torch.cuda.get_device_name()}" if cuda else str(ctx.device)}
+    gathered: list[dict | None] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, mine)
+    gathered.sort(key=lambda r: r["rank"])
+    return {"world_size": ctx.world_size, "parallel_mode": ctx.mode, "cfg_degree": ctx.cfg_degree,
+            "ulysses_degree": ctx.ulysses_degree,
+            "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in gathered],
+            "step_s_median_per_rank": [r["step_s_median"] for r in gathered],
+            "devices_per_rank": [r["device"] for r in gathered]}
+
+
+def _latents_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name[:-len(".npy")] + ".latents.npy")
+
+
+def _save_output(path: str, frames: np.ndarray, latents: torch.Tensor | None) -> dict:
+    """frames (T,H,W,3) uint8 -> ``path``; latents (1,16,T',h,w) -> PATH.latents.npy (atomic writes)."""
+    from ex4d.io.files import atomic_path
+
+    written = {"frames": str(path)}
+    with atomic_path(path) as tmp:
+        np.save(tmp, np.ascontiguousarray(frames))
+    if latents is not None:
+        with atomic_path(_latents_path(path)) as tmp:
+            np.save(tmp, latents[0].numpy().astype(np.float32))
+        written["latents"] = str(_latents_path(path))
+    return written
+
+
+def _diff_stats(a: np.ndarray, b: np.ndarray, peak: float | None) -> dict:
+    """max/mean |a - b| and PSNR (peak: 255 for uint8 frames; else the range of ``a``)."""
+    if a.shape != b.shape:
+        raise SystemExit(f"error: shapes differ: {a.shape} vs {b.shape}; compare outputs of the same --frames/--size")
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    diff = np.abs(a64 - b64)
+    peak = peak if peak is not None else float(a64.max() - a64.min()) or 1.0
+    mse = float(np.mean(diff ** 2))
+    return {"shape": list(a.shape), "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "psnr_db": round(10 * np.log10(peak ** 2 / mse), 2) if mse > 0 else None, "identical": mse == 0,
+            "psnr_peak": peak}
+
+
+def compare_outputs(path_a: str, path_b: str) -> dict:
+    """Agreement of two ``--save-output`` files (and their .latents.npy siblings where both exist)."""
+    for path in (path_a, path_b):
+        if not Path(path).is_file():
+            raise SystemExit(f"error: {path} does not exist; write it with --save-output")
+    a, b = np.load(path_a), np.load(path_b)
+    result = {"bench": "generate-compare", "a": str(path_a), "b": str(path_b),
+              "frames": _diff_stats(a, b, 255.0 if a.dtype == np.uint8 else None)}
+    la, lb = _latents_path(path_a), _latents_path(path_b)
+    if la.is_file() and lb.is_file():
+        result["latents"] = _diff_stats(np.load(la), np.load(lb), None)
+    return result
 
 
 def _summary_factory(args, options, pipe, mode, frames, size, cuda, warm_total, build_s, setup_s, phases):
