@@ -33,7 +33,10 @@ devices_per_rank and (given --baseline-step-s, the one-GPU step median) speedup_
 Same-seed agreement: ``--save-output PATH.npy`` writes rank 0's frames of the last timed run
 (uint8 (T,H,W,3)) and its final latents beside it (PATH.latents.npy, float32 (16,T',h,w));
   python bench/bench_generate.py --compare one_gpu.npy two_gpu.npy
-prints max/mean absolute difference and PSNR of the frames (and of the latents where both exist).
+prints max/mean absolute difference and PSNR of the frames (and of the latents where both exist);
+two .latents.npy files can be compared on their own (reported as "values"). Full-size frames are
+38 MB (49x512x512x3), over what a lent machine sends back per file: compare there, or compare the
+3.4 MB latents files here.
 """
 
 from __future__ import annotations
@@ -384,7 +387,9 @@ def _parallel_fields(ctx, cuda: bool, steps_all: list[float]) -> dict:
             "ulysses_degree": ctx.ulysses_degree,
             "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in gathered],
             "step_s_median_per_rank": [r["step_s_median"] for r in gathered],
-            "devices_per_rank": [r["device"] for r in gathered]}
+            "devices_per_rank": [r["device"] for r in gathered],
+            # CFG-parallel: each rank runs its own branch at batch 1, whatever pipe.batch_cfg says.
+            **({"batch_cfg_effective": False} if ctx.cfg_degree > 1 else {})}
 
 
 def _latents_path(path: str | Path) -> Path:
@@ -426,7 +431,9 @@ def compare_outputs(path_a: str, path_b: str) -> dict:
             raise SystemExit(f"error: {path} does not exist; write it with --save-output")
     a, b = np.load(path_a), np.load(path_b)
     result = {"bench": "generate-compare", "a": str(path_a), "b": str(path_b),
-              "frames": _diff_stats(a, b, 255.0 if a.dtype == np.uint8 else None)}
+              # uint8 -> frames (peak 255); anything else (e.g. two .latents.npy files) -> values.
+              ("frames" if a.dtype == np.uint8 else "values"): _diff_stats(a, b, 255.0 if a.dtype == np.uint8
+                                                                           else None)}
     la, lb = _latents_path(path_a), _latents_path(path_b)
     if la.is_file() and lb.is_file():
         result["latents"] = _diff_stats(np.load(la), np.load(lb), None)
