@@ -138,6 +138,29 @@ def _silhouettes_from(screen_xy, w, faces, adjacency):
     return ((adjacency < 0) | folded) & (sign != 0)[:, None], sign
 
 
+def _nearest_crossing(corner_xy: np.ndarray, edge_mask: np.ndarray, r: np.ndarray, c: np.ndarray,
+                      p_front: np.ndarray, axis: int) -> np.ndarray:
+    """Nearest crossing of each pixel pair's centre line with a silhouette edge of its front face.
+
+    corner_xy: (N, 3, 2) screen corners of the front face; edge_mask: (N, 3) bool, edge e joins
+    corners e and e+1 and is a silhouette edge. (r, c): the first pixel of each pair; axis 1 pairs
+    run along x, axis 0 along y. Returns (N,) crossing parameters (inf where none), measured from
+    the front pixel towards the other one.
+    """
+    along0 = (c if axis == 1 else r).astype(np.float64)  # joins the two centres
+    fixed = (r if axis == 1 else c).astype(np.float64)  # the coordinate both centres share
+    t_dir = np.where(p_front, 1, -1)
+    best = np.full(len(corner_xy), np.inf)
+    for e in range(3):
+        a, b = corner_xy[:, e], corner_xy[:, (e + 1) % 3]
+        if axis == 1:
+            t = _crossings(a[:, 0], a[:, 1], b[:, 0], b[:, 1], along0, fixed, t_dir)
+        else:
+            t = _crossings(a[:, 1], a[:, 0], b[:, 1], b[:, 0], along0, fixed, t_dir)
+        best = np.minimum(best, np.where(edge_mask[:, e], t, np.inf))
+    return best
+
+
 def _crossings(ax, ay, bx, by, along0, fixed, t_dir):
     """Crossing of edge A-B with the segment from (along0, fixed) to (along0 + 1, fixed).
 
@@ -186,19 +209,7 @@ def antialias_silhouettes(rgba: np.ndarray, face_id: np.ndarray, depth: np.ndarr
         tri = front[cand]
         corners = faces[tri]  # (N, 3)
         sil = silhouette[tri]
-        # In the pair's frame: 'along' joins the two centres, 'fixed' is the shared coordinate.
-        along0 = (c if axis == 1 else r).astype(np.float64)
-        fixed = (r if axis == 1 else c).astype(np.float64)
-        t_dir = np.where(pf, 1, -1)
-        best = np.full(len(tri), np.inf)
-        for e in range(3):
-            a = screen_xy[corners[:, e]]
-            b = screen_xy[corners[:, (e + 1) % 3]]
-            if axis == 1:
-                t = _crossings(a[:, 0], a[:, 1], b[:, 0], b[:, 1], along0, fixed, t_dir)
-            else:
-                t = _crossings(a[:, 1], a[:, 0], b[:, 1], b[:, 0], along0, fixed, t_dir)
-            best = np.minimum(best, np.where(sil[:, e], t, np.inf))
+        best = _nearest_crossing(screen_xy[corners], sil, r, c, pf, axis)
         hit = np.isfinite(best)
         if not hit.any():
             continue
@@ -315,17 +326,7 @@ class SparseAntialiaser:
         r, c, pf, front_row, idx_p, idx_q = r[keep], c[keep], pf[keep], front_row[keep], idx_p[keep], idx_q[keep]
         corners = sil.corners[front_row]  # (N, 3, 2)
         edges = sil.edges[front_row]
-        along0 = (c if axis == 1 else r).astype(np.float64)
-        fixed = (r if axis == 1 else c).astype(np.float64)
-        t_dir = np.where(pf, 1, -1)
-        best = np.full(len(front_row), np.inf)
-        for e in range(3):
-            a, b = corners[:, e], corners[:, (e + 1) % 3]
-            if axis == 1:
-                t = _crossings(a[:, 0], a[:, 1], b[:, 0], b[:, 1], along0, fixed, t_dir)
-            else:
-                t = _crossings(a[:, 1], a[:, 0], b[:, 1], b[:, 0], along0, fixed, t_dir)
-            best = np.minimum(best, np.where(edges[:, e], t, np.inf))
+        best = _nearest_crossing(corners, edges, r, c, pf, axis)
         hit = np.isfinite(best)
         pf, t, idx_p, idx_q = pf[hit], best[hit], idx_p[hit], idx_q[hit]
         idx_front = np.where(pf, idx_p, idx_q)
