@@ -192,22 +192,10 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
 
 def test_cli_make_pairs_train_generate(tmp_path, capsys):
     """The whole chain through the CLI: pairs -> 2 training steps -> `ex4d generate` loads the result."""
-    from tiny_wan import write_tiny_original_layout
-
     from ex4d.cli import main
-    from ex4d.io.video import read_video, to_uint8, write_video
-    from ex4d.synthetic.scenes import make_example
+    from ex4d.io.video import read_video
 
-    videos, depths = tmp_path / "videos", tmp_path / "depth"
-    videos.mkdir()
-    depths.mkdir()
-    for scene in ("boxes", "planes"):
-        clip, depth = make_example(scene, T, (32, 32))
-        write_video(videos / f"{scene}.mp4", to_uint8(clip.frames), 15.0)
-        depth.save(depths / f"{scene}.npz")
-    write_tiny_original_layout(tmp_path / "models" / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
-    assert main(["make-pairs", str(videos), "--depth", str(depths), "--num-frames", str(T), "-o",
-                 str(tmp_path / "pairs"), "--device", "cpu"]) == 0
+    _make_pairs(tmp_path)
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "pairs"), "-o", str(run), "--models-dir", str(tmp_path / "models"),
                  "--steps", "2", "--size", "16", "16", "--num-frames", str(T), "--encoder-hidden", "16",
@@ -261,6 +249,7 @@ def test_adapter_export_from_gathered_tensors_equals_the_module_state():
 
 
 def _make_pairs(tmp_path) -> None:
+    """Two synthetic clips with exact depth -> tmp_path/pairs, and tiny Wan weights in tmp_path/models."""
     from tiny_wan import write_tiny_original_layout
 
     from ex4d.cli import main
