@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (full mode)")
     parser.add_argument("--attention", default=None, help="attention backend (see performance.py)")
     parser.add_argument("--workdir", default=None, help="folder for inputs and outputs (default: a temp folder)")
+    parser.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
+                        help="lowvram: the GPU budget to plan for (e.g. 24 to stand for a 24 GB card)")
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
     if args.jobs < 3:
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
     video, depth = make_inputs(work, frames, size)
     defaults = {"stage": "run", "depth": str(depth), "num_frames": frames, "resize": "keep", "save_mesh": "none",
                 "device": device, "size": f"{size}x{size}", "steps": steps, "memory": memory,
-                "compile": bool(args.compile and cuda), "attention": args.attention}
+                "compile": bool(args.compile and cuda), "attention": args.attention,
+                "vram_budget": args.vram_budget if memory == "low-vram" else None}
     defaults = {k: v for k, v in defaults.items() if v is not None}
     cams = [CAMS[i % len(CAMS)] for i in range(args.jobs + 1)]
     lines = [f"defaults: {json.dumps(defaults)}", "jobs:"]
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     comps = build_tiny() if args.tiny else build_full(device, dtype)
     options = PerformanceOptions(compile=bool(args.compile and cuda), low_vram=memory == "low-vram",
-                                 attention=args.attention, dtype=dtype)
+                                 attention=args.attention, dtype=dtype, vram_budget_gib=args.vram_budget)
     pipe = build_pipeline(comps, None, options, device)
     pipe.set_progress_bar_config(disable=True)
     setup_s = time.perf_counter() - t0

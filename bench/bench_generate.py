@@ -174,6 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-cfg", dest="batch_cfg", action="store_true", default=None,
                         help="force one batch-2 forward per step (default: only when offloading)")
     parser.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", help="two CFG forwards per step")
+    parser.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
+                        help="lowvram: GPU budget the resident DiT blocks are planned for (default: the GPU's)")
+    parser.add_argument("--resident-blocks", type=int, default=None, help="lowvram: force the resident block count")
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
     parser.add_argument("--parallel", default="none", choices=["none", "ulysses", "cfg", "cfg-ulysses"],
                         help="multi-GPU layout; launch with torchrun --nproc-per-node N (docs/scale.md)")
@@ -258,7 +261,10 @@ def _bench(args, ctx) -> int:
     options = PerformanceOptions(
         merge_lora=mode != "unmerged", fuse_qkv=mode != "unmerged" and args.fuse, compile=(mode in ("default", "fp8") if args.compile is None else args.compile) and cuda,
         batch_cfg=False if mode == "unmerged" else args.batch_cfg, low_vram=mode == "lowvram", fp8=mode == "fp8", attention=args.attention,
-        dtype=dtype)
+        dtype=dtype, vram_budget_gib=args.vram_budget, resident_blocks=args.resident_blocks)
+    from ex4d.diffusion.parallel import num_video_tokens
+
+    options.low_vram_tokens = num_video_tokens(frames, size, size)
 
     t0 = time.perf_counter()
     # Seeded so that every rank (and a one-GPU run) builds the same random weights: needed for the
@@ -471,6 +477,9 @@ def _summary(args, options, pipe, mode, frames, size, cuda, warm_total, build_s,
         "output_ok": finite,
     }
     result["batch_cfg_effective"] = bool(pipe.batch_cfg)
+    streamer = getattr(pipe.transformer, "_ex4d_streamer", None)
+    if streamer is not None:
+        result["resident_blocks"] = streamer.resident
     result["phases_s_median"] = {k: round(statistics.median(v), 3) for k, v in phases.items()}
     if cuda and step_median:
         result.update({

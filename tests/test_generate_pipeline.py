@@ -178,3 +178,77 @@ def test_pinned_swap_keeps_outputs_and_restores_host_weights():
     assert _module_device(encoder) == torch.device("cpu")
     swap.remove()
     assert not hasattr(encoder, "_ex4d_execution_device")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("resident", [0, 1, 2])
+def test_block_streamer_keeps_outputs_and_points_back_at_host(resident):
+    from ex4d.diffusion.performance import BlockStreamer
+
+    comps = make_tiny_components(2)
+    dit = comps["transformer"]
+    cond, mask = _condition(4)
+    x = torch.randn(1, 36, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(hidden_states=x, timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 6, 32), encoder_hidden_states_image=torch.randn(1, 257, 32),
+                  return_dict=False)
+    before = dit(**kwargs)[0]
+    streamer = BlockStreamer(dit.blocks, "cpu", resident=resident)
+    assert streamer.resident == resident and len(streamer.streamed) == len(dit.blocks) - resident
+    seen = []
+    for block in streamer.streamed:
+        block.register_forward_pre_hook(lambda m, a: seen.append(m.ffn.net[2].weight.data_ptr()))
+    after = [dit(**kwargs)[0] for _ in range(2)]
+    assert all(torch.equal(before, a) for a in after), "streaming does not change the result"
+    for pairs in streamer.host:
+        assert all(p.data_ptr() == h.data_ptr() for p, h in pairs), "after the forward: host copies again"
+    if streamer.streamed:
+        host_ptrs = {h.data_ptr() for pairs in streamer.host for _, h in pairs}
+        assert seen and not (set(seen) & host_ptrs), "inside the forward a streamed block uses device copies"
+        assert set(streamer.pending) == {0}, "the first streamed block is prefetched for the next forward"
+    streamer.remove()
+    assert not streamer.pending
+
+
+def test_plan_resident_blocks_fits_the_budget():
+    from ex4d.diffusion.performance import module_bytes, plan_resident_blocks
+
+    blocks = torch.nn.ModuleList(torch.nn.Linear(256, 256, bias=False) for _ in range(10))
+    per = module_bytes(blocks[0])
+    assert per == 256 * 256 * 4
+    assert plan_resident_blocks(blocks, budget_bytes=100 * per, other_bytes=0) == 10
+    assert plan_resident_blocks(blocks, budget_bytes=7 * per + per // 2, other_bytes=per) == 4  # 2 in flight
+    assert plan_resident_blocks(blocks, budget_bytes=2 * per, other_bytes=per) == 0
+
+
+@torch.no_grad()
+def test_low_vram_streaming_keeps_the_pipeline_output(pipe):
+    """enable_low_vram's placement (DiT blocks and T5 streamed, CLIP swapped) computes the same video.
+
+    Run on the CPU: the hooks and host/device bookkeeping are the same as on a GPU; only the copy
+    stream is absent. Compiling the blocks' forward (fullgraph) keeps one graph for all blocks."""
+    from ex4d.diffusion.performance import BlockStreamer, enable_low_vram
+
+    comps = make_tiny_components(0)
+    plain = build_pipeline(comps, None, PerformanceOptions(), "cpu")
+    plain.set_progress_bar_config(disable=True)
+    cond, mask = _condition(5)
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    expected = plain(cond, mask, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    used = enable_low_vram(plain, torch.device("cpu"), resident_blocks=1)
+    assert used == 1
+    assert isinstance(plain.transformer._ex4d_streamer, BlockStreamer)
+    assert isinstance(plain.text_encoder._ex4d_streamer, BlockStreamer)
+    streamed = plain(cond, mask, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert torch.equal(expected, streamed)
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for block in plain.transformer.blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True, backend="eager")
+    compiled = plain(cond, mask, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    torch._dynamo.reset()
+    assert torch.allclose(expected, compiled, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, "the streamed and the resident block share one graph"

@@ -51,7 +51,7 @@ JOB_KEYS: dict[str, type] = {
     "fps": _FLOAT, "resample": _BOOL, "device": _STR,
     # generation (ex4d generate options)
     "prompt": _STR, "negative_prompt": _STR, "seed": _INT, "steps": _INT, "guidance": _FLOAT, "size": _STR,
-    "erode": _BOOL, "out_fps": _FLOAT, "adapter": _STR, "memory": _STR, "fp8": _BOOL, "compile": _BOOL,
+    "erode": _BOOL, "out_fps": _FLOAT, "adapter": _STR, "memory": _STR, "vram_budget": _FLOAT, "fp8": _BOOL, "compile": _BOOL,
     "attention": _STR, "window": _INT, "overlap": _INT,
 }
 MEMORY_MODES = ("full", "low-vram", "cpu-offload")
@@ -499,7 +499,8 @@ def job_generate_options(job: dict):
         fps=job.get("out_fps", 15.0), erode=job.get("erode", True), window=job.get("window", 49),
         overlap=job.get("overlap", 17), models_dir=job.get("models_dir"), adapter=job.get("adapter"),
         device=job.get("device", "auto"), attention=job.get("attention"), compile=job.get("compile", False),
-        low_vram=memory == "low-vram", cpu_offload=memory == "cpu-offload", fp8=job.get("fp8", False))
+        low_vram=memory == "low-vram", cpu_offload=memory == "cpu-offload", fp8=job.get("fp8", False),
+        vram_budget=job.get("vram_budget"))
 
 
 def generation_key(job: dict) -> tuple:

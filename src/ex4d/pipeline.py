@@ -258,13 +258,14 @@ class GenerateOptions:
     compile: bool = False
     batch_cfg: bool | None = None  # None: batched only when offloading (measured faster there)
     low_vram: bool = False
+    vram_budget: float | None = None  # GiB for --low-vram (None: the GPU's memory); more resident blocks
     cpu_offload: bool = False
     fp8: bool = False
 
     def pipeline_key(self) -> tuple:
         """What the loaded pipeline depends on; jobs with equal keys share one loaded pipeline."""
         return (self.models_dir, self.adapter, str(resolve_device(self.device)), self.merge_lora, self.attention,
-                self.compile, self.batch_cfg, self.low_vram, self.cpu_offload, self.fp8)
+                self.compile, self.batch_cfg, self.low_vram, self.vram_budget, self.cpu_offload, self.fp8)
 
     def call_kwargs(self) -> dict:
         from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
@@ -279,6 +280,18 @@ class GenerateOptions:
         return {k: getattr(self, k) for k in ("seed", "steps", "cfg", "prompt", "negative_prompt", "size",
                                                 "num_frames", "fps", "erode", "window", "overlap", "models_dir",
                                                 "adapter", "merge_lora", "fp8")}
+
+
+def _planned_tokens(options: GenerateOptions) -> int:
+    """Video tokens of one generation window at ``options.size`` (for the low-VRAM memory plan)."""
+    from ex4d.diffusion.parallel import num_video_tokens
+
+    try:
+        height, width = (int(v) for v in str(options.size).lower().split("x"))
+    except ValueError:
+        height = width = 512  # an aspect-preserving size is known only once the video is read
+    frames = min(options.num_frames or options.window, options.window)
+    return num_video_tokens(frames, height, width)
 
 
 def load_generator(options: GenerateOptions, parallel=None):
@@ -299,7 +312,8 @@ def load_generator(options: GenerateOptions, parallel=None):
     device = parallel.device if parallel is not None and parallel.world_size > 1 else resolve_device(options.device)
     perf = PerformanceOptions(merge_lora=options.merge_lora, attention=options.attention, compile=options.compile,
                               batch_cfg=options.batch_cfg, low_vram=options.low_vram,
-                              cpu_offload=options.cpu_offload, fp8=options.fp8)
+                              cpu_offload=options.cpu_offload, fp8=options.fp8, vram_budget_gib=options.vram_budget,
+                              low_vram_tokens=_planned_tokens(options))
     perf.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     perf.validate()
     adapter_path = resolve_adapter(options.models_dir, options.adapter)

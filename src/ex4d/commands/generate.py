@@ -68,7 +68,10 @@ def add_generation_args(parser: argparse.ArgumentParser, *, with_recon: bool = F
     parser.add_argument("--no-erode", action="store_true", help="skip the random mask erosion (not the trained input)")
     perf = parser.add_argument_group("speed and memory")
     perf.add_argument("--low-vram", action="store_true",
-                      help="stream the DiT and T5 from CPU memory (group offload with CUDA streams; <= 24 GB GPUs)")
+                      help="stream the DiT and T5 from CPU memory with CUDA streams (GPUs of 24 GB or less)")
+    perf.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
+                      help="with --low-vram: GPU memory to plan for (default: the GPU's memory less 1.5 GiB); "
+                           "DiT blocks that fit stay on the GPU, the rest stream")
     perf.add_argument("--cpu-offload", action="store_true", help="move whole models to the GPU only while they run")
     perf.add_argument("--fp8", action="store_true", help="store DiT weights in float8 (bf16 compute): ~16 GB less")
     perf.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (~15 s once)")
@@ -125,7 +128,7 @@ def options_from_args(args: argparse.Namespace):
         window=args.window, overlap=args.overlap, models_dir=args.models_dir, adapter=args.adapter,
         device=args.device, merge_lora=not args.no_merge_lora, attention=args.attention, compile=args.compile,
         batch_cfg=False if args.no_batch_cfg else None, low_vram=args.low_vram, cpu_offload=args.cpu_offload,
-        fp8=args.fp8)
+        fp8=args.fp8, vram_budget=args.vram_budget)
 
 
 def main(args: argparse.Namespace) -> int:

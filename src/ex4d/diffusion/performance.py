@@ -10,10 +10,11 @@ the documented rounding of merged LoRA, fused projections and fp8 weight storage
    strided for the norms and RoPE that follow).
 3. fp8 weight storage (``enable_layerwise_casting``, float8_e4m3fn storage, bf16 compute): halves
    the DiT's weight memory; the norms, patch and condition embeddings stay in their dtype.
-4. Placement: everything on the GPU; or the low-VRAM mode: group offloading with CUDA streams
-   (the DiT streams one block at a time from pinned CPU memory, prefetching the next; the T5
-   is copied in bulk from pinned memory around its forward), for GPUs of <= 24 GB; or whole-model
-   CPU offload.
+4. Placement: everything on the GPU; or the low-VRAM mode (:func:`enable_low_vram`): as many DiT
+   blocks as the VRAM budget allows stay on the GPU and the rest stream from pinned CPU memory,
+   one block at a time with the next prefetched on a side stream (:class:`BlockStreamer`); the
+   T5 streams the same way and CLIP is copied in only around its forward; or whole-model CPU
+   offload.
 5. Attention backend (diffusers' dispatcher). NOTE: ``set_attention_backend`` is process-global
    in diffusers (it sets the registry's active backend), and ``reset_attention_backend`` does not
    undo that; so it is applied only when asked.
@@ -66,10 +67,14 @@ class PerformanceOptions:
     attention: None keeps diffusers' default (torch SDPA); else a key of ATTENTION_BACKENDS.
     compile: torch.compile the repeated transformer blocks.
     batch_cfg: run both CFG branches as one batch of 2 (None: only when offloading; see the notes).
-    low_vram: group offloading with CUDA streams (DiT and T5 stream from CPU memory).
+    low_vram: stream the DiT blocks that do not fit and the T5 from pinned CPU memory (CUDA streams).
     cpu_offload: whole-model CPU offload (each model moves to the GPU only while it runs).
     fp8: store DiT linear weights as float8_e4m3fn, compute in bf16.
     dtype: compute dtype of the DiT, T5 and CLIP.
+    vram_budget_gib: low-VRAM mode's GPU budget (None: the device's memory less 1.5 GiB); it
+        decides how many DiT blocks stay resident instead of streaming.
+    low_vram_tokens: video tokens per CFG branch the budget is planned for (512x512x49: 13312).
+    resident_blocks: force the number of resident DiT blocks in the low-VRAM mode (None: planned).
     """
 
     merge_lora: bool = True
@@ -81,6 +86,9 @@ class PerformanceOptions:
     cpu_offload: bool = False
     fp8: bool = False
     dtype: torch.dtype = torch.bfloat16
+    vram_budget_gib: float | None = None
+    low_vram_tokens: int = 13312
+    resident_blocks: int | None = None
     compile_kwargs: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -138,24 +146,181 @@ def enable_fp8_storage(transformer: nn.Module, compute_dtype: torch.dtype = torc
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
 
 
-def enable_low_vram(pipe, device: torch.device) -> None:
-    """Group offloading with streams for the DiT (one block per group), :class:`PinnedSwap` for the T5.
+#: Estimated GPU bytes the low-VRAM mode needs besides the resident DiT blocks, per video token of
+#: one CFG batch (activations of a block forward at batch 2, measured with every block streamed;
+#: see bench/bench_generate.py --mode lowvram) and as a fixed part (VAE, CUDA workspaces, margins).
+LOW_VRAM_BYTES_PER_TOKEN = 250_000
+LOW_VRAM_FIXED_BYTES = int(2.5 * 2**30)
 
-    Weights live in pinned CPU memory and the next group is prefetched on a side stream while the
-    current one runs, so the copy hides under the compute of a 512x512x49 step. The copies must be
-    non-blocking: a blocking copy stalls the host thread, and with it the kernel launches it overlaps.
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each shared tensor once)."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def plan_resident_blocks(blocks: nn.ModuleList, *, budget_bytes: int, other_bytes: int) -> int:
+    """How many leading blocks fit on the GPU beside ``other_bytes``, with two streamed blocks in flight."""
+    sizes = [module_bytes(b) for b in blocks]
+    if not sizes:
+        return 0
+    per_block = max(sizes)
+    free = budget_bytes - other_bytes - 2 * per_block
+    return int(max(0, min(len(blocks), free // per_block)))
+
+
+def low_vram_budget_bytes(device: torch.device, vram_budget_gib: float | None) -> int:
+    """The low-VRAM mode's GPU budget: the given GiB, else the device's total memory less 1.5 GiB."""
+    if vram_budget_gib is not None:
+        if not vram_budget_gib > 0:
+            raise InputError(f"--vram-budget must be positive (GiB), got {vram_budget_gib}")
+        return int(vram_budget_gib * 2**30)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 24 * 2**30
+    return int(total - 1.5 * 2**30)  # the CUDA context and allocator slack are not in the allocator's count
+
+
+def enable_low_vram(pipe, device: torch.device, *, vram_budget_gib: float | None = None,
+                    num_tokens: int = 13312, resident_blocks: int | None = None) -> int:
+    """Stream weights from pinned CPU memory so that a 14B generation fits in ``vram_budget_gib``.
+
+    * DiT: as many leading blocks as the budget allows stay on the GPU; the rest stream one block
+      at a time (:class:`BlockStreamer`, next block prefetched on a side stream under the current
+      block's compute). The patch/condition embeddings and the output head stay on the GPU.
+    * T5 (11 GB, run once per prompt): its 24 blocks stream the same way, the 2 GB token embedding
+      is copied in only around its lookup (:class:`PinnedSwap`).
+    * CLIP image encoder (1.2 GB, run once): :class:`PinnedSwap`. VAE and camera encoder: on the GPU.
+
+    num_tokens: video tokens per CFG branch (13312 at 512x512x49), for the activation estimate.
+    resident_blocks: override the planned number of resident DiT blocks. Returns the number used.
     """
-    pipe.transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                          offload_type="block_level", num_blocks_per_group=1,
-                                          use_stream=True, record_stream=True, non_blocking=True)
-    if pipe.text_encoder is not None:
-        # Not diffusers' block-level offload: the T5 layers sit below a T5Stack, so it would make the
-        # whole encoder one unstreamed group copied from pageable memory (~12 s per prompt measured).
-        PinnedSwap(pipe.text_encoder, device)
-    for name in ("image_encoder", "vae", "camera_encoder"):
+    transformer = pipe.transformer
+    blocks = transformer.blocks
+    for name, child in transformer.named_children():
+        if name != "blocks":
+            child.to(device)
+    for name, param in list(transformer.named_parameters(recurse=False)) + list(transformer.named_buffers(recurse=False)):
+        param.data = param.data.to(device)
+    for name in ("vae", "camera_encoder"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(device)
+    if resident_blocks is None:
+        other = module_bytes(transformer) - sum(module_bytes(b) for b in blocks)
+        other += sum(module_bytes(getattr(pipe, n)) for n in ("vae", "camera_encoder") if getattr(pipe, n, None) is not None)
+        other += LOW_VRAM_FIXED_BYTES + LOW_VRAM_BYTES_PER_TOKEN * num_tokens
+        resident_blocks = plan_resident_blocks(blocks, budget_bytes=low_vram_budget_bytes(device, vram_budget_gib),
+                                               other_bytes=other)
+    transformer._ex4d_streamer = BlockStreamer(blocks, device, resident=resident_blocks)
+    logger.info("low-VRAM: %d of %d DiT blocks resident, the rest streamed", resident_blocks, len(blocks))
+    text_encoder = pipe.text_encoder
+    if text_encoder is not None:
+        stack = getattr(text_encoder, "encoder", None)
+        if isinstance(getattr(stack, "block", None), nn.ModuleList) and hasattr(stack, "embed_tokens"):
+            text_encoder._ex4d_streamer = BlockStreamer(stack.block, device, resident=0)
+            text_encoder._ex4d_embed_swap = PinnedSwap(stack.embed_tokens, device)
+            for name, child in stack.named_children():
+                if name not in ("block", "embed_tokens"):
+                    child.to(device)
+            text_encoder._ex4d_execution_device = torch.device(device)
+        else:
+            PinnedSwap(text_encoder, device)
+    if pipe.image_encoder is not None:
+        PinnedSwap(pipe.image_encoder, device)
+    return resident_blocks
+
+
+class BlockStreamer:
+    """Run a ModuleList of blocks with the first ``resident`` on ``device`` and the rest streamed.
+
+    A streamed block's weights live in pinned CPU memory. Entering block i waits for its copy (made
+    on a side stream) and starts the copy of the next streamed block, so the transfer hides under
+    block i's compute; leaving it points the parameters back at the CPU copies (weights are
+    read-only: nothing is copied back). After the last block the first streamed block is
+    prefetched for the next forward. Blocks must run in order, as they do in the DiT and the T5.
+    The hooks are plain module hooks outside the blocks' ``forward``, so ``forward`` can be
+    compiled with ``fullgraph=True`` (see :func:`apply_performance`).
+    """
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device | str, resident: int = 0):
+        self.device = torch.device(device)
+        blocks = list(blocks)
+        self.resident = max(0, min(int(resident), len(blocks)))
+        for block in blocks[:self.resident]:
+            block.to(self.device)
+        self.streamed = blocks[self.resident:]
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda and self.streamed else None
+        self.host: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        with torch.no_grad():
+            for block in self.streamed:
+                pairs, seen = [], set()
+                for tensor in list(block.parameters()) + list(block.buffers()):
+                    if id(tensor) in seen:
+                        continue
+                    seen.add(id(tensor))
+                    host = tensor.data.to("cpu")
+                    host = host.pin_memory() if self.cuda else host
+                    tensor.data = host
+                    pairs.append((tensor, host))
+                self.host.append(pairs)
+        self.pending: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self._handles = []
+        for i, block in enumerate(self.streamed):
+            self._handles.append(block.register_forward_pre_hook(self._make_enter(i)))
+            self._handles.append(block.register_forward_hook(self._make_exit(i)))
+
+    def _make_enter(self, i: int):
+        def enter(module, args):
+            self._enter(i)
+        return enter
+
+    def _make_exit(self, i: int):
+        def leave(module, args, output):
+            self._exit(i)
+            return output
+        return leave
+
+    def _copy(self, i: int):
+        """Start copying streamed block i to the device; returns (device tensors, ready event)."""
+        if not self.cuda:
+            # A real copy even to the CPU (tests): the block must never compute on the host copies.
+            return [host.to(self.device, copy=True) for _, host in self.host[i]], None
+        with torch.cuda.stream(self.copy_stream):
+            tensors = [host.to(self.device, non_blocking=True) for _, host in self.host[i]]
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return tensors, event
+
+    def _enter(self, i: int) -> None:
+        tensors, event = self.pending.pop(i, None) or self._copy(i)
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+        for (param, _), tensor in zip(self.host[i], tensors):
+            if self.cuda:
+                tensor.record_stream(compute)  # allocated on the copy stream, used on this one
+            param.data = tensor
+        following = (i + 1) % len(self.streamed)
+        if following not in self.pending:
+            self.pending[following] = self._copy(following)
+
+    def _exit(self, i: int) -> None:
+        for param, host in self.host[i]:
+            param.data = host
+
+    def release(self) -> None:
+        """Drop prefetched copies (frees their GPU memory)."""
+        self.pending.clear()
+
+    def remove(self) -> None:
+        """Detach the hooks; the streamed blocks stay in CPU memory."""
+        self.release()
+        for handle in self._handles:
+            handle.remove()
 
 
 class PinnedSwap:
@@ -212,7 +377,8 @@ def apply_performance(pipe, options: PerformanceOptions, device: torch.device | 
     if options.low_vram:
         if device.type != "cuda":
             raise InputError("--low-vram streams weights to a CUDA GPU; it needs --device cuda")
-        enable_low_vram(pipe, device)
+        enable_low_vram(pipe, device, vram_budget_gib=options.vram_budget_gib, num_tokens=options.low_vram_tokens,
+                        resident_blocks=options.resident_blocks)
     elif options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -220,8 +386,14 @@ def apply_performance(pipe, options: PerformanceOptions, device: torch.device | 
     if options.attention is not None:
         set_attention_backend(transformer, options.attention)
     if options.compile:
-        # Offload and casting hooks run inside the blocks; let dynamo break the graph around them.
-        fullgraph = not (options.low_vram or options.fp8 or options.cpu_offload)
-        kwargs = {"fullgraph": fullgraph, **options.compile_kwargs}
-        transformer.compile_repeated_blocks(**kwargs)
+        if options.low_vram:
+            # The streaming hooks sit on the blocks, outside their forward: compile the forward
+            # alone so the hooks stay eager. One code object for all 40 blocks -> one graph.
+            kwargs = {"fullgraph": not options.fp8, **options.compile_kwargs}
+            for block in transformer.blocks:
+                block.forward = torch.compile(block.forward, **kwargs)
+        else:
+            # Casting/offload hooks run inside the blocks; let dynamo break the graph around them.
+            kwargs = {"fullgraph": not (options.fp8 or options.cpu_offload), **options.compile_kwargs}
+            transformer.compile_repeated_blocks(**kwargs)
     pipe.batch_cfg = (options.low_vram or options.cpu_offload) if options.batch_cfg is None else options.batch_cfg
