@@ -60,6 +60,11 @@ VARIANTS = {
     "fast_fp16enc": dict(single_token_attention=True, decode_batch=1, encode_dtype="model", channels_last=True),
     "fast_compile": dict(single_token_attention=True, decode_batch=1, encode_dtype="model", channels_last=True,
                          compile=True),
+    # the same numbers, 2 or 3 eight-frame chunks per decoder call (fewer, larger launches; more memory)
+    "fast_compile_b2": dict(single_token_attention=True, decode_batch=2, encode_dtype="model", channels_last=True,
+                            compile=True),
+    "fast_compile_b3": dict(single_token_attention=True, decode_batch=3, encode_dtype="model", channels_last=True,
+                            compile=True),
 }
 
 

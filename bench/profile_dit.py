@@ -47,7 +47,7 @@ def category(name: str) -> str:
 
 
 def attention_micro(tokens: int = 13312, heads: int = 40, dim: int = 128) -> dict:
-    """One self-attention call, [1, S, H, D] inputs as diffusers passes them: eager, compiled, opaque op."""
+    """One self-attention call, [1, S, H, D] inputs as diffusers passes them: eager, compiled, contiguous."""
     import torch.nn.functional as F
 
     q, k, v = (torch.randn(1, tokens, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -69,10 +69,6 @@ def attention_micro(tokens: int = 13312, heads: int = 40, dim: int = 128) -> dic
         return round(start.elapsed_time(end) / n, 3)
 
     out = {"eager": timed(eager), "compiled": timed(torch.compile(eager, fullgraph=True))}
-    from ex4d.diffusion.performance import install_opaque_sdpa
-
-    install_opaque_sdpa()
-    out["opaque_op_compiled"] = timed(torch.compile(lambda q, k, v: torch.ops.ex4d.sdpa_bshd(q, k, v), fullgraph=True))
     out["bhsd_contiguous"] = timed(lambda q, k, v: F.scaled_dot_product_attention(
         *(x.permute(0, 2, 1, 3).contiguous() for x in (q, k, v))))
     return out
@@ -83,7 +79,6 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", default=None, help="attention backend (see ex4d.diffusion.performance)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor default)")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--opaque-attention", action="store_true", help="attention as an opaque custom op")
     parser.add_argument("--micro", action="store_true", help="also time the self-attention call alone")
     parser.add_argument("--frames", type=int, default=49)
     parser.add_argument("--size", type=int, default=512)
@@ -103,10 +98,6 @@ def main(argv=None) -> int:
     materialise(dit, "cuda", torch.bfloat16, tuple(WanTransformer3DModel._keep_in_fp32_modules))
     if args.attention:
         set_attention_backend(dit, args.attention)
-    if args.opaque_attention:
-        from ex4d.diffusion.performance import install_opaque_sdpa
-
-        install_opaque_sdpa()
     micro = attention_micro() if args.micro else None
     if not args.no_compile:
         kwargs = {"fullgraph": True}
@@ -172,7 +163,7 @@ def main(argv=None) -> int:
         "gemm_tflops": round(2 * (FORWARD_TFLOP - ATTENTION_TFLOP) / (totals["gemm"] / 1000.0), 1) if totals["gemm"] else None,
         "top_kernels_ms": [[name[:120], round(ms, 2), category(name)] for name, ms in top],
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "opaque_attention": args.opaque_attention, "self_attention_micro_ms": micro,
+        "self_attention_micro_ms": micro,
     }
     print(json.dumps(result))
     return 0

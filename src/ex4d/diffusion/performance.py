@@ -141,48 +141,6 @@ def set_attention_backend(transformer: nn.Module, name: str) -> str:
     return backend
 
 
-_OPAQUE_SDPA_INSTALLED = False
-
-
-def install_opaque_sdpa() -> None:
-    """Route diffusers' native attention through an opaque custom op when compiling (process-global).
-
-    Inside a compiled block inductor re-lays the Q/K/V for torch's cuDNN attention, and cuDNN then
-    picks a slower kernel than it does for the eager [B, S, H, D] views (profiled on an H100:
-    6.4 ms vs 5.2 ms per 13312-token self-attention). As a custom op the attention keeps the eager
-    layout while everything around it is still compiled. Only the plain case (no mask, dropout,
-    causal or context parallelism) is routed; everything else goes to diffusers' function.
-    """
-    global _OPAQUE_SDPA_INSTALLED
-    if _OPAQUE_SDPA_INSTALLED:
-        return
-    from diffusers.models import attention_dispatch as dispatch
-
-    registry = dispatch._AttentionBackendRegistry
-    native = registry._backends[dispatch.AttentionBackendName.NATIVE]
-
-    @torch.library.custom_op("ex4d::sdpa_bshd", mutates_args=())
-    def sdpa_bshd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-        return out.permute(0, 2, 1, 3).contiguous()
-
-    @sdpa_bshd.register_fake
-    def _(query, key, value, scale=None):
-        return query.new_empty(query.shape[:-1] + value.shape[-1:])
-
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                  enable_gqa=False, return_lse=False, _parallel_config=None):
-        if (_parallel_config is None and attn_mask is None and not dropout_p and not is_causal and not enable_gqa
-                and not return_lse):
-            return sdpa_bshd(query, key, value, scale)
-        return native(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                      enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config)
-
-    registry._backends[dispatch.AttentionBackendName.NATIVE] = attention
-    _OPAQUE_SDPA_INSTALLED = True
-
-
 def enable_fp8_storage(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> None:
     """float8_e4m3fn weight storage with per-layer upcast to ``compute_dtype`` (diffusers layerwise casting)."""
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
