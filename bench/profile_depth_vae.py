@@ -1,0 +1,121 @@
+"""Where DepthCrafter's temporal VAE decode spends its GPU time (random full-size fp16 weights, one GPU).
+
+Decodes 49 frames of latents in 8-frame chunks through the SVD-xt ``AutoencoderKLTemporalDecoder``
+decoder exactly as :meth:`ex4d.depth.depthcrafter.DepthCrafterPipeline.decode` calls it, eager and
+torch.compiled, with channels_last 2-D convs as the ``fast`` settings use, and profiles one whole
+decode. Kernel self-time is grouped into convolution, normalisation, layout copies and other.
+
+Prints ONE JSON object: commit, device, per-variant decode median and the grouped/top kernels.
+
+  python bench/profile_depth_vae.py --size 576x1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_depth import VAE_CONFIG  # noqa: E402
+from bench_generate import git_commit, note  # noqa: E402
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    if "conv" in low or "implicit_gemm" in low or "xmma" in low or "sm90_" in low or "cutlass" in low or "gemm" in low:
+        return "conv_or_gemm"
+    if "norm" in low:
+        return "norm"
+    if "copy" in low or "transpose" in low or "permute" in low or "nchw" in low or "nhwc" in low:
+        return "layout_copy"
+    return "other"
+
+
+def profile_decode(decode) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        ms = getattr(event, "self_device_time_total", 0) / 1000.0
+        if ms > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + ms
+    groups: dict[str, float] = {}
+    for name, ms in kernels.items():
+        groups[category(name)] = groups.get(category(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return {"gpu_ms": {k: round(v, 1) for k, v in sorted(groups.items())},
+            "top_kernels_ms": [[n[:110], round(ms, 1), category(n)] for n, ms in top]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="576x1024")
+    parser.add_argument("--frames", type=int, default=49)
+    parser.add_argument("--variants", default="eager,eager_cl,compiled_cl")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_depth_vae.py needs a CUDA GPU")
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from ex4d.depth.depthcrafter import set_channels_last
+
+    torch.backends.cudnn.benchmark = True
+    H, W = (int(v) for v in args.size.split("x"))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = AutoencoderKLTemporalDecoder.from_config(VAE_CONFIG).half().eval().requires_grad_(False)
+    z = torch.randn(args.frames, 4, H // 8, W // 8, device="cuda", dtype=torch.float16)
+    out = {"bench": "profile_depth_vae", "commit": git_commit(), "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "size": args.size, "frames": args.frames, "variants": {}}
+    for variant in args.variants.split(","):
+        set_channels_last(vae, variant.endswith("_cl"))
+        decoder = torch.compile(vae.decoder, dynamic=False) if variant.startswith("compiled") else vae.decoder
+
+        @torch.no_grad()
+        def decode():
+            frames = []
+            for a in range(0, args.frames, 8):
+                chunk = z[a:a + 8]
+                if variant.endswith("_cl"):
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                n = len(chunk)
+                indicator = torch.zeros(1, n, dtype=chunk.dtype, device=chunk.device)
+                frames.append(decoder(chunk, num_frames=n, image_only_indicator=indicator).float().mean(dim=1))
+            return torch.cat(frames)
+
+        start = time.perf_counter()
+        decode()
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - start
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            decode()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        row = {"decode_s_median": round(statistics.median(times), 4), "first_call_s": round(warm, 1),
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        row.update(profile_decode(decode))
+        out["variants"][variant] = row
+        note(f"{variant}: {row['decode_s_median']}s {row['gpu_ms']}")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
