@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.device("cuda"):
         vae = AutoencoderKLTemporalDecoder.from_config(VAE_CONFIG).half().eval().requires_grad_(False)
+    vae.to("cuda")  # buffers built with torch.Tensor([...]) ignore the device context
     z = torch.randn(args.frames, 4, H // 8, W // 8, device="cuda", dtype=torch.float16)
     out = {"bench": "profile_depth_vae", "commit": git_commit(), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "size": args.size, "frames": args.frames, "variants": {}}
