@@ -31,13 +31,44 @@ from bench_generate import git_commit, note  # noqa: E402
 
 def category(name: str) -> str:
     low = name.lower()
-    if "conv" in low or "implicit_gemm" in low or "xmma" in low or "sm90_" in low or "cutlass" in low or "gemm" in low:
-        return "conv_or_gemm"
-    if "norm" in low:
-        return "norm"
-    if "copy" in low or "transpose" in low or "permute" in low or "nchw" in low or "nhwc" in low:
+    if low.startswith("triton_"):
+        return "triton_fused"  # inductor's fused norm/activation/residual kernels (memory-bound)
+    if "nchwtonhwc" in low or "nhwctonchw" in low or "direct_copy" in low:
         return "layout_copy"
+    if "fmha" in low or "attention" in low or "flash" in low:
+        return "attention"
+    if "implicit_gemm" in low or "xmma" in low or "conv" in low or "gemm" in low or "nvjet" in low or "sm90_" in low:
+        return "conv_or_gemm"
     return "other"
+
+
+class TemporalConvAsMatmul(torch.nn.Module):
+    """A (3,1,1) Conv3d over (B, C, T, H, W) as one channels-last matmul and two shifted adds (same math)."""
+
+    def __init__(self, conv: torch.nn.Conv3d):
+        super().__init__()
+        assert conv.kernel_size == (3, 1, 1) and conv.padding == (1, 0, 0) and conv.stride == (1, 1, 1)
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x):
+        c_out = self.weight.shape[0]
+        taps = self.weight[:, :, :, 0, 0].permute(2, 0, 1).reshape(3 * c_out, -1)  # (3*Co, Ci): t-1, t, t+1
+        y = torch.nn.functional.linear(x.permute(0, 2, 3, 4, 1), taps)  # (B, T, H, W, 3*Co)
+        before, now, after = y.split(c_out, dim=-1)
+        out = now + self.bias
+        out = out + torch.nn.functional.pad(before[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0))
+        out = out + torch.nn.functional.pad(after[:, 1:], (0, 0, 0, 0, 0, 0, 0, 1))
+        return out.permute(0, 4, 1, 2, 3)
+
+
+def replace_temporal_convs(module: torch.nn.Module) -> int:
+    count = 0
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Conv3d) and child.kernel_size == (3, 1, 1) and child.padding == (1, 0, 0):
+                setattr(parent, name, TemporalConvAsMatmul(child))
+                count += 1
+    return count
 
 
 def profile_decode(decode) -> dict:
@@ -63,7 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="576x1024")
     parser.add_argument("--frames", type=int, default=49)
-    parser.add_argument("--variants", default="eager,eager_cl,compiled_cl")
+    parser.add_argument("--variants", default="compiled_cl,compiled_cl3d,compiled_tmm")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -81,16 +112,29 @@ def main(argv=None) -> int:
     z = torch.randn(args.frames, 4, H // 8, W // 8, device="cuda", dtype=torch.float16)
     out = {"bench": "profile_depth_vae", "commit": git_commit(), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "size": args.size, "frames": args.frames, "variants": {}}
+    reference = None
     for variant in args.variants.split(","):
-        set_channels_last(vae, variant.endswith("_cl"))
-        decoder = torch.compile(vae.decoder, dynamic=False) if variant.startswith("compiled") else vae.decoder
+        channels_last = not variant.startswith("eager") or variant.endswith("_cl")
+        set_channels_last(vae, channels_last)
+        for m in vae.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                fmt = torch.channels_last_3d if variant.endswith("cl3d") else torch.contiguous_format
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        if variant.endswith("tmm"):
+            import copy
+
+            model = copy.deepcopy(vae)
+            note(f"{replace_temporal_convs(model.decoder)} temporal convs as matmuls")
+        else:
+            model = vae
+        decoder = torch.compile(model.decoder, dynamic=False) if variant.startswith("compiled") else model.decoder
 
         @torch.no_grad()
         def decode():
             frames = []
             for a in range(0, args.frames, 8):
                 chunk = z[a:a + 8]
-                if variant.endswith("_cl"):
+                if channels_last:
                     chunk = chunk.contiguous(memory_format=torch.channels_last)
                 n = len(chunk)
                 indicator = torch.zeros(1, n, dtype=chunk.dtype, device=chunk.device)
@@ -98,7 +142,7 @@ def main(argv=None) -> int:
             return torch.cat(frames)
 
         start = time.perf_counter()
-        decode()
+        first = decode()
         torch.cuda.synchronize()
         warm = time.perf_counter() - start
         torch.cuda.reset_peak_memory_stats()
@@ -111,6 +155,9 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - start)
         row = {"decode_s_median": round(statistics.median(times), 4), "first_call_s": round(warm, 1),
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if reference is None:
+            reference = first
+        row["max_abs_vs_first_variant"] = float((first - reference).abs().max())
         row.update(profile_decode(decode))
         out["variants"][variant] = row
         note(f"{variant}: {row['decode_s_median']}s {row['gpu_ms']}")
