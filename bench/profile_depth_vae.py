@@ -94,7 +94,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="576x1024")
     parser.add_argument("--frames", type=int, default=49)
-    parser.add_argument("--variants", default="compiled_cl,compiled_cl3d,compiled_tmm")
+    parser.add_argument("--variants", default="compiled_cl,compiled_nchw,compiled_cl3d,compiled_tmm",
+                        help="eager|compiled + _cl (channels-last 2-D convs), _nchw (plain layout), _cl3d (also "
+                             "the 3-D convs), _tmm (temporal convs as matmuls)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "size": args.size, "frames": args.frames, "variants": {}}
     reference = None
     for variant in args.variants.split(","):
-        channels_last = not variant.startswith("eager") or variant.endswith("_cl")
+        torch._dynamo.reset()  # graphs are specialised on the weights' strides, which variants change
+        channels_last = variant.endswith(("_cl", "cl3d", "tmm"))
         set_channels_last(vae, channels_last)
         for m in vae.modules():
             if isinstance(m, torch.nn.Conv3d):
