@@ -104,6 +104,7 @@ def reset(unet, vae):
 
     from ex4d.depth.depthcrafter import set_channels_last
 
+    torch._dynamo.reset()  # compiled graphs are specialised on the weights' layouts, which variants change
     unet.set_attn_processor(AttnProcessor2_0())
     set_channels_last(unet, False)
     set_channels_last(vae, False)

@@ -126,15 +126,21 @@ def clip_pixels(x: torch.Tensor) -> torch.Tensor:
     return (y - mean) / std
 
 
-def set_channels_last(module: torch.nn.Module, enable: bool = True) -> None:
-    """Store 2-D convolution weights channels-last (NHWC), which cuDNN runs faster in half precision.
+def set_channels_last(module: torch.nn.Module, enable: bool = True, conv3d: bool = False) -> None:
+    """Store convolution weights channels-last, which cuDNN runs faster in half precision.
 
-    Only ``Conv2d`` weights change; 5-D temporal convolutions and linear layers keep their layout.
+    ``Conv2d`` weights go NHWC. With ``conv3d`` the temporal ``Conv3d`` weights go NDHWC too: their
+    input is already NDHWC in memory (a channels-last (B*T, C, H, W) tensor viewed as (B, C, T, H, W)),
+    so cuDNN's layout conversions disappear (compiled temporal VAE decode at 576x1024: 1.74 s ->
+    1.63 s on an H100). Linear layers keep their layout.
     """
-    fmt = torch.channels_last if enable else torch.contiguous_format
+    fmt2d = torch.channels_last if enable else torch.contiguous_format
+    fmt3d = torch.channels_last_3d if enable and conv3d else torch.contiguous_format
     for m in module.modules():
         if isinstance(m, torch.nn.Conv2d):
-            m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+            m.weight.data = m.weight.data.contiguous(memory_format=fmt2d)
+        elif isinstance(m, torch.nn.Conv3d):
+            m.weight.data = m.weight.data.contiguous(memory_format=fmt3d)
 
 
 def check_unit_frames(frames: np.ndarray) -> None:
@@ -183,8 +189,9 @@ class DepthCrafterPipeline:
 
             enable_single_token_cross_attention(unet)
         if s.channels_last:
-            set_channels_last(unet)
-            set_channels_last(vae)
+            # 3-D convs too only when compiling (measured there; eager keeps the 2-D-only layout).
+            set_channels_last(unet, conv3d=s.compile)
+            set_channels_last(vae, conv3d=s.compile)
         # The reference upcasts the whole VAE to fp32 around encoding; an fp32 copy of the encoder
         # (34M parameters) gives the same numbers without moving the decoder back and forth.
         if s.encode_dtype == "float32" and dtype != torch.float32:
