@@ -14,8 +14,8 @@ adapter architecture with random weights (bench_generate.build_full); it is put 
 per-process cache before the first job, as a real batch loads it once.
 
 Modes:
-  full     everything on the GPU, bf16, merged LoRA, fused QKV, batched CFG (+ --compile)
-  lowvram  group offload with CUDA streams (the DiT and T5 stream from pinned CPU memory)
+  full     everything on the GPU, bf16, merged LoRA (+ --compile)
+  lowvram  DiT blocks that fit --vram-budget resident, the rest and the T5 streamed from pinned CPU memory
 
 Reference anchor (a sum of measured components, performance-anchors.md, not an end-to-end run):
 DiT 25 steps with its unmerged LoRA 65.9 s + VAE 2.7 s + DiT onload 6.5 s = 75.1 s per clip, i.e.

@@ -7,9 +7,9 @@ median seconds per CFG step (steady state, after a warm-up generation), median w
 anchors (bench/../shared/reference/performance-anchors.md).
 
 Modes (one process each; ``set_attention_backend`` is process-global):
-  default  bf16, merged LoRA, fused self-attn QKV, batched CFG, compile_repeated_blocks(fullgraph)
+  default  bf16, merged LoRA, two CFG forwards (--fuse, --batch-cfg opt in), compile_repeated_blocks(fullgraph)
   eager    the same without torch.compile
-  lowvram  group offload with CUDA streams (DiT per block, T5 per 4 blocks), batched CFG
+  lowvram  resident DiT blocks within --vram-budget, the rest and the T5 streamed per block, batched CFG
   fp8      float8_e4m3fn weight storage (layerwise casting), bf16 compute, batched CFG, compile
   unmerged the reference's setup: peft LoRA unmerged, two CFG forwards, eager
 

@@ -23,8 +23,9 @@ the documented rounding of merged LoRA, fused projections and fp8 weight storage
 Measured on one H100 80GB (random full-size weights, 512x512x49, 25 steps; bench/bench_generate.py):
 compiled bf16 1.52 s per CFG step, 40.7 s per generation excluding loading, 47.7 GiB peak (T5, CLIP
 and VAE resident too); eager 2.07 s; fp8 storage + compile 1.60 s (batched) at 32.7 GiB; low-VRAM
-+ compile 2.04 s per step at 14.6 GiB, measured with the T5 under block-level group offload, which
-took ~12 s per prompt (see :class:`PinnedSwap`, which replaces it and is not yet timed on a GPU).
+with a 24 GiB budget + compile 1.59 s per step, 42.8 s per generation, 22.7 GiB peak (21 of 40
+blocks resident). Profiled compiled step (bench/profile_dit.py): GEMMs 0.85 s at ~775 TFLOP/s,
+cuDNN attention 0.52 s (~560 TFLOP/s), everything else 0.14 s.
 
 7. Batched CFG (one forward of batch 2 per step): on by default only when offloading, where it
    halves the weight traffic; on a GPU that holds the model two batch-1 forwards measured 4 %
@@ -95,7 +96,7 @@ class PerformanceOptions:
         if self.fuse_qkv and not self.merge_lora:
             self.fuse_qkv = False  # peft layers sit on the separate q/k/v linears
         if self.low_vram and self.cpu_offload:
-            raise InputError("choose one of --low-vram (group offload) and CPU offload, not both")
+            raise InputError("choose one of --low-vram (block streaming) and --cpu-offload, not both")
         if self.attention is not None and self.attention not in ATTENTION_BACKENDS \
                 and self.attention not in ATTENTION_BACKENDS.values():
             raise InputError(f"unknown attention backend {self.attention!r}; "
@@ -146,9 +147,10 @@ def enable_fp8_storage(transformer: nn.Module, compute_dtype: torch.dtype = torc
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
 
 
-#: Estimated GPU bytes the low-VRAM mode needs besides the resident DiT blocks, per video token of
-#: one CFG batch (activations of a block forward at batch 2, measured with every block streamed;
-#: see bench/bench_generate.py --mode lowvram) and as a fixed part (VAE, CUDA workspaces, margins).
+#: Estimated GPU bytes the low-VRAM mode needs besides the resident DiT blocks: per video token of
+#: one CFG branch (the batch-2 block activations, and the VAE decode at the end) and a fixed part
+#: (CUDA workspaces, margins). Estimates, checked on an H100: with a 24 GiB budget at 512x512x49
+#: they plan 21 resident blocks and the measured peak is 22.7 GiB (bench/bench_generate.py).
 LOW_VRAM_BYTES_PER_TOKEN = 250_000
 LOW_VRAM_FIXED_BYTES = int(2.5 * 2**30)
 
