@@ -319,3 +319,15 @@ def test_bench_batch_tiny(capsys):
     data = json.loads(lines[0])
     assert data["jobs_timed"] == 3 and len(data["clip_s_runs"]) == 3 and data["clips_per_hour"] > 0
     assert {"recon", "generate"} <= set(data["stage_s_median"])
+
+
+def test_low_vram_budget_reaches_the_generator_options(tmp_path):
+    from ex4d.batch import generation_key, job_generate_options
+
+    (tmp_path / "jobs.yaml").write_text(
+        "defaults: {memory: low-vram, vram_budget: 16}\njobs:\n  - {video: a.mp4, output: o1}\n"
+        "  - {video: a.mp4, output: o2, vram_budget: 22.5}\n")
+    jobs = load_jobs(tmp_path / "jobs.yaml")
+    first, second = (job_generate_options(job) for job in jobs)
+    assert first.low_vram and first.vram_budget == 16.0 and second.vram_budget == 22.5
+    assert generation_key(jobs[0]) != generation_key(jobs[1]), "another budget loads another pipeline"

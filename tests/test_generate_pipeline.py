@@ -252,3 +252,11 @@ def test_low_vram_streaming_keeps_the_pipeline_output(pipe):
     torch._dynamo.reset()
     assert torch.allclose(expected, compiled, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1, "the streamed and the resident block share one graph"
+
+
+def test_vram_budget_must_be_positive():
+    from ex4d.diffusion.performance import low_vram_budget_bytes
+
+    assert low_vram_budget_bytes(torch.device("cpu"), 24) == 24 * 2**30
+    with pytest.raises(InputError, match="--vram-budget must be positive"):
+        low_vram_budget_bytes(torch.device("cpu"), 0)
