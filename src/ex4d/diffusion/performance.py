@@ -156,13 +156,29 @@ LOW_VRAM_FIXED_BYTES = int(2.5 * 2**30)
 
 
 def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (each shared tensor once)."""
-    seen, total = set(), 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
+    """Bytes of a module's parameters and buffers (``parameters()`` lists a tied weight once)."""
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def move_to_host(module: nn.Module, pin: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Point a module's parameters and buffers at CPU copies (pinned if ``pin``).
+
+    Returns (tensor, host copy) pairs; ``module.parameters()`` already lists a tied weight once.
+    """
+    pairs = []
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            host = tensor.data.to("cpu")
+            host = host.pin_memory() if pin else host
+            tensor.data = host
+            pairs.append((tensor, host))
+    return pairs
+
+
+def point_at_host(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Let each tensor use its host copy again (weights are read-only: nothing is copied back)."""
+    for tensor, host in pairs:
+        tensor.data = host
 
 
 def plan_resident_blocks(blocks: nn.ModuleList, *, budget_bytes: int, other_bytes: int) -> int:
@@ -204,8 +220,8 @@ def enable_low_vram(pipe, device: torch.device, *, vram_budget_gib: float | None
     for name, child in transformer.named_children():
         if name != "blocks":
             child.to(device)
-    for name, param in list(transformer.named_parameters(recurse=False)) + list(transformer.named_buffers(recurse=False)):
-        param.data = param.data.to(device)
+    for tensor in list(transformer.parameters(recurse=False)) + list(transformer.buffers(recurse=False)):
+        tensor.data = tensor.data.to(device)
     for name in ("vae", "camera_encoder"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -256,19 +272,7 @@ class BlockStreamer:
         self.streamed = blocks[self.resident:]
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda and self.streamed else None
-        self.host: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        with torch.no_grad():
-            for block in self.streamed:
-                pairs, seen = [], set()
-                for tensor in list(block.parameters()) + list(block.buffers()):
-                    if id(tensor) in seen:
-                        continue
-                    seen.add(id(tensor))
-                    host = tensor.data.to("cpu")
-                    host = host.pin_memory() if self.cuda else host
-                    tensor.data = host
-                    pairs.append((tensor, host))
-                self.host.append(pairs)
+        self.host = [move_to_host(block, pin=self.cuda) for block in self.streamed]
         self.pending: dict[int, tuple[list[torch.Tensor], object]] = {}
         self._handles = []
         for i, block in enumerate(self.streamed):
@@ -311,8 +315,7 @@ class BlockStreamer:
             self.pending[following] = self._copy(following)
 
     def _exit(self, i: int) -> None:
-        for param, host in self.host[i]:
-            param.data = host
+        point_at_host(self.host[i])
 
     def release(self) -> None:
         """Drop prefetched copies (frees their GPU memory)."""
@@ -337,13 +340,7 @@ class PinnedSwap:
     def __init__(self, module: nn.Module, device: torch.device | str):
         self.module, self.device = module, torch.device(device)
         pin = self.device.type == "cuda" and torch.cuda.is_available()
-        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                host = tensor.data.to("cpu")
-                host = host.pin_memory() if pin else host
-                tensor.data = host
-                self.tensors.append((tensor, host))
+        self.tensors = move_to_host(module, pin)
         module._ex4d_execution_device = self.device
         self._handles = [module.register_forward_pre_hook(self._onload),
                          module.register_forward_hook(self._offload)]
@@ -353,8 +350,7 @@ class PinnedSwap:
             tensor.data = host.to(self.device, non_blocking=True)
 
     def _offload(self, module, args, output):
-        for tensor, host in self.tensors:
-            tensor.data = host
+        point_at_host(self.tensors)
         return output
 
     def remove(self) -> None:
