@@ -138,6 +138,23 @@ def _silhouettes_from(screen_xy, w, faces, adjacency):
     return ((adjacency < 0) | folded) & (sign != 0)[:, None], sign
 
 
+def _blend_deltas(flat, idx_p, idx_q, p_front, t):
+    """Which pixel of each pair gets blended, and by how much.
+
+    flat: (H*W, C) colours. idx_p, idx_q: (N,) flat indices of the pair's pixels; p_front: (N,)
+    whether p shows the front face; t: (N,) the silhouette crossing between the pixel centres
+    (0 at the front pixel, 1 at the other). The pixel nearer the crossing moves towards its
+    neighbour by |t - 0.5|. Returns target (N,) indices and (N, C) colour deltas.
+    """
+    idx_front = np.where(p_front, idx_p, idx_q)
+    idx_other = np.where(p_front, idx_q, idx_p)
+    near_front = t < 0.5
+    target = np.where(near_front, idx_front, idx_other)
+    source = np.where(near_front, idx_other, idx_front)
+    weight = np.where(near_front, 0.5 - t, t - 0.5).astype(np.float32)
+    return target, (flat[source] - flat[target]) * weight[:, None]
+
+
 def _nearest_crossing(corner_xy: np.ndarray, edge_mask: np.ndarray, r: np.ndarray, c: np.ndarray,
                       p_front: np.ndarray, axis: int) -> np.ndarray:
     """Nearest crossing of each pixel pair's centre line with a silhouette edge of its front face.
@@ -215,14 +232,7 @@ def antialias_silhouettes(rgba: np.ndarray, face_id: np.ndarray, depth: np.ndarr
             continue
         r, c, pf, t = r[hit], c[hit], pf[hit], best[hit]
         idx_p = r * width + c
-        idx_q = idx_p + (1 if axis == 1 else width)
-        idx_front = np.where(pf, idx_p, idx_q)
-        idx_other = np.where(pf, idx_q, idx_p)
-        near_front = t < 0.5
-        target = np.where(near_front, idx_front, idx_other)
-        source = np.where(near_front, idx_other, idx_front)
-        weight = np.where(near_front, 0.5 - t, t - 0.5).astype(np.float32)
-        delta = (flat[source] - flat[target]) * weight[:, None]
+        target, delta = _blend_deltas(flat, idx_p, idx_p + (1 if axis == 1 else width), pf, t)
         np.add.at(out, target, delta)
     return out.reshape(rgba.shape)
 
@@ -328,11 +338,4 @@ class SparseAntialiaser:
         edges = sil.edges[front_row]
         best = _nearest_crossing(corners, edges, r, c, pf, axis)
         hit = np.isfinite(best)
-        pf, t, idx_p, idx_q = pf[hit], best[hit], idx_p[hit], idx_q[hit]
-        idx_front = np.where(pf, idx_p, idx_q)
-        idx_other = np.where(pf, idx_q, idx_p)
-        near_front = t < 0.5
-        target = np.where(near_front, idx_front, idx_other)
-        source = np.where(near_front, idx_other, idx_front)
-        weight = np.where(near_front, 0.5 - t, t - 0.5).astype(np.float32)
-        return target, (flat[source] - flat[target]) * weight[:, None]
+        return _blend_deltas(flat, idx_p[hit], idx_q[hit], pf[hit], best[hit])
