@@ -14,12 +14,7 @@ from ex4d.errors import CheckpointError, MissingWeightsError
 REPO = "depth-anything/Depth-Anything-V2-Small-hf"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
