@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--depth-anything", action="store_true")
     parser.add_argument("--plain-once", action="store_true",
                         help="time the plain variant once (it is there for the output comparison)")
-    parser.add_argument("--commit", default="", help="commit id to record when git is not available")
+    parser.add_argument("--commit", default="", help="commit id to record (default: git HEAD)")
     parser.add_argument("--tiny", action="store_true", help="toy models on the CPU: a smoke test of this script")
     parser.add_argument("--budget-s", type=float, default=420, help="skip remaining work after this long")
     args = parser.parse_args()
@@ -206,8 +206,9 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.float16
     start = time.perf_counter()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or args.commit
+    # --commit first: a lent GPU machine's copy of the tree may carry a stale .git HEAD.
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip()
     report = {"bench": "depth", "commit": commit, "device": "cpu" if args.tiny else torch.cuda.get_device_name(device),
               "torch": torch.__version__, "diffusers": diffusers.__version__,
               "transformers": transformers.__version__, "frames": args.frames, "results": {}, "skipped": []}
