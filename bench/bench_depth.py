@@ -65,6 +65,13 @@ VARIANTS = {
                             compile=True),
     "fast_compile_b3": dict(single_token_attention=True, decode_batch=3, encode_dtype="model", channels_last=True,
                             compile=True),
+    # GroupNorm(+SiLU) as one channels-last Triton op (ex4d.depth.fused_groupnorm): VAE only, or UNet too
+    "fast_compile_fgn": dict(single_token_attention=True, decode_batch=1, encode_dtype="model", channels_last=True,
+                             fused_group_norm="vae", compile=True),
+    "fast_compile_fgn_all": dict(single_token_attention=True, decode_batch=1, encode_dtype="model",
+                                 channels_last=True, fused_group_norm="all", compile=True),
+    "fast_fgn": dict(single_token_attention=True, decode_batch=1, encode_dtype="model", channels_last=True,
+                     fused_group_norm="vae"),
 }
 
 
@@ -150,12 +157,18 @@ def run_variant(name, models, frames, device, repeats, reference=None, dtype=tor
         totals.append(time.perf_counter() - t0)
         stages.append(timings)
     peak = _peak_gib(device)
+    from ex4d.depth.fused_groupnorm import CALLS
+
     result = {"variant": name, "options": options, "total_s": statistics.median(totals), "runs_s": totals,
+              "group_norm_calls": dict(CALLS),
               "warmup_s": warmup_s, "peak_gib": peak, "finite": bool(np.isfinite(d_hat).all()),
               "stages_s": {k: statistics.median(t[k] for t in stages) for k in stages[0]}}
     if reference is not None:
         delta = np.abs(d_hat - reference)
         result["vs_plain"] = {"max_abs_dhat": float(delta.max()), "mean_abs_dhat": float(delta.mean())}
+    for fused in pipe.fused_norms:  # the modules are shared with the next variant
+        fused.undo()
+    CALLS.clear()
     del pipe, out
     if device.type == "cuda":
         torch.cuda.empty_cache()

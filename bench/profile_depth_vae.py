@@ -31,6 +31,8 @@ from bench_generate import git_commit, note  # noqa: E402
 
 def category(name: str) -> str:
     low = name.lower()
+    if "_stats_kernel" in low or "_apply_kernel" in low:
+        return "fused_group_norm"  # ex4d.depth.fused_groupnorm
     if low.startswith("triton_"):
         return "triton_fused"  # inductor's fused norm/activation/residual kernels (memory-bound)
     if "nchwtonhwc" in low or "nhwctonchw" in low or "direct_copy" in low:
@@ -94,9 +96,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="576x1024")
     parser.add_argument("--frames", type=int, default=49)
-    parser.add_argument("--variants", default="compiled_cl,compiled_nchw,compiled_cl3d,compiled_tmm",
+    parser.add_argument("--variants", default="compiled_cl3d,compiled_cl3d_fgn,eager_cl3d_fgn",
                         help="eager|compiled + _cl (channels-last 2-D convs), _nchw (plain layout), _cl3d (also "
-                             "the 3-D convs), _tmm (temporal convs as matmuls)")
+                             "the 3-D convs), _tmm (temporal convs as matmuls), _fgn (fused GroupNorm+SiLU op)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -115,22 +117,29 @@ def main(argv=None) -> int:
     out = {"bench": "profile_depth_vae", "commit": git_commit(), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "size": args.size, "frames": args.frames, "variants": {}}
     reference = None
+    from ex4d.depth.fused_groupnorm import CALLS, fuse_group_norms
+
     for variant in args.variants.split(","):
+        mode, *flags = variant.split("_")
         torch._dynamo.reset()  # graphs are specialised on the weights' strides, which variants change
-        channels_last = variant.endswith(("_cl", "cl3d", "tmm"))
+        channels_last = bool({"cl", "cl3d", "tmm"} & set(flags))
         set_channels_last(vae, channels_last)
         for m in vae.modules():
             if isinstance(m, torch.nn.Conv3d):
-                fmt = torch.channels_last_3d if variant.endswith("cl3d") else torch.contiguous_format
+                fmt = torch.channels_last_3d if "cl3d" in flags else torch.contiguous_format
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
-        if variant.endswith("tmm"):
+        model = vae
+        if "tmm" in flags or "fgn" in flags:
             import copy
 
             model = copy.deepcopy(vae)
+        if "tmm" in flags:
             note(f"{replace_temporal_convs(model.decoder)} temporal convs as matmuls")
-        else:
-            model = vae
-        decoder = torch.compile(model.decoder, dynamic=False) if variant.startswith("compiled") else model.decoder
+        if "fgn" in flags:
+            fused = fuse_group_norms(model.decoder)
+            note(f"fused group norms: {fused.with_silu} with SiLU, {fused.plain} plain")
+        CALLS.clear()
+        decoder = torch.compile(model.decoder, dynamic=False) if mode == "compiled" else model.decoder
 
         @torch.no_grad()
         def decode():
@@ -161,6 +170,7 @@ def main(argv=None) -> int:
         if reference is None:
             reference = first
         row["max_abs_vs_first_variant"] = float((first - reference).abs().max())
+        row["group_norm_calls"] = dict(CALLS)
         row.update(profile_decode(decode))
         out["variants"][variant] = row
         note(f"{variant}: {row['decode_s_median']}s {row['gpu_ms']}")

@@ -72,6 +72,7 @@ class DepthCrafterSettings:
     encode_dtype: str = "float32"  # "float32" (reference) or "model" (faster, slightly different)
     single_token_attention: bool = False  # exact shortcut, but no faster in fp16 on an H100 (measured)
     channels_last: bool = False
+    fused_group_norm: str = "none"  # "none", "vae" or "all": GroupNorm(+SiLU) as one op (fused_groupnorm.py)
     compile: bool = False
 
 
@@ -180,6 +181,7 @@ class DepthCrafterPipeline:
         self.dtype = dtype
         self.settings = settings or DepthCrafterSettings()
         self.offload = offload
+        self.fused_norms = []
         self.scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = self.vae_scale * 2 ** unet.num_upsamplers
@@ -188,6 +190,8 @@ class DepthCrafterPipeline:
             from ex4d.depth.depthcrafter_unet import enable_single_token_cross_attention
 
             enable_single_token_cross_attention(unet)
+        if s.fused_group_norm not in ("none", "vae", "all"):
+            raise InputError(f"fused_group_norm must be 'none', 'vae' or 'all', got {s.fused_group_norm!r}")
         if s.channels_last:
             # 3-D convs too only when compiling (measured there; eager keeps the 2-D-only layout).
             set_channels_last(unet, conv3d=s.compile)
@@ -202,6 +206,14 @@ class DepthCrafterPipeline:
             self.encoder, self.quant_conv, self.encode_dtype = vae.encoder, vae.quant_conv, dtype
         else:
             raise InputError(f"encode_dtype must be 'float32' or 'model', got {s.encode_dtype!r}")
+        if s.fused_group_norm != "none":
+            # after the fp32 encoder copy, which has its own norms
+            from ex4d.depth.fused_groupnorm import fuse_group_norms
+
+            targets = [vae] + ([self.encoder] if self.encoder is not vae.encoder else [])
+            targets += [unet] if s.fused_group_norm == "all" else []
+            #: the module swaps, so that a caller sharing the modules can undo them (bench/bench_depth.py)
+            self.fused_norms = [fuse_group_norms(m) for m in targets]
         # torch.compile: specialised graphs (dynamic=False): one per window length, and two for the
         # decoder (8-frame chunks and the last, shorter one). First call pays minutes of compilation.
         self._unet_call, self._encoder_call, self._decoder_call = unet, self.encoder, vae.decoder

@@ -1,0 +1,244 @@
+"""GroupNorm (+ SiLU) for channels-last activations, as one opaque op with a Triton path on CUDA.
+
+Why: in DepthCrafter's compiled temporal VAE decode at 576x1024, inductor's generated GroupNorm/SiLU
+kernels over channels-last activations took 1.07 s of the 1.63 s decode (bench/profile_depth_vae.py):
+with 4-16 channels per group strided by C, its reductions read memory far below bandwidth. Here a
+channels-last tensor (N, C, *spatial) is read as rows of C contiguous values, x[n, s, c] (N, S, C):
+
+1. ``_stats_kernel``: one program per (n, tile of rows) computes each group's mean and centred sum of
+   squares over its tile, in fp32;
+2. the tiles are merged with Chan's parallel formula (a few small torch ops), giving per-(n, group)
+   mean and 1/std exactly as ``F.group_norm`` defines them (biased variance, eps inside the root);
+3. ``_apply_kernel``: y = x * a[n, c] + b[n, c] (the affine folded in), then SiLU if asked, stored in
+   x's dtype and layout.
+
+So the activation is read twice and written once. Anything else (CPU, no Triton, a layout that is not
+channels-last, fewer than 2 spatial dims, C not a multiple of the group count or not a power of two)
+goes through ``F.group_norm`` (+ ``F.silu``): same function, native kernels. :data:`CALLS` counts
+which path ran so that benchmarks can report it.
+
+:func:`fuse_group_norms` swaps a model's ``GroupNorm`` modules for :class:`FusedGroupNorm`, folding the
+SiLU that follows a norm into it where the model's structure makes that unambiguous (a resnet block
+without a time embedding, whose ``nonlinearity`` is then only applied after its two norms; a decoder's
+``conv_norm_out`` + ``conv_act``).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+#: how many calls took each path since import: {"triton": n, "native": m}
+CALLS: collections.Counter = collections.Counter()
+
+#: elements per tile of the Triton kernels (rows = TILE_ELEMENTS // C)
+TILE_ELEMENTS = 8192
+
+_kernels = None
+
+
+def _triton_kernels():
+    """Build the two kernels on first use (Triton is imported only on a CUDA machine that has it)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, S, num_tiles,
+                      C: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr):
+        tile = tl.program_id(0)
+        n = tl.program_id(1)
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, C)
+        valid = rows < S
+        offsets = n.to(tl.int64) * S * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        # reduce the rows first, then the C // G channels of each group (1-D reshapes only)
+        count = tl.minimum(S - tile * ROWS, ROWS).to(tl.float32) * (C // G)
+        mean = tl.sum(tl.reshape(tl.sum(x, axis=0), (G, C // G)), axis=1) / count  # (G,)
+        mean_c = tl.reshape(tl.broadcast_to(mean[:, None], (G, C // G)), (C,))
+        centred = tl.where(valid[:, None], x - mean_c[None, :], 0.0)
+        m2 = tl.sum(tl.reshape(tl.sum(centred * centred, axis=0), (G, C // G)), axis=1)
+        out = (n * num_tiles + tile) * G + tl.arange(0, G)
+        tl.store(mean_ptr + out, mean)
+        tl.store(m2_ptr + out, m2)
+
+    @triton.jit
+    def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, S,
+                      C: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr):
+        tile = tl.program_id(0)
+        n = tl.program_id(1)
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, C)
+        valid = rows < S
+        offsets = n.to(tl.int64) * S * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + n * C + cols)
+        shift = tl.load(shift_ptr + n * C + cols)
+        y = x * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid[:, None])
+
+    _kernels = (_stats_kernel, _apply_kernel)
+    return _kernels
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
+    """x (N, C, *spatial) -> the same memory as (N, S, C) if it is channels-last (C innermost), else None."""
+    moved = x.movedim(1, -1)
+    if not moved.is_contiguous():
+        return None
+    return moved.reshape(x.shape[0], -1, x.shape[1])
+
+
+def _use_triton(x: torch.Tensor, num_groups: int) -> bool:
+    C = x.shape[1]
+    return (x.is_cuda and x.dim() >= 3 and x.numel() > 0 and C % num_groups == 0 and C & (C - 1) == 0
+            and num_groups & (num_groups - 1) == 0
+            and C <= TILE_ELEMENTS and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and _rows_view(x) is not None and _triton_available())
+
+
+def _native(x, weight, bias, num_groups, eps, silu):
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+@torch.library.custom_op("ex4d::group_norm_act", mutates_args=())
+def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
+                   silu: bool) -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``, then SiLU if ``silu``. x: (N, C, *spatial).
+
+    The output has x's shape, dtype and memory layout. Inference only (no backward is defined).
+    """
+    if not _use_triton(x, num_groups):
+        CALLS["native"] += 1
+        return _native(x, weight, bias, num_groups, eps, silu)
+    CALLS["triton"] += 1
+    stats_kernel, apply_kernel = _triton_kernels()
+    N, C = x.shape[:2]
+    G = num_groups
+    rows = _rows_view(x)
+    S = rows.shape[1]
+    tile_rows = max(1, TILE_ELEMENTS // C)
+    tile_rows = min(tile_rows, 1 << max(0, (S - 1).bit_length()))  # no tile bigger than S needs
+    num_tiles = -(-S // tile_rows)
+    grid = (num_tiles, N)
+    tile_mean = torch.empty(N, num_tiles, G, device=x.device, dtype=torch.float32)
+    tile_m2 = torch.empty_like(tile_mean)
+    stats_kernel[grid](rows, tile_mean, tile_m2, S, num_tiles, C=C, G=G, ROWS=tile_rows, num_warps=8)
+    # Chan et al.'s merge of per-tile (count, mean, M2); the last tile may be short
+    counts = torch.full((num_tiles,), float(tile_rows), device=x.device, dtype=torch.float32)
+    counts[-1] = S - (num_tiles - 1) * tile_rows
+    counts = (counts * (C // G))[None, :, None]
+    total = float(S * (C // G))
+    mean = (tile_mean * counts).sum(dim=1) / total  # (N, G)
+    m2 = tile_m2.sum(dim=1) + (counts * (tile_mean - mean[:, None]) ** 2).sum(dim=1)
+    rstd = torch.rsqrt(m2 / total + eps)
+    # fold the affine into one scale and shift per (n, c)
+    rstd_c = rstd.repeat_interleave(C // G, dim=1)  # (N, C)
+    mean_c = mean.repeat_interleave(C // G, dim=1)
+    scale = (rstd_c * weight.float()[None]).contiguous()
+    shift = (bias.float()[None] - mean_c * scale).contiguous()
+    y = torch.empty_like(x)  # keeps x's channels-last strides
+    apply_kernel[grid](rows, _rows_view(y), scale, shift, S, C=C, ROWS=tile_rows, SILU=silu, num_warps=8)
+    return y
+
+
+@group_norm_act.register_fake
+def _(x, weight, bias, num_groups, eps, silu):
+    return torch.empty_like(x)
+
+
+class FusedGroupNorm(torch.nn.Module):
+    """A ``GroupNorm`` (its own parameters, shared) computed by :func:`group_norm_act`, SiLU optional.
+
+    State-dict compatible with the ``GroupNorm`` it replaces (``weight``, ``bias``).
+    """
+
+    def __init__(self, norm: torch.nn.GroupNorm, silu: bool):
+        super().__init__()
+        if not norm.affine:
+            raise ValueError("FusedGroupNorm needs an affine GroupNorm")
+        self.num_groups, self.num_channels, self.eps = norm.num_groups, norm.num_channels, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+        self.silu = silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, silu={self.silu}"
+
+
+def _is_silu(module) -> bool:
+    return isinstance(module, torch.nn.SiLU)
+
+
+@dataclass
+class FusedNorms:
+    """What :func:`fuse_group_norms` changed: counts, and the swaps so that :meth:`undo` restores them."""
+
+    with_silu: int = 0
+    plain: int = 0
+    swaps: list = field(default_factory=list, repr=False)  # (parent module, attribute, original child)
+
+    def swap(self, parent: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+        self.swaps.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, new)
+
+    def undo(self) -> None:
+        for parent, name, original in reversed(self.swaps):
+            setattr(parent, name, original)
+        self.swaps.clear()
+
+
+def fuse_group_norms(model: torch.nn.Module) -> FusedNorms:
+    """Swap ``model``'s affine ``GroupNorm`` modules for :class:`FusedGroupNorm`, in place.
+
+    SiLU is folded into the norm where it provably follows it and nothing else:
+    - a block with ``norm1``, ``norm2`` and a SiLU ``nonlinearity`` and no ``time_emb_proj`` (diffusers'
+      ``ResnetBlock2D`` / ``TemporalResnetBlock`` without time embedding apply ``nonlinearity`` exactly
+      once after each norm); its ``nonlinearity`` becomes ``Identity``;
+    - a ``conv_norm_out`` followed by a SiLU ``conv_act``; the ``conv_act`` becomes ``Identity``.
+    Other norms (attention blocks, resnets with a time embedding) become plain fused norms.
+
+    Values are unchanged up to fp rounding; the state dict keeps its keys. Returns what was swapped
+    (``.undo()`` puts the original modules back).
+    """
+    fused = FusedNorms()
+    for module in list(model.modules()):
+        if (isinstance(getattr(module, "norm1", None), torch.nn.GroupNorm)
+                and isinstance(getattr(module, "norm2", None), torch.nn.GroupNorm)
+                and _is_silu(getattr(module, "nonlinearity", None))
+                and getattr(module, "time_emb_proj", None) is None
+                and module.norm1.affine and module.norm2.affine):
+            for name in ("norm1", "norm2"):
+                fused.swap(module, name, FusedGroupNorm(getattr(module, name), silu=True))
+                fused.with_silu += 1
+            fused.swap(module, "nonlinearity", torch.nn.Identity())
+        if (isinstance(getattr(module, "conv_norm_out", None), torch.nn.GroupNorm)
+                and _is_silu(getattr(module, "conv_act", None)) and module.conv_norm_out.affine):
+            fused.swap(module, "conv_norm_out", FusedGroupNorm(module.conv_norm_out, silu=True))
+            fused.swap(module, "conv_act", torch.nn.Identity())
+            fused.with_silu += 1
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.GroupNorm) and child.affine:
+                fused.swap(module, name, FusedGroupNorm(child, silu=False))
+                fused.plain += 1
+    return fused
