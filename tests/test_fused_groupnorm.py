@@ -142,7 +142,9 @@ def _check_triton_path(device, dtype, tol):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.float32, 1e-5)])
-def test_triton_path_on_cuda(dtype, tol):
+@pytest.mark.parametrize("programs", [fused_groupnorm.STATS_PROGRAMS, 3])  # 3: several loop steps each
+def test_triton_path_on_cuda(dtype, tol, programs, monkeypatch):
+    monkeypatch.setattr(fused_groupnorm, "STATS_PROGRAMS", programs)
     torch.manual_seed(2)
     _check_triton_path("cuda", dtype, tol)
 
@@ -156,6 +158,8 @@ def test_triton_kernels_in_the_interpreter():
         import test_fused_groupnorm as t
         fg._use_triton = lambda x, g: x.dim() >= 3 and fg._rows_view(x) is not None
         torch.manual_seed(3)
+        t._check_triton_path("cpu", torch.float32, 1e-5)
+        fg.STATS_PROGRAMS = 3  # several loop steps per statistics program
         t._check_triton_path("cpu", torch.float32, 1e-5)
         print("ok")
     """)

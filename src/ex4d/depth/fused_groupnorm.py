@@ -5,9 +5,9 @@ kernels over channels-last activations took 1.07 s of the 1.63 s decode (bench/p
 with 4-16 channels per group strided by C, its reductions read memory far below bandwidth. Here a
 channels-last tensor (N, C, *spatial) is read as rows of C contiguous values, x[n, s, c] (N, S, C):
 
-1. ``_stats_kernel``: one program per (n, tile of rows) computes each group's mean and centred sum of
-   squares over its tile, in fp32;
-2. the tiles are merged with Chan's parallel formula (a few small torch ops), giving per-(n, group)
+1. ``_stats_kernel``: one program per (n, chunk of rows) computes each group's mean and centred sum of
+   squares over its chunk, in fp32;
+2. the chunks are merged with Chan's parallel formula (a few small torch ops), giving per-(n, group)
    mean and 1/std exactly as ``F.group_norm`` defines them (biased variance, eps inside the root);
 3. ``_apply_kernel``: y = x * a[n, c] + b[n, c] (the affine folded in), then SiLU if asked, stored in
    x's dtype and layout.
@@ -34,8 +34,11 @@ import torch.nn.functional as F
 #: how many calls took each path since import: {"triton": n, "native": m}
 CALLS: collections.Counter = collections.Counter()
 
-#: elements per tile of the Triton kernels (rows = TILE_ELEMENTS // C)
+#: elements per tile of the normalising kernel (rows = TILE_ELEMENTS // C), and per loop step of the
+#: statistics kernel; the statistics kernel runs about STATS_PROGRAMS programs
 TILE_ELEMENTS = 8192
+STATS_TILE_ELEMENTS = 4096
+STATS_PROGRAMS = 2048
 
 _kernels = None
 
@@ -49,24 +52,38 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, S, num_tiles,
-                      C: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr):
-        tile = tl.program_id(0)
+    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, S, num_chunks,
+                      C: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr):
+        # One program per (n, chunk of ITERS * ROWS rows). The loop only loads and accumulates, per
+        # element, sums of x - x0 and their squares (x0: the chunk's first row, a per-channel shift that
+        # keeps the fp32 sums free of cancellation); the cross-thread reductions happen once at the end.
+        chunk = tl.program_id(0)
         n = tl.program_id(1)
-        rows = tile * ROWS + tl.arange(0, ROWS)
+        first = chunk * ITERS * ROWS
         cols = tl.arange(0, C)
-        valid = rows < S
-        offsets = n.to(tl.int64) * S * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        # reduce the rows first, then the C // G channels of each group (1-D reshapes only)
-        count = tl.minimum(S - tile * ROWS, ROWS).to(tl.float32) * (C // G)
-        mean = tl.sum(tl.reshape(tl.sum(x, axis=0), (G, C // G)), axis=1) / count  # (G,)
-        mean_c = tl.reshape(tl.broadcast_to(mean[:, None], (G, C // G)), (C,))
-        centred = tl.where(valid[:, None], x - mean_c[None, :], 0.0)
-        m2 = tl.sum(tl.reshape(tl.sum(centred * centred, axis=0), (G, C // G)), axis=1)
-        out = (n * num_tiles + tile) * G + tl.arange(0, G)
-        tl.store(mean_ptr + out, mean)
-        tl.store(m2_ptr + out, m2)
+        base = x_ptr + n.to(tl.int64) * S * C
+        x0 = tl.load(base + first.to(tl.int64) * C + cols).to(tl.float32)
+        acc1 = tl.zeros((ROWS, C), dtype=tl.float32)
+        acc2 = tl.zeros((ROWS, C), dtype=tl.float32)
+        for i in range(ITERS):
+            rows = first + i * ROWS + tl.arange(0, ROWS)
+            valid = rows < S
+            x = tl.load(base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=valid[:, None], other=0.0)
+            d = tl.where(valid[:, None], x.to(tl.float32) - x0[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+        count = tl.minimum(S - first, ITERS * ROWS).to(tl.float32)  # rows in this chunk
+        s1 = tl.sum(acc1, axis=0)
+        s2 = tl.sum(acc2, axis=0)
+        mean_c = x0 + s1 / count  # (C,) channel means over the chunk
+        m2_c = s2 - s1 * s1 / count  # (C,) centred sums of squares (shifted data: no cancellation)
+        # channels -> groups (C // G channels of equal count each): Chan's merge across channels
+        mean_g = tl.sum(tl.reshape(mean_c, (G, C // G)), axis=1) / (C // G)
+        spread = tl.reshape(mean_c, (G, C // G)) - mean_g[:, None]
+        m2_g = tl.sum(tl.reshape(m2_c, (G, C // G)), axis=1) + count * tl.sum(spread * spread, axis=1)
+        out = (n * num_chunks + chunk) * G + tl.arange(0, G)
+        tl.store(mean_ptr + out, mean_g)
+        tl.store(m2_ptr + out, m2_g)
 
     @triton.jit
     def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, S,
@@ -134,28 +151,35 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
     G = num_groups
     rows = _rows_view(x)
     S = rows.shape[1]
-    tile_rows = max(1, TILE_ELEMENTS // C)
-    tile_rows = min(tile_rows, 1 << max(0, (S - 1).bit_length()))  # no tile bigger than S needs
-    num_tiles = -(-S // tile_rows)
-    grid = (num_tiles, N)
-    tile_mean = torch.empty(N, num_tiles, G, device=x.device, dtype=torch.float32)
-    tile_m2 = torch.empty_like(tile_mean)
-    stats_kernel[grid](rows, tile_mean, tile_m2, S, num_tiles, C=C, G=G, ROWS=tile_rows, num_warps=8)
-    # Chan et al.'s merge of per-tile (count, mean, M2); the last tile may be short
-    counts = torch.full((num_tiles,), float(tile_rows), device=x.device, dtype=torch.float32)
-    counts[-1] = S - (num_tiles - 1) * tile_rows
+    rows_cap = 1 << max(0, (S - 1).bit_length())  # no tile needs more rows than S rounded up to a power of 2
+    # statistics: chunks of `iters` tiles of `stats_rows` rows, about STATS_PROGRAMS programs in all
+    stats_rows = min(max(1, STATS_TILE_ELEMENTS // C), rows_cap)
+    stats_tiles = -(-S // stats_rows)
+    iters = -(-stats_tiles * N // STATS_PROGRAMS)
+    iters = 1 << (iters - 1).bit_length()  # a power of 2: few compiled variants of the kernel
+    num_chunks = -(-stats_tiles // iters)
+    chunk_rows = iters * stats_rows
+    chunk_mean = torch.empty(N, num_chunks, G, device=x.device, dtype=torch.float32)
+    chunk_m2 = torch.empty_like(chunk_mean)
+    stats_kernel[(num_chunks, N)](rows, chunk_mean, chunk_m2, S, num_chunks, C=C, G=G, ROWS=stats_rows,
+                                  ITERS=iters, num_warps=4)
+    # Chan et al.'s merge of per-chunk (count, mean, M2); the last chunk may be short
+    counts = torch.full((num_chunks,), float(chunk_rows), device=x.device, dtype=torch.float32)
+    counts[-1] = S - (num_chunks - 1) * chunk_rows
     counts = (counts * (C // G))[None, :, None]
     total = float(S * (C // G))
-    mean = (tile_mean * counts).sum(dim=1) / total  # (N, G)
-    m2 = tile_m2.sum(dim=1) + (counts * (tile_mean - mean[:, None]) ** 2).sum(dim=1)
+    mean = (chunk_mean * counts).sum(dim=1) / total  # (N, G)
+    m2 = chunk_m2.sum(dim=1) + (counts * (chunk_mean - mean[:, None]) ** 2).sum(dim=1)
     rstd = torch.rsqrt(m2 / total + eps)
     # fold the affine into one scale and shift per (n, c)
     rstd_c = rstd.repeat_interleave(C // G, dim=1)  # (N, C)
     mean_c = mean.repeat_interleave(C // G, dim=1)
     scale = (rstd_c * weight.float()[None]).contiguous()
     shift = (bias.float()[None] - mean_c * scale).contiguous()
+    tile_rows = min(max(1, TILE_ELEMENTS // C), rows_cap)
     y = torch.empty_like(x)  # keeps x's channels-last strides
-    apply_kernel[grid](rows, _rows_view(y), scale, shift, S, C=C, ROWS=tile_rows, SILU=silu, num_warps=8)
+    apply_kernel[(-(-S // tile_rows), N)](rows, _rows_view(y), scale, shift, S, C=C, ROWS=tile_rows, SILU=silu,
+                                          num_warps=8)
     return y
 
 
