@@ -114,7 +114,8 @@ def _copy(module):
 
 _CASES = [((2, 128, 9, 7), torch.channels_last), ((1, 64, 3, 5, 6), torch.channels_last_3d),
           ((2, 128, 30, 7), torch.channels_last),  # several tiles, the last one short
-          ((2, 512, 4, 4), torch.channels_last), ((3, 256, 300), "rows")]
+          ((2, 512, 4, 4), torch.channels_last), ((3, 256, 300), "rows"),
+          ((1, 128, 300, 30), torch.channels_last)]  # > 64 chunks: several merge steps
 
 
 def _make(shape, layout, dtype, device):

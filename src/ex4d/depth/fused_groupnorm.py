@@ -7,8 +7,9 @@ channels-last tensor (N, C, *spatial) is read as rows of C contiguous values, x[
 
 1. ``_stats_kernel``: one program per (n, chunk of rows) computes each group's mean and centred sum of
    squares over its chunk, in fp32;
-2. the chunks are merged with Chan's parallel formula (a few small torch ops), giving per-(n, group)
-   mean and 1/std exactly as ``F.group_norm`` defines them (biased variance, eps inside the root);
+2. ``_finalize_kernel``: one program per n merges the chunks with Chan's parallel formula, giving
+   per-(n, group) mean and 1/std as ``F.group_norm`` defines them (biased variance, eps inside the
+   root), and folds them and the affine into a scale and shift per (n, channel);
 3. ``_apply_kernel``: y = x * a[n, c] + b[n, c] (the affine folded in), then SiLU if asked, stored in
    x's dtype and layout.
 
@@ -86,6 +87,46 @@ def _triton_kernels():
         tl.store(m2_ptr + out, m2_g)
 
     @triton.jit
+    def _finalize_kernel(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, S, num_chunks,
+                         chunk_rows, eps, C: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per n: merge the chunks' (count, mean, M2) with Chan's formula (two passes over
+        # the chunks: the mean, then the centred spread), then fold 1/std and the affine into one
+        # scale and shift per channel.
+        n = tl.program_id(0)
+        groups = tl.arange(0, G)
+        total = S * (C // G) * 1.0
+        weighted = tl.zeros((BLOCK, G), dtype=tl.float32)
+        start = 0
+        while start < num_chunks:  # (a while loop: Triton's CPU interpreter mishandles range(runtime int))
+            chunks = start + tl.arange(0, BLOCK)
+            valid = chunks < num_chunks
+            rows = tl.minimum(S - chunks * chunk_rows, chunk_rows).to(tl.float32) * (C // G)
+            offsets = (n * num_chunks + chunks)[:, None] * G + groups[None, :]
+            m = tl.load(mean_ptr + offsets, mask=valid[:, None], other=0.0)
+            weighted += tl.where(valid[:, None], m * rows[:, None], 0.0)
+            start += BLOCK
+        mean = tl.sum(weighted, axis=0) / total  # (G,)
+        m2 = tl.zeros((BLOCK, G), dtype=tl.float32)
+        start = 0
+        while start < num_chunks:
+            chunks = start + tl.arange(0, BLOCK)
+            valid = chunks < num_chunks
+            rows = tl.minimum(S - chunks * chunk_rows, chunk_rows).to(tl.float32) * (C // G)
+            offsets = (n * num_chunks + chunks)[:, None] * G + groups[None, :]
+            m = tl.load(mean_ptr + offsets, mask=valid[:, None], other=0.0)
+            q = tl.load(m2_ptr + offsets, mask=valid[:, None], other=0.0)
+            spread = m - mean[None, :]
+            m2 += tl.where(valid[:, None], q + rows[:, None] * spread * spread, 0.0)
+            start += BLOCK
+        rstd = 1.0 / tl.sqrt(tl.sum(m2, axis=0) / total + eps)  # (G,)
+        cols = tl.arange(0, C)
+        rstd_c = tl.reshape(tl.broadcast_to(rstd[:, None], (G, C // G)), (C,))
+        mean_c = tl.reshape(tl.broadcast_to(mean[:, None], (G, C // G)), (C,))
+        scale = rstd_c * tl.load(weight_ptr + cols).to(tl.float32)
+        tl.store(scale_ptr + n * C + cols, scale)
+        tl.store(shift_ptr + n * C + cols, tl.load(bias_ptr + cols).to(tl.float32) - mean_c * scale)
+
+    @triton.jit
     def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, S,
                       C: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr):
         tile = tl.program_id(0)
@@ -102,7 +143,7 @@ def _triton_kernels():
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid[:, None])
 
-    _kernels = (_stats_kernel, _apply_kernel)
+    _kernels = (_stats_kernel, _finalize_kernel, _apply_kernel)
     return _kernels
 
 
@@ -146,7 +187,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
         CALLS["native"] += 1
         return _native(x, weight, bias, num_groups, eps, silu)
     CALLS["triton"] += 1
-    stats_kernel, apply_kernel = _triton_kernels()
+    stats_kernel, finalize_kernel, apply_kernel = _triton_kernels()
     N, C = x.shape[:2]
     G = num_groups
     rows = _rows_view(x)
@@ -163,19 +204,10 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
     chunk_m2 = torch.empty_like(chunk_mean)
     stats_kernel[(num_chunks, N)](rows, chunk_mean, chunk_m2, S, num_chunks, C=C, G=G, ROWS=stats_rows,
                                   ITERS=iters, num_warps=4)
-    # Chan et al.'s merge of per-chunk (count, mean, M2); the last chunk may be short
-    counts = torch.full((num_chunks,), float(chunk_rows), device=x.device, dtype=torch.float32)
-    counts[-1] = S - (num_chunks - 1) * chunk_rows
-    counts = (counts * (C // G))[None, :, None]
-    total = float(S * (C // G))
-    mean = (chunk_mean * counts).sum(dim=1) / total  # (N, G)
-    m2 = chunk_m2.sum(dim=1) + (counts * (chunk_mean - mean[:, None]) ** 2).sum(dim=1)
-    rstd = torch.rsqrt(m2 / total + eps)
-    # fold the affine into one scale and shift per (n, c)
-    rstd_c = rstd.repeat_interleave(C // G, dim=1)  # (N, C)
-    mean_c = mean.repeat_interleave(C // G, dim=1)
-    scale = (rstd_c * weight.float()[None]).contiguous()
-    shift = (bias.float()[None] - mean_c * scale).contiguous()
+    scale = torch.empty(N, C, device=x.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
+    finalize_kernel[(N,)](chunk_mean, chunk_m2, weight, bias, scale, shift, S, num_chunks, chunk_rows, eps,
+                          C=C, G=G, BLOCK=64, num_warps=4)
     tile_rows = min(max(1, TILE_ELEMENTS // C), rows_cap)
     y = torch.empty_like(x)  # keeps x's channels-last strides
     apply_kernel[(-(-S // tile_rows), N)](rows, _rows_view(y), scale, shift, S, C=C, ROWS=tile_rows, SILU=silu,
