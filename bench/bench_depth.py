@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from ex4d.depth.depthcrafter import COMPILE_PRESET  # noqa: E402
+
 ANCHORS = {"576x1024": {"total_s": 10.12, "peak_gib": 18.6}, "512x512": {"total_s": 4.20, "peak_gib": 10.8}}
 TARGETS = {"576x1024": {"total_s": 4.4, "peak_gib": 12.0}, "512x512": {"total_s": 1.9}}
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
@@ -65,13 +67,11 @@ VARIANTS = {
                             compile=True),
     "fast_compile_b3": dict(single_token_attention=True, decode_batch=3, encode_dtype="model", channels_last=True,
                             compile=True),
-    # GroupNorm(+SiLU) as one channels-last Triton op (ex4d.depth.fused_groupnorm): VAE only, or UNet too
-    "fast_compile_fgn": dict(single_token_attention=True, decode_batch=1, encode_dtype="model", channels_last=True,
-                             fused_group_norm="vae", compile=True),
-    "fast_compile_fgn_all": dict(single_token_attention=True, decode_batch=1, encode_dtype="model",
-                                 channels_last=True, fused_group_norm="all", compile=True),
+    # the VAE's GroupNorm(+SiLU) as one channels-last Triton op (ex4d.depth.fused_groupnorm)
+    # what `ex4d depth --compile --fp16-encode` runs
+    "fast_compile_fgn": dict(COMPILE_PRESET, decode_batch=1, encode_dtype="model"),
     "fast_fgn": dict(single_token_attention=True, decode_batch=1, encode_dtype="model", channels_last=True,
-                     fused_group_norm="vae"),
+                     fused_group_norm=True),
 }
 
 

@@ -100,6 +100,7 @@ def main(argv=None) -> int:
                         help="eager|compiled + _cl (channels-last 2-D convs), _nchw (plain layout), _cl3d (also "
                              "the 3-D convs), _tmm (temporal convs as matmuls), _fgn (fused GroupNorm+SiLU op)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--commit", default="", help="commit id to record (default: git HEAD)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_depth_vae.py needs a CUDA GPU")
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         vae = AutoencoderKLTemporalDecoder.from_config(VAE_CONFIG).half().eval().requires_grad_(False)
     vae.to("cuda")  # buffers built with torch.Tensor([...]) ignore the device context
     z = torch.randn(args.frames, 4, H // 8, W // 8, device="cuda", dtype=torch.float16)
-    out = {"bench": "profile_depth_vae", "commit": git_commit(), "device": torch.cuda.get_device_name(),
+    out = {"bench": "profile_depth_vae", "commit": args.commit or git_commit(), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "size": args.size, "frames": args.frames, "variants": {}}
     reference = None
     from ex4d.depth.fused_groupnorm import CALLS, fuse_group_norms

@@ -72,8 +72,13 @@ class DepthCrafterSettings:
     encode_dtype: str = "float32"  # "float32" (reference) or "model" (faster, slightly different)
     single_token_attention: bool = False  # exact shortcut, but no faster in fp16 on an H100 (measured)
     channels_last: bool = False
-    fused_group_norm: str = "none"  # "none", "vae" or "all": GroupNorm(+SiLU) as one op (fused_groupnorm.py)
+    fused_group_norm: bool = False  # the VAE's GroupNorm(+SiLU) as one channels-last op (fused_groupnorm.py)
     compile: bool = False
+
+
+#: the exact speed-ups that ``--compile`` switches on with compilation (the same numbers up to fp16
+#: rounding); measured together as bench/bench_depth.py's ``fast_compile_fgn`` variant.
+COMPILE_PRESET = {"compile": True, "channels_last": True, "single_token_attention": True, "fused_group_norm": True}
 
 
 def window_plan(num_frames: int, window_size: int = 110, overlap: int = 25) -> tuple[list[tuple[int, int]], int]:
@@ -190,8 +195,6 @@ class DepthCrafterPipeline:
             from ex4d.depth.depthcrafter_unet import enable_single_token_cross_attention
 
             enable_single_token_cross_attention(unet)
-        if s.fused_group_norm not in ("none", "vae", "all"):
-            raise InputError(f"fused_group_norm must be 'none', 'vae' or 'all', got {s.fused_group_norm!r}")
         if s.channels_last:
             # 3-D convs too only when compiling (measured there; eager keeps the 2-D-only layout).
             set_channels_last(unet, conv3d=s.compile)
@@ -206,12 +209,12 @@ class DepthCrafterPipeline:
             self.encoder, self.quant_conv, self.encode_dtype = vae.encoder, vae.quant_conv, dtype
         else:
             raise InputError(f"encode_dtype must be 'float32' or 'model', got {s.encode_dtype!r}")
-        if s.fused_group_norm != "none":
-            # after the fp32 encoder copy, which has its own norms
+        if s.fused_group_norm:
+            # after the fp32 encoder copy, which has its own norms. Not the UNet: its 320/640/1280
+            # channels are not powers of 2, which the Triton path needs (it would run F.group_norm).
             from ex4d.depth.fused_groupnorm import fuse_group_norms
 
             targets = [vae] + ([self.encoder] if self.encoder is not vae.encoder else [])
-            targets += [unet] if s.fused_group_norm == "all" else []
             #: the module swaps, so that a caller sharing the modules can undo them (bench/bench_depth.py)
             self.fused_norms = [fuse_group_norms(m) for m in targets]
         # torch.compile: specialised graphs (dynamic=False): one per window length, and two for the

@@ -173,10 +173,14 @@ def _use_triton(x: torch.Tensor, num_groups: int) -> bool:
 
 def _native(x, weight, bias, num_groups, eps, silu):
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if silu else y
+    y = F.silu(y) if silu else y
+    # the op's contract (and its fake kernel under torch.compile): the output has x's strides
+    return y if y.stride() == x.stride() else torch.empty_like(x).copy_(y)
 
 
-@torch.library.custom_op("ex4d::group_norm_act", mutates_args=())
+# needs_exact_strides: under torch.compile, inductor hands the op its inputs with the strides seen
+# while tracing, so the channels-last fast path is the one that runs.
+@torch.library.custom_op("ex4d::group_norm_act", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
                    silu: bool) -> torch.Tensor:
     """``F.group_norm(x, num_groups, weight, bias, eps)``, then SiLU if ``silu``. x: (N, C, *spatial).
