@@ -418,3 +418,21 @@ def test_cli_depth_end_to_end(models_dir, tmp_path, offline, capsys):
     depth = load_depth_file(out / "depth.npz", num_frames=3, size=(64, 64))
     assert depth.estimator == "depthcrafter" and depth.depth.shape == (3, 64, 64)
     assert (out / "depth_preview.mp4").stat().st_size > 0
+
+
+def test_cli_fast_kernels_are_recorded(models_dir, tmp_path, offline, capsys):
+    """--fast-kernels reaches the pipeline (fused GroupNorm etc.) and is recorded in depth.npz's settings."""
+    from ex4d.cli import main
+    from ex4d.depth import load_depth_file
+    from ex4d.depth.depthcrafter import FAST_KERNELS
+
+    video = _video(tmp_path / "in.mp4", T=4, H=70, W=90)
+    out = tmp_path / "out"
+    code = main(["depth", str(video), "-o", str(out), "--models-dir", str(models_dir), "--num-frames", "3",
+                 "--device", "cpu", "--fast-kernels", "--no-preview"])
+    assert code == 0, capsys.readouterr().err
+    settings = load_depth_file(out / "depth.npz", num_frames=3, size=(64, 64)).settings
+    assert all(settings[k] == v for k, v in FAST_KERNELS.items()) and settings["compile"] is False
+    code = main(["depth", str(video), "-o", str(out), "--models-dir", str(models_dir), "--depth", "depth-anything",
+                 "--fast-kernels", "--num-frames", "3", "--device", "cpu"])
+    assert code == 1 and "--fast-kernels" in capsys.readouterr().err  # bad input

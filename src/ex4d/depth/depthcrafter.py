@@ -16,10 +16,12 @@ Pipeline for frames (T, H, W, 3) in [0, 1], H and W multiples of 64 (h = H/8, w 
 
 Speed options that keep the numbers (up to kernel rounding): ``decode_batch`` (several 8-frame
 chunks per decoder call; each chunk is still its own temporal batch), the single-token
-cross-attention shortcut, ``channels_last``; in eager fp16 on an H100 none of them was faster
-(bench/bench_depth.py). Options that change numbers slightly, off by default:
+cross-attention shortcut, ``channels_last``, and ``fused_group_norm`` (the VAE's GroupNorm+SiLU as
+one channels-last Triton op: the temporal decode at 576x1024 goes from 4.7 s to 1.5 s eager).
+:data:`FAST_KERNELS` groups the useful ones. Options that change numbers slightly, off by default:
 ``encode_dtype="model"`` (fp16 VAE encode, -0.2 s and -5 GiB at 576x1024) and ``compile``
-(torch.compile of UNet, VAE encoder and decoder: 2x faster after minutes of compilation).
+(torch.compile of UNet, VAE encoder and decoder; with the fast kernels 2.5x faster than the
+reference after 2-3 minutes of compilation; bench/bench_depth.py).
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ class DepthCrafterSettings:
     compile: bool = False
 
 
-#: the exact speed-ups that ``--compile`` switches on with compilation (the same numbers up to fp16
-#: rounding); measured together as bench/bench_depth.py's ``fast_compile_fgn`` variant.
-COMPILE_PRESET = {"compile": True, "channels_last": True, "single_token_attention": True, "fused_group_norm": True}
+#: the speed-ups that keep the numbers up to fp16 rounding (``ex4d depth --fast-kernels``; bench variant
+#: ``fast_fgn`` with fp16 encode), and the same with torch.compile (``--compile``; ``fast_compile_fgn``).
+FAST_KERNELS = {"channels_last": True, "single_token_attention": True, "fused_group_norm": True}
+COMPILE_PRESET = {**FAST_KERNELS, "compile": True}
 
 
 def window_plan(num_frames: int, window_size: int = 110, overlap: int = 25) -> tuple[list[tuple[int, int]], int]:
