@@ -12,6 +12,7 @@ Modes (one process each; ``set_attention_backend`` is process-global):
   lowvram  resident DiT blocks within --vram-budget, the rest and the T5 streamed per block, batched CFG
   fp8      float8_e4m3fn weight storage (layerwise casting), bf16 compute, batched CFG, compile
   unmerged the reference's setup: peft LoRA unmerged, two CFG forwards, eager
+  cpuoffload  whole-model CPU offload (each model on the GPU only while it runs), batched CFG, compile
 
 Weights: the exact full-size architectures built on the meta device, materialised on the GPU and
 filled with N(0, 0.02) (norm weights 1, biases 0), bf16 with diffusers' _keep_in_fp32_modules in
@@ -160,7 +161,8 @@ def git_commit() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="default", choices=["default", "eager", "lowvram", "fp8", "unmerged"])
+    parser.add_argument("--mode", default="default", choices=["default", "eager", "lowvram", "fp8", "unmerged",
+                                                                     "cpuoffload"])
     parser.add_argument("--tiny", action="store_true", help="tiny CPU models (checks the script, not the speed)")
     parser.add_argument("--runs", type=int, default=3, help="timed whole generations (median reported)")
     parser.add_argument("--steps", type=int, default=25)
@@ -258,9 +260,11 @@ def _bench(args, ctx) -> int:
     size = args.size or (32 if args.tiny else 512)
     dtype = torch.bfloat16 if cuda else torch.float32
     mode = args.mode
+    compile_ = mode in ("default", "fp8", "cpuoffload") if args.compile is None else args.compile
     options = PerformanceOptions(
-        merge_lora=mode != "unmerged", fuse_qkv=mode != "unmerged" and args.fuse, compile=(mode in ("default", "fp8") if args.compile is None else args.compile) and cuda,
-        batch_cfg=False if mode == "unmerged" else args.batch_cfg, low_vram=mode == "lowvram", fp8=mode == "fp8", attention=args.attention,
+        merge_lora=mode != "unmerged", fuse_qkv=mode != "unmerged" and args.fuse, compile=compile_ and cuda,
+        batch_cfg=False if mode == "unmerged" else args.batch_cfg, low_vram=mode == "lowvram", fp8=mode == "fp8",
+        attention=args.attention, cpu_offload=mode == "cpuoffload",
         dtype=dtype, vram_budget_gib=args.vram_budget, resident_blocks=args.resident_blocks)
     from ex4d.diffusion.parallel import num_video_tokens
 
