@@ -433,6 +433,12 @@ def test_cli_fast_kernels_are_recorded(models_dir, tmp_path, offline, capsys):
     assert code == 0, capsys.readouterr().err
     settings = load_depth_file(out / "depth.npz", num_frames=3, size=(64, 64)).settings
     assert all(settings[k] == v for k, v in FAST_KERNELS.items()) and settings["compile"] is False
+    # recon with the same options (--depth-* spelling) reuses that depth.npz instead of recomputing
+    made = (out / "depth.npz").stat().st_mtime_ns
+    code = main(["recon", str(video), "-o", str(out), "--models-dir", str(models_dir), "--num-frames", "3",
+                 "--device", "cpu", "--depth-fast-kernels", "--cam", "30", "--save-mesh", "none"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "depth.npz").stat().st_mtime_ns == made and (out / "color_30.mp4").is_file()
     code = main(["depth", str(video), "-o", str(out), "--models-dir", str(models_dir), "--depth", "depth-anything",
                  "--fast-kernels", "--num-frames", "3", "--device", "cpu"])
     assert code == 1 and "--fast-kernels" in capsys.readouterr().err  # bad input

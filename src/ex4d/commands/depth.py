@@ -33,25 +33,57 @@ def register(subparsers) -> None:
     parser.add_argument("--resize", choices=["reference", "keep"], default="reference",
                         help="reference: multiples of 64, long side <= 1024 (default; DepthCrafter needs "
                              "multiples of 64); keep: source size")
-    speed = parser.add_argument_group("DepthCrafter speed/memory options (default: the reference's numerics)")
-    speed.add_argument("--compile", action="store_true",
-                       help="torch.compile the UNet and VAE, with channels-last layouts and the fused "
-                            "GroupNorm kernels: about 2.4x faster per clip on an H100, but the first clip pays "
-                            "2-3 minutes of compilation; for batches of clips (output differs by fp16 rounding)")
-    speed.add_argument("--fast-kernels", action="store_true",
-                       help="channels-last layouts, the fused GroupNorm kernels and the single-token attention "
-                            "shortcut without compiling: about 1.7x faster on an H100 at once (output differs by "
-                            "fp16 rounding); --compile includes them")
-    speed.add_argument("--fp16-encode", action="store_true",
-                       help="encode frames with the VAE in fp16 instead of fp32 (faster, less memory, "
-                            "slightly different numbers)")
-    speed.add_argument("--offload", action="store_true",
-                       help="keep the models in CPU memory and move each to the GPU only while it runs "
-                            "(less GPU memory, slower)")
+    add_depthcrafter_speed_args(parser, short_names=True)
     parser.add_argument("--no-reuse", action="store_true", help="recompute even if out/depth.npz matches")
     parser.add_argument("--no-preview", action="store_true", help="do not write depth_preview.mp4")
     add_device_arg(parser)
     parser.set_defaults(func=main)
+
+
+def add_depthcrafter_speed_args(parser: argparse.ArgumentParser, short_names: bool) -> None:
+    """DepthCrafter's speed/memory flags: ``--depth-compile`` etc., also ``--compile`` etc. in ``ex4d depth``
+    (``ex4d run`` has its own ``--compile`` for generation)."""
+
+    def names(flag):
+        return ([f"--{flag}"] if short_names else []) + [f"--depth-{flag}"]
+
+    speed = parser.add_argument_group("DepthCrafter speed/memory options (default: the reference's numerics)")
+    speed.add_argument(*names("compile"), dest="depth_compile", action="store_true",
+                       help="torch.compile the UNet and VAE, with the fast kernels below: about 2.5x faster per "
+                            "clip on an H100, but the first clip pays 2-3 minutes of compilation; for batches "
+                            "of clips (output differs by fp16 rounding)")
+    speed.add_argument(*names("fast-kernels"), dest="depth_fast_kernels", action="store_true",
+                       help="channels-last layouts, the fused GroupNorm kernels and the single-token attention "
+                            "shortcut without compiling: about 1.7x faster on an H100 at once (output differs by "
+                            "fp16 rounding)")
+    speed.add_argument(*names("fp16-encode"), dest="depth_fp16_encode", action="store_true",
+                       help="encode frames with the VAE in fp16 instead of fp32 (faster, less memory, "
+                            "slightly different numbers)")
+    speed.add_argument(*names("offload"), dest="depth_offload", action="store_true",
+                       help="keep the models in CPU memory and move each to the GPU only while it runs "
+                            "(less GPU memory, slower)")
+
+
+def depthcrafter_options(args) -> dict:
+    """DepthCrafter options from the flags of :func:`add_depthcrafter_speed_args`; an error if they are
+    given for another estimator."""
+    from ex4d.depth.depthcrafter import COMPILE_PRESET, FAST_KERNELS
+
+    options = {}
+    if args.depth_fast_kernels:
+        options.update(FAST_KERNELS)
+    if args.depth_compile:
+        options.update(COMPILE_PRESET)
+    if args.depth_fp16_encode:
+        options["encode_dtype"] = "model"
+    if args.depth_offload:
+        options["offload"] = True
+    if options and args.depth.lower() != "depthcrafter":
+        from ex4d.errors import InputError
+
+        raise InputError(f"the DepthCrafter speed options (--compile, --fast-kernels, --fp16-encode, --offload, "
+                         f"or their --depth-* forms) apply to --depth depthcrafter only, not {args.depth!r}")
+    return options
 
 
 def main(args) -> int:
@@ -60,11 +92,12 @@ def main(args) -> int:
     from ex4d.io.video import write_video
     from ex4d.pipeline import estimate_depth, load_clip
 
+    estimator_options = depthcrafter_options(args)  # checked before any work starts
     out_dir = prepare_output_dir(args.output)
     clip = load_clip(args.video, num_frames=args.num_frames, resize=args.resize)
     depth_path = out_dir / "depth.npz"
     depth = estimate_depth(clip, args.depth, out_dir=out_dir, models_dir=args.models_dir, device=args.device,
-                           progress=progress, reuse=not args.no_reuse, estimator_options=_estimator_options(args))
+                           progress=progress, reuse=not args.no_reuse, estimator_options=estimator_options)
     if not depth_path.exists():  # the depth file given as input was the output path itself
         depth.save(depth_path)
     print(f"{'depth':>8}: {depth_path}", file=sys.stdout)
@@ -72,24 +105,3 @@ def main(args) -> int:
         preview = write_video(out_dir / "depth_preview.mp4", depth_preview(depth.depth), clip.fps)
         print(f"{'preview':>8}: {preview}", file=sys.stdout)
     return 0
-
-
-def _estimator_options(args) -> dict:
-    """DepthCrafter options from the command line; an error if they are given for another estimator."""
-    options = {}
-    from ex4d.depth.depthcrafter import COMPILE_PRESET, FAST_KERNELS
-
-    if args.fast_kernels:
-        options.update(FAST_KERNELS)
-    if args.compile:
-        options.update(COMPILE_PRESET)
-    if args.fp16_encode:
-        options["encode_dtype"] = "model"
-    if args.offload:
-        options["offload"] = True
-    if options and args.depth.lower() != "depthcrafter":
-        from ex4d.errors import InputError
-
-        raise InputError(f"--compile/--fast-kernels/--fp16-encode/--offload apply to --depth depthcrafter only, "
-                         f"not {args.depth!r}")
-    return options

@@ -47,6 +47,9 @@ def add_recon_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=None, help="output fps (default: the source's)")
     parser.add_argument("--resample", action="store_true",
                         help="resample a pose file whose pose count differs from --num-frames")
+    from ex4d.commands.depth import add_depthcrafter_speed_args
+
+    add_depthcrafter_speed_args(parser, short_names=False)
     add_device_arg(parser)
 
 
@@ -63,13 +66,15 @@ def register(subparsers) -> None:
 
 def recon_from_args(args) -> dict:
     """Run depth + reconstruction for parsed ``recon``/``run`` arguments; return written paths."""
+    from ex4d.commands.depth import depthcrafter_options
     from ex4d.io.files import prepare_output_dir
     from ex4d.pipeline import ReconOptions, estimate_depth, load_clip, run_recon
 
+    estimator_options = depthcrafter_options(args)  # checked before any work starts
     out_dir = prepare_output_dir(args.output)
     clip = load_clip(args.video, num_frames=args.num_frames, resize=args.resize)
     depth = estimate_depth(clip, args.depth, out_dir=out_dir, models_dir=args.models_dir, device=args.device,
-                           progress=progress)
+                           progress=progress, estimator_options=estimator_options)
     options = ReconOptions(cam=args.cam, cap=args.cap, filter=args.filter, stretch_test=args.stretch_test,
                            watertight=not args.torn, only_first_frame=args.only_first_frame,
                            save_mesh=args.save_mesh, fps=args.fps, resample=args.resample,
