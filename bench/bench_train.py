@@ -65,8 +65,10 @@ TEXT_TOKENS = 512                   # umT5 sequence length of the pipeline
 
 
 def git_commit() -> str:
-    if os.environ.get("EX4D_GIT_COMMIT"):
-        return os.environ["EX4D_GIT_COMMIT"]
+    # the GPU machine's copy of the tree may carry a stale .git: pass the commit in (bench_generate's name too)
+    for name in ("EX4D_COMMIT", "EX4D_GIT_COMMIT"):
+        if os.environ.get(name):
+            return os.environ[name]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
