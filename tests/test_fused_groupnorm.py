@@ -110,7 +110,9 @@ def _copy(module):
 _CASES = [((2, 128, 9, 7), torch.channels_last), ((1, 64, 3, 5, 6), torch.channels_last_3d),
           ((2, 128, 30, 7), torch.channels_last),  # several tiles, the last one short
           ((2, 512, 4, 4), torch.channels_last), ((3, 256, 300), "rows"),
-          ((1, 128, 300, 30), torch.channels_last)]  # > 64 chunks: several merge steps
+          ((1, 128, 300, 30), torch.channels_last),  # many chunks: several merge steps
+          ((2, 320, 6, 5), torch.channels_last), ((1, 96, 3, 4, 5), torch.channels_last_3d),  # C not a power of 2
+          ((1, 320, 40, 40), torch.channels_last)]  # 200 chunks: two merge steps of 128
 
 
 def _make(shape, layout, dtype, device):

@@ -5,17 +5,17 @@ kernels over channels-last activations took 1.07 s of the 1.63 s decode (bench/p
 with 4-16 channels per group strided by C, its reductions read memory far below bandwidth. Here a
 channels-last tensor (N, C, *spatial) is read as rows of C contiguous values, x[n, s, c] (N, S, C):
 
-1. ``_stats_kernel``: one program per (n, chunk of rows) computes each group's mean and centred sum of
-   squares over its chunk, in fp32;
-2. ``_finalize_kernel``: one program per n merges the chunks with Chan's parallel formula, giving
-   per-(n, group) mean and 1/std as ``F.group_norm`` defines them (biased variance, eps inside the
-   root), and folds them and the affine into a scale and shift per (n, channel);
+1. ``_stats_kernel``: one program per (n, chunk of rows) computes each channel's mean and centred sum
+   of squares over its chunk, in fp32;
+2. ``_finalize_kernel``: one program per (n, group) merges the group's (chunk, channel) cells with
+   Chan's parallel formula, giving the mean and 1/std as ``F.group_norm`` defines them (biased
+   variance, eps inside the root), and folds them and the affine into a scale and shift per channel;
 3. ``_apply_kernel``: y = x * a[n, c] + b[n, c] (the affine folded in), then SiLU if asked, stored in
    x's dtype and layout.
 
-So the activation is read twice and written once. Anything else (CPU, no Triton, a layout that is not
-channels-last, fewer than 2 spatial dims, C not a multiple of the group count or not a power of two)
-goes through ``F.group_norm`` (+ ``F.silu``): same function, native kernels. :data:`CALLS` counts
+So the activation is read twice and written once. Any C works (columns are padded to a power of 2
+and masked). Anything else (CPU, no Triton, a layout that is not channels-last, fewer than 3 dims,
+more than 8192 channels) goes through ``F.group_norm`` (+ ``F.silu``): same function, native kernels. :data:`CALLS` counts
 which path ran so that benchmarks can report it.
 
 :func:`fuse_group_norms` swaps a model's ``GroupNorm`` modules for :class:`FusedGroupNorm`, folding the
@@ -45,7 +45,7 @@ _kernels = None
 
 
 def _triton_kernels():
-    """Build the two kernels on first use (Triton is imported only on a CUDA machine that has it)."""
+    """Build the three kernels on first use (Triton is imported only on a CUDA machine that has it)."""
     global _kernels
     if _kernels is not None:
         return _kernels
@@ -54,94 +54,95 @@ def _triton_kernels():
 
     @triton.jit
     def _stats_kernel(x_ptr, mean_ptr, m2_ptr, S, num_chunks,
-                      C: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr):
-        # One program per (n, chunk of ITERS * ROWS rows). The loop only loads and accumulates, per
-        # element, sums of x - x0 and their squares (x0: the chunk's first row, a per-channel shift that
-        # keeps the fp32 sums free of cancellation); the cross-thread reductions happen once at the end.
+                      C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr):
+        # One program per (n, chunk of ITERS * ROWS rows); CP = C rounded up to a power of 2. The loop
+        # only loads and accumulates, per element, sums of x - x0 and their squares (x0: the chunk's
+        # first row, a per-channel shift that keeps the fp32 sums free of cancellation); the
+        # cross-thread reductions happen once at the end. Output: per-channel mean and centred sum of
+        # squares of this chunk.
         chunk = tl.program_id(0)
         n = tl.program_id(1)
         first = chunk * ITERS * ROWS
-        cols = tl.arange(0, C)
+        cols = tl.arange(0, CP)
+        col_ok = cols < C
         base = x_ptr + n.to(tl.int64) * S * C
-        x0 = tl.load(base + first.to(tl.int64) * C + cols).to(tl.float32)
-        acc1 = tl.zeros((ROWS, C), dtype=tl.float32)
-        acc2 = tl.zeros((ROWS, C), dtype=tl.float32)
+        x0 = tl.load(base + first.to(tl.int64) * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc1 = tl.zeros((ROWS, CP), dtype=tl.float32)
+        acc2 = tl.zeros((ROWS, CP), dtype=tl.float32)
         for i in range(ITERS):
             rows = first + i * ROWS + tl.arange(0, ROWS)
-            valid = rows < S
-            x = tl.load(base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=valid[:, None], other=0.0)
-            d = tl.where(valid[:, None], x.to(tl.float32) - x0[None, :], 0.0)
+            ok = (rows < S)[:, None] & col_ok[None, :]
+            x = tl.load(base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=ok, other=0.0)
+            d = tl.where(ok, x.to(tl.float32) - x0[None, :], 0.0)
             acc1 += d
             acc2 += d * d
         count = tl.minimum(S - first, ITERS * ROWS).to(tl.float32)  # rows in this chunk
         s1 = tl.sum(acc1, axis=0)
         s2 = tl.sum(acc2, axis=0)
-        mean_c = x0 + s1 / count  # (C,) channel means over the chunk
-        m2_c = s2 - s1 * s1 / count  # (C,) centred sums of squares (shifted data: no cancellation)
-        # channels -> groups (C // G channels of equal count each): Chan's merge across channels
-        mean_g = tl.sum(tl.reshape(mean_c, (G, C // G)), axis=1) / (C // G)
-        spread = tl.reshape(mean_c, (G, C // G)) - mean_g[:, None]
-        m2_g = tl.sum(tl.reshape(m2_c, (G, C // G)), axis=1) + count * tl.sum(spread * spread, axis=1)
-        out = (n * num_chunks + chunk) * G + tl.arange(0, G)
-        tl.store(mean_ptr + out, mean_g)
-        tl.store(m2_ptr + out, m2_g)
+        out = (n * num_chunks + chunk).to(tl.int64) * C + cols
+        tl.store(mean_ptr + out, x0 + s1 / count, mask=col_ok)
+        tl.store(m2_ptr + out, s2 - s1 * s1 / count, mask=col_ok)
 
     @triton.jit
     def _finalize_kernel(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, S, num_chunks,
-                         chunk_rows, eps, C: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per n: merge the chunks' (count, mean, M2) with Chan's formula (two passes over
-        # the chunks: the mean, then the centred spread), then fold 1/std and the affine into one
-        # scale and shift per channel.
+                         chunk_rows, eps, C: tl.constexpr, CPG: tl.constexpr, CPG_P: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        # One program per (n, group): Chan's merge over the (chunk, channel) cells of the group, each
+        # of `rows in the chunk` values (two passes: the mean, then the centred spread), then 1/std
+        # and the affine folded into one scale and shift per channel. CPG_P = CPG rounded up to a
+        # power of 2.
         n = tl.program_id(0)
-        groups = tl.arange(0, G)
-        total = S * (C // G) * 1.0
-        weighted = tl.zeros((BLOCK, G), dtype=tl.float32)
+        g = tl.program_id(1)
+        j = tl.arange(0, CPG_P)
+        chan = g * CPG + j
+        chan_ok = j < CPG
+        total = S * CPG * 1.0
+        acc = tl.zeros((BLOCK, CPG_P), dtype=tl.float32)
         start = 0
         while start < num_chunks:  # (a while loop: Triton's CPU interpreter mishandles range(runtime int))
             chunks = start + tl.arange(0, BLOCK)
-            valid = chunks < num_chunks
-            rows = tl.minimum(S - chunks * chunk_rows, chunk_rows).to(tl.float32) * (C // G)
-            offsets = (n * num_chunks + chunks)[:, None] * G + groups[None, :]
-            m = tl.load(mean_ptr + offsets, mask=valid[:, None], other=0.0)
-            weighted += tl.where(valid[:, None], m * rows[:, None], 0.0)
+            ok = (chunks < num_chunks)[:, None] & chan_ok[None, :]
+            rows = tl.minimum(S - chunks * chunk_rows, chunk_rows).to(tl.float32)
+            offsets = (n * num_chunks + chunks).to(tl.int64)[:, None] * C + chan[None, :]
+            m = tl.load(mean_ptr + offsets, mask=ok, other=0.0)
+            acc += tl.where(ok, m * rows[:, None], 0.0)
             start += BLOCK
-        mean = tl.sum(weighted, axis=0) / total  # (G,)
-        m2 = tl.zeros((BLOCK, G), dtype=tl.float32)
+        mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+        acc = tl.zeros((BLOCK, CPG_P), dtype=tl.float32)
         start = 0
         while start < num_chunks:
             chunks = start + tl.arange(0, BLOCK)
-            valid = chunks < num_chunks
-            rows = tl.minimum(S - chunks * chunk_rows, chunk_rows).to(tl.float32) * (C // G)
-            offsets = (n * num_chunks + chunks)[:, None] * G + groups[None, :]
-            m = tl.load(mean_ptr + offsets, mask=valid[:, None], other=0.0)
-            q = tl.load(m2_ptr + offsets, mask=valid[:, None], other=0.0)
-            spread = m - mean[None, :]
-            m2 += tl.where(valid[:, None], q + rows[:, None] * spread * spread, 0.0)
+            ok = (chunks < num_chunks)[:, None] & chan_ok[None, :]
+            rows = tl.minimum(S - chunks * chunk_rows, chunk_rows).to(tl.float32)
+            offsets = (n * num_chunks + chunks).to(tl.int64)[:, None] * C + chan[None, :]
+            m = tl.load(mean_ptr + offsets, mask=ok, other=0.0)
+            q = tl.load(m2_ptr + offsets, mask=ok, other=0.0)
+            spread = m - mean
+            acc += tl.where(ok, q + rows[:, None] * spread * spread, 0.0)
             start += BLOCK
-        rstd = 1.0 / tl.sqrt(tl.sum(m2, axis=0) / total + eps)  # (G,)
-        cols = tl.arange(0, C)
-        rstd_c = tl.reshape(tl.broadcast_to(rstd[:, None], (G, C // G)), (C,))
-        mean_c = tl.reshape(tl.broadcast_to(mean[:, None], (G, C // G)), (C,))
-        scale = rstd_c * tl.load(weight_ptr + cols).to(tl.float32)
-        tl.store(scale_ptr + n * C + cols, scale)
-        tl.store(shift_ptr + n * C + cols, tl.load(bias_ptr + cols).to(tl.float32) - mean_c * scale)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / total + eps)
+        scale = rstd * tl.load(weight_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)
+        shift = tl.load(bias_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32) - mean * scale
+        tl.store(scale_ptr + n * C + chan, scale, mask=chan_ok)
+        tl.store(shift_ptr + n * C + chan, shift, mask=chan_ok)
 
     @triton.jit
     def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, S,
-                      C: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr):
+                      C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr):
         tile = tl.program_id(0)
         n = tl.program_id(1)
         rows = tile * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, C)
-        valid = rows < S
+        cols = tl.arange(0, CP)
+        col_ok = cols < C
+        ok = (rows < S)[:, None] & col_ok[None, :]
         offsets = n.to(tl.int64) * S * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + n * C + cols)
-        shift = tl.load(shift_ptr + n * C + cols)
+        x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + n * C + cols, mask=col_ok, other=0.0)
+        shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0)
         y = x * scale[None, :] + shift[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
-        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     _kernels = (_stats_kernel, _finalize_kernel, _apply_kernel)
     return _kernels
@@ -163,11 +164,15 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
     return moved.reshape(x.shape[0], -1, x.shape[1])
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _use_triton(x: torch.Tensor, num_groups: int) -> bool:
     C = x.shape[1]
-    return (x.is_cuda and x.dim() >= 3 and x.numel() > 0 and C % num_groups == 0 and C & (C - 1) == 0
-            and num_groups & (num_groups - 1) == 0
-            and C <= TILE_ELEMENTS and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (x.is_cuda and x.dim() >= 3 and x.numel() > 0 and C % num_groups == 0
+            and _pow2(C) <= TILE_ELEMENTS and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and _rows_view(x) is not None and _triton_available())
 
 
@@ -194,28 +199,27 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
     stats_kernel, finalize_kernel, apply_kernel = _triton_kernels()
     N, C = x.shape[:2]
     G = num_groups
+    CP = _pow2(C)  # Triton blocks are powers of 2: columns C..CP-1 are masked off
     rows = _rows_view(x)
     S = rows.shape[1]
-    rows_cap = 1 << max(0, (S - 1).bit_length())  # no tile needs more rows than S rounded up to a power of 2
     # statistics: chunks of `iters` tiles of `stats_rows` rows, about STATS_PROGRAMS programs in all
-    stats_rows = min(max(1, STATS_TILE_ELEMENTS // C), rows_cap)
+    stats_rows = min(max(1, STATS_TILE_ELEMENTS // CP), _pow2(S))
     stats_tiles = -(-S // stats_rows)
-    iters = -(-stats_tiles * N // STATS_PROGRAMS)
-    iters = 1 << (iters - 1).bit_length()  # a power of 2: few compiled variants of the kernel
+    iters = _pow2(-(-stats_tiles * N // STATS_PROGRAMS))  # a power of 2: few compiled variants
     num_chunks = -(-stats_tiles // iters)
-    chunk_rows = iters * stats_rows
-    chunk_mean = torch.empty(N, num_chunks, G, device=x.device, dtype=torch.float32)
+    chunk_mean = torch.empty(N, num_chunks, C, device=x.device, dtype=torch.float32)
     chunk_m2 = torch.empty_like(chunk_mean)
-    stats_kernel[(num_chunks, N)](rows, chunk_mean, chunk_m2, S, num_chunks, C=C, G=G, ROWS=stats_rows,
+    stats_kernel[(num_chunks, N)](rows, chunk_mean, chunk_m2, S, num_chunks, C=C, CP=CP, ROWS=stats_rows,
                                   ITERS=iters, num_warps=4)
     scale = torch.empty(N, C, device=x.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
-    finalize_kernel[(N,)](chunk_mean, chunk_m2, weight, bias, scale, shift, S, num_chunks, chunk_rows, eps,
-                          C=C, G=G, BLOCK=64, num_warps=4)
-    tile_rows = min(max(1, TILE_ELEMENTS // C), rows_cap)
+    cpg = C // G
+    finalize_kernel[(N, G)](chunk_mean, chunk_m2, weight, bias, scale, shift, S, num_chunks, iters * stats_rows,
+                            eps, C=C, CPG=cpg, CPG_P=_pow2(cpg), BLOCK=max(1, 2048 // _pow2(cpg)), num_warps=4)
+    tile_rows = min(max(1, TILE_ELEMENTS // CP), _pow2(S))
     y = torch.empty_like(x)  # keeps x's channels-last strides
-    apply_kernel[(-(-S // tile_rows), N)](rows, _rows_view(y), scale, shift, S, C=C, ROWS=tile_rows, SILU=silu,
-                                          num_warps=8)
+    apply_kernel[(-(-S // tile_rows), N)](rows, _rows_view(y), scale, shift, S, C=C, CP=CP, ROWS=tile_rows,
+                                          SILU=silu, num_warps=8)
     return y
 
 
