@@ -70,8 +70,6 @@ VARIANTS = {
     # the VAE's GroupNorm(+SiLU) as one channels-last Triton op (ex4d.depth.fused_groupnorm)
     # what `ex4d depth --compile --fp16-encode` runs
     "fast_compile_fgn": dict(COMPILE_PRESET, decode_batch=1, encode_dtype="model"),
-    # experiment: the UNet's norms through the fused op too (320/640/1280 channels; bench-only switch)
-    "fast_compile_fgn_unet": dict(COMPILE_PRESET, decode_batch=1, encode_dtype="model", _fuse_unet=True),
     "fast_fgn": dict(single_token_attention=True, decode_batch=1, encode_dtype="model", channels_last=True,
                      fused_group_norm=True),
 }
@@ -142,13 +140,8 @@ def run_variant(name, models, frames, device, repeats, reference=None, dtype=tor
     reset(unet, vae)
     options = dict(VARIANTS[name])
     torch.backends.cudnn.benchmark = name != "plain"
-    settings = {k: v for k, v in options.items() if not k.startswith("_")}
     pipe = DepthCrafterPipeline(unet, vae, clip, device=device, dtype=dtype,
-                                settings=DepthCrafterSettings(**settings))
-    if options.get("_fuse_unet"):
-        from ex4d.depth.fused_groupnorm import fuse_group_norms
-
-        pipe.fused_norms.append(fuse_group_norms(unet))  # before the first call: compile traces lazily
+                                settings=DepthCrafterSettings(**options))
     t0 = time.perf_counter()
     out = pipe(frames)  # warm-up (and compilation)
     warmup_s = time.perf_counter() - t0
