@@ -49,13 +49,13 @@ def add_depthcrafter_speed_args(parser: argparse.ArgumentParser, short_names: bo
 
     speed = parser.add_argument_group("DepthCrafter speed/memory options (default: the reference's numerics)")
     speed.add_argument(*names("compile"), dest="depth_compile", action="store_true",
-                       help="torch.compile the UNet and VAE, with the fast kernels below: about 2.5x faster per "
-                            "clip on an H100, but the first clip pays 2-3 minutes of compilation; for batches "
-                            "of clips (output differs by fp16 rounding)")
+                       help="torch.compile the UNet and VAE, with the fast kernels below: with fp16 encode "
+                            "2.5x faster per clip on an H100, but the first clip pays 2-3 minutes of "
+                            "compilation; for batches of clips (output differs by fp16 rounding)")
     speed.add_argument(*names("fast-kernels"), dest="depth_fast_kernels", action="store_true",
                        help="channels-last layouts, the fused GroupNorm kernels and the single-token attention "
-                            "shortcut without compiling: about 1.7x faster on an H100 at once (output differs by "
-                            "fp16 rounding)")
+                            "shortcut without compiling: with fp16 encode 1.7x faster on an H100 at once "
+                            "(output differs by fp16 rounding)")
     speed.add_argument(*names("fp16-encode"), dest="depth_fp16_encode", action="store_true",
                        help="encode frames with the VAE in fp16 instead of fp32 (faster, less memory, "
                             "slightly different numbers)")
