@@ -331,3 +331,40 @@ def test_low_vram_budget_reaches_the_generator_options(tmp_path):
     first, second = (job_generate_options(job) for job in jobs)
     assert first.low_vram and first.vram_budget == 16.0 and second.vram_budget == 22.5
     assert generation_key(jobs[0]) != generation_key(jobs[1]), "another budget loads another pipeline"
+
+
+def test_depth_speed_switches_reach_the_estimator(tiny_inputs, monkeypatch):
+    """depth_* job keys become DepthCrafter options: passed to the estimator, part of its cache key and
+    of depth.npz's reuse record; refused for another estimator when the jobs file is loaded."""
+    import ex4d.depth
+    from ex4d.depth.depthcrafter import COMPILE_PRESET
+    from ex4d.types import DepthVideo
+
+    built = []
+
+    class FakeEstimator:
+        name = "depthcrafter"
+
+        def estimate(self, frames):
+            depth = np.full(frames.shape[:3], 6.0, np.float32)
+            return DepthVideo(depth=depth, valid=np.ones_like(depth, bool), estimator=self.name)
+
+    def fake_get_estimator(spec, **kwargs):
+        built.append((spec, {k: v for k, v in kwargs.items() if k not in ("models_dir", "device")}))
+        return FakeEstimator()
+
+    monkeypatch.setattr(ex4d.depth, "get_estimator", fake_get_estimator)
+    jobs_file = write_yaml(tiny_inputs / "jobs.yaml", (
+        f"defaults: {{stage: recon, num_frames: {T}, resize: keep, save_mesh: none, device: cpu}}\njobs:\n"
+        "  - {video: clip.mp4, cam: 10, output: out/a, depth_compile: true, depth_fp16_encode: true}\n"
+        "  - {video: clip.mp4, cam: 20, output: out/b, depth_compile: true, depth_fp16_encode: true}\n"
+        "  - {video: clip.mp4, cam: 30, output: out/c}\n"))
+    assert run_batch(load_jobs(jobs_file)).ok
+    expected = {**COMPILE_PRESET, "encode_dtype": "model"}
+    assert built == [("depthcrafter", expected), ("depthcrafter", {})]  # one estimator per option set
+    with np.load(tiny_inputs / "out" / "a" / "depth.npz") as data:
+        assert json.loads(str(data["settings"]))["request"]["estimator_options"] == expected
+    bad = write_yaml(tiny_inputs / "bad.yaml", "jobs:\n  - {video: clip.mp4, output: out/d, depth: depth-anything, "
+                                               "depth_compile: true}\n")
+    with pytest.raises(InputError, match="depth_compile apply to depth: depthcrafter only"):
+        load_jobs(bad)

@@ -49,12 +49,15 @@ JOB_KEYS: dict[str, type] = {
     "depth": _STR, "models_dir": _STR, "num_frames": _INT, "resize": _STR, "max_res": _INT, "cap": _STR,
     "filter": _STR, "stretch_test": _BOOL, "torn": _BOOL, "only_first_frame": _BOOL, "save_mesh": _STR,
     "fps": _FLOAT, "resample": _BOOL, "device": _STR,
+    # DepthCrafter speed/memory switches (ex4d recon --depth-compile etc.)
+    "depth_compile": _BOOL, "depth_fast_kernels": _BOOL, "depth_fp16_encode": _BOOL, "depth_offload": _BOOL,
     # generation (ex4d generate options)
     "prompt": _STR, "negative_prompt": _STR, "seed": _INT, "steps": _INT, "guidance": _FLOAT, "size": _STR,
     "erode": _BOOL, "out_fps": _FLOAT, "adapter": _STR, "memory": _STR, "vram_budget": _FLOAT, "fp8": _BOOL, "compile": _BOOL,
     "attention": _STR, "window": _INT, "overlap": _INT,
 }
 MEMORY_MODES = ("full", "low-vram", "cpu-offload")
+_DEPTH_SWITCHES = ("depth_compile", "depth_fast_kernels", "depth_fp16_encode", "depth_offload")
 STAGES = ("recon", "run")
 _PATH_KEYS = ("video", "output", "models_dir", "adapter")
 # Settings that are either a name or a file: resolved like paths when they name a file.
@@ -122,6 +125,9 @@ def _normalise_job(raw: dict, defaults: dict, index: int, base: Path, source: st
         raise InputError(f"{where}: stage={job['stage']!r}; use one of {', '.join(STAGES)}")
     if job.get("memory", "full") not in MEMORY_MODES:
         raise InputError(f"{where}: memory={job['memory']!r}; use one of {', '.join(MEMORY_MODES)}")
+    switches = [k for k in _DEPTH_SWITCHES if job.get(k)]
+    if switches and job.get("depth", "depthcrafter").lower() != "depthcrafter":
+        raise InputError(f"{where}: {', '.join(switches)} apply to depth: depthcrafter only, not {job['depth']!r}")
     job.setdefault("cam", "90")
     job.setdefault("name", Path(job["output"]).name)
     job["index"] = index
@@ -443,14 +449,21 @@ def default_runner(job: dict, cache: dict) -> dict:
     return _chain_stages(pipeline, job, cache)
 
 
-def _cached_estimator(cache: dict, spec: str, models_dir, device):
-    """The depth estimator for ``spec``, built once per process and kept in ``cache``."""
-    key = ("depth", str(spec), str(models_dir), str(device))
+def job_depth_options(job: dict) -> dict:
+    """The DepthCrafter options of a job's ``depth_*`` switches."""
+    from ex4d.depth.depthcrafter import speed_options
+
+    return speed_options(**{key.removeprefix("depth_"): bool(job.get(key)) for key in _DEPTH_SWITCHES})
+
+
+def _cached_estimator(cache: dict, spec: str, models_dir, device, options: dict):
+    """The depth estimator for ``spec`` and ``options``, built once per process and kept in ``cache``."""
+    key = ("depth", str(spec), str(models_dir), str(device), tuple(sorted(options.items())))
     if key not in cache:
         from ex4d.depth import get_estimator
 
         log.info("loading depth estimator %s (once per process)", spec)
-        cache[key] = get_estimator(spec, models_dir=models_dir, device=device)
+        cache[key] = get_estimator(spec, models_dir=models_dir, device=device, **options)
     return cache[key]
 
 
@@ -464,9 +477,11 @@ def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
     depth_spec = job.get("depth", "depthcrafter")
     t = time.perf_counter()
     is_file = Path(depth_spec).suffix.lower() in (".npz", ".npy")
-    estimator = None if is_file else _cached_estimator(cache, depth_spec, job.get("models_dir"), device)
+    depth_options = job_depth_options(job)
+    estimator = None if is_file else _cached_estimator(cache, depth_spec, job.get("models_dir"), device,
+                                                       depth_options)
     depth = pipeline.estimate_depth(clip, depth_spec, out_dir=job["output"], models_dir=job.get("models_dir"),
-                                    device=device, estimator=estimator)
+                                    device=device, estimator=estimator, estimator_options=depth_options)
     timings["depth"] = time.perf_counter() - t
     options = pipeline.ReconOptions(
         cam=job["cam"], cap=job.get("cap", "none"), filter=job.get("filter", "angle"),

@@ -67,17 +67,10 @@ def add_depthcrafter_speed_args(parser: argparse.ArgumentParser, short_names: bo
 def depthcrafter_options(args) -> dict:
     """DepthCrafter options from the flags of :func:`add_depthcrafter_speed_args`; an error if they are
     given for another estimator."""
-    from ex4d.depth.depthcrafter import COMPILE_PRESET, FAST_KERNELS
+    from ex4d.depth.depthcrafter import speed_options
 
-    options = {}
-    if args.depth_fast_kernels:
-        options.update(FAST_KERNELS)
-    if args.depth_compile:
-        options.update(COMPILE_PRESET)
-    if args.depth_fp16_encode:
-        options["encode_dtype"] = "model"
-    if args.depth_offload:
-        options["offload"] = True
+    options = speed_options(compile=args.depth_compile, fast_kernels=args.depth_fast_kernels,
+                            fp16_encode=args.depth_fp16_encode, offload=args.depth_offload)
     if options and args.depth.lower() != "depthcrafter":
         from ex4d.errors import InputError
 

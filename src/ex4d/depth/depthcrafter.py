@@ -84,6 +84,21 @@ FAST_KERNELS = {"channels_last": True, "single_token_attention": True, "fused_gr
 COMPILE_PRESET = {**FAST_KERNELS, "compile": True}
 
 
+def speed_options(*, compile: bool = False, fast_kernels: bool = False, fp16_encode: bool = False,
+                  offload: bool = False) -> dict:
+    """DepthCrafter options for the speed/memory switches of the CLI and batch jobs (docs/depth.md)."""
+    options = {}
+    if fast_kernels:
+        options.update(FAST_KERNELS)
+    if compile:
+        options.update(COMPILE_PRESET)
+    if fp16_encode:
+        options["encode_dtype"] = "model"
+    if offload:
+        options["offload"] = True
+    return options
+
+
 def window_plan(num_frames: int, window_size: int = 110, overlap: int = 25) -> tuple[list[tuple[int, int]], int]:
     """Windows [a, b) and the effective overlap (depthcrafter-spec.md 4.1).
 
