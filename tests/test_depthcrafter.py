@@ -442,3 +442,28 @@ def test_cli_fast_kernels_are_recorded(models_dir, tmp_path, offline, capsys):
     code = main(["depth", str(video), "-o", str(out), "--models-dir", str(models_dir), "--depth", "depth-anything",
                  "--fast-kernels", "--num-frames", "3", "--device", "cpu"])
     assert code == 1 and "--fast-kernels" in capsys.readouterr().err  # bad input
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cli_fast_switches_on_cuda(models_dir, tmp_path, offline, capsys):
+    """On a GPU, through the real loader and the CLI: --fast-kernels (Triton GroupNorm) and --compile give
+    the default run's depth up to fp16 rounding."""
+    from ex4d.cli import main
+    from ex4d.depth import load_depth_file
+    from ex4d.depth import fused_groupnorm
+
+    video = _video(tmp_path / "in.mp4", T=9, H=128, W=192)
+    results = {}
+    for name, flags in (("default", []), ("fast", ["--fast-kernels"]), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        before = fused_groupnorm.CALLS["triton"]
+        code = main(["depth", str(video), "-o", str(out), "--models-dir", str(models_dir), "--num-frames", "9",
+                     "--device", "cuda", "--no-preview", *flags])
+        assert code == 0, capsys.readouterr().err
+        assert (fused_groupnorm.CALLS["triton"] > before) == bool(flags)  # the Triton path ran when asked
+        results[name] = load_depth_file(out / "depth.npz", num_frames=9, size=(128, 192)).depth
+    disparity = {k: 1 / v for k, v in results.items()}
+    scale = disparity["default"].max()
+    for name in ("fast", "compiled"):
+        assert np.abs(disparity[name] - disparity["default"]).max() / scale < 0.02, name
