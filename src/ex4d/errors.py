@@ -31,3 +31,18 @@ class CheckpointError(UserError):
     """A weight file exists but is corrupt or does not match the expected keys and shapes."""
 
     exit_code = 2
+
+
+def key_mismatch_error(source: str, missing=(), unexpected=(), wrong_shape=(),
+                       hint: str = "is it the right file for this model?") -> CheckpointError:
+    """The one message for weights whose keys or shapes differ from the model's: each kind's count and
+    its first few names. ``source`` names the file (or the part of it) that was loaded."""
+
+    def show(keys) -> str:
+        keys = [str(k) for k in keys]
+        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    parts = [f"{len(keys)} {label}: {show(keys)}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+             if keys]
+    return CheckpointError(f"{source} does not match the model ({'; '.join(parts)}); {hint}")

@@ -146,7 +146,7 @@ def load_depth_anything(config_path, weights_path, *, dtype, device):
     """
     from transformers import DepthAnythingForDepthEstimation
 
-    from ex4d.errors import CheckpointError
+    from ex4d.errors import CheckpointError, key_mismatch_error
 
     read_config(config_path)  # a clear error for a broken config
     read_safetensors(weights_path)  # and for a corrupt/truncated weight file, naming it
@@ -161,7 +161,5 @@ def load_depth_anything(config_path, weights_path, *, dtype, device):
     unexpected = list(info.get("unexpected_keys", []))
     mismatched = [str(k) for k in info.get("mismatched_keys", [])]
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"weight file {weights_path} does not match the model ({len(missing)} missing: "
-                              f"{', '.join(missing[:5])}; {len(unexpected)} unexpected: {', '.join(unexpected[:5])}; "
-                              f"{len(mismatched)} wrong shape: {', '.join(mismatched[:3])})")
+        raise key_mismatch_error(f"weight file {weights_path}", missing, unexpected, mismatched)
     return model.to(device).eval().requires_grad_(False)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ex4d.errors import CheckpointError, MissingWeightsError
+from ex4d.errors import CheckpointError, MissingWeightsError, key_mismatch_error
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +143,8 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
     unexpected = sorted(set(got) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
     if missing or unexpected or mismatched:
-        def show(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} wrong shape: " + show(
-                [f"{k} {got[k]} != {expected[k]}" for k in mismatched]))
-        raise CheckpointError(f"weight file {path} does not match the model ({'; '.join(parts)}); "
-                              f"is it the right file for this model?")
+        raise key_mismatch_error(f"weight file {path}", missing, unexpected,
+                                 [f"{k} {got[k]} != {expected[k]}" for k in mismatched])
 
 
 def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, *,

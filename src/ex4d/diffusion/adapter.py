@@ -29,7 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ex4d.errors import CheckpointError
+from ex4d.errors import CheckpointError, key_mismatch_error
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ class CamVidEncoder(ModelMixin, ConfigMixin):
         keys = set(state)
         missing, extra = sorted(set(ENCODER_KEYS) - keys), sorted(keys - set(ENCODER_KEYS))
         if missing or extra:
-            raise CheckpointError(f"camera-encoder weights do not match: missing {missing[:4]}, unexpected {extra[:4]}"
-                                  f" (expected exactly {len(ENCODER_KEYS)} tensors)")
+            raise key_mismatch_error("camera-encoder weights", missing, extra,
+                                     hint=f"expected exactly the {len(ENCODER_KEYS)} tensors {', '.join(ENCODER_KEYS)}")
         own = self.state_dict()
         for key in ENCODER_KEYS:
             if tuple(state[key].shape) != tuple(own[key].shape):
@@ -202,8 +202,7 @@ def load_lora_weights(transformer: nn.Module, lora: Mapping[str, torch.Tensor],
         raise ValueError("no LoRA layers injected; call inject_lora first")
     missing, extra = sorted(set(expected) - set(lora)), sorted(set(lora) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"LoRA weights do not match the model: {len(missing)} missing (e.g. {missing[:2]}), "
-                              f"{len(extra)} unexpected (e.g. {extra[:2]}); expected exactly {len(expected)} tensors")
+        raise key_mismatch_error("LoRA weights", missing, extra, hint=f"expected exactly {len(expected)} tensors")
     with torch.no_grad():
         for key, param in expected.items():
             value = lora[key]

@@ -27,7 +27,7 @@ import torch
 
 from ex4d.diffusion import models_dir as md
 from ex4d.diffusion import wan_keymaps as km
-from ex4d.errors import CheckpointError, MissingWeightsError
+from ex4d.errors import CheckpointError, MissingWeightsError, key_mismatch_error
 
 log = logging.getLogger(__name__)
 
@@ -459,14 +459,8 @@ def _checked_from_pretrained(cls, folder: Path, subfolder: str, **kwargs):
     missing = list(info.get("missing_keys", []))
     mismatched = list(info.get("mismatched_keys", []))
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {sorted(missing)[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {sorted(unexpected)[:3]}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:1]}")
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+        raise key_mismatch_error(str(source), sorted(missing), sorted(unexpected), mismatched,
+                                 hint="is it the right file? (docs/models.md)")
     return model
 
 
