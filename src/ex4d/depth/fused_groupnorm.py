@@ -2,7 +2,8 @@
 
 Why: in DepthCrafter's compiled temporal VAE decode at 576x1024, inductor's generated GroupNorm/SiLU
 kernels over channels-last activations took 1.07 s of the 1.63 s decode (bench/profile_depth_vae.py):
-with 4-16 channels per group strided by C, its reductions read memory far below bandwidth. Here a
+with 4-16 channels per group strided by C, its reductions read memory far below bandwidth. With these
+kernels they take 0.21 s and the decode 1.01 s (H100); eager, the decode goes from 4.7 s to 1.5 s. Here a
 channels-last tensor (N, C, *spatial) is read as rows of C contiguous values, x[n, s, c] (N, S, C):
 
 1. ``_stats_kernel``: one program per (n, chunk of rows) computes each channel's mean and centred sum
@@ -15,8 +16,8 @@ channels-last tensor (N, C, *spatial) is read as rows of C contiguous values, x[
 
 So the activation is read twice and written once. Any C works (columns are padded to a power of 2
 and masked). Anything else (CPU, no Triton, a layout that is not channels-last, fewer than 3 dims,
-more than 8192 channels) goes through ``F.group_norm`` (+ ``F.silu``): same function, native kernels. :data:`CALLS` counts
-which path ran so that benchmarks can report it.
+more than 8192 channels) goes through ``F.group_norm`` (+ ``F.silu``): the same function with
+PyTorch's kernels. :data:`CALLS` counts which path ran so that benchmarks can report it.
 
 :func:`fuse_group_norms` swaps a model's ``GroupNorm`` modules for :class:`FusedGroupNorm`, folding the
 SiLU that follows a norm into it where the model's structure makes that unambiguous (a resnet block
