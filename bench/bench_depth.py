@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ex4d.depth.depthcrafter import COMPILE_PRESET  # noqa: E402
+from ex4d.depth.depthcrafter import COMPILE_PRESET, FAST_KERNELS  # noqa: E402
 
 ANCHORS = {"576x1024": {"total_s": 10.12, "peak_gib": 18.6}, "512x512": {"total_s": 4.20, "peak_gib": 10.8}}
 TARGETS = {"576x1024": {"total_s": 4.4, "peak_gib": 12.0}, "512x512": {"total_s": 1.9}}
@@ -70,6 +70,8 @@ VARIANTS = {
     # the VAE's GroupNorm(+SiLU) as one channels-last Triton op (ex4d.depth.fused_groupnorm)
     # what `ex4d depth --compile --fp16-encode` runs
     "fast_compile_fgn": dict(COMPILE_PRESET, decode_batch=1, encode_dtype="model"),
+    # what `ex4d depth --fast-kernels` runs (fp32 encode, no compile)
+    "fast_kernels": dict(FAST_KERNELS, decode_batch=1, encode_dtype="float32"),
     "fast_fgn": dict(single_token_attention=True, decode_batch=1, encode_dtype="model", channels_last=True,
                      fused_group_norm=True),
 }
