@@ -230,32 +230,42 @@ def test_real_recon_jobs_through_cli(tiny_inputs, capsys):
     assert code == 0 and "0 ran, 2 skipped (finished), 1 failed earlier (not retried)" in err
 
 
-def test_depth_model_loads_once_per_process(tiny_inputs, monkeypatch):
-    """Three jobs with an estimator name: the estimator is built once and reused; each job still
-    gets its own depth.npz (the pipeline's reuse/saving is unchanged)."""
+def _fake_estimators(monkeypatch):
+    """Replace ``ex4d.depth.get_estimator`` by a factory of constant-depth estimators named after the
+    spec. Returns (the (spec, options) of each estimator built, the factory)."""
     import ex4d.depth
     from ex4d.types import DepthVideo
 
     built = []
 
     class FakeEstimator:
-        name = "depth-anything"
+        def __init__(self, name):
+            self.name = name
 
         def estimate(self, frames):
             depth = np.full(frames.shape[:3], 6.0, np.float32)
             return DepthVideo(depth=depth, valid=np.ones_like(depth, bool), estimator=self.name)
 
     def fake_get_estimator(spec, **kwargs):
-        built.append(spec)
-        return FakeEstimator()
+        built.append((spec, {k: v for k, v in kwargs.items() if k not in ("models_dir", "device")}))
+        return FakeEstimator(spec)
 
     monkeypatch.setattr(ex4d.depth, "get_estimator", fake_get_estimator)
+    return built, fake_get_estimator
+
+
+def test_depth_model_loads_once_per_process(tiny_inputs, monkeypatch):
+    """Three jobs with an estimator name: the estimator is built once and reused; each job still
+    gets its own depth.npz (the pipeline's reuse/saving is unchanged)."""
+    import ex4d.depth
+
+    built, fake_get_estimator = _fake_estimators(monkeypatch)
     jobs_file = write_yaml(tiny_inputs / "jobs.yaml", (
         f"defaults: {{stage: recon, depth: depth-anything, num_frames: {T}, resize: keep, save_mesh: none, "
         "device: cpu}\njobs:\n"
         + "".join(f"  - {{video: clip.mp4, cam: {c}, output: out/{c}}}\n" for c in (10, 20, 30))))
     result = run_batch(load_jobs(jobs_file))
-    assert result.ok and built == ["depth-anything"]
+    assert result.ok and [spec for spec, _ in built] == ["depth-anything"]
     assert all((tiny_inputs / "out" / str(c) / "depth.npz").is_file() for c in (10, 20, 30))
     assert ex4d.depth.get_estimator is fake_get_estimator  # the batch's caching wrapper is gone again
 
@@ -336,24 +346,9 @@ def test_low_vram_budget_reaches_the_generator_options(tmp_path):
 def test_depth_speed_switches_reach_the_estimator(tiny_inputs, monkeypatch):
     """depth_* job keys become DepthCrafter options: passed to the estimator, part of its cache key and
     of depth.npz's reuse record; refused for another estimator when the jobs file is loaded."""
-    import ex4d.depth
     from ex4d.depth.depthcrafter import COMPILE_PRESET
-    from ex4d.types import DepthVideo
 
-    built = []
-
-    class FakeEstimator:
-        name = "depthcrafter"
-
-        def estimate(self, frames):
-            depth = np.full(frames.shape[:3], 6.0, np.float32)
-            return DepthVideo(depth=depth, valid=np.ones_like(depth, bool), estimator=self.name)
-
-    def fake_get_estimator(spec, **kwargs):
-        built.append((spec, {k: v for k, v in kwargs.items() if k not in ("models_dir", "device")}))
-        return FakeEstimator()
-
-    monkeypatch.setattr(ex4d.depth, "get_estimator", fake_get_estimator)
+    built, _ = _fake_estimators(monkeypatch)
     jobs_file = write_yaml(tiny_inputs / "jobs.yaml", (
         f"defaults: {{stage: recon, num_frames: {T}, resize: keep, save_mesh: none, device: cpu}}\njobs:\n"
         "  - {video: clip.mp4, cam: 10, output: out/a, depth_compile: true, depth_fp16_encode: true}\n"
