@@ -53,6 +53,7 @@ ATTENTION_BACKENDS = {
     "math": "_native_math",
     "flash": "flash",              # needs the flash-attn package
     "flash3": "_flash_3",          # needs flash-attn 3 (Hopper)
+    "fa4": "_native_flash",        # FA4 kernels (flash-attn-4 package) behind torch's flash SDPA backend
     "sage": "sage",                # needs sageattention
     "xformers": "xformers",
     "flex": "flex",
@@ -131,10 +132,23 @@ def fuse_self_attention_qkv(transformer: nn.Module) -> int:
     return fused
 
 
+def activate_fa4() -> None:
+    """Route torch's flash SDPA backend to the FA4 kernels of the ``flash-attn-4`` package (process-global)."""
+    try:
+        import flash_attn.cute.interface  # noqa: F401  (torch imports it too; this gives the clear error)
+        from torch.nn.attention import activate_flash_attention_impl
+    except ImportError as exc:
+        raise ImportError(f"FA4 needs the flash-attn-4 package and torch >= 2.11 ({exc}); "
+                          "pip install flash-attn-4") from None
+    activate_flash_attention_impl("FA4")
+
+
 def set_attention_backend(transformer: nn.Module, name: str) -> str:
     """Select the attention kernel (process-global in diffusers; see the module notes)."""
     backend = ATTENTION_BACKENDS.get(name, name)
     try:
+        if name == "fa4":
+            activate_fa4()
         transformer.set_attention_backend(backend)
     except (ValueError, RuntimeError, ImportError) as exc:
         raise InputError(f"attention backend {name!r} is not usable here ({exc}); use --attention native") from None
