@@ -260,3 +260,19 @@ def test_vram_budget_must_be_positive():
     assert low_vram_budget_bytes(torch.device("cpu"), 24) == 24 * 2**30
     with pytest.raises(InputError, match="--vram-budget must be positive"):
         low_vram_budget_bytes(torch.device("cpu"), 0)
+
+
+def test_attention_backend_errors_name_the_fix():
+    from diffusers import WanTransformer3DModel
+
+    from ex4d.diffusion.performance import set_attention_backend
+    from tiny_wan import tiny_transformer_config
+
+    dit = WanTransformer3DModel(**tiny_transformer_config())
+    with pytest.raises(InputError, match="use --attention native"):
+        set_attention_backend(dit, "no-such-kernel")
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        with pytest.raises(InputError, match="pip install flash-attn-4"):
+            set_attention_backend(dit, "fa4")

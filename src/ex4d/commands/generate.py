@@ -76,7 +76,7 @@ def add_generation_args(parser: argparse.ArgumentParser, *, with_recon: bool = F
     perf.add_argument("--fp8", action="store_true", help="store DiT weights in float8 (bf16 compute): ~16 GB less")
     perf.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (~15 s once)")
     perf.add_argument("--attention", default=None,
-                      help="attention kernel: native (default), cudnn, torch-flash, efficient, flash, flash3, "
+                      help="attention kernel: native (default), cudnn, torch-flash, efficient, flash, flash3, fa4, "
                            "sage, xformers, flex")
     perf.add_argument("--no-batch-cfg", action="store_true",
                       help="never batch the two CFG branches (they are batched only with --low-vram/--cpu-offload)")
