@@ -83,45 +83,45 @@ def kernels() -> dict:
     return out
 
 
+def inputs(keys: int):
+    q = torch.randn(1, TOKENS, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, keys, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return q, k, v
+
+
+def measure(fn, q, k, v, reference: torch.Tensor) -> dict | str:
+    """Median ms, TFLOP/s and max |difference| from ``reference`` of one kernel on one shape."""
+    tflop = 4 * TOKENS * k.shape[1] * HEADS * HEAD_DIM / 1e12
+    try:
+        ms = time_ms(lambda: fn(q, k, v))
+        diff = (fn(q, k, v).float() - reference).abs().max().item()
+    except Exception as exc:
+        return f"failed: {type(exc).__name__}: {exc}"[:300]
+    return {"ms": round(ms, 3), "tflops": round(tflop / (ms / 1000.0), 1), "max_abs_vs_cudnn": diff}
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("attention_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
-    results: dict = {}
     candidates = kernels()
-    for shape_name, keys in SHAPES.items():
-        q = torch.randn(1, TOKENS, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, keys, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        tflop = 4 * TOKENS * keys * HEADS * HEAD_DIM / 1e12
-        reference = candidates["cudnn"](q, k, v).float()
-        row = {}
+    shapes = {name: inputs(keys) for name, keys in SHAPES.items()}
+    references = {name: candidates["cudnn"](*qkv).float() for name, qkv in shapes.items()}
+    results: dict = {name: {} for name in SHAPES}
+    for shape_name, qkv in shapes.items():
         for name, fn in candidates.items():
-            if isinstance(fn, str):
-                row[name] = fn
-                continue
-            try:
-                ms = time_ms(lambda: fn(q, k, v))
-                diff = (fn(q, k, v).float() - reference).abs().max().item()
-                row[name] = {"ms": round(ms, 3), "tflops": round(tflop / (ms / 1000.0), 1), "max_abs_vs_cudnn": diff}
-            except Exception as exc:
-                row[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
-        results[shape_name] = row
-        note(f"{shape_name}: {json.dumps(row)[:400]}")
+            results[shape_name][name] = fn if isinstance(fn, str) else measure(fn, *qkv, references[shape_name])
+        note(f"{shape_name}: {json.dumps(results[shape_name])[:400]}")
 
-    # FA4 through torch's flash-attention registry, as `--attention fa4` runs it (process-global switch).
+    # FA4 through torch's flash-attention registry, as `--attention fa4` runs it. The switch is
+    # process-global (torch_flash becomes FA4), so it comes after every other kernel is measured.
     try:
         from torch.nn.attention import activate_flash_attention_impl
 
         activate_flash_attention_impl("FA4")
-        registry_fn = kernels()["torch_flash"]
-        for shape_name, keys in SHAPES.items():
-            q = torch.randn(1, TOKENS, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(1, keys, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-            tflop = 4 * TOKENS * keys * HEADS * HEAD_DIM / 1e12
-            ms = time_ms(lambda: registry_fn(q, k, v))
-            diff = (registry_fn(q, k, v).float() - candidates["cudnn"](q, k, v).float()).abs().max().item()
-            results[shape_name]["fa4_torch_registry"] = {"ms": round(ms, 3), "tflops": round(tflop / (ms / 1000.0), 1),
-                                                         "max_abs_vs_cudnn": diff}
+        for shape_name, qkv in shapes.items():
+            results[shape_name]["fa4_torch_registry"] = measure(candidates["torch_flash"], *qkv,
+                                                                references[shape_name])
     except Exception as exc:
         results["fa4_torch_registry"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
 
