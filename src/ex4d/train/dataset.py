@@ -84,7 +84,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise InputError(f"pair {clip.name} is unreadable: {exc}") from None
         if len(frames) != len(mask) or frames.shape[1:3] != mask.shape[1:3]:
             raise InputError(f"pair {clip.name}: video {frames.shape[:3]} and mask {mask.shape} differ; "
-                             f"remake it with `ex4d make-pairs --overwrite`")
+                             f"remake it with `ex4d make-pairs --redo`")
         if len(frames) < self.num_frames:
             raise InputError(f"pair {clip.name} has {len(frames)} frames, fewer than {self.num_frames}")
         pick = np.linspace(0, len(frames) - 1, self.num_frames).astype(int)
