@@ -20,7 +20,7 @@ import numpy as np
 from ex4d.conventions import reference_intrinsics
 from ex4d.devices import resolve_device
 from ex4d.errors import InputError
-from ex4d.io.files import atomic_path, prepare_output_dir, require_file
+from ex4d.io.files import atomic_path, check_outputs, prepare_output_dir, protect_inputs, require_file
 from ex4d.io.video import read_video, reference_size, resize_frames, to_float01
 from ex4d.types import Clip, DepthVideo
 
@@ -246,7 +246,7 @@ class GenerateOptions:
     negative_prompt: str | None = None  # None: Wan's standard negative prompt
     size: str = "512x512"
     num_frames: int | None = None  # None: every frame of the colour video (4k+1)
-    fps: float | None = 15.0  # None: the colour video's
+    fps: float | None = None  # None: the colour video's (the source's frame rate)
     erode: bool = True
     window: int = 49  # longer clips are generated in overlapping windows of this many frames
     overlap: int = 17
@@ -274,6 +274,32 @@ class GenerateOptions:
                     negative_prompt=self.negative_prompt if self.negative_prompt is not None
                     else DEFAULT_NEGATIVE_PROMPT,
                     num_inference_steps=self.steps, guidance_scale=self.cfg)
+
+    def validate(self) -> "GenerateOptions":
+        """Check every number before any work starts; a one-line InputError names the option and its range."""
+        from ex4d.commands.common import (
+            MAX_GENERATE_SIDE,
+            MAX_STEPS,
+            check_4k1,
+            check_cfg,
+            check_fps,
+            check_int,
+            check_positive,
+            check_seed,
+            check_windows,
+        )
+        from ex4d.diffusion.conditioning import parse_size
+
+        check_seed(self.seed)
+        check_int(self.steps, "--steps", 1, MAX_STEPS, example=25)
+        check_cfg(self.cfg)
+        check_fps(self.fps, "--fps", default="or 'source' for the colour video's rate")
+        parse_size(self.size, (512, 512), max_side=MAX_GENERATE_SIDE)
+        if self.num_frames is not None:
+            check_4k1(self.num_frames, "--num-frames", "the generator")
+        check_windows(self.window, self.overlap)
+        check_positive(self.vram_budget, "--vram-budget", "20")
+        return self
 
     def record(self) -> dict:
         """The settings that change the output video (for skip-if-unchanged checks)."""
@@ -383,16 +409,25 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
     from ex4d.diffusion.conditioning import find_mask_for, load_condition
     from ex4d.io.video import write_video
 
+    options.validate()
     color = require_file(color, "colour video")
+    given_mask = mask
     mask = find_mask_for(color, mask)
+    # Every input is protected: the colour video, the mask as given and the one used (a .mp4 given
+    # with a .mkv twin uses the twin), and the adapter.
+    inputs = [color, mask] + [Path(p) for p in (given_mask, options.adapter) if p is not None]
+    protect_inputs(*inputs)
     output = Path(output)
     if output.suffix.lower() != ".mp4":
-        raise InputError(f"output {output} must be an .mp4 file")
-    if output.resolve() in (color.resolve(), mask.resolve()):
-        raise InputError(f"output {output} would overwrite the input; choose another -o")
-    if options.steps < 1:
-        raise InputError(f"--steps must be >= 1, got {options.steps}")
+        raise InputError(f"output {output} must be an .mp4 file (its record is written beside it as .json)")
+    record_path = output.with_suffix(".json")
+    for planned in (output, record_path):
+        for path in inputs:
+            if _same_file(planned, path):
+                raise InputError(f"output {planned} would overwrite the input {path}; choose another -o")
     prepare_output_dir(output.parent)
+    # Outputs next: an input or a file ex4d did not write (without --overwrite) is refused before any work.
+    check_outputs([output, record_path])
     # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
     condition = load_condition(color, mask, size=options.size, num_frames=options.num_frames, seed=options.seed,
                                erode=options.erode)
@@ -411,6 +446,7 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
 
     pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel)
     pipe.set_progress_bar_config(disable=not show_progress)
+    _use_sampler_progress(pipe, progress if show_progress and (parallel is None or parallel.is_main) else None)
     if parallel is not None and parallel.world_size > 1:
         from ex4d.diffusion.parallel import parallelize_pipeline
 
@@ -427,8 +463,27 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
         frames = result.frames[0]
     if parallel is None or parallel.is_main:
         write_video(output, np.asarray(frames), fps=options.fps if options.fps is not None else condition.fps)
-        with atomic_path(output.with_suffix(".json")) as tmp:
+        with atomic_path(record_path) as tmp:
             tmp.write_text(json.dumps({"request": _generate_request(color, mask, options),
                                        "frames": int(len(frames)), "erosion_sizes": condition.kernel_sizes},
                                       indent=2, default=str))
     return output
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _use_sampler_progress(pipe, progress: Progress | None) -> None:
+    """Show the sampler's steps with ``progress`` (plain lines off a terminal), or diffusers' own bar if None."""
+    if progress is None:
+        pipe.__dict__.pop("progress_bar", None)
+        return
+
+    def progress_bar(iterable=None, total=None):
+        return progress(iterable, total=total, desc="sampling", unit="step")
+
+    pipe.__dict__["progress_bar"] = progress_bar

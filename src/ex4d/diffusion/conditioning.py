@@ -40,6 +40,9 @@ DEFAULT_NUM_FRAMES = 49
 EROSION_RANGE = (2, 8)
 #: Spatial multiple the generator needs: VAE factor 8 x DiT patch 2.
 SIZE_MULTIPLE = 16
+#: Largest side of the working size that is accepted (a 2048x2048 window already needs ~16x the
+#: memory of 512x512; 8192x8192 would need terabytes).
+MAX_SIDE = 2048
 #: Temporal rule of the Wan VAE: 1 frame, then chunks of 4.
 TEMPORAL_FACTOR = 4
 
@@ -151,11 +154,13 @@ def first_frame_latent_mask(num_frames: int, latent_height: int, latent_width: i
     return known.transpose(1, 2).contiguous()
 
 
-def parse_size(spec: str | tuple[int, int] | None, source_hw: tuple[int, int]) -> tuple[int, int]:
+def parse_size(spec: str | tuple[int, int] | None, source_hw: tuple[int, int],
+               max_side: int = MAX_SIDE) -> tuple[int, int]:
     """Working size (H, W) from ``"HxW"`` (e.g. ``"512x512"``), ``"keep-aspect"`` or an (H, W) tuple.
 
     ``keep-aspect`` keeps about 512*512 pixels at the source's aspect ratio, each side a multiple
-    of 16 (the released model was trained square: this mode is untested against it).
+    of 16 (the released model was trained square: this mode is untested against it). Each side must
+    be at most ``max_side`` (memory grows with the square of it).
     """
     if spec is None:
         return DEFAULT_SIZE
@@ -167,6 +172,9 @@ def parse_size(spec: str | tuple[int, int] | None, source_hw: tuple[int, int]) -
             scale = math.sqrt(area / float(h * w))
             out = (max(SIZE_MULTIPLE, int(round(h * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE),
                    max(SIZE_MULTIPLE, int(round(w * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE))
+            if max(out) > max_side:  # an extreme aspect ratio
+                raise InputError(f"--size keep-aspect gives {out[0]}x{out[1]} for a {h}x{w} video, more than "
+                                 f"{max_side} on a side; give --size HxW, e.g. --size 512x512")
             return out
         match = re.fullmatch(r"(\d+)\s*[x,]\s*(\d+)", text)
         if not match:
@@ -176,6 +184,9 @@ def parse_size(spec: str | tuple[int, int] | None, source_hw: tuple[int, int]) -
     if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
         raise InputError(f"size {h}x{w} is not a multiple of {SIZE_MULTIPLE} on each side; "
                          f"use e.g. 512x512 or keep-aspect")
+    if h > max_side or w > max_side:
+        raise InputError(f"--size {h}x{w} is larger than {max_side} on a side (memory grows with the square of "
+                         f"the size); give e.g. --size 512x512 (the model's own size)")
     return h, w
 
 
