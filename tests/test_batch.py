@@ -220,7 +220,7 @@ def test_real_recon_jobs_through_cli(tiny_inputs, capsys):
     for name in ["color_30.mp4", "mask_30.mkv", "camera_30.npz", RECORD_NAME]:
         assert (tiny_inputs / "out" / "a" / name).is_file(), name
     assert (tiny_inputs / "out" / "b" / "color_zoom_in.mp4").is_file()
-    manifest = json.loads((tiny_inputs / "jobs.manifest.json").read_text())
+    manifest = json.loads((tiny_inputs / "jobs.yaml.manifest.json").read_text())
     assert manifest["counts"] == {"done": 2, "failed": 1, "running": 0, "pending": 0}
     assert "not found" in manifest["jobs"][2]["error"]  # a user error: its one-line message
     assert set(manifest["jobs"][0]["timings"]) >= {"depth", "recon"}

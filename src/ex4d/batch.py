@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ex4d.errors import InputError, UserError
-from ex4d.io.files import atomic_path, require_file
+from ex4d.io.files import atomic_path, check_output, forget_output, protect_inputs, require_file, write_policy
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,30 @@ STAGES = ("recon", "run")
 _PATH_KEYS = ("video", "output", "models_dir", "adapter")
 # Settings that are either a name or a file: resolved like paths when they name a file.
 _MAYBE_FILE_KEYS = {"depth": (".npz", ".npy"), "cam": (".npz", ".json", ".txt")}
+#: Largest jobs file read (a million jobs fit in far less); a bigger file is refused before parsing.
+MAX_JOBS_FILE_BYTES = 16 * 1024 * 1024
+#: Most YAML values a jobs file may expand to, aliases counted at every use (an "alias bomb" of a few
+#: hundred bytes expands to billions); ~10 per job, so far more than any real batch needs.
+MAX_YAML_NODES = 2_000_000
 
 
 # --------------------------------------------------------------------------------------------
 # Jobs file
 # --------------------------------------------------------------------------------------------
 
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _convert(key: str, value, where: str):
     kind = JOB_KEYS[key]
     if value is None:
         return None
+    if isinstance(value, (list, tuple, set, dict)):
+        what = "a mapping" if isinstance(value, dict) else "a list"
+        raise InputError(f"{where}: {key} is {what}, but every setting takes one {kind.__name__} value; "
+                         f"write one job per value (e.g. one job per camera path)")
     if isinstance(value, str):
         value = value.strip()
         if value == "":
@@ -94,7 +108,7 @@ def _convert(key: str, value, where: str):
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise InputError(f"{where}: {key}={value!r} is not a valid {kind.__name__}") from None
+        raise InputError(f"{where}: {key}={_short(value)} is not a valid {kind.__name__}") from None
 
 
 def _normalise_job(raw: dict, defaults: dict, index: int, base: Path, source: str) -> dict:
@@ -102,12 +116,12 @@ def _normalise_job(raw: dict, defaults: dict, index: int, base: Path, source: st
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a job must be a mapping of settings, got {type(raw).__name__}")
     merged = {**defaults, **{k: v for k, v in raw.items() if v is not None and v != ""}}
-    unknown = sorted(set(merged) - set(JOB_KEYS))
+    unknown = sorted(str(k) for k in set(merged) - set(JOB_KEYS))
     if unknown:
         raise InputError(f"{where}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(JOB_KEYS)}")
     job = {}
     for key, value in merged.items():
-        value = _convert(key, value, where)
+        value = _convert(key, value, where if key in raw else f"{source}, defaults (for job {index + 1})")
         if value is not None:
             job[key] = value
     for key in ("video", "output"):
@@ -118,8 +132,9 @@ def _normalise_job(raw: dict, defaults: dict, index: int, base: Path, source: st
             path = Path(os.path.expanduser(job[key]))
             job[key] = str(path if path.is_absolute() else (base / path).resolve())
     for key, suffixes in _MAYBE_FILE_KEYS.items():
-        if key in job and Path(job[key]).suffix.lower() in suffixes and not Path(job[key]).is_absolute():
-            job[key] = str((base / job[key]).resolve())
+        if key in job and _names_file(job[key], suffixes):
+            path = Path(os.path.expanduser(job[key]))
+            job[key] = str(path if path.is_absolute() else (base / path).resolve())
     job.setdefault("stage", "run")
     if job["stage"] not in STAGES:
         raise InputError(f"{where}: stage={job['stage']!r}; use one of {', '.join(STAGES)}")
@@ -134,6 +149,54 @@ def _normalise_job(raw: dict, defaults: dict, index: int, base: Path, source: st
     return job
 
 
+def _names_file(value: str, suffixes: tuple[str, ...]) -> bool:
+    """True if a depth/cam setting names a file (by its suffix, or a path separator) rather than a preset."""
+    return Path(value).suffix.lower() in suffixes or "/" in value or (os.altsep or "/") in value
+
+
+def _yaml_loader():
+    """A SafeLoader that counts every value it composes, an alias counting as everything it refers to.
+
+    PyYAML shares an aliased node instead of copying it, so a "billion laughs" file parses small; it
+    explodes only when walked (converting a value to text). Counting the expanded size while the file
+    is composed refuses such a file in milliseconds, whatever uses the data later.
+    """
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.expanded = 0
+            self.sizes: dict[int, int] = {}
+
+        def _size(self, node) -> int:
+            known = self.sizes.get(id(node))
+            if known is not None:
+                return known
+            self.sizes[id(node)] = 1  # a recursive alias counts once while it is being sized
+            if isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._size(child) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+            else:
+                size = 1
+            self.sizes[id(node)] = size
+            return size
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                node = self.anchors.get(self.peek_event().anchor)
+                self.expanded += self._size(node) if node is not None else 1
+            else:
+                self.expanded += 1
+            if self.expanded > MAX_YAML_NODES:
+                raise InputError(f"the YAML aliases (*name) of this file expand to more than {MAX_YAML_NODES:,} "
+                                 f"values (an alias bomb?); write the settings out, or share them with 'defaults:'")
+            return super().compose_node(parent, index)
+
+    return BoundedLoader
+
+
 def load_jobs(path: str | os.PathLike) -> list[dict]:
     """Read a YAML or CSV jobs file into a list of normalised job dicts.
 
@@ -141,17 +204,24 @@ def load_jobs(path: str | os.PathLike) -> list[dict]:
     (settings every job gets unless it sets them). CSV: a header row of setting names, one job
     per row, empty cells = unset. Relative paths are relative to the jobs file's folder. Every job
     needs ``video`` and ``output``; ``stage`` defaults to ``run`` (recon + generate), ``cam`` to 90.
-    Raises InputError for unreadable files, unknown settings, bad values or duplicate outputs.
+    Raises InputError for unreadable files, unknown settings, bad values (a list where one value is
+    expected included), duplicate outputs, a file over :data:`MAX_JOBS_FILE_BYTES` and YAML whose
+    aliases expand to more than :data:`MAX_YAML_NODES` values.
     """
     path = require_file(path, "jobs file")
     base = path.resolve().parent
     suffix = path.suffix.lower()
+    size = path.stat().st_size
+    if size > MAX_JOBS_FILE_BYTES:
+        raise InputError(f"{path} is {size / 2**20:.0f} MiB; a jobs file may be at most "
+                         f"{MAX_JOBS_FILE_BYTES // 2**20} MiB (split the batch into several files)")
     defaults: dict = {}
     try:
         if suffix in (".yaml", ".yml", ".json"):
             import yaml
 
-            data = yaml.safe_load(path.read_text())
+            with open(path, "rb") as handle:
+                data = yaml.load(handle, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
             if isinstance(data, dict):
                 defaults = data.get("defaults") or {}
                 extra = sorted(set(data) - {"defaults", "jobs"})
@@ -172,8 +242,9 @@ def load_jobs(path: str | os.PathLike) -> list[dict]:
                     raise InputError(f"{path}: a row has more cells than the header has names")
         else:
             raise InputError(f"{path}: unknown jobs file type {suffix!r}; use .yaml, .yml, .json or .csv")
-    except InputError:
-        raise
+    except InputError as exc:
+        text = str(exc)
+        raise (exc if text.startswith(str(path)) else InputError(f"{path}: {text}")) from None
     except Exception as exc:  # yaml/csv parse errors
         raise InputError(f"cannot parse {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     if not rows:
@@ -192,16 +263,133 @@ def load_jobs(path: str | os.PathLike) -> list[dict]:
 # Records, resume, manifest
 # --------------------------------------------------------------------------------------------
 
-def job_fingerprint(job: dict) -> str:
-    """Hash of a job's settings and its input file's identity (size, mtime): what a resume checks."""
+#: Files up to this size are fingerprinted by their content (pose files, configs); larger ones (videos,
+#: depth files, weights) by size and modification time, which every rewrite changes.
+CONTENT_HASH_BYTES = 1 << 20
+_CONTENT_HASHES: dict[tuple, str] = {}  # one hash per file version per process (the stat is in the key)
+_MODEL_FILES: dict[tuple, tuple[float, list[str]]] = {}  # which weight files a job loads, briefly cached
+_MODEL_FILES_TTL_S = 30.0
+
+
+def file_fingerprint(path: str | os.PathLike):
+    """Identity of one input file: ``["sha256", hex]`` for small files, ``["stat", bytes, mtime_ns]`` for
+    large ones, ``"missing"`` if absent."""
+    import hashlib
+    import stat as stat_module
+
+    path = Path(path)
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        return "missing"
+    if not stat_module.S_ISREG(st.st_mode):
+        return "not a file"
+    if st.st_size > CONTENT_HASH_BYTES:
+        return ["stat", st.st_size, st.st_mtime_ns]
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _CONTENT_HASHES.get(key)
+    if digest is None:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        except OSError:
+            return "unreadable"
+        _CONTENT_HASHES[key] = digest
+    return ["sha256", digest]
+
+
+def _depth_model_files(spec: str, models_dir: str | None) -> list[str]:
+    """The config and weight files the depth estimator ``spec`` loads (resolved without downloading)."""
+    from ex4d.depth import weights
+
+    key = spec.lower().replace("_", "-")
+    if key == "depthcrafter":
+        specs = (weights.DEPTHCRAFTER_UNET, weights.SVD_VAE, weights.SVD_IMAGE_ENCODER)
+    elif key in ("depth-anything", "depth-anything-v2", "depthanything"):
+        specs = (weights.depth_anything_file("small"),)
+    else:
+        return [f"unknown estimator {spec}"]
+    files: list[str] = []
+    for weight in specs:
+        try:
+            files += [str(p) for p in weights.resolve(weight, models_dir, allow_download=False)]
+        except Exception:  # missing weights: the job itself will say so; here "missing" is its identity
+            files.append(f"missing weights {weight.repo}/{weight.subfolder}")
+    return files
+
+
+def _generate_model_files(models_dir: str | None, adapter: str | None) -> list[str]:
+    """Every file the generation stage loads: the EX-4D adapter (and its config) and the Wan model."""
+    from ex4d.diffusion import models_dir as md
+
+    files: list[str] = []
+    try:
+        found = md.resolve_adapter(models_dir, adapter, download=False)
+        files += [str(found)] + [str(found.parent / md.ADAPTER_CONFIG)] * (found.parent / md.ADAPTER_CONFIG).is_file()
+    except Exception:
+        files.append("missing adapter")
+    try:
+        layout, folder = md.resolve_wan(models_dir, download=False)
+    except Exception:
+        return files + ["missing Wan2.1 weights"]
+    folder = Path(folder)
+    if layout == "original":
+        wan = [*md.dit_shards(folder), folder / md.DIT_INDEX, folder / "config.json", folder / md.T5_FILE,
+               folder / md.CLIP_FILE, folder / md.VAE_FILE, *sorted((folder / md.TOKENIZER_DIR).rglob("*"))]
+    else:
+        wan = [folder / "model_index.json"] + [p for c in md.DIFFUSERS_COMPONENTS for p in sorted((folder / c).rglob("*"))]
+    return files + sorted({str(p) for p in wan if p.is_file() or not p.exists()})
+
+
+def _model_files(kind: str, *args, fresh: bool = False) -> list[str]:
+    """:func:`_depth_model_files` / :func:`_generate_model_files`, cached for a few seconds (a manifest
+    rebuild asks for every job); ``fresh`` resolves again, as the record of a job about to run needs."""
+    key = (kind, *args)
+    now = time.monotonic()
+    cached = _MODEL_FILES.get(key)
+    if fresh or cached is None or now - cached[0] > _MODEL_FILES_TTL_S:
+        files = _depth_model_files(*args) if kind == "depth" else _generate_model_files(*args)
+        cached = _MODEL_FILES[key] = (now, files)
+    return list(cached[1])
+
+
+def job_input_files(job: dict, *, fresh: bool = False) -> dict[str, list[str]]:
+    """Every file a job reads, by part: ``video``, ``depth_file`` or ``depth_models`` (the estimator's
+    weights), ``cam_file`` (a pose file), ``generate_models`` (adapter + Wan, for ``stage: run``).
+
+    Weight files are the ones the loaders would pick now (models dir, then the Hugging Face cache;
+    nothing is downloaded); a part whose weights are missing says so instead of naming files.
+    """
+    parts: dict[str, list[str]] = {"video": [job["video"]]}
+    depth = str(job.get("depth", "depthcrafter"))
+    if Path(depth).suffix.lower() in _MAYBE_FILE_KEYS["depth"]:
+        parts["depth_file"] = [depth]
+    else:
+        parts["depth_models"] = _model_files("depth", depth, job.get("models_dir"), fresh=fresh)
+    cam = str(job.get("cam", "90"))
+    if _names_file(cam, _MAYBE_FILE_KEYS["cam"]):
+        parts["cam_file"] = [cam]
+    if job.get("stage", "run") == "run":
+        parts["generate_models"] = _model_files("generate", job.get("models_dir"), job.get("adapter"), fresh=fresh)
+    return parts
+
+
+def job_fingerprint_parts(job: dict, *, fresh: bool = False) -> dict[str, str]:
+    """Hash of the job's settings and of each part of :func:`job_input_files` (files by path and identity)."""
     from ex4d.pipeline import stable_hash
 
-    settings = {k: v for k, v in job.items() if k not in ("index", "name", "device")}
-    video = Path(job["video"])
-    if video.is_file():
-        stat = video.stat()
-        settings["_video"] = [stat.st_size, stat.st_mtime_ns]
-    return stable_hash(settings)
+    settings = {k: v for k, v in job.items() if k not in ("index", "name", "device") and not k.startswith("_")}
+    parts = {"settings": stable_hash(settings)}
+    for part, files in job_input_files(job, fresh=fresh).items():
+        parts[part] = stable_hash([[name, file_fingerprint(name)] for name in files])
+    return parts
+
+
+def job_fingerprint(job: dict, *, fresh: bool = False, parts: dict | None = None) -> str:
+    """What a resume checks: the job's settings and the identity of every file it reads
+    (:func:`job_input_files`; small files by content, large ones by size and modification time)."""
+    from ex4d.pipeline import stable_hash
+
+    return stable_hash(parts if parts is not None else job_fingerprint_parts(job, fresh=fresh))
 
 
 def read_record(job: dict) -> dict | None:
@@ -232,20 +420,72 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+_LOCK_MARK = b"ex4d batch manifest lock (removed when the batch has written the manifest)\n"
+
+
+def lock_path(manifest: str | os.PathLike) -> Path:
+    """The lock file of a manifest: ``<manifest>.lock``, present only while a process writes the manifest."""
+    manifest = Path(manifest)
+    return manifest.with_name(manifest.name + ".lock")
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created if needed) for read-modify-write by many ranks."""
+    """An exclusive lock on ``path`` for read-modify-write by many ranks; the file is gone afterwards.
+
+    The holder deletes the lock file before it lets go. A process that was waiting on that file then
+    holds a lock on a deleted file, sees that the path now names another file (or none) and starts
+    over, so two processes can never both believe they hold the lock. A file left by a process killed
+    inside (SIGKILL) is taken over by the next one, which removes it in turn. A file of that name with
+    foreign content is refused, never deleted.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    while True:
         try:
-            yield
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as exc:
+            raise InputError(f"cannot create the manifest lock {path}: {exc.strerror or exc} "
+                             f"(choose another --manifest, or remove what is in the way)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # the previous holder deleted the file while this process waited: lock the new one
+    try:
+        content = os.pread(fd, len(_LOCK_MARK) + 1, 0)
+        if content and content != _LOCK_MARK:
+            raise InputError(f"{path} exists and was not written by ex4d; move it away or choose another "
+                             f"--manifest (ex4d locks the manifest with a file of that name)")
+        if not content:
+            os.write(fd, _LOCK_MARK)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)  # still holding the lock: waiters notice the file is gone and retry
+        except FileNotFoundError:
+            pass
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def build_manifest(jobs: list[dict], jobs_file: str = "") -> dict:
-    """The batch manifest assembled from every job's record: one entry per job, plus counts."""
+    """The batch manifest assembled from every job's record: one entry per job, plus counts.
+
+    ``job`` is the job's 1-based number in the jobs file (as every message counts); ``index`` the
+    same position 0-based (as :class:`BatchResult` and Python lists count).
+    """
     entries = []
     counts = {"done": 0, "failed": 0, "running": 0, "pending": 0}
     for job in jobs:
@@ -255,25 +495,153 @@ def build_manifest(jobs: list[dict], jobs_file: str = "") -> dict:
             status = "pending"  # settings or inputs changed since, or outputs deleted
         counts[status] = counts.get(status, 0) + 1
         entries.append({
-            "index": job["index"], "name": job["name"], "output": job["output"], "status": status,
-            "started": record.get("started"), "finished": record.get("finished"),
+            "job": job["index"] + 1, "index": job["index"], "name": job["name"], "output": job["output"],
+            "status": status, "started": record.get("started"), "finished": record.get("finished"),
             "seconds": record.get("seconds"), "rank": record.get("rank"), "error": record.get("error"),
             "outputs": record.get("outputs"), "timings": record.get("timings"),
         })
-    return {"jobs_file": jobs_file, "updated": _now(), "counts": counts, "jobs": entries}
+    return {"about": "ex4d batch manifest: 'job' counts jobs from 1 in file order (as messages do), "
+                     "'index' from 0", "jobs_file": jobs_file, "updated": _now(), "counts": counts, "jobs": entries}
+
+
+def check_manifest_path(path: str | os.PathLike, jobs: list[dict]) -> Path:
+    """Refuse a manifest path that is a folder, a job's output folder or record, an input of the batch
+    (the jobs file or any file a job reads, when protected by the write policy) or a foreign file."""
+    path = Path(path)
+    resolved = path.resolve()
+    if path.is_dir():
+        raise InputError(f"--manifest {path} is a folder; give a file name such as {path / 'manifest.json'}")
+    for job in jobs:
+        if resolved in (Path(job["output"]).resolve(), (Path(job["output"]) / RECORD_NAME).resolve()):
+            raise InputError(f"--manifest {path} is job {job['index'] + 1}'s output; choose another --manifest")
+    check_output(path, "--manifest")
+    return path
 
 
 def write_manifest(path: str | os.PathLike, jobs: list[dict], jobs_file: str = "") -> Path:
     """Rebuild and atomically write the manifest, under a lock shared by all ranks.
 
     Each rank writes its record *before* taking the lock, so the last writer has seen every record.
+    The lock file is removed again (see :func:`_locked`).
     """
     path = Path(path)
-    with _locked(path.with_name(path.name + ".lock")):
+    with _locked(lock_path(path)):
         manifest = build_manifest(jobs, jobs_file)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(manifest, indent=2, default=str))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Checking without running (--dry-run)
+# --------------------------------------------------------------------------------------------
+
+_ESTIMATOR_NAMES = ("depthcrafter", "depth-anything", "depth-anything-v2", "depthanything")
+
+
+def probe_video(path: str | os.PathLike, need: int) -> tuple[int, tuple[int, int]]:
+    """Decode up to ``need`` frames of a video without keeping them: (frames found, at most ``need``; (H, W)).
+
+    Raises :class:`InputError` with read_video's messages for a missing, unreadable or empty video.
+    """
+    import av
+
+    path = require_file(path, "video")
+    try:
+        container = av.open(str(path))
+    except av.error.EOFError:
+        raise InputError(f"{path} contains zero frames; give a video with at least one frame") from None
+    except Exception as exc:  # PyAV raises many error types for a non-video file
+        raise InputError(f"cannot read {path} as a video ({type(exc).__name__}); give an mp4/mkv/mov/avi file") from None
+    count, size = 0, (0, 0)
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream; give a video file")
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                size = (frame.height, frame.width)
+                count += 1
+                if count >= need:
+                    break
+        except Exception as exc:
+            if not count:
+                raise InputError(f"cannot decode {path} ({type(exc).__name__}); is it a valid video?") from None
+    if not count:
+        raise InputError(f"{path} contains zero frames; give a video with at least one frame")
+    return count, size
+
+
+def check_jobs(jobs: list[dict], *, manifest: str | os.PathLike | None = None, jobs_file: str = "",
+               overwrite: bool = False) -> list[str]:
+    """Check what running ``jobs`` would read, without running them; one line per problem found.
+
+    Every video is opened and its frames counted against ``num_frames``; every camera path is
+    parsed, pose files read for the clip's frame count and size; depth files and adapters must
+    exist and estimator names be known; the manifest path is checked as :func:`run_batch` would.
+    Problems name the job by its 1-based number.
+    """
+    import numpy as np
+
+    from ex4d.camera.trajectory import make_trajectory, parse_spec
+    from ex4d.camera.posefile import load_pose_file
+    from ex4d.conventions import reference_intrinsics
+    from ex4d.io.video import reference_size
+
+    problems: list[str] = []
+    probes: dict[tuple[str, int], tuple | UserError] = {}
+    with write_policy(overwrite=overwrite, inputs=[jobs_file] + [f for job in jobs for f in job_inputs(job)]):
+        for job in jobs:
+            tag = f"job {job['index'] + 1} ({job['name']})"
+            need = job.get("num_frames", 49)
+            size = None
+            key = (job["video"], need)
+            if key not in probes:
+                try:
+                    probes[key] = probe_video(job["video"], need)
+                except UserError as exc:
+                    probes[key] = exc
+            probe = probes[key]
+            if isinstance(probe, UserError):
+                problems.append(f"{tag}: {_one_line(probe)}")
+            else:
+                count, (height, width) = probe
+                if count < need:
+                    fit = max(1, (count - 1) // 4 * 4 + 1)  # 4k+1: valid for generation too
+                    problems.append(f"{tag}: video {job['video']} has only {count} frames but num_frames is "
+                                    f"{need}; set num_frames: {fit} or fewer, or use a longer video")
+                if job.get("resize", "reference") == "keep":
+                    size = (height - height % 2, width - width % 2)
+                elif job.get("resize", "reference") == "reference":
+                    size = reference_size(height, width, max_res=job.get("max_res", 1024))
+                else:
+                    problems.append(f"{tag}: resize={job['resize']!r}; use 'reference' or 'keep'")
+            cam = job["cam"]
+            try:
+                if size is not None:
+                    make_trajectory(cam, num_frames=need, size=size, K=reference_intrinsics(*size),
+                                    depth0=np.full(size, 5.0, np.float32), resample=job.get("resample", False))
+                elif _names_file(cam, _MAYBE_FILE_KEYS["cam"]):
+                    load_pose_file(cam, num_frames=need, K_src=reference_intrinsics(512, 512),
+                                   pivot=np.array([0.0, 0.0, 5.0]), resample=job.get("resample", False))
+                else:
+                    parse_spec(cam)
+            except UserError as exc:
+                problems.append(f"{tag}: cam: {_one_line(exc)}")
+            depth = str(job.get("depth", "depthcrafter"))
+            if Path(depth).suffix.lower() in _MAYBE_FILE_KEYS["depth"]:
+                if not Path(depth).is_file():
+                    problems.append(f"{tag}: depth file not found: {depth} (check the path)")
+            elif depth.lower().replace("_", "-") not in _ESTIMATOR_NAMES:
+                problems.append(f"{tag}: unknown depth estimator {depth!r}; use depthcrafter, depth-anything "
+                                f"or a .npz/.npy file")
+            if job.get("stage") == "run" and job.get("adapter") and not Path(job["adapter"]).exists():
+                problems.append(f"{tag}: adapter not found: {job['adapter']} (check the path)")
+        if manifest is not None:
+            try:
+                check_manifest_path(manifest, jobs)
+            except UserError as exc:
+                problems.append(_one_line(exc))
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,8 +695,8 @@ class Worker:
 
 @dataclass
 class BatchResult:
-    """What this process did: job indices it ran, skipped as finished, left alone as failed before
-    (``retry_failed=False``), and that failed now."""
+    """What this process did: the jobs it ran, skipped as finished, left alone as failed before
+    (``retry_failed=False``), and that failed now, as 0-based indices (job number - 1)."""
 
     ran: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
@@ -346,64 +714,100 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}"
 
 
+def job_inputs(job: dict) -> list[str]:
+    """Every file ``job`` reads (:func:`job_input_files`, flattened): protected from writes while a batch runs."""
+    return [name for files in job_input_files(job).values() for name in files]
+
+
 def run_batch(jobs: list[dict], *, runner: JobRunner | None = None, manifest: str | os.PathLike | None = None,
               jobs_file: str = "", worker: Worker | None = None, cache: dict | None = None,
-              retry_failed: bool = True, progress: Callable[..., Iterable] | None = None) -> BatchResult:
+              retry_failed: bool = True, progress: Callable[..., Iterable] | None = None,
+              report: Callable[[str], None] | None = None, overwrite: bool = False) -> BatchResult:
     """Run this process's share of ``jobs``; skip finished ones; record every outcome.
 
     runner: runs one job (default :func:`default_runner`). manifest: path of the batch manifest
     (None: none written). cache: kept across jobs so models load once (a fresh dict by default).
     retry_failed: False skips jobs whose record says failed. progress: a tqdm-like callable used
-    for the one progress bar over this process's jobs. Never raises for a failing job.
+    for the one progress bar over this process's jobs. report: called with one plain line per job
+    (for logs, when stderr is not a terminal); without it those lines go to the logger.
+    overwrite: let jobs replace files that ex4d did not write (``--overwrite``).
+
+    Writes follow :func:`ex4d.io.files.write_policy`: the jobs file and every file any job reads are
+    protected for the whole batch (the manifest is checked against them before any job runs), and
+    each job runs in its own nested policy. Never raises for a failing job.
     """
     runner = runner or default_runner
     worker = worker or Worker()
     cache = {} if cache is None else cache
     mine = worker.share(jobs)
     result = BatchResult(manifest=Path(manifest) if manifest else None)
-    bar = progress(total=len(mine), desc="batch" if worker.world_size == 1 else f"batch rank {worker.rank}",
-                   unit="job", position=worker.rank) if progress else None
-    try:
-        for job in mine:
-            record = read_record(job)
-            if is_finished(job, record):
-                log.info("job %d (%s): finished earlier, skipped", job["index"], job["name"])
-                result.skipped.append(job["index"])
-            elif (not retry_failed and record and record.get("status") == "failed"
-                  and record.get("fingerprint") == job_fingerprint(job)):
-                log.info("job %d (%s): failed earlier, not retried", job["index"], job["name"])
-                result.skipped_failed.append(job["index"])
-            else:
-                _run_one(job, runner, cache, worker, result)
-                if manifest:
-                    write_manifest(manifest, jobs, jobs_file)
+    prefix = "" if worker.world_size == 1 else f"rank {worker.rank}: "
+
+    def say(message: str, level: int = logging.INFO) -> None:
+        if report is not None:
+            report(prefix + message)
+        else:
+            log.log(level, prefix + message)
+
+    with write_policy(overwrite=overwrite, inputs=[jobs_file] + [f for job in jobs for f in job_inputs(job)]):
+        if manifest:
+            check_manifest_path(manifest, jobs)
+            write_manifest(manifest, jobs, jobs_file)  # before any job: a clash fails now, not after hours
+        bar = progress(total=len(mine), desc="batch" if worker.world_size == 1 else f"batch rank {worker.rank}",
+                       unit="job", position=worker.rank) if progress else None
+        try:
+            for count, job in enumerate(mine, 1):
+                tag = f"[{count}/{len(mine)}] job {job['index'] + 1} ({job['name']})"
+                record = read_record(job)
+                if is_finished(job, record):
+                    say(f"{tag}: finished earlier, skipped")
+                    result.skipped.append(job["index"])
+                elif (not retry_failed and record and record.get("status") == "failed"
+                      and record.get("fingerprint") == job_fingerprint(job)):
+                    say(f"{tag}: failed earlier, not retried")
+                    result.skipped_failed.append(job["index"])
+                else:
+                    with write_policy(overwrite=overwrite, inputs=job_inputs(job)):
+                        _run_one(job, runner, cache, worker, result, say, tag)
+                    if manifest:
+                        write_manifest(manifest, jobs, jobs_file)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(ran=len(result.ran), skipped=len(result.skipped) + len(result.skipped_failed),
+                                    failed=len(result.failed))
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(ran=len(result.ran), skipped=len(result.skipped) + len(result.skipped_failed),
-                                failed=len(result.failed))
-    finally:
-        if bar is not None:
-            bar.close()
-    if manifest:
-        write_manifest(manifest, jobs, jobs_file)
+                bar.close()
+        if manifest:
+            write_manifest(manifest, jobs, jobs_file)
     return result
 
 
-def _run_one(job: dict, runner: JobRunner, cache: dict, worker: Worker, result: BatchResult) -> None:
+def _run_one(job: dict, runner: JobRunner, cache: dict, worker: Worker, result: BatchResult,
+             say: Callable[..., None], tag: str) -> None:
     job = dict(job)
     device = worker.device(job.get("device"))
     if device is not None:
         job["device"] = device
-    base = {"index": job["index"], "name": job["name"], "fingerprint": job_fingerprint(job),
+    parts = job_fingerprint_parts(job, fresh=True)  # the inputs as this run reads them
+    base = {"job": job["index"] + 1, "index": job["index"], "name": job["name"],
+            "fingerprint": job_fingerprint(job, parts=parts), "inputs": parts,
             "settings": {k: v for k, v in job.items() if k != "index"}, "rank": worker.rank}
     started, t0 = _now(), time.perf_counter()
     try:
         Path(job["output"]).mkdir(parents=True, exist_ok=True)
+        before = (read_record(job) or {}).get("inputs") or {}
+        if before.get("depth_models") not in (None, parts.get("depth_models")):
+            # depth.npz's own reuse check knows the estimator's name, not its weights: drop it so that
+            # the new weights compute it again (before the "running" record, so a crash cannot revive it)
+            stale = Path(job["output"]) / "depth.npz"
+            with contextlib.suppress(InputError):  # never one that is an input (another job's depth file)
+                forget_output(check_output(stale))
         # A "running" record marks a job a crash (e.g. killed for memory) interrupted; resume reruns it.
         write_record(job, {**base, "status": "running", "started": started})
-    except OSError as exc:  # no record can be written there; the manifest will show it as pending
-        log.warning("job %d (%s) failed: cannot write to its output folder %s: %s", job["index"], job["name"],
-                    job["output"], exc.strerror or exc)
+    except (OSError, UserError) as exc:  # no record can be written there; the manifest will show it as pending
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+        say(f"{tag}: failed: cannot write to its output folder {job['output']}: {why}", logging.WARNING)
         result.failed.append(job["index"])
         return
     try:
@@ -414,7 +818,6 @@ def _run_one(job: dict, runner: JobRunner, cache: dict, worker: Worker, result: 
             record["timings"] = timings
         result.ran.append(job["index"])
     except Exception as exc:  # a failing job is recorded and the batch goes on
-        log.warning("job %d (%s) failed: %s", job["index"], job["name"], _one_line(exc))
         record = {**base, "status": "failed", "error": _one_line(exc)}
         if not isinstance(exc, UserError):
             record["traceback"] = traceback.format_exc()
@@ -422,6 +825,10 @@ def _run_one(job: dict, runner: JobRunner, cache: dict, worker: Worker, result: 
         _free_accelerator_memory()
     record.update(started=started, finished=_now(), seconds=round(time.perf_counter() - t0, 3))
     write_record(job, record)
+    if record["status"] == "done":
+        say(f"{tag}: done in {record['seconds']:.1f} s")
+    else:
+        say(f"{tag}: failed: {record['error']}", logging.WARNING)
 
 
 def _free_accelerator_memory() -> None:

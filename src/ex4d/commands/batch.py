@@ -17,6 +17,7 @@ examples:
   ex4d batch jobs.yaml                                  # one process; rerun to resume
   torchrun --nproc-per-node 4 -m ex4d.cli batch jobs.yaml   # one process per GPU, jobs r, r+4, ...
   ex4d batch jobs.csv --status                          # print the manifest's counts, run nothing
+  ex4d batch jobs.yaml --dry-run                        # check videos, cams and pose files; run nothing
 """
 
 
@@ -29,47 +30,70 @@ def register(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("jobs", help="jobs file: .yaml/.yml/.json or .csv")
     parser.add_argument("--manifest", default=None,
-                        help="manifest path (default: <jobs file stem>.manifest.json beside the jobs file)")
+                        help="manifest path (default: <jobs file name>.manifest.json beside the jobs file, e.g. "
+                             "jobs.yaml.manifest.json); never the jobs file, a job's input or a file ex4d did not "
+                             "write")
     parser.add_argument("--skip-failed", action="store_true",
                         help="do not retry jobs that failed in an earlier run (default: retry them)")
-    parser.add_argument("--status", action="store_true", help="write and summarise the manifest; run nothing")
-    parser.add_argument("--dry-run", action="store_true", help="check the jobs file and list what would run")
+    parser.add_argument("--status", action="store_true", help="write and summarise the manifest; run nothing "
+                                                             "(default: run the jobs)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the jobs file, open every video (frame count vs num_frames), parse every "
+                             "camera path and pose file, list what would run and every problem; run nothing "
+                             "(exit 1 if a problem is found)")
     parser.set_defaults(func=main)
 
 
 def default_manifest(jobs_file: str) -> Path:
+    """``<jobs file name>.manifest.json`` beside it: jobs.yaml and jobs.csv in one folder get two manifests."""
     path = Path(jobs_file).resolve()
-    return path.with_name(f"{path.stem}.manifest.json")
+    return path.with_name(f"{path.name}.manifest.json")
 
 
 def main(args) -> int:
-    from ex4d.batch import Worker, build_manifest, is_finished, load_jobs, run_batch, write_manifest
+    from ex4d.batch import (Worker, build_manifest, check_jobs, check_manifest_path, is_finished, job_inputs,
+                            load_jobs, run_batch, write_manifest)
     from ex4d.commands.common import progress
     from ex4d.diffusion.parallel import apply_safe_env
+    from ex4d.io.files import protect_inputs
 
     apply_safe_env()  # launched by torchrun/accelerate: NVLink multicast stays off whatever runs inside
 
-    jobs = load_jobs(args.jobs)
+    jobs = load_jobs(args.jobs)  # the jobs file is now an input of this command: never written
+    jobs_file = str(Path(args.jobs).resolve())
     manifest = Path(args.manifest) if args.manifest else default_manifest(args.jobs)
     worker = Worker.from_env()
-    if args.status or args.dry_run:
-        if args.status:
-            write_manifest(manifest, jobs, str(Path(args.jobs).resolve()))
-            counts = build_manifest(jobs)["counts"]
-            print(" ".join(f"{k}={v}" for k, v in counts.items()) + f"  ({manifest})")
-        else:
-            for job in worker.share(jobs):
-                state = "finished, skip" if is_finished(job) else "run"
-                print(f"{job['index'] + 1:>5}  {job['stage']:<5} {job['cam']:<12} {job['output']}  [{state}]")
-        return 0
-    result = run_batch(jobs, manifest=manifest, jobs_file=str(Path(args.jobs).resolve()), worker=worker,
-                       retry_failed=not args.skip_failed, progress=progress)
     prefix = "" if worker.world_size == 1 else f"rank {worker.rank}: "
+    if args.dry_run:
+        for job in worker.share(jobs):
+            state = "finished, skip" if is_finished(job) else "run"
+            print(f"{job['index'] + 1:>5}  {job['stage']:<5} {job['cam']:<12} {job['output']}  [{state}]")
+        problems = check_jobs(worker.share(jobs), manifest=manifest, jobs_file=jobs_file, overwrite=args.overwrite)
+        for problem in problems:
+            print(f"{prefix}problem: {problem}", file=sys.stderr)
+        if problems:
+            print(f"{prefix}{len(problems)} problem(s) found (jobs counted from 1); fix them before running",
+                  file=sys.stderr)
+            return 1
+        print(f"{prefix}no problems found in {len(worker.share(jobs))} job(s)", file=sys.stderr)
+        return 0
+    if args.status:
+        protect_inputs(*(name for job in jobs for name in job_inputs(job)))
+        check_manifest_path(manifest, jobs)
+        write_manifest(manifest, jobs, jobs_file)
+        counts = build_manifest(jobs)["counts"]
+        print(" ".join(f"{k}={v}" for k, v in counts.items()) + f"  ({manifest})")
+        return 0
+    interactive = sys.stderr.isatty()  # a terminal gets the bar; logs and pipes get one plain line per job
+    result = run_batch(jobs, manifest=manifest, jobs_file=jobs_file, worker=worker,
+                       retry_failed=not args.skip_failed, progress=progress if interactive else None,
+                       report=None if interactive else (lambda line: print(line, file=sys.stderr, flush=True)),
+                       overwrite=args.overwrite)
     not_retried = f", {len(result.skipped_failed)} failed earlier (not retried)" if result.skipped_failed else ""
     print(f"{prefix}{len(result.ran)} ran, {len(result.skipped)} skipped (finished){not_retried}, "
           f"{len(result.failed)} failed; manifest: {manifest}", file=sys.stderr)
     if result.failed:
-        print(f"{prefix}failed jobs (errors in the manifest): "
+        print(f"{prefix}failed jobs (numbered from 1; errors in the manifest): "
               + ", ".join(str(i + 1) for i in result.failed), file=sys.stderr)
         return 1
     return 0
