@@ -267,9 +267,141 @@ def test_cli_make_pairs(tmp_path, tiny_clip, capsys):
     videos, depths = _write_inputs(tmp_path, tiny_clip)
     code = main(["make-pairs", str(videos), "--depth", str(depths), "--num-frames", "5", "-o",
                  str(tmp_path / "out"), "--device", "cpu", "--families", "orbit=1", "--yaw", "20", "30"])
-    assert code == 0
     captured = capsys.readouterr()
-    assert "1 made" in captured.out and "2 failed" in captured.out and "short" in captured.err
+    assert code == 1  # some clips failed: not a success
+    assert "1 made" in captured.out and "2 failed" in captured.out
     record = json.loads((tmp_path / "out" / "clips" / "good" / "pair.json").read_text())
     assert 20 <= abs(int(record["spec"])) <= 30
     assert main(["make-pairs", str(tmp_path / "nothing"), "-o", str(tmp_path / "o2")]) == 1
+
+
+def _make_pairs_cli(tmp_path, videos, depths, *extra):
+    from ex4d.cli import main
+
+    return main(["make-pairs", str(videos), "--depth", str(depths), "--num-frames", "5", "-o", str(tmp_path / "out"),
+                 "--device", "cpu", *extra])
+
+
+def test_make_pairs_reports_failed_clips_and_retries_them_unless_skip_failed(tmp_path, tiny_clip, capsys):
+    """Issue 14 item 12: failed clips are reported (a line each and a summary) with exit 1; a rerun
+    retries them (exit 1 again while they still fail), --skip-failed leaves them (exit 0), and a clip
+    whose input changed is retried even with --skip-failed (batch's semantics)."""
+    from ex4d.io.video import to_uint8, write_video
+
+    videos, depths = _write_inputs(tmp_path, tiny_clip)
+    assert _make_pairs_cli(tmp_path, videos, depths) == 1
+    err = capsys.readouterr().err.splitlines()
+    failed = [line for line in err if line.startswith("failed: clip ")]
+    assert len(failed) == 2 and any("clip short:" in line and "frames" in line for line in failed)
+    assert any("clip corrupt:" in line for line in failed)
+    assert any(line.startswith("error: 2 of 3 clips failed") and "--skip-failed" in line for line in err)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [manifest["clips"][c]["status"] for c in ("corrupt", "good", "short")] == ["error", "done", "error"]
+
+    assert _make_pairs_cli(tmp_path, videos, depths) == 1  # retried (and still failing), good one skipped
+    captured = capsys.readouterr()
+    assert "0 made, 1 already done, 2 failed" in captured.out
+    assert sum(line.startswith("failed: clip ") for line in captured.err.splitlines()) == 2
+
+    assert _make_pairs_cli(tmp_path, videos, depths, "--skip-failed") == 0  # nothing failed in this run
+    captured = capsys.readouterr()
+    assert "1 already done, 2 failed earlier (not retried: --skip-failed), 0 failed" in captured.out
+    assert "failed: clip" not in captured.err
+    kept = json.loads((tmp_path / "out" / "manifest.json").read_text())["clips"]
+    assert kept["short"]["status"] == "error" and kept["short"]["error"] == manifest["clips"]["short"]["error"]
+
+    write_video(videos / "short.mp4", to_uint8(tiny_clip[0].frames), 15.0)  # the user fixes one clip
+    tiny_clip[1].save(depths / "short.npz")
+    assert _make_pairs_cli(tmp_path, videos, depths, "--skip-failed") == 0
+    assert "1 made, 1 already done, 1 failed earlier" in capsys.readouterr().out
+    assert (tmp_path / "out" / "clips" / "short" / "pair.json").is_file()
+
+
+class _Boom:
+    """A fake depth estimator whose every use fails with the given error (counts its calls)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error, self.calls = error, 0
+
+    def estimate(self, frames):
+        self.calls += 1
+        raise self.error
+
+
+@pytest.mark.parametrize("where, error", [("load", "missing"), ("load", "offline"), ("estimate", "missing")])
+def test_make_pairs_stops_once_for_missing_weights(tmp_path, tiny_clip, capsys, monkeypatch, where, error):
+    """Missing weights (or an unreachable Hub) concern every clip: make-pairs stops at once with exit 2
+    and one error line; nothing is recorded per clip, and the estimator is not tried for every clip."""
+    import ex4d.depth
+    from ex4d.cli import main
+    from ex4d.errors import MissingWeightsError
+    from ex4d.io.video import to_uint8, write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a", "b", "c"):
+        write_video(videos / f"{name}.mp4", to_uint8(tiny_clip[0].frames), 15.0)
+    exc = (MissingWeightsError("missing weights MODELS/tencent/DepthCrafter/unet.safetensors; download them")
+           if error == "missing" else ConnectionError("Failed to resolve 'huggingface.co'"))
+    calls = []
+    fake = _Boom(exc)
+
+    def get_estimator(spec, **kwargs):
+        calls.append(spec)
+        if where == "load":
+            raise exc
+        return fake
+
+    monkeypatch.setattr(ex4d.depth, "get_estimator", get_estimator)
+    code = main(["make-pairs", str(videos), "--depth", "depthcrafter", "--num-frames", "5", "-o", str(tmp_path / "out"),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(calls) == 1 and fake.calls == (1 if where == "estimate" else 0)
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and ("missing weights" in errors[0] or "unreachable" in errors[0]), err
+    assert not any(line.startswith("failed: clip") for line in err)
+    manifest = tmp_path / "out" / "manifest.json"
+    assert not manifest.exists() or json.loads(manifest.read_text())["clips"] == {}
+
+
+@pytest.mark.parametrize("size, message", [("512", "HxW"), ("16x", "HxW"), ("15x16", "multiple of 2"),
+                                           ("16x99999", "between 8 and 4096")])
+def test_make_pairs_size_is_hxw(tmp_path, tiny_clip, capsys, size, message):
+    """--size takes HxW as every other command does; anything else is one line and exit 1 before any work."""
+    videos, depths = _write_inputs(tmp_path, tiny_clip)
+    assert _make_pairs_cli(tmp_path, videos, depths, "--size", size) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --size") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_pairs_size_resizes_clips(tmp_path, tiny_clip):
+    videos, depths = _write_inputs(tmp_path, tiny_clip)
+    (videos / "corrupt.mp4").unlink()
+    (videos / "short.mp4").unlink()
+    assert _make_pairs_cli(tmp_path, videos, depths, "--size", "16x24") == 0
+    record = json.loads((tmp_path / "out" / "clips" / "good" / "pair.json").read_text())
+    assert record["size"] == [16, 24]
+
+
+def test_train_on_a_folder_where_every_clip_failed_says_so(tmp_path, tiny_clip, capsys):
+    """Issue 14 item 19: not "not a pair dataset" when make-pairs ran and every clip failed."""
+    from ex4d.cli import main
+    from ex4d.train.dataset import PairDataset
+
+    videos, depths = _write_inputs(tmp_path, tiny_clip)
+    (videos / "good.mp4").unlink()
+    assert _make_pairs_cli(tmp_path, videos, depths) == 1
+    assert not (tmp_path / "out" / "clips").exists()
+    capsys.readouterr()
+    with pytest.raises(InputError, match=r"holds no finished pairs: all 2 clips failed in make-pairs \(see .*manifest"):
+        PairDataset(tmp_path / "out", size=(16, 16), num_frames=5)
+    assert main(["train", str(tmp_path / "out"), "-o", str(tmp_path / "run"), "--size", "16x16",
+                 "--num-frames", "5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "all 2 clips failed in make-pairs" in err and "not a pair dataset" not in err
+    assert len(err.splitlines()) == 1
+    (tmp_path / "plain").mkdir()  # a folder make-pairs never wrote is still "not a pair dataset"
+    with pytest.raises(InputError, match="not a pair dataset"):
+        PairDataset(tmp_path / "plain")

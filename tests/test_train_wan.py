@@ -198,7 +198,7 @@ def test_cli_make_pairs_train_generate(tmp_path, capsys):
     _make_pairs(tmp_path)
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "pairs"), "-o", str(run), "--models-dir", str(tmp_path / "models"),
-                 "--steps", "2", "--size", "16", "16", "--num-frames", str(T), "--encoder-hidden", "16",
+                 "--steps", "2", "--size", "16x16", "--num-frames", str(T), "--encoder-hidden", "16",
                  "--lora-rank", "4", "--lora-alpha", "4", "--num-workers", "0", "--validation-pairs", "1",
                  "--validate-every", "2"]) == 0
     assert "trained to step 2" in capsys.readouterr().out
@@ -281,7 +281,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     from ex4d.cli import main
 
     _make_pairs(tmp_path)
-    common = ["--models-dir", str(tmp_path / "models"), "--steps", "2", "--size", "16", "16", "--num-frames", str(T),
+    common = ["--models-dir", str(tmp_path / "models"), "--steps", "2", "--size", "16x16", "--num-frames", str(T),
               "--encoder-hidden", "16", "--lora-rank", "4", "--lora-alpha", "4", "--num-workers", "0",
               "--lr", "1e-2", "--max-grad-norm", "0"]
     ddp = tmp_path / "ddp"

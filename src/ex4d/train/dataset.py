@@ -23,14 +23,54 @@ log = logging.getLogger(__name__)
 
 
 def find_pairs(root: str | os.PathLike) -> list[Path]:
-    """Complete clip folders (those with ``pair.json``) under ``<root>/clips``, sorted by id."""
+    """Complete clip folders (those with ``pair.json``) under ``<root>/clips``, sorted by id.
+
+    A folder written by ``ex4d make-pairs`` in which no clip finished (all failed) gives an empty
+    list; :func:`describe_empty` says why. A folder that make-pairs never wrote is an InputError.
+    """
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"dataset folder not found: {root} (make one with `ex4d make-pairs`)")
     clips_dir = root / "clips"
     if not clips_dir.is_dir():
-        raise InputError(f"{root} is not a pair dataset (no clips/ folder); make one with `ex4d make-pairs`")
+        if (root / "manifest.json").is_file():
+            return []  # make-pairs ran here but no clip finished
+        raise InputError(f"{root} is not a pair dataset (no clips/ folder and no manifest.json); "
+                         f"make one with `ex4d make-pairs VIDEOS -o {root}`")
     return sorted(p for p in clips_dir.iterdir() if p.is_dir() and (p / "pair.json").is_file())
+
+
+def manifest_counts(root: str | os.PathLike) -> dict[str, int] | None:
+    """Clip statuses in ``<root>/manifest.json`` (``{"done": n, "error": m}``), None if it is unreadable."""
+    try:
+        clips = json.loads((Path(root) / "manifest.json").read_text()).get("clips")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(clips, dict):
+        return None
+    counts: dict[str, int] = {}
+    for record in clips.values():
+        status = record.get("status", "unknown") if isinstance(record, dict) else "unknown"
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def describe_empty(root: str | os.PathLike) -> str:
+    """Why ``root`` holds no finished pairs, in words (from its manifest when there is one)."""
+    root = Path(root)
+    manifest = root / "manifest.json"
+    counts = manifest_counts(root)
+    if not counts:
+        return f"{root} holds no finished pairs (make them with `ex4d make-pairs VIDEOS -o {root}`)"
+    total, failed = sum(counts.values()), counts.get("error", 0)
+    if failed == total:
+        what = f"all {total} clip{'s' if total != 1 else ''} failed in make-pairs"
+    elif failed:
+        what = f"{failed} of {total} clips failed in make-pairs and the others are not finished"
+    else:
+        what = f"none of its {total} clips is finished"
+    return (f"{root} holds no finished pairs: {what} (see {manifest}); fix them and rerun `ex4d make-pairs`, "
+            f"which retries failed clips")
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -47,10 +87,17 @@ class PairDataset(torch.utils.data.Dataset):
         from ex4d.diffusion.conditioning import check_num_frames
 
         roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
-        self.clips: list[Path] = [clip for root in roots for clip in find_pairs(root)]
+        found = {str(root): find_pairs(root) for root in roots}
+        self.clips: list[Path] = [clip for clips in found.values() for clip in clips]
         if not self.clips:
-            raise InputError(f"no finished pairs in {', '.join(map(str, roots))}; run `ex4d make-pairs` first "
-                             f"(or check its manifest.json for errors)")
+            raise InputError("; ".join(describe_empty(root) for root in roots))
+        for root, clips in found.items():
+            counts = manifest_counts(root) or {}
+            if not clips:
+                log.warning("%s; training on the other folder(s)", describe_empty(root))
+            elif counts.get("error"):
+                log.warning("%s: %d clip(s) failed in make-pairs and are left out (see %s)", root, counts["error"],
+                            Path(root) / "manifest.json")
         check_num_frames(num_frames, "--num-frames")
         self.size, self.num_frames = (int(size[0]), int(size[1])), int(num_frames)
         short = []

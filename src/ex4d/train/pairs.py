@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ex4d.errors import InputError, UserError
-from ex4d.io.files import atomic_dir, atomic_path, prepare_output_dir
+from ex4d.io.files import atomic_dir, atomic_path, check_output, is_disk_full, prepare_output_dir
 from ex4d.train.masks import MaskSettings, simulate_masks
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class PairSettings:
         if self.num_frames < 2:
             raise InputError(f"pairs need at least 2 frames, got --num-frames {self.num_frames}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 8 or any(s % 2 for s in self.size)):
-            raise InputError(f"--size must be two even numbers >= 8 (H W), got {self.size}")
+            raise InputError(f"--size must be HxW with even sides >= 8, e.g. 512x512, got {self.size}")
         self.trajectories.validate()
         self.masks.validate()
 
@@ -279,80 +279,142 @@ def _existing_request(clip_dir: Path) -> dict | None:
 
 @dataclass
 class BatchSummary:
+    """What one ``build_pairs`` call did. ``errors``: clip id -> one-line error, for the clips that
+    failed in this call; ``skipped_failed``: ids of clips that failed in an earlier run with the same
+    inputs and were not retried (``retry_failed=False``)."""
+
     done: int = 0
     skipped: int = 0
     failed: int = 0
     manifest: Path | None = None
     errors: dict = field(default_factory=dict)
+    skipped_failed: list = field(default_factory=list)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A clip's error for the manifest and the report: the first non-empty line (never an IndexError on
+    an empty message); non-user errors are named as internal errors (a bug in ex4d)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if isinstance(exc, UserError):
+        return text or type(exc).__name__
+    return f"internal error: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """True for the errors of an unreachable Hugging Face Hub (they concern every clip, not one)."""
+    import socket
+
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    module = type(exc).__module__ or ""
+    return module.split(".")[0] in ("huggingface_hub", "requests", "urllib3", "httpx", "httpcore")
+
+
+def _load_estimator(depth: str, models_dir: str | None, device: str):
+    """The depth estimator of the batch. Any failure here stops the batch (it would fail every clip):
+    missing weights and an unreachable Hub are a MissingWeightsError (exit 2), not one error per clip."""
+    from ex4d.depth import get_estimator
+    from ex4d.errors import MissingWeightsError
+
+    try:
+        return get_estimator(depth, models_dir=models_dir, device=device)
+    except UserError:
+        raise
+    except Exception as exc:
+        if _is_network_error(exc):
+            raise MissingWeightsError(f"cannot load the {depth} depth model: the Hugging Face Hub is unreachable "
+                                      f"({_one_line(exc)}); download the weights first (docs/models.md) and pass "
+                                      f"--models-dir, or give per-clip depth files with --depth FOLDER") from None
+        raise
 
 
 def build_pairs(inputs: list[ClipInput], out_dir: str | os.PathLike, settings: PairSettings, *,
                 depth: str = "depthcrafter", models_dir: str | None = None, device: str = "auto",
-                progress: Callable[..., Iterable] | None = None, overwrite: bool = False) -> BatchSummary:
+                progress: Callable[..., Iterable] | None = None, overwrite: bool = False,
+                retry_failed: bool = True) -> BatchSummary:
     """Make pairs for every clip; resumable; a clip's failure is recorded and the batch goes on.
 
     depth: ``depthcrafter`` / ``depth-anything`` (one estimator, loaded once, for the batch), or a
     folder holding ``<video stem>.npz`` / ``.npy`` per clip. A list file's per-line depth wins.
+    overwrite: remake finished clips too (``--redo``). retry_failed: False leaves alone the clips
+    whose manifest record says they failed with the same inputs and settings (``--skip-failed``);
+    by default a rerun retries them. Errors that concern every clip (missing depth weights, an
+    unreachable Hub: exit code 2) stop the batch at once instead of being recorded per clip.
     """
     from ex4d.devices import resolve_device
 
     settings.validate()
     out_dir = prepare_output_dir(out_dir)
     torch_device = resolve_device(device)
+    check_output(out_dir / "manifest.json", "manifest")  # before any work, not after the first clip
     manifest = Manifest(out_dir, settings.to_dict())
     summary = BatchSummary(manifest=manifest.path)
     depth_dir = Path(depth) if Path(depth).is_dir() else None
     estimator = None
     renderer = None
     items = inputs if progress is None else progress(inputs, desc="pairs", unit="clip")
-    for clip in items:
-        clip_dir = out_dir / "clips" / clip.clip_id
-        started = time.perf_counter()
-        record = {"video": str(clip.video), "status": "error"}
-        try:
+    try:
+        for clip in items:
+            clip_dir = out_dir / "clips" / clip.clip_id
+            started = time.perf_counter()
+            record = {"video": str(clip.video), "status": "error"}
             depth_file = clip.depth
             if depth_file is None and depth_dir is not None:
                 candidates = [depth_dir / f"{clip.video.stem}{s}" for s in (".npz", ".npy")]
                 depth_file = next((c for c in candidates if c.is_file()), None)
-                if depth_file is None:
-                    raise InputError(f"no depth file for {clip.video.name} in {depth_dir} "
-                                     f"(expected {clip.video.stem}.npz or .npy)")
+            if depth_file is not None:
+                depth_source = _fingerprint(depth_file) if depth_file.is_file() else {"missing": str(depth_file)}
+            else:
+                depth_source = {"missing": str(depth_dir)} if depth_dir is not None else depth
             request = {"format": PAIR_FORMAT, "video": _fingerprint(clip.video) if clip.video.is_file() else None,
-                       "depth": _fingerprint(depth_file) if depth_file else depth, "settings": settings.to_dict()}
+                       "depth": depth_source, "settings": settings.to_dict()}
             request = json.loads(json.dumps(request, default=str))  # as it reads back from pair.json
             if not overwrite and _existing_request(clip_dir) == request:
                 summary.skipped += 1  # resume: this clip's folder is complete and up to date
                 manifest.update(clip.clip_id, {**manifest.clips.get(clip.clip_id, {}), "video": str(clip.video),
                                                "status": "done"})
                 continue
-            if depth_file is None and estimator is None:
-                from ex4d.depth import get_estimator
-
-                estimator = get_estimator(depth, models_dir=models_dir, device=str(torch_device))
-            pair, source, renderer = _pair_for_clip(clip, depth_file, estimator, settings, str(torch_device),
-                                                    renderer)
-            record.update(status="done", spec=pair.spec, seed=pair.seed, request=request, source=source,
-                          num_frames=int(pair.video.shape[0]), size=list(pair.video.shape[1:3]))
-            write_pair(pair, clip_dir, {**record, "settings": settings.to_dict(), "clip_id": clip.clip_id})
-            record["visible_fraction"] = pair.stats()["visible_fraction"]
-            record.pop("request")
-            summary.done += 1
-        except UserError as exc:
-            record.update(status="error", error=str(exc))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # one bad clip must not stop a long batch
-            log.debug("clip %s failed", clip.clip_id, exc_info=True)
-            record.update(status="error", error=f"internal error: {type(exc).__name__}: {exc}",
-                          traceback=traceback.format_exc(limit=4))
-        if record["status"] == "error":
-            summary.failed += 1
-            summary.errors[clip.clip_id] = record["error"]
-            log.info("clip %s failed: %s", clip.clip_id, record["error"])
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        manifest.update(clip.clip_id, record)
-    if renderer is not None:
-        renderer.release()
+            earlier = manifest.clips.get(clip.clip_id) or {}
+            if not retry_failed and earlier.get("status") == "error" and earlier.get("request") == request:
+                summary.skipped_failed.append(clip.clip_id)  # --skip-failed: same inputs, failed before
+                log.info("clip %s failed earlier, not retried: %s", clip.clip_id, earlier.get("error"))
+                continue
+            if depth_file is None and depth_dir is None and estimator is None:
+                estimator = _load_estimator(depth, models_dir, str(torch_device))  # outside the per-clip catch
+            try:
+                if depth_file is None and depth_dir is not None:
+                    raise InputError(f"no depth file for {clip.video.name} in {depth_dir} "
+                                     f"(expected {clip.video.stem}.npz or .npy)")
+                pair, source, renderer = _pair_for_clip(clip, depth_file, estimator, settings, str(torch_device),
+                                                        renderer)
+                record.update(status="done", spec=pair.spec, seed=pair.seed, request=request, source=source,
+                              num_frames=int(pair.video.shape[0]), size=list(pair.video.shape[1:3]))
+                write_pair(pair, clip_dir, {**record, "settings": settings.to_dict(), "clip_id": clip.clip_id})
+                record["visible_fraction"] = pair.stats()["visible_fraction"]
+                record.pop("request")
+                summary.done += 1
+            except UserError as exc:
+                if exc.exit_code != 1:  # missing or corrupt weights: every clip would fail the same way
+                    raise
+                record.update(status="error", error=_one_line(exc), request=request)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # one bad clip must not stop a long batch
+                if is_disk_full(exc):
+                    raise  # the disk, not this clip: stop (the CLI says what to do)
+                log.debug("clip %s failed", clip.clip_id, exc_info=True)
+                record.update(status="error", error=_one_line(exc), request=request,
+                              traceback=traceback.format_exc(limit=4))
+            if record["status"] == "error":
+                summary.failed += 1
+                summary.errors[clip.clip_id] = record["error"]
+                log.info("clip %s failed: %s", clip.clip_id, record["error"])
+            record["seconds"] = round(time.perf_counter() - started, 2)
+            manifest.update(clip.clip_id, record)
+    finally:
+        if renderer is not None:
+            renderer.release()
     return summary
 
 

@@ -14,11 +14,12 @@ LoRA + CamVidEncoder of EX-4D); this module owns the loop:
   FSDP2 the trainable tensors are sharded DTensors: checkpoints and the final adapter gather them
   (and the optimizer state) on every process before the main process writes them.
 * **Checkpoints** every ``checkpoint_every`` steps in ``<out>/checkpoints/step-NNNNNN/``: the fp32
-  trainable tensors, optimizer, LR scheduler, RNG states and step, plus the system's exported
+  trainable tensors, optimizer, LR scheduler, RNG states (safetensors) and step, plus the system's exported
   adapter (``ex4d.ckpt`` that ``ex4d generate`` loads unchanged, and a safetensors adapter +
   config). Each folder is written under a temporary name and renamed when complete.
 * **Logging**: ``<out>/log.csv`` (step, loss, lr, grad_norm, samples/s), TensorBoard when the
-  ``tensorboard`` package is installed, validation outputs every ``validate_every`` steps.
+  ``tensorboard`` package is installed, validation outputs every ``validate_every`` steps. The CSV
+  files and ``config.json`` are replaced whole (temporary name, then rename), never edited in place.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ex4d.errors import InputError
-from ex4d.io.files import atomic_dir
+from ex4d.errors import CheckpointError, InputError
+from ex4d.io.files import atomic_dir, atomic_path, check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,14 @@ class TrainSystem(nn.Module):
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
             raise InputError(f"checkpoint does not match the model: {len(missing)} missing "
-                             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+                             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+                             f"it was trained with other model settings: use the same, or start a new run")
+        shapes = [f"{name} {tuple(state[name].shape)} here {tuple(p.shape)}" for name, p in params.items()
+                  if tuple(state[name].shape) != tuple(p.shape)]
+        if shapes:
+            raise InputError(f"checkpoint does not match the model: {len(shapes)} tensor(s) of another shape "
+                             f"(e.g. {shapes[0]}); it was trained with other model settings (e.g. --lora-rank): "
+                             f"use the same, or start a new run")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state[name].to(p.device, p.dtype))
@@ -126,6 +134,11 @@ class TrainSystem(nn.Module):
     def describe(self) -> dict:
         """JSON-serialisable description of the model-side settings (saved with checkpoints)."""
         return {}
+
+    def resume_mismatches(self, saved: dict) -> list[str]:
+        """Settings that differ from a checkpoint's saved :meth:`describe` and make it impossible to resume
+        (e.g. ``"lora_rank was 16, now 8"``); empty when the checkpoint fits. Default: none."""
+        return []
 
 
 def derive_seed(*values: int) -> int:
@@ -200,19 +213,88 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+#: The RNG states of a checkpoint: plain tensors + JSON metadata (never a pickle; see load_checkpoint).
+RNG_FILE = "rng.safetensors"
+#: What checkpoints written before RNG_FILE hold instead: a pickle, never loaded (it could run code).
+LEGACY_RNG_FILE = "rng.pt"
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The global RNG states (torch CPU, CUDA if present, numpy, python) as tensors + string metadata."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(),
+               "numpy.keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+               "python.state": torch.tensor(python_state, dtype=torch.int64)}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    for index, value in enumerate(cuda):
+        tensors[f"cuda.{index}"] = value
+    meta = {"format": 1, "numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss),
+                                   "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": int(version), "gauss_next": gauss_next}, "cuda_devices": len(cuda)}
+    return tensors, {"ex4d_rng": json.dumps(meta)}
+
+
+def save_rng_state(path: Path) -> None:
+    """Write the global RNG states to ``path`` (safetensors: loading it runs no code)."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = _rng_state()
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore the global RNG states saved by :func:`save_rng_state`; a bad file is a CheckpointError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})["ex4d_rng"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        numpy_meta, python_meta = meta["numpy"], meta["python"]
+        numpy_state = (str(numpy_meta["name"]), tensors["numpy.keys"].numpy().astype(np.uint32),
+                       int(numpy_meta["pos"]), int(numpy_meta["has_gauss"]), float(numpy_meta["cached_gaussian"]))
+        gauss_next = python_meta["gauss_next"]
+        python_state = (int(python_meta["version"]), tuple(int(v) for v in tensors["python.state"].tolist()),
+                        None if gauss_next is None else float(gauss_next))
+        torch_state = tensors["torch"]
+        # validate every part on throwaway generators before changing any global state
+        torch.Generator().set_state(torch_state)
+        random.Random().setstate(python_state)
+        np.random.RandomState().set_state(numpy_state)
+    except Exception as exc:  # any malformed content: the file is not what save_rng_state wrote
+        raise CheckpointError(f"cannot read the RNG state {path}: {_first_line(exc)} (the checkpoint is corrupt; "
+                              f"resume from another one with --resume DIR, or start over with --resume none)") from None
+    torch.set_rng_state(torch_state)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        saved = [tensors[f"cuda.{i}"] for i in range(int(meta.get("cuda_devices", 0))) if f"cuda.{i}" in tensors]
+        for index, value in enumerate(saved[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(value, index)
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name (messages may be empty)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _load_plain(path: Path, what: str):
+    """``torch.load(weights_only=True)`` (tensors and plain containers only; no code can run), with every
+    failure (missing, truncated, or a pickle that asks for anything else) as a one-line CheckpointError."""
+    import pickle
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path.parent} has no {path.name}; it is incomplete: resume from another "
+                              f"one with --resume DIR, or start over with --resume none")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError,
+            TypeError, ImportError, IndexError) as exc:
+        raise CheckpointError(f"cannot load the {what} {path}: {_first_line(exc)} (it holds more than plain tensors "
+                              f"and was refused, or it is corrupt; resume from another checkpoint with --resume DIR, "
+                              f"or start over with --resume none)") from None
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:
@@ -291,7 +373,7 @@ def save_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, ste
         save_file(state.trainable, str(tmp / "trainable.safetensors"))
         torch.save(state.optimizer, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        save_rng_state(tmp / RNG_FILE)
         adapter = system.export_adapter(tmp, state.trainable)
         record = {"step": step, "train_config": asdict(config), "system": system.describe(),
                   "optimizer_format": state.optimizer_format,
@@ -301,32 +383,94 @@ def save_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, ste
     return folder
 
 
+def read_checkpoint_record(folder: Path) -> dict:
+    """A checkpoint's ``state.json``; a missing or unreadable one is a one-line user error."""
+    folder = Path(folder)
+    state_path = folder / "state.json"
+    if not state_path.is_file():
+        raise InputError(f"{folder} is not a complete checkpoint (no state.json); pick another with --resume DIR "
+                         f"or start over with --resume none")
+    try:
+        state = json.loads(state_path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read {state_path}: {_first_line(exc)} (the checkpoint is corrupt; pick another "
+                              f"with --resume DIR or start over with --resume none)") from None
+    return state
+
+
+def check_resumable(folder: Path, state: dict, config: TrainConfig, system_mismatches: Iterable[str] = ()) -> None:
+    """Refuse (one line, exit 1) to resume a checkpoint made with settings that this run cannot continue:
+    the batch layout (:data:`RESUME_INVARIANTS`) or the system's shape-deciding settings
+    (``system_mismatches``, from :meth:`TrainSystem.resume_mismatches`, e.g. the LoRA rank)."""
+    saved = state.get("train_config") or {}
+    changed = [f"{k} was {saved[k]}, now {getattr(config, k)}" for k in RESUME_INVARIANTS
+               if k in saved and saved[k] != getattr(config, k)]
+    changed += list(system_mismatches)
+    if changed:
+        raise InputError(f"cannot resume from {folder}: {'; '.join(changed)}; use the same settings, or start a new "
+                         f"run (another -o, or --resume none)")
+
+
+def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """The checkpoint a run resumes from: ``"auto"`` = the latest complete one in ``output_dir`` (None if
+    there is none), ``None``/``"none"`` = none, anything else = that folder."""
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if resume in (None, "none"):
+        return None
+    return Path(resume)
+
+
 def load_checkpoint(folder: Path, system: TrainSystem, optimizer, scheduler, config: TrainConfig, *,
                     load_optimizer: bool = True) -> int:
     """Restore a checkpoint written by :func:`save_checkpoint`; return its step.
 
     Call before ``accelerator.prepare``. ``load_optimizer=False`` leaves the optimizer to
     :func:`load_optimizer_full` after prepare (FSDP2, whose optimizer state is sharded).
+
+    Nothing that needs unpickling is loaded: the trainables and the RNG states are safetensors, the
+    optimizer and scheduler states go through ``torch.load(weights_only=True)`` (tensors and plain
+    containers only). The ``rng.pt`` pickle of older checkpoints is never opened.
     """
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    state_path = folder / "state.json"
-    if not state_path.is_file():
-        raise InputError(f"{folder} is not a complete checkpoint (no state.json); pick another or --resume none")
-    state = json.loads(state_path.read_text())
-    saved = state.get("train_config", {})
-    changed = [k for k in RESUME_INVARIANTS if k in saved and saved[k] != getattr(config, k)]
-    if changed:
-        raise InputError(f"cannot resume from {folder}: {', '.join(f'{k} was {saved[k]}' for k in changed)}; "
-                         f"use the same values or start a new output folder")
-    system.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
+    state = read_checkpoint_record(folder)
+    check_resumable(folder, state, config, system.resume_mismatches(state.get("system") or {}))
+    trainable_path = folder / "trainable.safetensors"
+    try:
+        trainable = load_file(str(trainable_path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {trainable_path}: {_first_line(exc)} (the checkpoint is corrupt or "
+                              f"incomplete; pick another with --resume DIR or start over with --resume none)") from None
+    system.load_trainable_state_dict(trainable)
     if load_optimizer:
         if state.get("optimizer_format", "torch") != "torch":
             raise InputError(f"{folder} was saved by an FSDP run; resume it with FSDP (fsdp_version 2)")
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+        saved = _load_plain(folder / "optimizer.pt", "optimizer state")
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(f"the optimizer state in {folder} does not match this model ({_first_line(exc)}); "
+                             f"resume with the settings of that run, or start over with --resume none") from None
+    try:
+        scheduler.load_state_dict(_load_plain(folder / "scheduler.pt", "LR scheduler state"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot restore the LR scheduler from {folder / 'scheduler.pt'}: {_first_line(exc)} "
+                              f"(pick another checkpoint with --resume DIR or start over with --resume none)") from None
+    if (folder / RNG_FILE).is_file():
+        load_rng_state(folder / RNG_FILE)
+    else:
+        # Checkpoints written before RNG_FILE hold a pickle (rng.pt), which could run arbitrary code; it is
+        # not opened. Resuming stays exact without it: no training draw uses the global RNG state (every
+        # sample's randomness comes from (seed, sample index), see the module doc).
+        log.warning("%s has no %s (an older checkpoint; its %s is a pickle and is never loaded): the global RNG "
+                    "state is not restored, which does not change the training samples", folder, RNG_FILE,
+                    LEGACY_RNG_FILE)
     return int(state["step"])
 
 
@@ -335,10 +479,10 @@ def load_optimizer_full(folder: Path, model, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     folder = Path(folder)
-    state = json.loads((folder / "state.json").read_text())
-    saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    state = read_checkpoint_record(folder)
     if state.get("optimizer_format", "torch") != "full":
         raise InputError(f"{folder} was saved by an unsharded run; resume it without FSDP (or --resume none)")
+    saved = _load_plain(folder / "optimizer.pt", "optimizer state")
     set_optimizer_state_dict(model, _plain_optimizer(optimizer), saved,
                              options=StateDictOptions(full_state_dict=True))
 
@@ -347,56 +491,128 @@ def load_optimizer_full(folder: Path, model, optimizer) -> None:
 # Logging
 
 
+class _CsvTable:
+    """One CSV file of a run, held in memory and replaced whole (atomic_path) when flushed: a kill at any
+    moment leaves the previous complete file, never a half line."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...] | None, resume_step: int) -> None:
+        self.path, self.columns, self.rows, self.dirty = Path(path), columns, [], True
+        if resume_step > 0 and self.path.is_file():
+            # keep the whole rows up to the resumed step, so that the file reads as one run
+            with open(self.path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                self.columns = self.columns or (tuple(reader.fieldnames) if reader.fieldnames else None)
+                for row in reader:
+                    if None in row or None in row.values():
+                        continue  # a half line (left by an older ex4d that appended in place)
+                    try:
+                        step = int(row["step"])
+                    except (KeyError, ValueError):
+                        continue
+                    if step <= resume_step:
+                        self.rows.append(row)
+
+    def append(self, row: dict) -> None:
+        if self.columns is None:
+            self.columns = tuple(row)
+        self.rows.append(row)
+        self.dirty = True
+
+    def flush(self) -> None:
+        if not self.dirty or self.columns is None:
+            return
+        with atomic_path(self.path) as tmp:
+            _write_csv(tmp, self.columns, self.rows)
+        self.dirty = False
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 class MetricsLog:
-    """CSV (always) and TensorBoard (if installed) scalars; main process only."""
+    """CSV (always) and TensorBoard (if installed) scalars; main process only.
+
+    ``log.csv`` and ``<prefix>.csv`` are rewritten whole under a temporary name and renamed (never
+    appended in place): at least every :attr:`FLUSH_SECONDS`, and always before a checkpoint is
+    written (:meth:`flush`) so that a resume never leaves a gap. On resume, rows after the resumed
+    step are dropped (those steps run again).
+    """
 
     COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "seconds")
+    #: The ``<prefix>.csv`` files :meth:`scalars` may write (each listed in RUN_FILES).
+    PREFIXES = ("validation",)
+    FLUSH_SECONDS = 10.0
 
     def __init__(self, output_dir: Path, resume_step: int, tensorboard: bool) -> None:
-        self.path = Path(output_dir) / "log.csv"
-        rows = []
-        if self.path.is_file() and resume_step > 0:
-            # keep the rows up to the resumed step so that the file reads as one run
-            with open(self.path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "log.csv"
+        self.resume_step = resume_step
+        self._tables = {"log": _CsvTable(self.path, self.COLUMNS, resume_step)}
+        for prefix in self.PREFIXES:
+            if (self.output_dir / f"{prefix}.csv").is_file():
+                self._tables[prefix] = _CsvTable(self.output_dir / f"{prefix}.csv", None, resume_step)
+        self.flush()
+        self._last_flush = time.monotonic()
         self._writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
             except ImportError:
                 log.info("tensorboard is not installed; logging to log.csv only")
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=self.COLUMNS).writerow({k: row.get(k, "") for k in self.COLUMNS})
+        self._tables["log"].append({k: row.get(k, "") for k in self.COLUMNS})
+        if time.monotonic() - self._last_flush >= self.FLUSH_SECONDS:
+            self.flush()
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"train/{key}", value, row["step"])
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
-        """Append ``values`` to ``<prefix>.csv`` (columns fixed by the first call) and TensorBoard."""
+        """Add ``values`` to ``<prefix>.csv`` (columns fixed by the first call) and TensorBoard."""
         if values:
-            path = self.path.with_name(f"{prefix}.csv")
-            new = not path.is_file()
-            with open(path, "a", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=["step", *sorted(values)], extrasaction="ignore")
-                if new:
-                    writer.writeheader()
-                writer.writerow({"step": step, **values})
+            if prefix not in self.PREFIXES:
+                raise ValueError(f"unknown metrics table {prefix!r}; add it to MetricsLog.PREFIXES and RUN_FILES")
+            table = self._tables.get(prefix)
+            if table is None:
+                table = self._tables[prefix] = _CsvTable(self.path.with_name(f"{prefix}.csv"),
+                                                         ("step", *sorted(values)), 0)
+            table.append({"step": step, **values})
+            table.flush()
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(f"{prefix}/{key}", value, step)
 
+    def flush(self) -> None:
+        """Write every CSV whose rows changed (whole, atomically)."""
+        for table in self._tables.values():
+            table.flush()
+        self._last_flush = time.monotonic()
+
     def close(self) -> None:
+        self.flush()
         if self._writer is not None:
             self._writer.close()
+
+
+#: Files directly in a run folder that the trainer writes (checked before any work; see check_run_folder).
+RUN_FILES = ("config.json", "log.csv", "validation.csv", "final")
+
+
+def check_run_folder(output_dir: str | os.PathLike) -> None:
+    """Refuse, before any work, a run folder whose files the trainer would write over but ex4d did not
+    write (one line; ``--overwrite`` allows it), or that is an input of this run."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"the run folder {out} is an existing file; choose another -o")
+    check_outputs([out / name for name in RUN_FILES], "training output")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +659,7 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
         raise InputError("validation samples are not supported under FSDP; set --validate-every 0")
     out = Path(config.output_dir)
     if accelerator.is_main_process:
+        check_run_folder(out)
         out.mkdir(parents=True, exist_ok=True)
 
     params = [p for p in system.parameters() if p.requires_grad]
@@ -456,12 +673,7 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
                               num_training_steps=config.max_steps)
 
     start_step = 0
-    resume_dir = None
-    if resume == "auto":
-        found = list_checkpoints(out)
-        resume_dir = found[-1] if found else None
-    elif resume not in (None, "none"):
-        resume_dir = Path(resume)
+    resume_dir = find_resume_checkpoint(out, resume)
     if resume_dir is not None:
         start_step = load_checkpoint(resume_dir, system, optimizer, scheduler, config, load_optimizer=not fsdp2)
 
@@ -483,74 +695,80 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
     metrics = None
     if accelerator.is_main_process:
         run = {"world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value}
-        (out / "config.json").write_text(json.dumps({"train": asdict(config), "system": unwrapped.describe(),
-                                                     "run": run}, indent=2, default=str))
+        with atomic_path(out / "config.json") as tmp:
+            tmp.write_text(json.dumps({"train": asdict(config), "system": unwrapped.describe(), "run": run},
+                                      indent=2, default=str))
         metrics = MetricsLog(out, start_step, config.tensorboard)
 
     result = TrainResult(step=start_step)
-    batches = iter(loader)
-    steps = range(start_step, config.max_steps)
-    if progress is not None and accelerator.is_main_process:
-        steps = progress(steps, total=config.max_steps, initial=start_step, desc="train", unit="step")
-    model.train()
-    for step in steps:
-        started = time.perf_counter()
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(config.grad_accum):
-            batch = _to_device(next(batches), accelerator.device)
-            sync = contextlib.nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(model)
-            with sync:
-                loss = model(batch)["loss"]
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss {loss.item()} at step {step}; lower the learning rate")
-                accelerator.backward(loss / config.grad_accum)
-            step_loss += loss.detach() / config.grad_accum
-        grad_norm = float("nan")
-        if config.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
-        result.losses.append(mean_loss)
-        result.step = step + 1
-        seconds = time.perf_counter() - started
+    try:
+        batches = iter(loader)
+        steps = range(start_step, config.max_steps)
+        if progress is not None and accelerator.is_main_process:
+            steps = progress(steps, total=config.max_steps, initial=start_step, desc="train", unit="step")
+        model.train()
+        for step in steps:
+            started = time.perf_counter()
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(config.grad_accum):
+                batch = _to_device(next(batches), accelerator.device)
+                sync = contextlib.nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    loss = model(batch)["loss"]
+                    if not torch.isfinite(loss):
+                        raise InputError(f"training diverged: non-finite loss {loss.item()} at step {step + 1}; "
+                                         f"lower the learning rate (--lr) and start over (--resume none), or resume "
+                                         f"from an earlier checkpoint with --resume DIR")
+                    accelerator.backward(loss / config.grad_accum)
+                step_loss += loss.detach() / config.grad_accum
+            grad_norm = float("nan")
+            if config.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
+            result.losses.append(mean_loss)
+            result.step = step + 1
+            seconds = time.perf_counter() - started
 
-        done = result.step >= config.max_steps
-        if metrics is not None and (result.step % max(1, config.log_every) == 0 or done):
-            samples = config.batch_size * config.grad_accum * accelerator.num_processes
-            metrics.write({"step": result.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": grad_norm, "samples_per_s": samples / seconds, "seconds": seconds})
-        if config.validate_every > 0 and result.step % config.validate_every == 0 and accelerator.is_main_process:
-            model.eval()
-            values = unwrapped.validate(out / "validation" / f"{CHECKPOINT_PREFIX}{result.step:06d}", result.step)
-            model.train()
-            metrics.scalars("validation", values, result.step)
-        if (config.checkpoint_every > 0 and result.step % config.checkpoint_every == 0) or done:
+            done = result.step >= config.max_steps
+            if metrics is not None and (result.step % max(1, config.log_every) == 0 or done):
+                samples = config.batch_size * config.grad_accum * accelerator.num_processes
+                metrics.write({"step": result.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                               "grad_norm": grad_norm, "samples_per_s": samples / seconds, "seconds": seconds})
+            if config.validate_every > 0 and result.step % config.validate_every == 0 and accelerator.is_main_process:
+                model.eval()
+                values = unwrapped.validate(out / "validation" / f"{CHECKPOINT_PREFIX}{result.step:06d}", result.step)
+                model.train()
+                metrics.scalars("validation", values, result.step)
+            if (config.checkpoint_every > 0 and result.step % config.checkpoint_every == 0) or done:
+                accelerator.wait_for_everyone()
+                # Under FSDP2 every process takes part in the gathers; only the main one keeps and writes.
+                state = None
+                if fsdp2 or accelerator.is_main_process:
+                    state = gather_training_state(unwrapped, optimizer, model=model, keep=accelerator.is_main_process)
+                if accelerator.is_main_process:
+                    metrics.flush()  # the log first: a checkpoint must never be ahead of it (resume would leave a gap)
+                    save_checkpoint(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{result.step:06d}", unwrapped,
+                                    optimizer, scheduler, result.step, config, state=state)
+                    _prune(out, config.keep_checkpoints)
+            if stop_after is not None and result.step >= stop_after:
+                break
+
+        if result.step >= config.max_steps:
             accelerator.wait_for_everyone()
-            # Under FSDP2 every process takes part in the gathers; only the main one keeps and writes.
-            state = None
+            trainable = None
             if fsdp2 or accelerator.is_main_process:
-                state = gather_training_state(unwrapped, optimizer, model=model, keep=accelerator.is_main_process)
+                trainable = gather_trainable(unwrapped, keep=accelerator.is_main_process)
             if accelerator.is_main_process:
-                save_checkpoint(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{result.step:06d}", unwrapped,
-                                optimizer, scheduler, result.step, config, state=state)
-                _prune(out, config.keep_checkpoints)
-        if stop_after is not None and result.step >= stop_after:
-            break
-
-    if result.step >= config.max_steps:
-        accelerator.wait_for_everyone()
-        trainable = None
-        if fsdp2 or accelerator.is_main_process:
-            trainable = gather_trainable(unwrapped, keep=accelerator.is_main_process)
-        if accelerator.is_main_process:
-            final = out / "final"
-            with atomic_dir(final) as tmp:
-                unwrapped.export_adapter(tmp, trainable)
-            result.final_dir = final
-    if metrics is not None:
-        metrics.close()
+                final = out / "final"
+                with atomic_dir(final) as tmp:
+                    unwrapped.export_adapter(tmp, trainable)
+                result.final_dir = final
+    finally:
+        if metrics is not None:
+            metrics.close()  # also on an error: the log keeps every finished step
     return result
 
 

@@ -63,6 +63,25 @@ class ModelConfig:
         return values
 
 
+#: Model settings a resumed run must share with its checkpoint (they decide the trainable tensors'
+#: names and shapes, or, for lora_alpha, what the saved LoRA weights mean), with their CLI option.
+RESUME_SETTINGS = {"lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
+                   "encoder_hidden": "--encoder-hidden"}
+
+
+def model_mismatches(config: ModelConfig, saved_system: dict) -> list[str]:
+    """The :data:`RESUME_SETTINGS` in which ``config`` differs from a checkpoint's saved system description
+    (``state.json["system"]``), e.g. ``["--lora-rank was 16, now 8"]``."""
+    before, now = (saved_system or {}).get("model") or {}, config.describe()
+    return [f"{option} was {_show(before[key])}, now {_show(now[key])}"
+            for key, option in RESUME_SETTINGS.items() if key in before and before[key] != now[key]]
+
+
+def _show(value) -> str:
+    """A setting as the command line spells it (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _lora_target_regex(targets: tuple[str, ...]) -> tuple[str, int]:
     """(peft full-match regex over the diffusers module names, adapted linears per block)."""
     from ex4d.diffusion.weights_adapter import LORA_MODULES
@@ -369,6 +388,9 @@ class EX4DTrainSystem(TrainSystem):
     def describe(self) -> dict:
         return {"model": self.config.describe(),
                 "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+
+    def resume_mismatches(self, saved: dict) -> list[str]:
+        return model_mismatches(self.config, saved)
 
     @torch.no_grad()
     def validate(self, out_dir: Path, step: int) -> dict[str, float]:
