@@ -38,9 +38,13 @@ from ex4d.io.files import require_file
 logger = logging.getLogger(__name__)
 
 POSE_FILE_SUFFIXES = (".npz", ".json")
+#: Largest pose file read (a JSON keyframe file or npz of 10,000 poses is far smaller).
+MAX_POSE_FILE_BYTES = 64 * 1024 * 1024
 TIME_UNITS = ("normalized", "frame")
 _KEYFRAME_KEYS = {"time", "position", "look_at", "look_dir", "yaw", "pitch", "radius", "cam_from_world", "focal"}
 _FILE_KEYS = {"keyframes", "time_unit", "pivot", "name"}
+#: Orbit radii accepted in keyframes (scene units; the reference's scenes are about 1 unit deep).
+MIN_RADIUS, MAX_RADIUS = 1e-6, 1e6
 
 
 @dataclass
@@ -60,14 +64,41 @@ def load_pose_file(path, *, num_frames: int, K_src: np.ndarray, pivot: np.ndarra
     target and orbit centre for JSON keyframes (None if unknown: such keyframes then fail).
     A pose count other than ``num_frames`` is an InputError unless ``resample`` is True.
     """
-    path = require_file(path, "camera path file")
+    path = check_pose_file(path)
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return _load_npz(path, num_frames=num_frames, K_src=K_src, resample=resample)
-    if suffix == ".json":
+    try:
+        if suffix == ".npz":
+            return _load_npz(path, num_frames=num_frames, K_src=K_src, resample=resample)
         return _load_json(path, num_frames=num_frames, K_src=K_src, pivot=pivot, resample=resample)
-    raise InputError(f"unsupported camera path file {path}: use a .npz (cam_from_world/K, or the reference's "
-                     "extrinsics/intrinsics) or a .json keyframe file (docs/trajectories.md)")
+    except InputError:
+        raise
+    except (ValueError, ArithmeticError, RecursionError, MemoryError) as exc:
+        # Whatever a hostile file provokes in the maths (an overflow, a degenerate camera) is the file's fault.
+        raise InputError(f"cannot use camera path file {path}: {type(exc).__name__}: {_first_line(exc)}; "
+                         f"check its values against docs/trajectories.md") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "no details"
+
+
+def check_pose_file(path) -> Path:
+    """The cheap checks of a pose file, done before any work: it exists, is not huge, has a known suffix.
+
+    Returns the path (protected as an input). Raises a one-line InputError.
+    """
+    path = require_file(path, "camera path file")
+    if path.suffix.lower() not in POSE_FILE_SUFFIXES:
+        raise InputError(f"unsupported camera path file {path}: use a .npz (cam_from_world/K, or the reference's "
+                         "extrinsics/intrinsics) or a .json keyframe file (docs/trajectories.md)")
+    size = path.stat().st_size
+    if size > MAX_POSE_FILE_BYTES:
+        raise InputError(f"camera path file {path} is {size / 2**20:.0f} MB, more than the "
+                         f"{MAX_POSE_FILE_BYTES // 2**20} MB a pose file may have; give one pose per frame or keyframes")
+    if path.suffix.lower() == ".json":
+        _read_json(path)  # syntax and nesting now, not after depth estimation
+    return path
 
 
 def _fit_count(poses: np.ndarray, K: np.ndarray, num_frames: int, resample: bool, where: str):
@@ -128,12 +159,15 @@ def _read_json(path: Path):
         raise InputError(f"cannot read camera file {path}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InputError(f"camera path file {path} is nested too deeply to be a keyframe file; see "
+                         f"docs/trajectories.md for the format") from None
 
 
 def _vector(value, what: str, size: int = 3) -> np.ndarray:
     try:
         array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         array = None
     if array is None or array.shape != (size,) or not np.all(np.isfinite(array)):
         raise InputError(f"{what} must be a list of {size} finite numbers, got {value!r}")
@@ -141,9 +175,14 @@ def _vector(value, what: str, size: int = 3) -> np.ndarray:
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise InputError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except OverflowError:  # an integer beyond float range
+        number = None
+    if number is None or not np.isfinite(number):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise InputError(f"{what} must be a finite number, got {shown}")
+    return number
 
 
 def _keyframe_pose(frame: dict, where: str, pivot: np.ndarray | None) -> tuple[np.ndarray, tuple | None]:
@@ -154,7 +193,7 @@ def _keyframe_pose(frame: dict, where: str, pivot: np.ndarray | None) -> tuple[n
             raise InputError(f"{where}: give either cam_from_world or position/yaw/pitch, not both")
         try:
             matrix = np.asarray(frame["cam_from_world"], dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"{where}: cam_from_world must be a 4x4 list of numbers") from None
         return check_cam_from_world(matrix[None], f"{where} cam_from_world")[0], None
     if "position" in frame:
@@ -182,9 +221,13 @@ def _keyframe_pose(frame: dict, where: str, pivot: np.ndarray | None) -> tuple[n
         yaw = _number(frame.get("yaw", 0.0), f"{where} yaw")
         pitch = _number(frame.get("pitch", 0.0), f"{where} pitch")
         radius = _number(frame.get("radius", float(pivot[2])), f"{where} radius")
-        if abs(pitch) > MAX_ORBIT_PITCH or radius <= 0:
-            raise InputError(f"{where}: need |pitch| <= {MAX_ORBIT_PITCH:g} degrees and radius > 0")
-        return look_at(orbit_eye(yaw, pitch, radius, pivot), pivot), (yaw, pitch, radius)
+        if abs(pitch) > MAX_ORBIT_PITCH or not MIN_RADIUS <= radius <= MAX_RADIUS:
+            raise InputError(f"{where}: need |pitch| <= {MAX_ORBIT_PITCH:g} degrees and radius from {MIN_RADIUS:g} "
+                             f"to {MAX_RADIUS:g}, got pitch {pitch:g} and radius {radius:g}")
+        try:
+            return look_at(orbit_eye(yaw, pitch, radius, pivot), pivot), (yaw, pitch, radius)
+        except ValueError as exc:
+            raise InputError(f"{where}: cannot orient the camera ({exc}); change yaw/pitch/radius") from None
     raise InputError(f"{where}: a keyframe needs 'position', 'yaw'/'pitch' or 'cam_from_world'")
 
 

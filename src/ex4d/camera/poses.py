@@ -112,8 +112,8 @@ def check_cam_from_world(poses: np.ndarray, where: str, *, atol: float = 2e-3) -
     poses = np.asarray(poses)
     if poses.ndim != 3 or poses.shape[1:] != (4, 4) or poses.shape[0] == 0:
         raise InputError(f"{where}: camera poses must be (T,4,4) with T >= 1, got shape {poses.shape}")
-    if not np.issubdtype(poses.dtype, np.number):
-        raise InputError(f"{where}: camera poses must be numbers, got dtype {poses.dtype}")
+    if not np.issubdtype(poses.dtype, np.number) or np.issubdtype(poses.dtype, np.complexfloating):
+        raise InputError(f"{where}: camera poses must be real numbers, got dtype {poses.dtype}")
     poses = poses.astype(np.float64)
     if not np.all(np.isfinite(poses)):
         raise InputError(f"{where}: camera poses contain NaN or infinite values")
@@ -138,7 +138,8 @@ def check_cam_from_world(poses: np.ndarray, where: str, *, atol: float = 2e-3) -
 def check_intrinsics(K: np.ndarray, where: str) -> np.ndarray:
     """Validate K (3, 3) or (T, 3, 3) and return it as float64; InputError naming ``where``."""
     K = np.asarray(K)
-    if K.shape[-2:] != (3, 3) or K.ndim not in (2, 3) or not np.issubdtype(K.dtype, np.number):
+    if (K.shape[-2:] != (3, 3) or K.ndim not in (2, 3) or not np.issubdtype(K.dtype, np.number)
+            or np.issubdtype(K.dtype, np.complexfloating)):
         raise InputError(f"{where}: intrinsics must be a (3,3) or (T,3,3) matrix, got shape {K.shape}")
     K = K.astype(np.float64)
     flat = K.reshape(-1, 3, 3)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ex4d.camera import presets
-from ex4d.camera.posefile import POSE_FILE_SUFFIXES, load_pose_file
+from ex4d.camera.posefile import POSE_FILE_SUFFIXES, check_pose_file, load_pose_file
 from ex4d.camera.poses import check_intrinsics
 from ex4d.errors import InputError
 from ex4d.types import Trajectory
@@ -213,6 +213,36 @@ def make_trajectory(spec: str, *, num_frames: int, size: tuple[int, int], K: np.
         settings.update(direction=direction, travel=travel, ease=ease,
                         focal_start=float(K_path[0, 0, 0]), focal_end=float(K_path[-1, 0, 0]))
     return Trajectory(poses, K_path, name=_spec_name(kind, params), settings=settings)
+
+
+def check_spec(spec: str) -> None:
+    """The checks of a ``--cam`` string that need no clip, run before any work starts.
+
+    A preset or parametrised path is built once for a small stand-in scene (so a bad parameter fails
+    now, not after depth estimation); a pose file must exist, have a known suffix and a sane size, and
+    a JSON file must parse. Raises the same one-line InputError that :func:`make_trajectory` would.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise _bad_spec(str(spec), "it is empty")
+    spec = spec.strip()
+    if _looks_like_file(spec):
+        check_pose_file(spec)
+        return
+    try:
+        parse_spec(spec)
+    except InputError:
+        if os.path.isfile(spec):  # an existing file with an unexpected suffix: say so
+            check_pose_file(spec)
+        raise
+    size = (64, 64)
+    K = np.array([[50.0, 0.0, 32.0], [0.0, 50.0, 32.0], [0.0, 0.0, 1.0]])
+    quiet = logging.getLogger("ex4d.camera")  # its warnings come once, from the real build
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        make_trajectory(spec, num_frames=5, size=size, K=K, depth0=np.full(size, 2.0, np.float32))
+    finally:
+        quiet.setLevel(level)
 
 
 def _orbit_radius(value, default: float, spec: str) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ex4d.commands.common import add_device_arg, progress
 
@@ -24,18 +25,22 @@ def register(subparsers) -> None:
                     "download command (docs/depth.md).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video", help="input video (mp4/mov/mkv/...)")
-    parser.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    parser.add_argument("-o", "--output", required=True, help="output folder (created if needed); required")
     parser.add_argument("--depth", default="depthcrafter",
                         help="depthcrafter (default), depth-anything, or a .npz/.npy depth file")
     parser.add_argument("--models-dir", default=None,
                         help="folder with downloaded weights, e.g. MODELS/tencent/DepthCrafter (docs/depth.md)")
-    parser.add_argument("--num-frames", type=int, default=49, help="frames to use from the start (default 49)")
+    parser.add_argument("--num-frames", type=int, default=49,
+                        help="frames to use from the start, at least 1; 4k+1 (such as 49) if the depth will feed "
+                             "ex4d run/generate (default 49)")
     parser.add_argument("--resize", choices=["reference", "keep"], default="reference",
                         help="reference: multiples of 64, long side <= 1024 (default; DepthCrafter needs "
-                             "multiples of 64); keep: source size")
+                             "multiples of 64); keep: source size, at most 8.8 megapixels (4096x2160)")
     add_depthcrafter_speed_args(parser, short_names=True)
-    parser.add_argument("--no-reuse", action="store_true", help="recompute even if out/depth.npz matches")
-    parser.add_argument("--no-preview", action="store_true", help="do not write depth_preview.mp4")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="recompute even if out/depth.npz matches (default: reuse it, and say so)")
+    parser.add_argument("--no-preview", action="store_true",
+                        help="do not write depth_preview.mp4 (default: write it)")
     add_device_arg(parser)
     parser.set_defaults(func=main)
 
@@ -85,12 +90,21 @@ def main(args) -> int:
     from ex4d.io.video import write_video
     from ex4d.pipeline import estimate_depth, load_clip
 
-    estimator_options = depthcrafter_options(args)  # checked before any work starts
+    from ex4d.commands.recon import _mtime, check_clip_args
+
+    check_clip_args(args)  # video, --num-frames, --depth and the --resize keep cap, before any work starts
+    estimator_options = depthcrafter_options(args)
     out_dir = prepare_output_dir(args.output)
     clip = load_clip(args.video, num_frames=args.num_frames, resize=args.resize)
     depth_path = out_dir / "depth.npz"
+    before = _mtime(depth_path)
     depth = estimate_depth(clip, args.depth, out_dir=out_dir, models_dir=args.models_dir, device=args.device,
                            progress=progress, reuse=not args.no_reuse, estimator_options=estimator_options)
+    depth_is_input = Path(args.depth).suffix.lower() in (".npz", ".npy") and \
+        Path(args.depth).resolve() == depth_path.resolve()
+    if before is not None and before == _mtime(depth_path) and not depth_is_input:
+        print(f"depth: {depth_path} is current (same video, frames, size and --depth); reused "
+              f"(--no-reuse recomputes it)", file=sys.stderr)
     if not depth_path.exists():  # the depth file given as input was the output path itself
         depth.save(depth_path)
     print(f"{'depth':>8}: {depth_path}", file=sys.stdout)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from ex4d.commands.common import MAX_CFG, MAX_FPS, MAX_GENERATE_SIDE, MAX_STEPS, MIN_CFG, MIN_FPS, add_device_arg
-from ex4d.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ EPILOG = """examples:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``"HxW"`` (or a single ``"N"`` for N x N) -> (H, W); both even and >= 16 (H.264 needs even)."""
+    """``"HxW"`` (or a single ``"N"`` for N x N) -> (H, W); both even, 16 to MAX_SYNTH_SIDE (H.264 needs even)."""
+    from ex4d.commands.common import MAX_SYNTH_SIDE
     from ex4d.errors import InputError
 
     parts = text.lower().split("x")
@@ -27,10 +28,14 @@ def parse_size(text: str) -> tuple[int, int]:
         raise InputError(f"--size must look like 512x512 (HxW), got {text!r}") from None
     if height < 16 or width < 16 or height % 2 or width % 2:
         raise InputError(f"--size {text}: H and W must be even and at least 16 (H.264 needs even sizes)")
+    if height > MAX_SYNTH_SIDE or width > MAX_SYNTH_SIDE:
+        raise InputError(f"--size {text}: at most {MAX_SYNTH_SIDE} a side (memory grows with the square of the "
+                         f"size); give e.g. --size 512x512")
     return height, width
 
 
 def register(subparsers) -> None:
+    from ex4d.commands.common import MAX_FPS, MAX_SYNTH_FRAMES, MAX_SYNTH_SIDE, MIN_FPS
     from ex4d.synthetic.scenes import SCENES
 
     parser = subparsers.add_parser(
@@ -42,24 +47,24 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
     parser.add_argument("--scene", default="boxes", choices=sorted(SCENES),
                         help="scene to render (default boxes; spheres_moving has moving objects)")
-    parser.add_argument("--num-frames", type=int, default=49, help="number of frames (default 49)")
-    parser.add_argument("--size", default="512x512", help="frame size HxW, even (default 512x512)")
-    parser.add_argument("--fps", type=float, default=15.0, help="frame rate written to video.mp4 (default 15)")
+    parser.add_argument("--num-frames", type=int, default=49,
+                        help=f"number of frames, 1 to {MAX_SYNTH_FRAMES} (default 49)")
+    parser.add_argument("--size", default="512x512",
+                        help=f"frame size HxW, even, 16 to {MAX_SYNTH_SIDE} a side (default 512x512)")
+    parser.add_argument("--fps", type=float, default=15.0,
+                        help=f"frame rate written to video.mp4, {MIN_FPS:g} to {MAX_FPS:g} (default 15)")
     parser.set_defaults(func=main)
 
 
 def main(args) -> int:
-    from ex4d.commands.common import progress
-    from ex4d.errors import InputError
+    from ex4d.commands.common import MAX_SYNTH_FRAMES, check_fps, check_int, progress
     from ex4d.io.files import prepare_output_dir
     from ex4d.io.video import to_uint8, write_video
     from ex4d.synthetic.scenes import make_example
 
     size = parse_size(args.size)
-    if args.num_frames < 1:
-        raise InputError(f"--num-frames must be >= 1, got {args.num_frames}")
-    if not args.fps > 0:
-        raise InputError(f"--fps must be > 0, got {args.fps}")
+    check_int(args.num_frames, "--num-frames", 1, MAX_SYNTH_FRAMES, example=49)
+    check_fps(args.fps, default="the default is 15")
     out_dir = prepare_output_dir(args.output)
     clip, depth = make_example(args.scene, num_frames=args.num_frames, size=size, fps=args.fps,
                                progress=lambda it: progress(it, desc=f"synth {args.scene}", unit="frame"))

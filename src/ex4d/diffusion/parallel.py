@@ -335,12 +335,34 @@ def add_parallel_arg(parser) -> None:
                              "cfg-ulysses on 4/8), none. Ignored without torchrun. docs/scale.md")
 
 
+def _env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def generate_main(args) -> int:
     """``ex4d generate`` on every rank of a torchrun launch: rank 0 writes the video.
 
     ``args`` are ``ex4d generate``'s parsed arguments plus ``parallel``. Each rank loads the whole
     model on cuda:LOCAL_RANK (Ulysses and CFG split the work, not the weights).
+
+    A :class:`UserError` (a bad input, missing weights) is printed once, by rank 0, as the usual one
+    line ``error: ...``, and the rank exits with its code (1, or 2 for weights) instead of a traceback
+    per rank. With ``--debug`` it is raised. torchrun itself still reports that its workers failed.
     """
+    try:
+        return _generate_main(args)
+    except UserError as exc:
+        if getattr(args, "debug", False):
+            raise
+        if _env_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+def _generate_main(args) -> int:
     from ex4d.commands.generate import options_from_args
     from ex4d.pipeline import run_generate
 
@@ -372,6 +394,10 @@ def build_parser():
     parser = sub.choices["generate"]
     if "--parallel" not in parser._option_string_actions:
         add_parallel_arg(parser)
+    if "--overwrite" not in parser._option_string_actions:  # as ``ex4d`` adds it to every command
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace existing output files that ex4d did not write (default: refuse); inputs "
+                                 "are never overwritten")
     parser.prog = "torchrun --nproc-per-node N -m ex4d.diffusion.parallel"
     return parser
 
@@ -382,11 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return generate_main(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    from ex4d.io.files import write_policy
+
+    with write_policy(overwrite=getattr(args, "overwrite", False)):
+        return generate_main(args)  # a UserError: one line from rank 0 and its exit code
 
 
 if __name__ == "__main__":
