@@ -323,8 +323,9 @@ def _planned_tokens(options: GenerateOptions) -> int:
 def load_generator(options: GenerateOptions, parallel=None):
     """Load Wan2.1-I2V-14B + the EX-4D adapter as an EX4DPipeline with ``options``' speed settings.
 
-    Missing weights raise MissingWeightsError (exit 2) naming the file and the download command; the
-    adapter is resolved first so that a missing adapter fails before 40 GB of weights are read.
+    Missing weights raise one MissingWeightsError (exit 2) naming every missing file and its download
+    command (:mod:`ex4d.weights_preflight`); the adapter is read and validated first, so that a
+    missing or corrupt adapter fails before 40 GB of weights are read.
     parallel: an :class:`ex4d.diffusion.parallel.ParallelContext` under torchrun, else None.
     """
     import time
@@ -342,12 +343,18 @@ def load_generator(options: GenerateOptions, parallel=None):
                               low_vram_tokens=_planned_tokens(options))
     perf.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     perf.validate()
+    from ex4d.diffusion.weights_wan import wan_transformer_config
+    from ex4d.weights_preflight import check_weights
+
+    check_weights(generation=True, models_dir=options.models_dir, adapter=options.adapter)  # all missing, at once
     adapter_path = resolve_adapter(options.models_dir, options.adapter)
     started = time.perf_counter()
+    # The adapter is read in full and checked against the DiT's config (from the shard headers) before
+    # the 40 GB of Wan weights load: a corrupt adapter fails in a second.
+    adapter = load_ex4d_adapter(adapter_path, transformer_config=wan_transformer_config(options.models_dir))
     offloading = options.low_vram or options.cpu_offload
     components = load_wan_components(options.models_dir, torch_dtype=perf.dtype,
                                      device="cpu" if offloading else device)
-    adapter = load_ex4d_adapter(adapter_path, transformer_config=dict(components["transformer"].config))
     pipe = build_pipeline(components, adapter, perf, device)
     log.info("generation models ready in %.1f s", time.perf_counter() - started)
     return pipe

@@ -147,15 +147,18 @@ def load_depth_anything(config_path, weights_path, *, dtype, device):
     from transformers import DepthAnythingForDepthEstimation
 
     from ex4d.errors import CheckpointError, key_mismatch_error
+    from ex4d.weights_common import check_tensor_values, first_line
 
     read_config(config_path)  # a clear error for a broken config
-    read_safetensors(weights_path)  # and for a corrupt/truncated weight file, naming it
+    # a corrupt/truncated weight file, or integer/NaN/inf tensors: an error naming the file (and tensor)
+    check_tensor_values(read_safetensors(weights_path), f"weight file {weights_path}")
     folder = Path(weights_path).parent
     try:
         model, info = DepthAnythingForDepthEstimation.from_pretrained(
             folder, dtype=dtype, output_loading_info=True, local_files_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot load Depth Anything from {folder}: {exc}") from None
+        raise CheckpointError(f"cannot load Depth Anything from {folder}: {first_line(exc)} (damaged or wrong "
+                              f"files? download them again)") from None
     # the DINOv2 mask token is unused at inference and may be left out of exported files
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("mask_token")]
     unexpected = list(info.get("unexpected_keys", []))

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ex4d.errors import CheckpointError, MissingWeightsError, key_mismatch_error
+from ex4d.weights_common import MissingWeight, check_tensor_values, first_line, hub_unreachable, offline_env
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def download_command(spec: WeightFile, models_dir: str | os.PathLike | None) -> 
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return offline_env()
 
 
 def _pick(folder: Path, spec: WeightFile) -> tuple[Path, Path] | None:
@@ -82,38 +83,140 @@ def _pick(folder: Path, spec: WeightFile) -> tuple[Path, Path] | None:
     return None
 
 
-def resolve(spec: WeightFile, models_dir: str | os.PathLike | None = None, *,
-            allow_download: bool = True) -> tuple[Path, Path]:
-    """Return (config path, weight path) for ``spec`` or raise :class:`MissingWeightsError`."""
-    if models_dir is not None:
-        found = _pick(Path(models_dir) / spec.repo, spec)
-        if found:
-            return found
+def _hf_hub_download():
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers/transformers
-        hf_hub_download = None
-    if hf_hub_download is not None:
-        modes = [True] + ([False] if allow_download and not _offline() else [])
-        for local_only in modes:
-            try:
-                config = hf_hub_download(spec.repo, spec.rel(spec.config), local_files_only=local_only)
-                for name in spec.weights:
-                    try:
-                        weights = hf_hub_download(spec.repo, spec.rel(name), local_files_only=local_only)
-                        return Path(config), Path(weights)
-                    except Exception:  # try the next candidate (e.g. no fp16 variant)
-                        continue
-            except Exception as exc:
-                if not local_only:
-                    log.warning("download of %s failed: %s", spec.repo, exc)
-    where = Path(models_dir) / spec.repo if models_dir is not None else Path("<models-dir>") / spec.repo
+        return None
+    return hf_hub_download
+
+
+def _fetch(spec: WeightFile, local_only: bool) -> tuple[Path, Path] | None:
+    """(config, weights) from the Hugging Face cache (``local_only``) or the Hub; None if not there."""
+    hf_hub_download = _hf_hub_download()
+    if hf_hub_download is None:
+        return None
+    try:
+        config = hf_hub_download(spec.repo, spec.rel(spec.config), local_files_only=local_only)
+    except Exception as exc:
+        if not local_only:
+            log.warning("download of %s failed: %s", spec.repo, first_line(exc))
+        return None
+    for name in spec.weights:
+        try:
+            return Path(config), Path(hf_hub_download(spec.repo, spec.rel(name), local_files_only=local_only))
+        except Exception:  # try the next candidate (e.g. no fp16 variant)
+            continue
+    return None
+
+
+def locate(spec: WeightFile, models_dir: str | os.PathLike | None = None) -> tuple[Path, Path] | None:
+    """(config path, weight path) of ``spec`` on this machine (``models_dir``, then the Hugging Face
+    cache), or None. Never touches the network."""
+    if models_dir is not None:
+        found = _pick(Path(models_dir).expanduser() / spec.repo, spec)
+        if found:
+            return found
+    return _fetch(spec, local_only=True)
+
+
+def _where(spec: WeightFile, models_dir) -> Path:
+    return Path(models_dir) / spec.repo if models_dir is not None else Path("<models-dir>") / spec.repo
+
+
+def _models_dir_hint(spec: WeightFile, models_dir) -> str:
+    """A hint when ``--models-dir`` names a repository folder itself (MODELS/tencent/DepthCrafter)."""
+    if models_dir is None:
+        return ""
+    md = Path(models_dir).expanduser()
+    if md.as_posix().rstrip("/").endswith(spec.repo) or _pick(md, spec) is not None:
+        parent = md
+        for _ in spec.repo.split("/"):
+            parent = parent.parent
+        return (f"; --models-dir must be the folder that holds {spec.repo}/, not the repository folder itself "
+                f"(try --models-dir {parent})")
+    return ""
+
+
+def resolve(spec: WeightFile, models_dir: str | os.PathLike | None = None, *,
+            allow_download: bool = True) -> tuple[Path, Path]:
+    """Return (config path, weight path) for ``spec`` or raise :class:`MissingWeightsError`.
+
+    Looks in ``models_dir``, then the Hugging Face cache, then downloads, unless ``allow_download``
+    is False or the Hub is unreachable (checked once, quickly: :func:`ex4d.weights_common.hub_unreachable`;
+    no request is sent to a Hub that does not answer).
+    """
+    found = locate(spec, models_dir)
+    if found:
+        return found
+    unreachable = hub_unreachable() if allow_download else None
+    if allow_download and unreachable is None:
+        found = _fetch(spec, local_only=False)
+        if found:
+            return found
+    where = _where(spec, models_dir)
+    why = (f"not in the Hugging Face cache, and the Hub is unreachable ({unreachable})" if unreachable
+           else "not in the Hugging Face cache and not downloadable now")
     gated = (f"; accept the model's licence on https://huggingface.co/{spec.repo} and run `hf auth login` first"
              if spec.gated else "")
     raise MissingWeightsError(
-        f"missing weights {where / spec.rel(spec.weights[0])} (not in the Hugging Face cache and not "
-        f"downloadable now); download them with: {download_command(spec, models_dir)} "
-        f"(or `huggingface-cli download` with the same arguments on huggingface_hub < 1.0){gated}")
+        f"missing weights {where / spec.rel(spec.weights[0])} ({why}); download them with: "
+        f"{download_command(spec, models_dir)} "
+        f"(or `huggingface-cli download` with the same arguments on huggingface_hub < 1.0){gated}"
+        f"{_models_dir_hint(spec, models_dir)}")
+
+
+#: Approximate download sizes in GB (the files the download commands fetch).
+SIZES_GB = {
+    "tencent/DepthCrafter": 3.05,
+    "stabilityai/stable-video-diffusion-img2vid-xt": 1.46,  # fp16 VAE 0.2 + fp16 CLIP image encoder 1.26
+    DEPTH_ANYTHING_REPOS["small"]: 0.1,
+    DEPTH_ANYTHING_REPOS["base"]: 0.39,
+    DEPTH_ANYTHING_REPOS["large"]: 1.34,
+}
+
+
+def estimator_files(estimator: str, variant: str = "small") -> list[tuple[str, list[WeightFile]]]:
+    """The weight files an estimator name needs, grouped per download: [(what, [WeightFile, ...])].
+
+    Unknown names and depth files give [] (:func:`ex4d.depth.get_estimator` reports a bad name).
+    """
+    key = str(estimator).lower().replace("_", "-")
+    if Path(str(estimator)).suffix.lower() in (".npz", ".npy"):
+        return []
+    if key == "depthcrafter":
+        return [("DepthCrafter UNet", [DEPTHCRAFTER_UNET]),
+                ("Stable Video Diffusion VAE and image encoder (for DepthCrafter)", [SVD_VAE, SVD_IMAGE_ENCODER])]
+    if key in ("depth-anything", "depth-anything-v2", "depthanything") and variant in DEPTH_ANYTHING_REPOS:
+        return [(f"Depth Anything V2 {variant.capitalize()}", [depth_anything_file(variant)])]
+    return []
+
+
+def missing_depth_weights(estimator: str | None, models_dir: str | os.PathLike | None = None, *,
+                          variant: str = "small", allow_download: bool = True,
+                          suggest_dir: str | os.PathLike = "MODELS") -> list[MissingWeight]:
+    """Every download the depth estimator ``estimator`` needs that is not on this machine (no network).
+
+    Each item is marked ``auto`` when :func:`resolve` would download it by itself (``allow_download``
+    and not ``HF_HUB_OFFLINE``); whether the Hub answers is for the caller to ask. Paths and
+    commands name ``models_dir``, or ``suggest_dir`` when there is none.
+    """
+    if not estimator:
+        return []
+    out = []
+    for what, specs in estimator_files(estimator, variant):
+        absent = [spec for spec in specs if locate(spec, models_dir) is None]
+        if not absent:
+            continue
+        spec = specs[0]
+        gated = (f"accept the licence on https://huggingface.co/{spec.repo} and run `hf auth login` first"
+                 if spec.gated else "")
+        target = models_dir if models_dir is not None else suggest_dir
+        out.append(MissingWeight(
+            what=what, repo=spec.repo, paths=[str(_where(s, target) / s.rel(s.weights[0])) for s in absent],
+            command=download_command(spec, target), size_gb=SIZES_GB.get(spec.repo, 0.0),
+            auto=allow_download and not offline_env(), note=gated))
+    return out
 
 
 def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -123,15 +226,19 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
     try:
         return load_file(str(path), device=str(device))
     except Exception as exc:
-        raise CheckpointError(f"cannot read weight file {path}: {exc} (the file is corrupt or incomplete; "
-                              f"delete it and download it again)") from None
+        raise CheckpointError(f"cannot read weight file {path}: {first_line(exc)} (the file is corrupt or "
+                              f"incomplete; delete it and download it again)") from None
 
 
 def read_config(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read model config {path}: {exc} (download it again)") from None
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read model config {path}: {first_line(exc)} (download it again)") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"model config {path} is not a JSON object (found {type(config).__name__}); "
+                              f"download it again")
+    return config
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
@@ -155,6 +262,8 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path:
     tensor still on the meta device afterwards is an error.
     """
     check_state_dict(model, state, path, ignore)
+    model_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    check_tensor_values({k: v for k, v in state.items() if k not in ignore}, f"weight file {path}", model_dtypes)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
              for k, v in state.items() if k not in ignore}
     model.load_state_dict(state, strict=True, assign=True)

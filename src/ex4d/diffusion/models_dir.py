@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ex4d.errors import MissingWeightsError
+from ex4d.weights_common import MissingWeight, first_line, hub_unreachable, offline_env
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,22 @@ def download_command(repo_id: str, models_dir: str | os.PathLike | None = None, 
 # Completeness checks: each returns the first missing file (relative path) or None.
 # ------------------------------------------------------------------------------------------
 
+def _index_files(index: Path) -> list[str]:
+    """The shard file names a ``*.safetensors.index.json`` lists; a damaged index is a CheckpointError."""
+    from ex4d.errors import CheckpointError
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read the shard index {index}: {type(exc).__name__}: {first_line(exc)} "
+                              f"(damaged? delete it and download it again)") from None
+    if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+        raise CheckpointError(f"the shard index {index} names files outside its folder or non-strings; "
+                              f"delete it and download it again")
+    return names
+
+
 def dit_shards(folder: Path) -> list[Path]:
     """The DiT shard files of an original Wan folder: from the index json if present, else by glob.
 
@@ -77,8 +94,7 @@ def dit_shards(folder: Path) -> list[Path]:
     """
     index = folder / DIT_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        return [folder / name for name in _index_files(index)]
     shards = sorted(folder.glob(DIT_GLOB))
     # "-0000k-of-0000N" names tell how many there must be even without the index.
     for shard in shards:
@@ -126,7 +142,7 @@ def missing_diffusers(folder: Path) -> str | None:
             continue
         indexes = list(sub.glob("*.safetensors.index.json"))
         if indexes:
-            for name in sorted(set(json.loads(indexes[0].read_text())["weight_map"].values())):
+            for name in _index_files(indexes[0]):
                 if not (sub / name).is_file():
                     return f"{component}/{name}"
         elif not list(sub.glob("*.safetensors")) and not list(sub.glob("*.bin")):
@@ -147,7 +163,8 @@ def adapter_file_in(folder: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """No download now: ``HF_HUB_OFFLINE`` is set, or the Hub does not answer (asked once, quickly)."""
+    return offline_env() or hub_unreachable() is not None
 
 
 def _from_cache(repo_id: str) -> Path | None:
@@ -158,7 +175,7 @@ def _from_cache(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_ALLOW[repo_id],
                                       cache_dir=os.environ.get("HF_HUB_CACHE") or None))
     except Exception as exc:  # not cached (LocalEntryNotFoundError) or an unreadable cache
-        log.debug("%s not in the Hugging Face cache: %s", repo_id, exc)
+        log.debug("%s not in the Hugging Face cache: %s", repo_id, first_line(exc))
         return None
 
 
@@ -194,11 +211,14 @@ def resolve_repo(repo_id: str, models_dir: str | os.PathLike | None, missing: Ca
         if what is None:
             return cached
         log.debug("cached %s is incomplete (%s missing)", repo_id, what)
+    offline_note = ""
+    if download and _offline():
+        offline_note = f"; nothing was downloaded ({hub_unreachable() or 'HF_HUB_OFFLINE is set'})"
     if download and not _offline():
         try:
             folder = _download(repo_id, models_dir)
         except Exception as exc:  # network or auth failure: fall through to the one-line error
-            log.warning("download of %s failed: %s", repo_id, exc)
+            log.warning("download of %s failed: %s", repo_id, first_line(exc))
         else:
             what = missing(folder)
             if what is None:
@@ -207,14 +227,15 @@ def resolve_repo(repo_id: str, models_dir: str | os.PathLike | None, missing: Ca
     if models_dir is None:
         raise MissingWeightsError(
             f"missing weights: {repo_id} is not in the Hugging Face cache and no --models-dir was given; "
-            f"download with: {download_command(repo_id, None, command_file)} and pass --models-dir models")
+            f"download with: {download_command(repo_id, None, command_file)} and pass --models-dir models"
+            f"{offline_note}")
     if first_missing is None:
         where = models_dir / repo_id
         first_missing = (where, missing(where) or "")
     folder, what = first_missing
     raise MissingWeightsError(
         f"missing weights: {folder / what} (not in the Hugging Face cache either); "
-        f"download with: {download_command(repo_id, models_dir, command_file)}")
+        f"download with: {download_command(repo_id, models_dir, command_file)}{offline_note}")
 
 
 def resolve_wan(models_dir: str | os.PathLike | None = None, layout: str = "auto", *,
@@ -278,3 +299,102 @@ def resolve_adapter(models_dir: str | os.PathLike | None = None, path: str | os.
     folder = resolve_repo(EX4D_REPO, md, missing, download=download, local_candidates=converted,
                           command_file=ADAPTER_CKPT)
     return adapter_file_in(folder)
+
+
+# ------------------------------------------------------------------------------------------
+# Preflight: every missing generation download at once (ex4d.weights_preflight combines stages)
+# ------------------------------------------------------------------------------------------
+
+#: Approximate sizes (GB) of what the download commands fetch (from the checkpoint manifests:
+#: parameters x stored bytes).
+WAN_SIZE_GB = 82.3
+WAN_FILE_SIZES_GB = {T5_FILE: 11.4, CLIP_FILE: 4.8, VAE_FILE: 0.5, TOKENIZER_DIR: 0.02}
+WAN_DIT_GB = 65.6  # 7 fp32 shards
+WAN_DIFFUSERS_DIT_GB = 65.6
+ADAPTER_SIZE_GB = 0.4  # 99.8 M parameters (fp32)
+
+
+def missing_original_files(folder: Path) -> list[str]:
+    """Every missing file of an original Wan I2V folder (relative names; [] when complete)."""
+    if not folder.is_dir():
+        return [f"{DIT_GLOB} (7 shards)", T5_FILE, CLIP_FILE, VAE_FILE, f"{TOKENIZER_DIR}/"]
+    out = []
+    shards = dit_shards(folder)
+    if not shards:
+        out.append(f"{DIT_GLOB} (7 shards)")
+    out += [shard.name for shard in shards if not shard.is_file()]
+    out += [name for name in (T5_FILE, CLIP_FILE, VAE_FILE) if not (folder / name).is_file()]
+    tok = folder / TOKENIZER_DIR
+    if not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
+        out.append(f"{TOKENIZER_DIR}/tokenizer.json")
+    return out
+
+
+def _original_size_gb(folder: Path, missing: list[str]) -> float:
+    shards = dit_shards(folder) if folder.is_dir() else []
+    per_shard = WAN_DIT_GB / max(len(shards), 7)
+    total = 0.0
+    for name in missing:
+        if name.startswith("diffusion_pytorch_model"):
+            total += WAN_DIT_GB if "*" in name else per_shard
+        else:
+            total += WAN_FILE_SIZES_GB.get(name.rstrip("/").removesuffix("/tokenizer.json"), 0.0)
+    return total
+
+
+def _wan_folder(md: Path | None) -> Path:
+    """The folder the original Wan files are expected in: ``md`` itself when it already looks like
+    one (shards or their index inside), else ``md/Wan-AI/Wan2.1-I2V-14B-480P``."""
+    if md is not None and md.is_dir() and ((md / DIT_INDEX).is_file() or any(md.glob(DIT_GLOB))):
+        return md
+    return (md if md is not None else Path("models")) / WAN_REPO
+
+
+def missing_wan(models_dir: str | os.PathLike | None = None, layout: str = "auto") -> list[MissingWeight]:
+    """[] if Wan2.1-I2V-14B-480P is on this machine for ``layout`` (no network), else one item naming
+    every missing file of the original layout (or the -Diffusers one for ``layout="diffusers"``)."""
+    try:
+        resolve_wan(models_dir, layout, download=False)
+        return []
+    except MissingWeightsError:
+        pass
+    md = Path(models_dir).expanduser() if models_dir is not None else None
+    base = md if md is not None else Path("models")
+    if layout == "diffusers":
+        folder = base / WAN_DIFFUSERS_REPO
+        first = missing_diffusers(folder) if folder.is_dir() else None
+        return [MissingWeight(
+            what="Wan2.1-I2V-14B-480P (diffusers layout)", repo=WAN_DIFFUSERS_REPO,
+            paths=[str(folder / first) if first else f"{folder}/ (the whole repository)"],
+            command=download_command(WAN_DIFFUSERS_REPO, base), size_gb=WAN_DIFFUSERS_DIT_GB,
+            note="the DiT alone; the repository holds a little more")]
+    folder = _wan_folder(md)
+    names = missing_original_files(folder)
+    whole = not folder.is_dir()
+    size = WAN_SIZE_GB if whole else _original_size_gb(folder, names)
+    note = ""
+    diffusers = base / WAN_DIFFUSERS_REPO
+    if layout == "auto" and diffusers.is_dir():
+        note = f"or complete {diffusers} (missing {missing_diffusers(diffusers)})"
+    return [MissingWeight(
+        what="Wan2.1-I2V-14B-480P", repo=WAN_REPO,
+        paths=[f"{folder}/ (the whole repository)"] if whole else [str(folder / n) for n in names],
+        command=(download_command(WAN_REPO, base) if folder == base / WAN_REPO
+                 else f"hf download {WAN_REPO} --local-dir {folder}"),
+        size_gb=size, note=note)]
+
+
+def missing_adapter(models_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None
+                    ) -> list[MissingWeight]:
+    """[] if the EX-4D adapter (``path``, else found in ``models_dir``/the cache) is here, else one item."""
+    try:
+        resolve_adapter(models_dir, path)
+        return []
+    except MissingWeightsError:
+        pass
+    md = Path(models_dir).expanduser() if models_dir is not None else Path("models")
+    where = Path(path).expanduser() if path is not None else md / EX4D_REPO / ADAPTER_CKPT
+    target = md if path is None else Path("models")
+    return [MissingWeight(what="EX-4D adapter (LoRA + CamVidEncoder)", repo=EX4D_REPO, paths=[str(where)],
+                          command=download_command(EX4D_REPO, target, ADAPTER_CKPT), size_gb=ADAPTER_SIZE_GB,
+                          note="then pass --adapter with the downloaded file" if path is not None else "")]

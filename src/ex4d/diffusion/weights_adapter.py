@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from ex4d.diffusion import wan_keymaps as km
 from ex4d.errors import CheckpointError
 from ex4d.io.files import atomic_path
+from ex4d.weights_common import check_tensor_values, first_line
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +164,47 @@ def validate_adapter(lora: dict[str, torch.Tensor], encoder: dict[str, torch.Ten
     return rank, config["num_layers"]
 
 
+def _read_config(path: Path) -> dict:
+    """``adapter_config.json`` beside an ``adapter.safetensors``: a JSON object with an integer ``r``
+    and a finite positive ``lora_alpha``; anything else is a one-line :class:`CheckpointError`."""
+    fix = "rewrite it with `ex4d convert --only adapter`, or delete it to use alpha = rank"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {first_line(exc)} ({fix})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(config).__name__} ({fix})")
+    missing = [k for k in ("r", "lora_alpha") if k not in config]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)} ({fix})")
+    r = config["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CheckpointError(f"{path}: r must be a positive integer, not {r!r} ({fix})")
+    config["lora_alpha"] = check_alpha(config["lora_alpha"], f"{path}: lora_alpha", fix)
+    return config
+
+
+def check_alpha(alpha, what: str = "lora_alpha", fix: str = "give a positive number such as the rank") -> float:
+    """``alpha`` as a float if it is a finite positive number; else :class:`CheckpointError`.
+
+    A NaN alpha would make every LoRA delta NaN (a black video), 0 or a negative one silently
+    switches the adapter off or inverts it, inf overflows.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{what} must be a number, not {alpha!r} ({fix})")
+    value = float(alpha)
+    if not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{what} is {alpha!r}; it must be a finite positive number ({fix})")
+    return value
+
+
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Flat tensor dict of a ``.ckpt``/``.pth``/``.safetensors`` file + its config (if any)."""
     from ex4d.diffusion.weights_wan import read_pth
 
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"adapter file {path} is empty (0 bytes; an interrupted download?); delete it "
+                              f"and download it again")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -173,9 +212,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             state = load_file(str(path))
         except Exception as exc:
             raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file "
-                                  f"({str(exc).splitlines()[0][:200]})") from None
+                                  f"({first_line(exc)}); delete it and download it again") from None
         cfg_path = path.with_name("adapter_config.json")
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = _read_config(cfg_path) if cfg_path.is_file() else {}
         return state, cfg
     return read_pth(path), {}
 
@@ -197,6 +236,8 @@ def load_ex4d_adapter(path: str | Path, *, transformer_config: dict | None = Non
         raise MissingWeightsError(f"missing adapter weights: {path}; download with: "
                                   f"{download_command(EX4D_REPO, None, ADAPTER_CKPT)}")
     state, cfg = _read(path)
+    # before anything else: integer/bool tensors and NaN/inf values, each named
+    check_tensor_values(state, f"adapter {path}")
     lora: dict[str, torch.Tensor] = {}
     encoder: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -216,8 +257,12 @@ def load_ex4d_adapter(path: str | Path, *, transformer_config: dict | None = Non
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected key(s), e.g. {sorted(unexpected)[:3]}; an EX-4D "
                               f"adapter holds only LoRA tensors and {len(ENCODER_KEYS)} CamVidEncoder tensors")
     rank, num_layers = validate_adapter(lora, encoder, transformer_config, str(path))
+    if cfg and cfg["r"] != rank:
+        raise CheckpointError(f"{path.with_name('adapter_config.json')} says r={cfg['r']} but the LoRA tensors "
+                              f"of {path.name} have rank {rank}; the two files do not belong together")
     if alpha is None:
-        alpha = float(cfg.get("lora_alpha", rank))
+        alpha = cfg.get("lora_alpha", rank)
+    alpha = check_alpha(alpha, f"lora_alpha for {path}")
     log.info("loaded EX-4D adapter %s: %d LoRA tensors (rank %d, alpha %g) + %d encoder tensors",
              path, len(lora), rank, alpha, len(encoder))
     return AdapterWeights(lora=lora, encoder=encoder, rank=rank, alpha=float(alpha), num_layers=num_layers)

@@ -28,6 +28,7 @@ import torch
 from ex4d.diffusion import models_dir as md
 from ex4d.diffusion import wan_keymaps as km
 from ex4d.errors import CheckpointError, MissingWeightsError, key_mismatch_error
+from ex4d.weights_common import check_tensor_values, first_line
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise MissingWeightsError(f"cannot open weight file {path}: {exc.strerror or first_line(exc)}; "
+                                  f"{_redownload_hint(path)}") from None
+    if size == 0:
+        raise CheckpointError(f"weight file {path} is empty (0 bytes; an interrupted download?); "
+                              f"{_redownload_hint(path)}")
+    try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
@@ -59,8 +68,9 @@ def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip/pickle errors of truncated files come in many types
         raise CheckpointError(f"cannot read {path}: corrupt or truncated ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); {_redownload_hint(path)}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                              f"{first_line(exc)}); {_redownload_hint(path)}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise CheckpointError(f"{path} is not a flat {{name: tensor}} state dict "
                               f"(found {type(state).__name__}); is it the right file?")
     return state
@@ -76,7 +86,7 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:
         raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file "
-                              f"({str(exc).splitlines()[0][:200]}); {_redownload_hint(path)}") from None
+                              f"({first_line(exc)}); {_redownload_hint(path)}") from None
 
 
 def iter_safetensors(path: str | Path, *, dtype: torch.dtype | None = None,
@@ -96,7 +106,7 @@ def iter_safetensors(path: str | Path, *, dtype: torch.dtype | None = None,
         raise
     except Exception as exc:
         raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file "
-                              f"({str(exc).splitlines()[0][:200]}); {_redownload_hint(path)}") from None
+                              f"({first_line(exc)}); {_redownload_hint(path)}") from None
 
 
 def fp32_modules(cls, dtype: torch.dtype | None) -> tuple[str, ...]:
@@ -166,6 +176,15 @@ def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int,
                               + " (wrong or damaged file? see docs/models.md)")
 
 
+def _file_key(key: str, file_name: Callable[[str], str | None] | None) -> str:
+    """``key`` as the file stores it (``file (= model)`` when the names differ), for messages."""
+    try:
+        original = file_name(key) if file_name else None
+    except KeyError:
+        original = None
+    return f"{original} (= {key})" if original and original != key else key
+
+
 @contextlib.contextmanager
 def _empty_weights() -> Iterator[None]:
     """Build modules with meta parameters but real buffers (e.g. the RoPE tables, which are not saved)."""
@@ -177,9 +196,16 @@ def _empty_weights() -> Iterator[None]:
 
 def assign_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
                       file_name: Callable[[str], str | None] | None = None) -> torch.nn.Module:
-    """Strictly assign ``state`` into ``model`` (built with empty weights); raise on any mismatch."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Strictly assign ``state`` into ``model`` (built with empty weights); raise on any mismatch.
+
+    Integer/bool tensors where the model holds floats, and NaN/inf values, are errors naming the
+    tensor (as stored in the file, via ``file_name``).
+    """
+    model_state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model_state.items()}
     check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source, file_name)
+    check_tensor_values(((_file_key(k, file_name), v) for k, v in state.items()), source,
+                        {_file_key(k, file_name): v.dtype for k, v in model_state.items()})
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # cannot happen after a strict load; guards against random-weight fallbacks
@@ -196,9 +222,33 @@ def _count_blocks(keys: Iterable[str], pattern: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def dit_config_from_original(shapes: dict[str, tuple[int, ...]], hub_config: dict | None = None) -> dict:
+#: Text tokens per prompt. diffusers' Wan attention takes the first ``len - 512`` context tokens as
+#: the image's and the rest as the text's (a constant in ``WanAttnProcessor``), and the pipeline pads
+#: every prompt to this length, so a DiT whose config asks for another length cannot be run correctly.
+TEXT_LENGTH = 512
+
+
+def check_text_length(config: dict | None, source) -> None:
+    """Refuse a DiT config whose text length (Wan's ``text_len``) is not :data:`TEXT_LENGTH`."""
+    if not config:
+        return
+    for key in ("text_len", "text_length", "max_text_len"):
+        if key in config and config[key] is not None:
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value != TEXT_LENGTH:
+                raise CheckpointError(
+                    f"{source}: {key} is {value!r}, but diffusers' Wan attention splits image from text tokens "
+                    f"at a fixed {TEXT_LENGTH} and ex4d pads prompts to {TEXT_LENGTH}; only {key} {TEXT_LENGTH} "
+                    f"(Wan2.1-I2V-14B-480P's) is supported; is it the right model?")
+
+
+def dit_config_from_original(shapes: dict[str, tuple[int, ...]], hub_config: dict | None = None,
+                             source: str = "the DiT config.json") -> dict:
     """``WanTransformer3DModel`` config from original DiT key shapes (+ Wan's ``config.json`` for heads)."""
     hub_config = hub_config or {}
+    if not isinstance(hub_config, dict):
+        raise CheckpointError(f"{source} is not a JSON object; download it again")
+    check_text_length(hub_config, source)
     try:
         dim, in_ch, *patch = shapes["patch_embedding.weight"]
         heads = hub_config.get("num_heads") or (dim // 128 if dim % 128 == 0 else None)
@@ -256,6 +306,38 @@ def clip_config_from_original(shapes: dict[str, tuple[int, ...]]) -> dict:
 # Original-layout loaders
 # ------------------------------------------------------------------------------------------
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {first_line(exc)} "
+                              f"(damaged? delete it and download it again)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object (found {type(data).__name__}); download it again")
+    return data
+
+
+def original_dit_config(folder: str | Path) -> dict:
+    """The ``WanTransformer3DModel`` config of an original Wan folder from the shard headers and
+    ``config.json`` alone (no tensor read): what the adapter is validated against before loading."""
+    folder = Path(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in md.dit_shards(folder):
+        shapes.update(safetensors_shapes(shard))
+    hub_config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    return dit_config_from_original(shapes, hub_config, str(folder / "config.json"))
+
+
+def wan_transformer_config(models_dir: str | Path | None = None, layout: str = "auto") -> dict:
+    """The DiT config that :func:`load_wan_components` would build, read without loading any weight."""
+    found, folder = md.resolve_wan(models_dir, layout, download=False)
+    if found == "original":
+        return original_dit_config(folder)
+    config = _read_json(folder / "transformer" / "config.json")
+    check_text_length(config, str(folder / "transformer" / "config.json"))
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def load_dit_original(folder: str | Path, *, torch_dtype: torch.dtype | None = torch.bfloat16,
                       device: str | torch.device = "cpu"):
     """The DiT shards of an original Wan folder -> ``WanTransformer3DModel`` (strict: all keys, equal shapes)."""
@@ -270,8 +352,8 @@ def load_dit_original(folder: str | Path, *, torch_dtype: torch.dtype | None = t
     shapes: dict[str, tuple[int, ...]] = {}
     for shard in shards:
         shapes.update(safetensors_shapes(shard))
-    hub_config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
-    config = dit_config_from_original(shapes, hub_config)
+    hub_config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    config = dit_config_from_original(shapes, hub_config, str(folder / "config.json"))
     keep = fp32_modules(WanTransformer3DModel, torch_dtype)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
@@ -359,7 +441,7 @@ def load_tokenizer(folder: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot load the tokenizer in {folder}: {str(exc).splitlines()[0][:200]}") from None
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {first_line(exc)}") from None
 
 
 def make_image_processor(image_size: int = 224):
@@ -442,9 +524,36 @@ def _shape_diagnosis(cls, source: Path) -> str | None:
     return None
 
 
+#: Integer tensors that diffusers/transformers files may legitimately hold (older CLIP saves).
+_INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+
+
+def _check_stored_dtypes(source: Path) -> None:
+    """Integer/bool tensors in a component's safetensors files are errors naming the tensor
+    (read from the headers: after loading they would already be cast to the model's dtype)."""
+    from safetensors import safe_open
+
+    for file in sorted(source.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    if not dtype.startswith(("F", "BF")) and not key.endswith(_INTEGER_BUFFERS):
+                        raise CheckpointError(f"{file}: tensor {key} has dtype {dtype}; weights must be floating "
+                                              f"point (damaged or wrong file? download it again)")
+        except CheckpointError:
+            raise
+        except Exception:  # unreadable header: the load below reports it with its diagnosis
+            return
+
+
 def _checked_from_pretrained(cls, folder: Path, subfolder: str, **kwargs):
-    """``cls.from_pretrained`` with the loading info checked: missing or mis-shaped keys are errors."""
+    """``cls.from_pretrained`` with the loading info checked: missing or mis-shaped keys are errors,
+    and so are integer/bool weights and NaN/inf values (named)."""
     source = folder / subfolder
+    if subfolder == "transformer" and (source / "config.json").is_file():
+        check_text_length(_read_json(source / "config.json"), str(source / "config.json"))
+    _check_stored_dtypes(source)
     try:
         with _quiet_libraries():
             model, info = cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True,
@@ -452,7 +561,7 @@ def _checked_from_pretrained(cls, folder: Path, subfolder: str, **kwargs):
     except CheckpointError:
         raise
     except Exception as exc:
-        detail = _shape_diagnosis(cls, source) or f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        detail = _shape_diagnosis(cls, source) or f"{type(exc).__name__}: {first_line(exc, 300)}"
         raise CheckpointError(f"cannot load {source}: {detail} (corrupt or incomplete? see docs/models.md)") from None
     allowed = _ALLOWED_UNEXPECTED.get(subfolder, ())
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(allowed)]
@@ -461,6 +570,7 @@ def _checked_from_pretrained(cls, folder: Path, subfolder: str, **kwargs):
     if missing or unexpected or mismatched:
         raise key_mismatch_error(str(source), sorted(missing), sorted(unexpected), mismatched,
                                  hint="is it the right file? (docs/models.md)")
+    check_tensor_values(model.named_parameters(), str(source))
     return model
 
 
