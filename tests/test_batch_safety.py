@@ -196,7 +196,7 @@ def test_resume_sees_generation_weights(tmp_path, edit):
                "stage: recon}\n")
     jobs = load_jobs(tmp_path / "jobs.yaml")
     files = batch.job_input_files(jobs[0])["generate_models"]
-    assert str(models / md.EX4D_REPO / md.ADAPTER_CKPT) in files and len(files) == 9  # + 7 Wan files, no index
+    assert str(models / md.EX4D_REPO / md.ADAPTER_CKPT) in files and len(files) == 10  # + config, 7 Wan files, index (both absent)
     _first_run(jobs)
     assert _rerun(jobs) == []
     path, expect = {"shard": (models / md.WAN_REPO / "diffusion_pytorch_model-00002-of-00002.safetensors", [0, 1]),
@@ -416,7 +416,7 @@ import ex4d.io.video as video
 
 
 def stall_here(path):
-    if Path(path).parent.name == os.environ["STALL_IN"]:
+    if os.sep + os.environ["STALL_IN"] + os.sep in str(path):  # the job's folder (or a staging folder in it)
         Path(os.environ["STALL_READY"]).write_text("stalled")
         time.sleep(300)
 
@@ -457,7 +457,7 @@ def test_killed_batch_resumes_cleanly(tmp_path, capsys):
                   for name, cam in (("a", 30), ("b", 60), ("c", 30), ("d", -30)))))
     (tmp_path / "stall.py").write_text(STALL)
     ready = tmp_path / "stalled"
-    env = {**os.environ, "STALL_IN": "c", "STALL_READY": str(ready)}
+    env = {**os.environ, "STALL_IN": str(Path("out", "c")), "STALL_READY": str(ready)}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "stall.py"), "batch", str(jobs_file)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -3,10 +3,16 @@
 A jobs file is YAML or CSV (format in docs/scale.md). Each job writes into its own output folder
 and, when it ends, a record ``<output>/ex4d_job.json`` (status, timings, outputs, error). Those
 records are what makes a batch resumable: a job whose record says ``done`` for the same settings
-and input file, and whose outputs still exist, is skipped the next time. A failing job is recorded
-with its error and the batch goes on. After every job the batch manifest (one JSON file for the
-whole batch, default ``<jobs file stem>.manifest.json`` beside the jobs file) is rebuilt from the
-records under a file lock, so several processes can share it.
+and the same input files (every file it reads, weights included: :func:`job_input_files`), and
+whose outputs still exist, is skipped the next time. A failing job is recorded with its error and
+the batch goes on. After every job the batch manifest (one JSON file for the whole batch, default
+``<jobs file name>.manifest.json`` beside the jobs file) is rebuilt from the records under a lock
+file that exists only while it is held, so several processes can share it.
+
+Writes follow :mod:`ex4d.io.files`' policy: the jobs file and every job's inputs are never written
+(the manifest path is checked against them before any job runs), each job runs in its own nested
+policy, and files ex4d did not write are replaced only with ``overwrite``. Jobs are numbered from 1
+in every message and in the manifest's ``job`` field.
 
 Models load once per process: the job runner gets a ``cache`` dict that lives for the whole batch
 (the depth estimator, the generation pipeline). With several GPUs, start one process per GPU with
@@ -324,9 +330,10 @@ def _generate_model_files(models_dir: str | None, adapter: str | None) -> list[s
     files: list[str] = []
     try:
         found = md.resolve_adapter(models_dir, adapter, download=False)
-        files += [str(found)] + [str(found.parent / md.ADAPTER_CONFIG)] * (found.parent / md.ADAPTER_CONFIG).is_file()
-    except Exception:
+    except Exception:  # missing: the job itself will say so; here "missing" is its identity
         files.append("missing adapter")
+    else:
+        files += [str(found), str(found.parent / md.ADAPTER_CONFIG)]  # the config may be absent ("missing")
     try:
         layout, folder = md.resolve_wan(models_dir, download=False)
     except Exception:
