@@ -7,10 +7,12 @@ atomically; a stage whose output already exists *and matches* its inputs and set
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -21,7 +23,7 @@ from ex4d.conventions import reference_intrinsics
 from ex4d.devices import resolve_device
 from ex4d.errors import InputError
 from ex4d.io.files import atomic_path, check_outputs, prepare_output_dir, protect_inputs, require_file
-from ex4d.io.video import read_video, reference_size, resize_frames, to_float01
+from ex4d.io.video import reference_size, to_float01
 from ex4d.types import Clip, DepthVideo
 
 log = logging.getLogger(__name__)
@@ -30,23 +32,34 @@ Progress = Callable[..., Iterable]
 
 def load_clip(video: str | os.PathLike, *, num_frames: int = 49, resize: str = "reference",
               max_res: int = 1024) -> Clip:
-    """Read the first ``num_frames`` frames of ``video`` as a :class:`Clip` (float [0,1]).
+    """Open the first ``num_frames`` frames of ``video`` as a lazy :class:`Clip` (float [0,1]).
 
+    The video is decoded once to check that it has the frames (nothing is kept); frames are decoded
+    again, one at a time, when used (:meth:`Clip.iter_frames`), so memory does not grow with T.
     resize: ``"reference"`` rounds H and W to multiples of 64 with the long side capped at
     ``max_res`` (as the reference does; the published weights saw such inputs), ``"keep"`` keeps the
     size (rounded down to even, which H.264 needs).
     """
+    from ex4d.io.video import iter_video, probe_video
+
     if num_frames < 1:
         raise InputError(f"--num-frames must be >= 1, got {num_frames}")
-    frames, fps = read_video(video, num_frames)
-    height, width = frames.shape[1:3]
+    if resize not in ("reference", "keep"):
+        raise InputError(f"unknown --resize {resize!r}; use 'reference' or 'keep'")
+    count, (height, width), fps = probe_video(video, num_frames)
     if resize == "reference":
         size = reference_size(height, width, max_res=max_res)
-    elif resize == "keep":
-        size = (height - height % 2, width - width % 2)
     else:
-        raise InputError(f"unknown --resize {resize!r}; use 'reference' or 'keep'")
-    return Clip(frames=to_float01(resize_frames(frames, size)), fps=fps, source=str(Path(video).resolve()))
+        size = (height - height % 2, width - width % 2)
+    source = str(Path(video).resolve())
+
+    def reader():
+        for frame in iter_video(video, num_frames, size=size):
+            yield to_float01(frame)
+
+    identity = {"source": _file_fingerprint(video), "num_frames": int(num_frames), "size": list(size),
+                "resize": resize, "max_res": int(max_res)}
+    return Clip(fps=fps, source=source, reader=reader, num_frames=count, size=size, identity=identity)
 
 
 def _file_fingerprint(path: str | os.PathLike) -> dict:
@@ -55,10 +68,15 @@ def _file_fingerprint(path: str | os.PathLike) -> dict:
     return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _is_depth_file(depth_spec: str) -> bool:
+    return Path(depth_spec).suffix.lower() in (".npz", ".npy")
+
+
 def _depth_request(clip: Clip, depth_spec: str, estimator_options: dict) -> dict:
     """What a cached ``depth.npz`` must have been made from for it to be reused."""
-    request = {"source": _file_fingerprint(clip.source), "num_frames": clip.num_frames, "size": list(clip.size)}
-    if Path(depth_spec).suffix.lower() in (".npz", ".npy"):
+    source = _file_fingerprint(clip.source) if clip.source and Path(clip.source).is_file() else clip.source
+    request = {"source": source, "num_frames": clip.num_frames, "size": list(clip.size)}
+    if _is_depth_file(depth_spec):
         request["depth_file"] = _file_fingerprint(depth_spec)
     else:
         request["estimator"] = depth_spec
@@ -68,20 +86,44 @@ def _depth_request(clip: Clip, depth_spec: str, estimator_options: dict) -> dict
 
 
 def _load_cached_depth(path: Path, request: dict) -> DepthVideo | None:
-    """Return the DepthVideo at ``path`` if it exists and was made from ``request``; else None."""
+    """Return the DepthVideo at ``path`` (frames read lazily) if it was made from ``request``; else None."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            settings = json.loads(str(data["settings"]))
-            if settings.get("request") != request:
-                return None
-            K = data["K"]
-            return DepthVideo(depth=data["depth"], valid=data["valid"], K=K if K.size else None,
-                              estimator=str(data["estimator"]), settings=settings)
+        cached = DepthVideo.load(path)
+        if cached.settings.get("request") != json.loads(json.dumps(request, default=str)):
+            return None
+        return cached
     except Exception:  # unreadable cache: recompute rather than fail
         log.warning("ignoring unreadable cached depth %s", path)
         return None
+
+
+#: Bytes of memory per pixel of one frame while recon streams it (mesh build + render + encode);
+#: measured peak growth at 512x512 (bench/bench_recon_memory.py) with a margin.
+RECON_BYTES_PER_PIXEL = 800
+#: Bytes per pixel and frame an estimator holds (the clip as float32 RGB, the depth, its work arrays).
+ESTIMATOR_BYTES_PER_PIXEL_FRAME = 48
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(needed: int, what: str, fix: str) -> None:
+    """Refuse (one-line InputError) work that needs more memory than is available."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise InputError(f"{what} needs about {needed / 2**30:.1f} GiB of memory but {available / 2**30:.1f} GiB "
+                         f"is available; {fix}")
 
 
 def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | None = None,
@@ -89,13 +131,17 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
                    reuse: bool = True, estimator=None, estimator_options: dict | None = None) -> DepthVideo:
     """Depth for ``clip`` from an estimator name or a depth file, reusing ``out_dir/depth.npz``.
 
-    A file (``.npz``/``.npy``) is loaded, checked and resized to the clip. An estimator name runs
-    that estimator (weights resolved as documented in docs/depth.md; pass an already loaded
+    A file (``.npz``/``.npy``) is checked and fitted to the clip one frame at a time. An estimator
+    name runs that estimator (weights resolved as documented in docs/depth.md; pass an already loaded
     ``estimator`` to reuse it across clips, as batch jobs do; ``estimator_options`` are passed to
-    :func:`ex4d.depth.get_estimator`, e.g. ``compile``). When ``out_dir`` is given
-    the result is saved there as ``depth.npz`` and reused next time if the source video, frame
-    count, size and depth source are unchanged.
+    :func:`ex4d.depth.get_estimator`, e.g. ``compile``); estimators hold the whole clip in memory, so a
+    clip too large for the available memory is refused first. When ``out_dir`` is given the result is
+    saved there as ``depth.npz`` (uncompressed, written and read back frame by frame) and reused next
+    time if the source video, frame count, size and depth source are unchanged; the returned
+    DepthVideo then reads its frames from that file when used, so memory does not grow with T.
     """
+    from ex4d.io.files import check_output
+
     estimator_options = dict(estimator_options or {})
     request = _depth_request(clip, depth_spec, estimator_options)
     cache_path = Path(out_dir) / "depth.npz" if out_dir is not None else None
@@ -105,13 +151,22 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
             log.info("reusing %s", cache_path)
             return cached
 
-    is_file = Path(depth_spec).suffix.lower() in (".npz", ".npy")
+    is_file = _is_depth_file(depth_spec)
+    writes_cache = cache_path is not None and (not is_file or Path(depth_spec).resolve() != cache_path.resolve())
     if is_file:
-        from ex4d.depth import load_depth_file
+        from ex4d.depth.files import DepthFile
 
         require_file(depth_spec, "depth file")
-        depth = load_depth_file(depth_spec, num_frames=clip.num_frames, size=clip.size)
+        if writes_cache:
+            check_output(cache_path)  # before reading the file, not after
+        depth = DepthFile(depth_spec, num_frames=clip.num_frames, size=clip.size).video()
     else:
+        if writes_cache:
+            check_output(cache_path)  # before the estimator runs, not after
+        height, width = clip.size
+        check_memory(clip.num_frames * height * width * ESTIMATOR_BYTES_PER_PIXEL_FRAME,
+                     f"depth estimation of {clip.num_frames} frames at {width}x{height}",
+                     "use fewer --num-frames, --resize reference, or give a depth file (--depth x.npy)")
         if estimator is None:
             from ex4d.depth import get_estimator  # raises a clear error for an unknown name
 
@@ -119,8 +174,9 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
                                       **estimator_options)
         depth = estimator.estimate(clip.frames)
     depth.settings = {**depth.settings, "request": request}
-    if cache_path is not None and (not is_file or Path(depth_spec).resolve() != cache_path.resolve()):
+    if writes_cache:
         depth.save(cache_path)
+        return DepthVideo.load(cache_path)  # frames from the file: the estimate's arrays can be freed
     return depth
 
 
@@ -139,36 +195,127 @@ class ReconOptions:
     resample: bool = False
     antialias: str = "analytic"  # "analytic" (like the reference's) | "msaa" | "none"
     device: str = "auto"
+    pixel_convention: str = "centers"  # "centers" (integer pixel centres) | "reference" (pixel corners)
+
+
+class ReconResult(dict):
+    """The written paths by role (a dict), plus ``reused``: True if the outputs were already current."""
+
+    reused: bool = False
+
+
+def trajectory_name(cam: str) -> str:
+    """The name a ``--cam`` spec gives its files (``color_<name>.mp4``), without building the path (no
+    depth needed). Raises the same one-line InputError as :func:`ex4d.camera.trajectory.make_trajectory`
+    for a malformed spec."""
+    from ex4d.camera.trajectory import _looks_like_file, _safe_name, _spec_name, parse_spec
+
+    spec = str(cam).strip()
+    if _looks_like_file(spec):
+        return _safe_name(Path(spec).stem)
+    return _spec_name(*parse_spec(spec))
+
+
+def plan_recon_outputs(out_dir: str | os.PathLike, options: ReconOptions, *, num_frames: int,
+                       depth_spec: str | None = None) -> list[Path]:
+    """Every file ``recon`` will write into ``out_dir`` (for :func:`ex4d.io.files.check_outputs` before
+    any work): depth.npz (unless ``depth_spec`` is that file itself, or None), color/mask/camera/record
+    files of the trajectory, and the DW-Mesh PLY files of ``options.save_mesh``."""
+    out_dir = Path(out_dir)
+    name = trajectory_name(options.cam)
+    paths = []
+    if depth_spec is not None and not (_is_depth_file(depth_spec) and
+                                       Path(depth_spec).resolve() == (out_dir / "depth.npz").resolve()):
+        paths.append(out_dir / "depth.npz")
+    paths += [out_dir / f"color_{name}.mp4", out_dir / f"mask_{name}.mp4", out_dir / f"mask_{name}.mkv",
+              out_dir / f"camera_{name}.npz"]
+    if options.save_mesh == "first":
+        paths.append(out_dir / "DW-Mesh.ply")
+    elif options.save_mesh == "all":
+        paths += [out_dir / f"DW-Mesh_{k:04d}.ply" for k in range(1 if options.only_first_frame else num_frames)]
+    paths.append(out_dir / f"recon_{name}.json")
+    return paths
+
+
+def check_recon_outputs(video: str | os.PathLike, out_dir: str | os.PathLike, options: ReconOptions, *,
+                        num_frames: int, depth_spec: str | None = None) -> list[Path]:
+    """Before any work: register the inputs (video, depth file, pose file) and refuse planned outputs
+    that are inputs or foreign files (one-line InputError; ``--overwrite`` allows foreign files).
+    Returns the planned paths."""
+    from ex4d.io.files import check_outputs, protect_inputs, require_file
+
+    require_file(video, "input video")
+    if depth_spec is not None and _is_depth_file(depth_spec):
+        require_file(depth_spec, "depth file (--depth)")
+    if Path(str(options.cam).strip()).is_file():
+        protect_inputs(str(options.cam).strip())
+    planned = plan_recon_outputs(out_dir, options, num_frames=num_frames, depth_spec=depth_spec)
+    check_outputs(planned)
+    return planned
+
+
+def check_depth_outputs(video: str | os.PathLike, out_dir: str | os.PathLike, depth_spec: str, *,
+                        preview: bool = True) -> list[Path]:
+    """``ex4d depth`` before any work: inputs registered, depth.npz and depth_preview.mp4 checked."""
+    from ex4d.io.files import check_outputs, require_file
+
+    require_file(video, "input video")
+    out_dir = Path(out_dir)
+    planned = []
+    if _is_depth_file(depth_spec):
+        require_file(depth_spec, "depth file (--depth)")
+    if not (_is_depth_file(depth_spec) and Path(depth_spec).resolve() == (out_dir / "depth.npz").resolve()):
+        planned.append(out_dir / "depth.npz")
+    if preview:
+        planned.append(out_dir / "depth_preview.mp4")
+    check_outputs(planned)
+    return planned
 
 
 def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options: ReconOptions,
-              progress: Progress | None = None) -> dict[str, Path]:
+              progress: Progress | None = None) -> ReconResult:
     """Render ``clip`` + ``depth`` along ``options.cam``; write color/mask/camera/mesh files.
 
     Files in ``out_dir`` (``<cam>`` = the trajectory's name): ``color_<cam>.mp4``,
     ``mask_<cam>.mp4``, ``mask_<cam>.mkv`` (lossless), ``camera_<cam>.npz``, ``DW-Mesh.ply`` (frame 0;
-    ``DW-Mesh_<k>.ply`` for every frame with save_mesh="all") and ``recon_<cam>.json`` (settings).
-    Returns the written paths by role.
+    ``DW-Mesh_<k>.ply`` for every frame with save_mesh="all") and ``recon_<cam>.json`` (settings and
+    the sha256 of every file). Returns the written paths by role (``.reused``: already current).
+
+    Frames stream from the clip and the depth through mesh, render and encoder one at a time, so
+    memory does not grow with the frame count. The set is written as a whole: files are rendered
+    into a staging folder (``.recon_<cam>.partial-...``), then the old record is retracted, the files
+    are renamed into place and the new record is written last. An interrupted run leaves either the
+    old set with its record, or no record at all; never a record that calls a mixed set current.
+    Reuse needs the record's request to match and every file's sha256 to match the record.
     """
     from ex4d.camera.trajectory import make_trajectory
-    from ex4d.mesh.dwmesh import export_ply
-    from ex4d.render.condition import render_condition
+    from ex4d.io.arrays import frames_sha1, iter_frames
+    from ex4d.io.files import check_outputs, sweep_folder
+    from ex4d.render.rasterizer import check_pixel_convention
 
     out_dir = prepare_output_dir(out_dir)
-    if depth.depth.shape[0] != clip.num_frames or depth.depth.shape[1:] != clip.size:
-        raise InputError(f"depth is {depth.depth.shape} but the clip is {(clip.num_frames, *clip.size)}")
+    sweep_folder(out_dir)  # staging folders and temporaries of killed runs
+    check_pixel_convention(options.pixel_convention)
+    depth_shape = tuple(int(s) for s in depth.depth.shape)
+    if depth_shape[0] != clip.num_frames or depth_shape[1:] != clip.size:
+        raise InputError(f"depth is {depth_shape} but the clip is {(clip.num_frames, *clip.size)}")
+    planned = plan_recon_outputs(out_dir, options, num_frames=clip.num_frames)
+    check_outputs(planned)
+    height, width = clip.size
+    check_memory(height * width * RECON_BYTES_PER_PIXEL, f"rendering {width}x{height} frames",
+                 "use --resize reference or a smaller video")
     device = resolve_device(options.device)
     K_src = depth.K if depth.K is not None else reference_intrinsics(*clip.size)
     trajectory = make_trajectory(options.cam, num_frames=clip.num_frames, size=clip.size, K=K_src,
-                                 depth0=depth.depth[0], resample=options.resample)
+                                 depth0=np.asarray(depth.depth[0]), resample=options.resample)
     fps = float(options.fps) if options.fps else clip.fps
     mesh_options = dict(cap=options.cap, filter=options.filter, stretch_test=options.stretch_test,
                         watertight=options.watertight)
     record_path = out_dir / f"recon_{trajectory.name}.json"
     request = {
         "source": _file_fingerprint(clip.source) if clip.source and Path(clip.source).is_file() else clip.source,
-        "frames": hashlib.sha1(np.ascontiguousarray(clip.frames)).hexdigest(),
-        "depth": hashlib.sha1(np.ascontiguousarray(depth.depth)).hexdigest(),
+        "frames": clip.identity(),
+        "depth": frames_sha1(depth.depth),
         "K_src": np.asarray(K_src).tolist(), "fps": fps,
         "trajectory": stable_hash([trajectory.cam_from_world.tolist(), trajectory.K.tolist()]),
         "options": {k: v for k, v in vars(options).items() if k not in ("device", "fps")},
@@ -176,49 +323,143 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     previous = _current_outputs(record_path, request, out_dir)
     if previous is not None:
         log.info("recon outputs in %s are up to date", out_dir)
-        return previous
-    written: dict[str, Path] = {}
+        result = ReconResult(previous)
+        result.reused = True
+        return result
+
+    staging = out_dir / f".recon_{trajectory.name}{_staging_tag()}"
+    staging.mkdir(mode=0o777)
+    try:
+        staged, settings = _render_into(staging, clip, depth, K_src, trajectory, options, mesh_options, fps,
+                                        device, progress, iter_frames)
+        digests = {path.name: _sha256(path) for path in staged.values()}
+        record = {
+            "request": request,
+            "source": clip.source, "num_frames": clip.num_frames, "size": list(clip.size), "fps": fps,
+            "depth": {"estimator": depth.estimator, "settings": depth.settings},
+            "trajectory": {"name": trajectory.name, "settings": trajectory.settings},
+            "options": {**mesh_options, "only_first_frame": options.only_first_frame,
+                        "save_mesh": options.save_mesh, "antialias": options.antialias,
+                        "pixel_convention": options.pixel_convention},
+            "render": settings,
+            "files": {**{role: path.name for role, path in staged.items()}, "record": record_path.name},
+            "sha256": digests,
+        }
+        written = _publish(out_dir, staged, record_path, record)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ReconResult(written)
+
+
+def _staging_tag() -> str:
+    """``.partial-<host>-<pid>-<random>``: the temporary-name scheme of :mod:`ex4d.io.files`, so that a
+    staging folder of a killed run is swept like any other temporary."""
+    import secrets
+
+    from ex4d.io.files import _PARTIAL, _owner_tag
+
+    return f"{_PARTIAL}{_owner_tag()}-{secrets.token_hex(4)}"
+
+
+def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory, options: ReconOptions,
+                 mesh_options: dict, fps: float, device, progress, iter_frames) -> tuple[dict[str, Path], dict]:
+    """Render and encode the condition, meshes and camera file into ``staging``, frame by frame."""
+    from ex4d.mesh.dwmesh import export_ply
+    from ex4d.render.condition import iter_condition
+    from ex4d.types import ConditionWriter
+
+    staged: dict[str, Path] = {}
 
     def save_mesh(k: int, mesh) -> None:
         # Meshes are exported as the renderer builds them, so none is built twice.
         if options.save_mesh == "all":
-            written[f"mesh_{k}"] = export_ply(mesh, out_dir / f"DW-Mesh_{k:04d}.ply")
+            staged[f"mesh_{k}"] = export_ply(mesh, staging / f"DW-Mesh_{k:04d}.ply")
         elif options.save_mesh == "first" and k == 0:
-            written["mesh"] = export_ply(mesh, out_dir / "DW-Mesh.ply")
+            staged["mesh"] = export_ply(mesh, staging / "DW-Mesh.ply")
 
-    condition = render_condition(clip.frames, depth.depth, K_src, trajectory, **mesh_options,
-                                 only_first_frame=options.only_first_frame, device=str(device), fps=fps,
-                                 progress=progress, antialias=options.antialias,
-                                 mesh_callback=None if options.save_mesh == "none" else save_mesh)
-    written.update(condition.save(out_dir))
-    written["camera"] = trajectory.save(out_dir / f"camera_{trajectory.name}.npz")
+    settings: dict = {}
+    stream = iter_condition(clip.iter_frames(), iter_frames(depth.depth), K_src, trajectory, size=clip.size,
+                            num_frames=clip.num_frames, **mesh_options, only_first_frame=options.only_first_frame,
+                            device=str(device), progress=progress, antialias=options.antialias,
+                            pixel_convention=options.pixel_convention,
+                            mesh_callback=None if options.save_mesh == "none" else save_mesh, settings=settings)
+    with ConditionWriter(staging, trajectory.name, fps) as writer:
+        for color, mask in stream:
+            writer.write(color, mask)
+    staged.update(writer.paths)
+    staged["camera"] = trajectory.save(staging / f"camera_{trajectory.name}.npz")
+    return staged, settings
 
-    record = {
-        "request": request,
-        "source": clip.source, "num_frames": clip.num_frames, "size": list(clip.size), "fps": fps,
-        "depth": {"estimator": depth.estimator, "settings": depth.settings},
-        "trajectory": {"name": trajectory.name, "settings": trajectory.settings},
-        "options": {**mesh_options, "only_first_frame": options.only_first_frame,
-                    "save_mesh": options.save_mesh, "antialias": options.antialias},
-        "render": condition.settings,
-    }
-    written["record"] = record_path
-    record["files"] = {role: path.name for role, path in written.items()}
-    with atomic_path(record_path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str))
+
+def _publish(out_dir: Path, staged: dict[str, Path], record_path: Path, record: dict) -> dict[str, Path]:
+    """Swap a staged output set in: retract the old record, rename the files in, write the record last.
+
+    SIGINT is held back until the set is complete (a few renames), so that Ctrl-C never leaves a
+    half-swapped set; a crash (SIGKILL) in between leaves no record, so nothing is reused.
+    """
+    from ex4d.io.files import atomic_path, forget_output
+
+    written: dict[str, Path] = {}
+    with _sigint_deferred():
+        forget_output(record_path)
+        if record_path.exists() or record_path.is_symlink():  # a foreign record, replaced under --overwrite
+            record_path.unlink()
+        for role, path in staged.items():
+            final = out_dir / path.name
+            with atomic_path(final) as tmp:
+                os.replace(path, tmp)
+            written[role] = final
+        with atomic_path(record_path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2, default=str))
+        written["record"] = record_path
     return written
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold SIGINT (Ctrl-C) back inside the block and raise KeyboardInterrupt after it (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _current_outputs(record_path: Path, request: dict, out_dir: Path) -> dict[str, Path] | None:
-    """The files of a previous recon run if its record matches ``request`` and they all exist."""
+    """The files of a previous recon run if its record matches ``request`` and every file still has the
+    content the record hashed (sha256); else None."""
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         return None
-    if json.loads(json.dumps(request, default=str)) != record.get("request"):
+    if not isinstance(record, dict) or json.loads(json.dumps(request, default=str)) != record.get("request"):
         return None
-    files = {role: out_dir / name for role, name in record.get("files", {}).items()}
-    return files if files and all(path.is_file() for path in files.values()) else None
+    files = {role: out_dir / name for role, name in (record.get("files") or {}).items()}
+    digests = record.get("sha256")
+    if not files or not isinstance(digests, dict) or not all(path.is_file() for path in files.values()):
+        return None
+    for role, path in files.items():
+        if role != "record" and (path.name not in digests or _sha256(path) != digests[path.name]):
+            log.info("%s changed since %s was written; rendering again", path, record_path.name)
+            return None
+    return files
 
 
 def stable_hash(obj) -> str:

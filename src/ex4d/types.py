@@ -5,10 +5,12 @@ Conventions (frames, units, shapes) are those of :mod:`ex4d.conventions`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -20,25 +22,88 @@ from ex4d.errors import InputError
 from ex4d.io.files import atomic_path
 
 
-@dataclass
 class Clip:
     """Source video frames.
 
     frames: float32 (T, H, W, 3) RGB in [0, 1]. fps: source frame rate. source: where it came from.
+
+    A clip made by :func:`ex4d.pipeline.load_clip` is *lazy*: it knows its frame count and size but
+    decodes frames only when asked. :meth:`iter_frames` yields them one at a time (what the
+    reconstruction stage uses, so that memory does not grow with T); the ``frames`` property decodes
+    the whole clip into one array each time it is read (estimators that need it all).
     """
 
-    frames: np.ndarray
-    fps: float
-    source: str = ""
+    def __init__(self, frames: np.ndarray | None = None, fps: float = 30.0, source: str = "", *,
+                 reader=None, num_frames: int | None = None, size: tuple[int, int] | None = None,
+                 identity: dict | None = None):
+        if frames is None and reader is None:
+            raise TypeError("Clip needs frames or a reader")
+        self._frames = frames
+        self._reader = reader  # callable -> iterator of float32 (H, W, 3) frames, in order
+        self.fps = fps
+        self.source = source
+        if frames is not None:
+            num_frames, size = int(frames.shape[0]), (int(frames.shape[1]), int(frames.shape[2]))
+        self._num_frames = int(num_frames)
+        self._size = (int(size[0]), int(size[1]))
+        self._identity = identity
+
+    def __repr__(self) -> str:
+        return (f"Clip({self.num_frames} frames, {self.size[0]}x{self.size[1]}, fps={self.fps}, "
+                f"source={self.source!r}{', lazy' if self._frames is None else ''})")
+
+    @property
+    def frames(self) -> np.ndarray:
+        """float32 (T, H, W, 3): the whole clip (decoded on each access for a lazy clip)."""
+        if self._frames is not None:
+            return self._frames
+        out = np.empty((self.num_frames, *self.size, 3), dtype=np.float32)
+        for k, frame in enumerate(self.iter_frames()):
+            out[k] = frame
+        return out
+
+    @frames.setter
+    def frames(self, value: np.ndarray) -> None:
+        self._frames = value
+        self._num_frames = int(value.shape[0])
+        self._size = (int(value.shape[1]), int(value.shape[2]))
+
+    @property
+    def is_lazy(self) -> bool:
+        return self._frames is None
+
+    def iter_frames(self) -> Iterator[np.ndarray]:
+        """Frames in order, float32 (H, W, 3) in [0, 1], one at a time."""
+        if self._frames is not None:
+            yield from self._frames
+            return
+        count = 0
+        for frame in self._reader():
+            if count == self._num_frames:
+                break
+            yield frame
+            count += 1
+        if count < self._num_frames:
+            raise InputError(f"{self.source}: the video ended after {count} of {self._num_frames} frames while "
+                             f"reading it again (was it replaced while ex4d ran?)")
+
+    def identity(self) -> str:
+        """What the frames are, for skip-if-unchanged checks: sha1 of an in-memory clip's frames, or
+        of the source file's fingerprint and the decoding settings for a lazy clip."""
+        if self._frames is not None or self._identity is None:
+            from ex4d.io.arrays import frames_sha1
+
+            return frames_sha1(self.frames if self._frames is None else self._frames)
+        return "video:" + hashlib.sha1(json.dumps(self._identity, sort_keys=True).encode()).hexdigest()
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return self._num_frames
 
     @property
     def size(self) -> tuple[int, int]:
         """(H, W)."""
-        return int(self.frames.shape[1]), int(self.frames.shape[2])
+        return self._size
 
 
 @dataclass
@@ -48,6 +113,9 @@ class DepthVideo:
     depth: float32 (T, H, W) z-depth, > 0. valid: bool (T, H, W). K: (3, 3) intrinsics if the
     estimator gives them, else None (the reference's f = 500 is used downstream).
     estimator: name; settings: JSON-serialisable dict of what produced it.
+
+    ``depth`` and ``valid`` are numpy arrays or, for long videos read from files,
+    :class:`~ex4d.io.arrays.FrameSequence` objects read one frame at a time (``np.asarray`` loads them).
     """
 
     depth: np.ndarray
@@ -57,19 +125,50 @@ class DepthVideo:
     settings: dict = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Atomically write ``depth.npz`` with keys depth, valid, K (or empty), estimator, settings."""
+        """Atomically write ``depth.npz`` with keys depth, valid, K (or empty), estimator, settings.
+
+        The archive is *uncompressed* and written frame by frame, so that it can be written and read
+        back one frame at a time whatever the frame count (:meth:`load`); ``np.load`` reads it as usual.
+        """
+        from ex4d.io.arrays import FrameSequence, MappedFrames, write_npz_stored
+
+        def frames_of(array, dtype):
+            if isinstance(array, FrameSequence):
+                return MappedFrames(len(array), array.frame_shape, dtype,
+                                    lambda k: np.asarray(array[k]).astype(dtype, copy=False))
+            return np.asarray(array).astype(dtype, copy=False)
+
         path = Path(path)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
-                np.savez_compressed(
-                    handle,
-                    depth=self.depth.astype(np.float32),
-                    valid=self.valid.astype(bool),
-                    K=np.zeros((0, 3)) if self.K is None else np.asarray(self.K, dtype=np.float64),
-                    estimator=np.array(self.estimator),
-                    settings=np.array(json.dumps(self.settings, sort_keys=True)),
-                )
+                write_npz_stored(handle, {
+                    "depth": frames_of(self.depth, np.float32),
+                    "valid": frames_of(self.valid, bool),
+                    "K": np.zeros((0, 3)) if self.K is None else np.asarray(self.K, dtype=np.float64),
+                    "estimator": np.array(self.estimator),
+                    "settings": np.array(json.dumps(self.settings, sort_keys=True)),
+                })
         return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DepthVideo":
+        """Open a ``depth.npz`` written by :meth:`save` (any version) with depth/valid read lazily.
+
+        Raises ValueError / OSError / KeyError for an unreadable file (callers decide what that means).
+        """
+        from ex4d.io.arrays import NpyFrames, npz_members, read_npz_small
+
+        keys = set(npz_members(path))
+        depth = NpyFrames(path, "depth")
+        valid = NpyFrames(path, "valid") if "valid" in keys else None
+        if valid is None:
+            from ex4d.io.arrays import MappedFrames
+
+            valid = MappedFrames(len(depth), depth.frame_shape, bool, lambda k: np.ones(depth.frame_shape, bool))
+        K = read_npz_small(path, "K") if "K" in keys else np.zeros((0, 3))
+        estimator = str(read_npz_small(path, "estimator")) if "estimator" in keys else "file"
+        settings = json.loads(str(read_npz_small(path, "settings"))) if "settings" in keys else {}
+        return cls(depth=depth, valid=valid, K=K if K.size else None, estimator=estimator, settings=settings)
 
 
 @dataclass
@@ -136,12 +235,53 @@ class Condition:
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``color_<name>.mp4`` (H.264), ``mask_<name>.mp4`` (H.264, for viewing) and
         ``mask_<name>.mkv`` (FFV1, lossless, what the generator reads). Returns the paths."""
-        from ex4d.io.video import to_uint8, write_video
+        with ConditionWriter(out_dir, self.name, self.fps) as writer:
+            for color, mask in zip(self.color, self.mask):
+                writer.write(color, mask)
+        return writer.paths
+
+
+class ConditionWriter:
+    """Encode a condition frame by frame as it is rendered (the files of :meth:`Condition.save`).
+
+    with ConditionWriter(out_dir, name, fps) as writer:
+        writer.write(color, mask)   # float32 (H, W, 3) in [0, 1] (already masked), bool (H, W)
+
+    The three videos appear only when the block succeeds; ``paths`` maps roles to them. (The lossless
+    ``.mkv`` is the exact mask; libx264 with its default threads does not always give the same bytes
+    for the same frames, so compare decoded lossless masks, not H.264 bytes.)
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, name: str, fps: float):
+        from ex4d.io.video import VideoWriter
 
         out_dir = Path(out_dir)
-        mask_u8 = self.mask.astype(np.uint8) * 255
-        return {
-            "color": write_video(out_dir / f"color_{self.name}.mp4", to_uint8(self.color), self.fps),
-            "mask": write_video(out_dir / f"mask_{self.name}.mp4", mask_u8, self.fps),
-            "mask_lossless": write_video(out_dir / f"mask_{self.name}.mkv", mask_u8, self.fps, codec="ffv1"),
-        }
+        self.paths = {"color": out_dir / f"color_{name}.mp4", "mask": out_dir / f"mask_{name}.mp4",
+                      "mask_lossless": out_dir / f"mask_{name}.mkv"}
+        self._writers = {"color": VideoWriter(self.paths["color"], fps),
+                         "mask": VideoWriter(self.paths["mask"], fps),
+                         "mask_lossless": VideoWriter(self.paths["mask_lossless"], fps, codec="ffv1")}
+        self._stack = None
+
+    def __enter__(self) -> "ConditionWriter":
+        import contextlib
+
+        self._stack = contextlib.ExitStack()
+        try:
+            for writer in self._writers.values():
+                self._stack.enter_context(writer)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def write(self, color: np.ndarray, mask: np.ndarray) -> None:
+        from ex4d.io.video import to_uint8
+
+        mask_u8 = np.asarray(mask).astype(np.uint8) * 255
+        self._writers["color"].write(to_uint8(color))
+        self._writers["mask"].write(mask_u8)
+        self._writers["mask_lossless"].write(mask_u8)
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)

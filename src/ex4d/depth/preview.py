@@ -30,3 +30,24 @@ def depth_preview(depth: np.ndarray) -> np.ndarray:
     lo, hi = float(inv.min()), float(inv.max())
     norm = (inv - lo) / (hi - lo) if hi > lo else np.zeros_like(inv)
     return colormap(norm)
+
+
+def write_depth_preview(path, depth, fps: float):
+    """Write :func:`depth_preview` of ``depth`` (T, H, W) as an H.264 video, one frame at a time.
+
+    ``depth`` may be an array or a :class:`~ex4d.io.arrays.FrameSequence`: one pass finds the clip's
+    inverse-depth range, a second writes the frames (the same pixels as ``depth_preview(depth)``).
+    """
+    from ex4d.io.arrays import iter_frames
+    from ex4d.io.video import VideoWriter
+
+    lo, hi = np.inf, -np.inf
+    for frame in iter_frames(depth):
+        inv = 1.0 / np.maximum(np.asarray(frame, dtype=np.float32), 1e-6)
+        lo, hi = min(lo, float(inv.min())), max(hi, float(inv.max()))
+    with VideoWriter(path, fps) as writer:
+        for frame in iter_frames(depth):
+            inv = 1.0 / np.maximum(np.asarray(frame, dtype=np.float32), 1e-6)
+            norm = (inv - lo) / (hi - lo) if hi > lo else np.zeros_like(inv)
+            writer.write(colormap(norm))
+    return writer.path

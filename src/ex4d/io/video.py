@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -18,48 +19,183 @@ from ex4d.errors import InputError
 from ex4d.io.files import atomic_path, require_file
 
 
+def _open_video(path: Path):
+    import av
+
+    try:
+        return av.open(str(path))
+    except av.error.EOFError:  # a valid header-only file: the container ends before any frame
+        raise InputError(f"{path} contains zero frames; give a video with at least one frame") from None
+    except Exception as exc:  # PyAV raises many error types for a non-video file
+        raise InputError(f"cannot read {path} as a video ({type(exc).__name__}); give an mp4/mkv/mov/avi file") from None
+
+
+def _decoded(path: Path, num_frames: int | None, convert: bool):
+    """Yield (fps, frame) for the first ``num_frames`` frames (all if None): rgb24 arrays if ``convert``,
+    else PyAV frames. A decode error after the first frame ends the video there (a truncated file)."""
+    container = _open_video(path)
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream; give a video file")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate) if stream.average_rate else 30.0
+        count = 0
+        try:
+            for frame in container.decode(stream):
+                yield fps, (frame.to_ndarray(format="rgb24") if convert else frame)
+                count += 1
+                if num_frames is not None and count >= num_frames:
+                    break
+        except InputError:
+            raise
+        except Exception as exc:
+            if not count:
+                raise InputError(f"cannot decode {path} ({type(exc).__name__}); is it a valid video?") from None
+
+
+def _too_few(path: Path, count: int, num_frames: int | None) -> None:
+    if not count:
+        raise InputError(f"{path} contains zero frames; give a video with at least one frame")
+    if num_frames is not None and count < num_frames:
+        raise InputError(
+            f"{path} has only {count} frames but {num_frames} are needed; "
+            f"pass --num-frames {count} or fewer, or use a longer video"
+        )
+
+
 def read_video(path: str | os.PathLike, num_frames: int | None = None) -> tuple[np.ndarray, float]:
     """Decode the first ``num_frames`` frames (all if None) of a video.
 
     Returns (frames uint8 (T, H, W, 3) RGB, fps). Raises :class:`InputError` for a missing or
     unreadable file, a file without a video stream, zero frames or too few frames.
     """
-    import av
-
     path = require_file(path, "video")
-    try:
-        container = av.open(str(path))
-    except av.error.EOFError:  # a valid header-only file: the container ends before any frame
-        raise InputError(f"{path} contains zero frames; give a video with at least one frame") from None
-    except Exception as exc:  # PyAV raises many error types for a non-video file
-        raise InputError(f"cannot read {path} as a video ({type(exc).__name__}); give an mp4/mkv/mov/avi file") from None
     frames: list[np.ndarray] = []
-    with container:
-        if not container.streams.video:
-            raise InputError(f"{path} has no video stream; give a video file")
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate) if stream.average_rate else 30.0
-        try:
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if num_frames is not None and len(frames) >= num_frames:
-                    break
-        except Exception as exc:
-            if not frames:
-                raise InputError(f"cannot decode {path} ({type(exc).__name__}); is it a valid video?") from None
-    if not frames:
-        raise InputError(f"{path} contains zero frames; give a video with at least one frame")
-    if num_frames is not None and len(frames) < num_frames:
-        raise InputError(
-            f"{path} has only {len(frames)} frames but {num_frames} are needed; "
-            f"pass --num-frames {len(frames)} or fewer, or use a longer video"
-        )
+    fps = 30.0
+    for fps, frame in _decoded(path, num_frames, convert=True):
+        frames.append(frame)
+    _too_few(path, len(frames), num_frames)
     return np.stack(frames), fps
 
 
+def probe_video(path: str | os.PathLike, num_frames: int | None = None) -> tuple[int, tuple[int, int], float]:
+    """Check that a video has ``num_frames`` decodable frames without keeping them.
+
+    Returns (frame count, capped at ``num_frames``; (H, W); fps). Same errors as :func:`read_video`.
+    """
+    path = require_file(path, "video")
+    count, size, fps = 0, (0, 0), 30.0
+    for fps, frame in _decoded(path, num_frames, convert=False):
+        if not count:
+            size = (int(frame.height), int(frame.width))
+        count += 1
+    _too_few(path, count, num_frames)
+    return count, size, fps
+
+
+def iter_video(path: str | os.PathLike, num_frames: int | None = None,
+               size: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+    """Yield the first ``num_frames`` frames as uint8 (H, W, 3) RGB, one at a time, resized to ``size``
+    (as :func:`resize_frames`, frame by frame: the same values as resizing the stacked video)."""
+    path = require_file(path, "video")
+    count = 0
+    for _, frame in _decoded(path, num_frames, convert=True):
+        count += 1
+        yield frame if size is None or frame.shape[:2] == tuple(size) else resize_frames(frame[None], size)[0]
+    _too_few(path, count, num_frames)
+
+
 def count_frames(path: str | os.PathLike) -> int:
-    """Number of decodable frames in a video (decodes it; cheap for short clips)."""
-    return len(read_video(path)[0])
+    """Number of decodable frames in a video (decodes it without keeping the frames)."""
+    return probe_video(path)[0]
+
+
+class VideoWriter:
+    """Write a video one frame at a time, atomically (the file appears only when the block succeeds).
+
+    with VideoWriter(path, fps, codec="h264") as writer:
+        for frame in frames: writer.write(frame)   # uint8 (H, W, 3) or (H, W)
+
+    ``codec`` is ``"h264"`` (lossy, yuv420p, for viewing and for the generator's colour input) or
+    ``"ffv1"`` (lossless; use a ``.mkv`` path). Grey (H, W) frames are written as grey for FFV1 and
+    replicated to RGB for H.264. Writing no frame at all is an error (nothing is kept).
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float, codec: str = "h264", crf: int = 16):
+        if codec not in ("h264", "ffv1"):
+            raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'ffv1'")
+        self.path, self.fps, self.codec, self.crf = Path(path), fps, codec, crf
+        self.frames_written = 0
+        self._atomic = self._tmp = self._container = self._stream = None
+        self._fmt = None
+
+    def __enter__(self) -> "VideoWriter":
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        return self
+
+    def _open(self, height: int, width: int, grey: bool) -> None:
+        import av
+
+        rate = Fraction(self.fps).limit_denominator(1001)
+        self._container = av.open(str(self._tmp), mode="w")
+        if self.codec == "h264":
+            if height % 2 or width % 2:
+                raise InputError(f"H.264 needs even sizes, got {height}x{width} for {self.path}")
+            stream = self._container.add_stream("libx264", rate=rate)
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(self.crf), "preset": "medium"}
+            self._fmt = "rgb24"
+        else:
+            stream = self._container.add_stream("ffv1", rate=rate)
+            stream.pix_fmt = "gray" if grey else "bgr0"
+            self._fmt = "gray" if grey else "rgb24"
+        stream.width, stream.height = width, height
+        self._stream = stream
+        self._shape = (height, width, grey)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one uint8 frame (H, W, 3) RGB or (H, W) / (H, W, 1) grey."""
+        import av
+
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8:
+            raise TypeError(f"VideoWriter expects uint8 frames, got {frame.dtype}")
+        if frame.ndim == 2:
+            frame = frame[..., None]
+        if frame.ndim != 3 or frame.shape[-1] not in (1, 3):
+            raise ValueError(f"a frame must be (H,W,3) or (H,W), got {frame.shape}")
+        grey = frame.shape[-1] == 1
+        if self._container is None:
+            self._open(frame.shape[0], frame.shape[1], grey)
+        elif self._shape != (frame.shape[0], frame.shape[1], grey):
+            raise ValueError(f"frame {self.frames_written} is {frame.shape}, the first was {self._shape}")
+        if self._fmt == "gray":
+            image = frame[..., 0]
+        elif grey:
+            image = np.repeat(frame, 3, axis=-1)
+        else:
+            image = frame
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=self._fmt)
+        for packet in self._stream.encode(video_frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if self._container is not None:
+                try:
+                    if exc_type is None:
+                        for packet in self._stream.encode():
+                            self._container.mux(packet)
+                finally:
+                    self._container.close()
+            if exc_type is None and not self.frames_written:
+                raise ValueError(f"no frames were written to {self.path}")
+        except BaseException as error:
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self._atomic.__exit__(exc_type, exc, tb)
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: str = "h264",
@@ -68,46 +204,23 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: 
 
     ``codec`` is ``"h264"`` (lossy, yuv420p, for viewing and for the generator's colour input) or
     ``"ffv1"`` (lossless; use a ``.mkv`` path). Grey (T, H, W) input is written as grey for FFV1 and
-    replicated to RGB for H.264.
+    replicated to RGB for H.264. ``frames`` may also be a :class:`~ex4d.io.arrays.FrameSequence`
+    (written frame by frame); see :class:`VideoWriter` to write frames as they are made.
     """
-    import av
+    from ex4d.io.arrays import FrameSequence
 
-    frames = np.asarray(frames)
+    if not isinstance(frames, FrameSequence):
+        frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         raise TypeError(f"write_video expects uint8 frames, got {frames.dtype}")
-    if frames.ndim == 3:
-        frames = frames[..., None]
-    if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or len(frames) == 0:
+    if frames.ndim not in (3, 4) or (frames.ndim == 4 and frames.shape[-1] not in (1, 3)) or len(frames) == 0:
         raise ValueError(f"frames must be (T,H,W,3) or (T,H,W), got {frames.shape}")
-    height, width = frames.shape[1:3]
-    rate = Fraction(fps).limit_denominator(1001)
+    if codec not in ("h264", "ffv1"):
+        raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'ffv1'")
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w") as container:
-            if codec == "h264":
-                if height % 2 or width % 2:
-                    raise InputError(f"H.264 needs even sizes, got {height}x{width} for {path}")
-                stream = container.add_stream("libx264", rate=rate)
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": str(crf), "preset": "medium"}
-                fmt = "rgb24"
-                if frames.shape[-1] == 1:
-                    frames = np.repeat(frames, 3, axis=-1)
-            elif codec == "ffv1":
-                stream = container.add_stream("ffv1", rate=rate)
-                grey = frames.shape[-1] == 1
-                stream.pix_fmt = "gray" if grey else "bgr0"
-                fmt = "gray" if grey else "rgb24"
-            else:
-                raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'ffv1'")
-            stream.width, stream.height = width, height
-            for frame in frames:
-                image = frame[..., 0] if fmt == "gray" else frame
-                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=fmt)
-                for packet in stream.encode(video_frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+    with VideoWriter(path, fps, codec=codec, crf=crf) as writer:
+        for frame in (frames if isinstance(frames, FrameSequence) else iter(frames)):
+            writer.write(frame)
     return path
 
 

@@ -76,7 +76,8 @@ def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str =
                      device="cpu", fps: float = 30.0,
                      progress: Callable[[Iterable], Iterable] | None = None,
                      mesh_callback: Callable[[int, object], None] | None = None,
-                     antialias: bool | str = True, border_depth: float | None = None) -> Condition:
+                     antialias: bool | str = True, border_depth: float | None = None,
+                     pixel_convention: str = "centers") -> Condition:
     """Render ``frames`` + ``depth`` along ``trajectory`` into a :class:`~ex4d.types.Condition`.
 
     frames: (T, H, W, 3) float [0, 1] source colours. depth: (T, H, W) z-depth.
@@ -90,71 +91,132 @@ def render_condition(frames, depth, K_src, trajectory: Trajectory, *, cap: str =
     antialias: True/"analytic" (silhouette blend like the reference's nvdiffrast antialias, default),
         "msaa" or False/"none"; see :mod:`ex4d.render.rasterizer`.
     border_depth: z of the pushed border ring; None -> the reference's 100.
+    pixel_convention: "centers" (integer pixel coordinates are pixel centres; default) or
+        "reference" (integer coordinates on pixel corners, as the reference's renderer).
 
     Returns Condition(color (T_out, H, W, 3) float32 already multiplied by the mask,
     mask (T_out, H, W) bool, fps, name=trajectory.name, settings=the options used).
+    :func:`iter_condition` yields the same frames one at a time (for long videos).
     """
-    from ex4d.conventions import REFERENCE_BORDER_DEPTH, reference_intrinsics
-    from ex4d.mesh.dwmesh import build_dw_mesh
-    from ex4d.render.rasterizer import MeshRenderer
-
     frames = np.asarray(frames)
     depth = np.asarray(depth)
+    _check_arrays(frames, depth)
+    num_out = trajectory.num_frames
+    settings: dict = {}
+    stream = iter_condition(frames, depth, K_src, trajectory, size=frames.shape[1:3], num_frames=frames.shape[0],
+                            cap=cap, filter=filter, stretch_test=stretch_test, watertight=watertight,
+                            only_first_frame=only_first_frame, device=device, progress=progress,
+                            mesh_callback=mesh_callback, antialias=antialias, border_depth=border_depth,
+                            pixel_convention=pixel_convention, settings=settings)
+    color = np.zeros((max(num_out, 0), *frames.shape[1:3], 3), dtype=np.float32)
+    mask = np.zeros((max(num_out, 0), *frames.shape[1:3]), dtype=bool)
+    for k, (color_k, mask_k) in enumerate(stream):
+        color[k], mask[k] = color_k, mask_k
+    return Condition(color=color, mask=mask, fps=float(fps), name=trajectory.name, settings=settings)
+
+
+def _check_arrays(frames: np.ndarray, depth: np.ndarray) -> None:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise InputError(f"frames must be (T, H, W, 3) float in [0, 1], got shape {frames.shape}")
     if not np.issubdtype(frames.dtype, np.floating):
         raise InputError(f"frames must be float in [0, 1], got {frames.dtype} (convert with ex4d.io.video.to_float01)")
     if depth.shape != frames.shape[:3]:
         raise InputError(f"depth {depth.shape} does not match frames {frames.shape[:3]} (need (T, H, W))")
-    num_src, height, width = frames.shape[:3]
+
+
+def iter_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarray], K_src, trajectory: Trajectory, *,
+                   size: tuple[int, int], num_frames: int, cap: str = "none", filter: str = "angle",
+                   stretch_test: bool = False, watertight: bool = True, only_first_frame: bool = False,
+                   device="cpu", progress: Callable[[Iterable], Iterable] | None = None,
+                   mesh_callback: Callable[[int, object], None] | None = None,
+                   antialias: bool | str = True, border_depth: float | None = None,
+                   pixel_convention: str = "centers", settings: dict | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`render_condition` one frame at a time: memory does not grow with the frame count.
+
+    frames / depth: iterables of (H, W, 3) float [0, 1] and (H, W) z-depth frames, consumed in order
+    (``num_frames`` of each; only frame 0 with ``only_first_frame``). size: (H, W).
+    Yields (color (H, W, 3) float32, mask (H, W) bool) for each of the trajectory's frames; fills
+    ``settings`` (if given) with the options used once the renderer is ready.
+    Other arguments: see :func:`render_condition`.
+    """
+    from ex4d.conventions import REFERENCE_BORDER_DEPTH, reference_intrinsics
+    from ex4d.mesh.dwmesh import build_dw_mesh
+    from ex4d.render.rasterizer import MeshRenderer, check_pixel_convention
+
+    height, width = (int(v) for v in size)
+    num_src = int(num_frames)
     num_out = trajectory.num_frames
     if num_out < 1:
         raise InputError("the trajectory has no frames")
     if not only_first_frame and num_out != num_src:
         raise InputError(f"trajectory has {num_out} frames but the video has {num_src}; make the trajectory "
                          f"with num_frames={num_src} or use only_first_frame")
+    check_pixel_convention(pixel_convention)
     K_src = reference_intrinsics(height, width) if K_src is None else np.asarray(K_src, dtype=np.float64)
     border = REFERENCE_BORDER_DEPTH if border_depth is None else float(border_depth)
     dev = resolve_device(device)
     mesh_options = dict(cap=cap, filter=filter, stretch_test=stretch_test, watertight=watertight,
                         border_depth=border)
+    frames_it, depth_it = iter(frames), iter(depth)
 
-    def mesh_for(k: int):
-        return build_dw_mesh(torch.from_numpy(np.ascontiguousarray(depth[k], dtype=np.float32)).to(dev),
-                             torch.from_numpy(np.ascontiguousarray(frames[k], dtype=np.float32)).to(dev),
+    def next_pair(k: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            frame, z = next(frames_it), next(depth_it)
+        except StopIteration:
+            raise InputError(f"the video or depth ended at frame {k} of {num_src}") from None
+        frame, z = np.asarray(frame), np.asarray(z)
+        if frame.shape != (height, width, 3) or z.shape != (height, width):
+            raise InputError(f"frame {k}: colour {frame.shape} / depth {z.shape} do not match the size "
+                             f"{height}x{width} (need (H, W, 3) and (H, W))")
+        return frame, z
+
+    def mesh_for(frame: np.ndarray, z: np.ndarray):
+        return build_dw_mesh(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(dev),
+                             torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32)).to(dev),
                              K_src, **mesh_options)
-
-    color = np.zeros((num_out, height, width, 3), dtype=np.float32)
-    mask = np.zeros((num_out, height, width), dtype=bool)
-    # Frame 0 is the source frame, fully visible (reference behaviour).
-    color[0] = np.clip(frames[0], 0.0, 1.0)
-    mask[0] = True
 
     steps: Iterable[int] = range(num_out)
     if progress is not None:
         steps = progress(steps)
     shared_mesh = None
-    with MeshRenderer(height, width, antialias=antialias) as renderer, single_threaded_torch(dev.type == "cpu"):
+    with MeshRenderer(height, width, antialias=antialias, pixel_convention=pixel_convention) as renderer, \
+            single_threaded_torch(dev.type == "cpu"):
         gl_renderer, aa_method = renderer.gl_renderer, renderer.antialias_method
+        if settings is not None:
+            settings.update({"cap": cap, "filter": filter, "stretch_test": bool(stretch_test),
+                             "watertight": bool(watertight), "only_first_frame": bool(only_first_frame),
+                             "border_depth": border, "mask_alpha_threshold": "alpha > 125/255",
+                             "antialias": aa_method,
+                             "pixel_centres": "integer" if pixel_convention == "centers" else "half-integer",
+                             "pixel_convention": pixel_convention,
+                             "renderer": f"moderngl/EGL: {gl_renderer}"})
         for k in steps:
+            frame = z = None
+            if k == 0 or not only_first_frame:
+                frame, z = next_pair(k)
+            if k == 0:
+                # Frame 0 is the source frame, fully visible (reference behaviour).
+                first = (np.clip(frame, 0.0, 1.0).astype(np.float32, copy=False), np.ones((height, width), bool))
             if only_first_frame:
                 if shared_mesh is None:
-                    shared_mesh = mesh_for(0)
+                    shared_mesh = mesh_for(frame, z)
                 mesh = shared_mesh
             elif k == 0 and mesh_callback is None:
-                continue  # frame 0 is the source itself; its mesh is only needed for the callback
+                mesh = None  # frame 0 is the source itself; its mesh is only needed for the callback
             else:
-                mesh = mesh_for(k)
-            if mesh_callback is not None and (not only_first_frame or k == 0):
+                mesh = mesh_for(frame, z)
+            if mesh is not None and mesh_callback is not None and (not only_first_frame or k == 0):
                 mesh_callback(k, mesh)
             if k == 0:
-                continue
-            rgba = renderer.render(mesh, trajectory.cam_from_world[k], trajectory.K[k])
-            finish_frame(rgba, mask[k], color[k])  # in place: no (H, W, 3) temporaries per frame
-    logger.info("rendered %d condition frames at %dx%d with %s (%s), cap=%s", num_out, height, width,
-                gl_renderer, aa_method, cap)
-    settings = {"cap": cap, "filter": filter, "stretch_test": bool(stretch_test), "watertight": bool(watertight),
-                "only_first_frame": bool(only_first_frame), "border_depth": border,
-                "mask_alpha_threshold": "alpha > 125/255", "antialias": aa_method,
-                "pixel_centres": "integer", "renderer": f"moderngl/EGL: {gl_renderer}"}
-    return Condition(color=color, mask=mask, fps=float(fps), name=trajectory.name, settings=settings)
+                out = first
+            else:
+                rgba = renderer.render(mesh, trajectory.cam_from_world[k], trajectory.K[k])
+                mask = np.empty((height, width), dtype=bool)
+                color = np.empty((height, width, 3), dtype=np.float32)
+                finish_frame(rgba, mask, color)  # in place: no (H, W, 3) temporaries per frame
+                out = (color, mask)
+            del mesh
+            yield out
+    logger.info("rendered %d condition frames at %dx%d with %s (%s), cap=%s, pixels=%s", num_out, height, width,
+                gl_renderer, aa_method, cap, pixel_convention)

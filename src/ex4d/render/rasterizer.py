@@ -9,11 +9,15 @@ per frame) and written into a GL buffer re-allocated only when V changes.
 
 Conventions handled here and nowhere else:
 
-* Pixel centres at *integer* coordinates (ex4d convention): the vertex built from pixel (u, v) of
-  the source view projects to window coordinates (u + 0.5, v + 0.5), which is the centre of
-  OpenGL's pixel (u, v). An identity camera therefore re-renders the source exactly. The
-  reference's nvdiffrast path maps integer coordinates to pixel *corners*, a half-pixel shift of
-  every render; not reproducing it is a deliberate fix.
+* Pixel convention (``pixel_convention=``, docs/conventions.md):
+
+  - ``"centers"`` (default, ex4d convention): pixel centres at *integer* coordinates. The vertex
+    built from pixel (u, v) of the source view projects to window coordinates (u + 0.5, v + 0.5),
+    the centre of OpenGL's pixel (u, v). An identity camera therefore re-renders the source exactly.
+  - ``"reference"``: as the reference's nvdiffrast path, integer coordinates fall on pixel
+    *corners*: (u, v) projects to window coordinates (u, v), so every render is shifted by half a
+    pixel (up and left) against ``"centers"``. Offered to reproduce the reference's renders;
+    not the default (a deliberate fix).
 * Rows: window row y is image row v (the projection does not flip y), so the read-back array has
   row 0 = top image row without a copy.
 * Projection from a general K (fx, fy, cx, cy, skew) with the reference's near 1e-3 / far 1e3.
@@ -72,6 +76,15 @@ void main() {
 """
 
 ANTIALIAS_MODES = ("analytic", "msaa", "none")
+#: "centers": integer pixel coordinates are pixel centres (default); "reference": pixel corners.
+PIXEL_CONVENTIONS = ("centers", "reference")
+
+
+def check_pixel_convention(pixel_convention: str) -> str:
+    if pixel_convention not in PIXEL_CONVENTIONS:
+        raise InputError(f"unknown pixel convention {pixel_convention!r}; use one of {', '.join(PIXEL_CONVENTIONS)} "
+                         f"(docs/conventions.md)")
+    return pixel_convention
 #: Face ids travel through a float32 channel: exact below 2^24 faces.
 _MAX_ANALYTIC_FACES = 1 << 24
 
@@ -79,18 +92,20 @@ MSAA_SAMPLES = 4
 
 
 def clip_from_camera(K: np.ndarray, height: int, width: int, near: float = REFERENCE_NEAR,
-                     far: float = REFERENCE_FAR) -> np.ndarray:
+                     far: float = REFERENCE_FAR, pixel_convention: str = "centers") -> np.ndarray:
     """(4, 4) float64 map from OpenCV camera coordinates to OpenGL clip coordinates.
 
-    x_ndc = (2 (u + 0.5) / W) - 1 and y_ndc = (2 (v + 0.5) / H) - 1, where (u, v) are pixel
-    coordinates with centres at integers; w_clip = z (OpenCV depth); z_ndc runs from -1 at
-    ``near`` to +1 at ``far``. Window row v is image row v (no flip).
+    "centers": x_ndc = (2 (u + 0.5) / W) - 1 and y_ndc = (2 (v + 0.5) / H) - 1, where (u, v) are
+    pixel coordinates with centres at integers. "reference": x_ndc = 2 u / W - 1 (integer
+    coordinates on pixel corners, as the reference). w_clip = z (OpenCV depth); z_ndc runs from -1
+    at ``near`` to +1 at ``far``. Window row v is image row v (no flip).
     """
     K = np.asarray(K, dtype=np.float64)
     fx, fy, cx, cy, skew = K[0, 0], K[1, 1], K[0, 2], K[1, 2], K[0, 1]
+    shift = 1 if check_pixel_convention(pixel_convention) == "centers" else 0  # 2 x the half-pixel offset
     return np.array([
-        [2 * fx / width, 2 * skew / width, (2 * cx + 1) / width - 1, 0.0],
-        [0.0, 2 * fy / height, (2 * cy + 1) / height - 1, 0.0],
+        [2 * fx / width, 2 * skew / width, (2 * cx + shift) / width - 1, 0.0],
+        [0.0, 2 * fy / height, (2 * cy + shift) / height - 1, 0.0],
         [0.0, 0.0, (far + near) / (far - near), -2 * far * near / (far - near)],
         [0.0, 0.0, 1.0, 0.0],
     ])
@@ -126,14 +141,16 @@ class MeshRenderer:
 
     antialias: True / "analytic" (default, silhouette blend as the reference's nvdiffrast
     antialias), "msaa" (4x MSAA) or False / "none"; see the module docstring.
+    pixel_convention: "centers" (default) or "reference" (integer coordinates on pixel corners).
 
     Not thread-safe (one EGL context). Call :meth:`release` or use it as a context manager: GL
     objects are not freed by garbage collection.
     """
 
-    def __init__(self, height: int, width: int, *, antialias: bool | str = True):
+    def __init__(self, height: int, width: int, *, antialias: bool | str = True, pixel_convention: str = "centers"):
         if int(height) < 1 or int(width) < 1:
             raise InputError(f"render size must be positive, got {height}x{width}")
+        self.pixel_convention = check_pixel_convention(pixel_convention)
         self.height, self.width = int(height), int(width)
         mode = {True: "analytic", False: "none"}.get(antialias, antialias)
         if mode not in ANTIALIAS_MODES:
@@ -315,7 +332,8 @@ class MeshRenderer:
 
     def _draw(self, vertices, colors, faces, cam_from_world, K, near, far, grid) -> np.ndarray:
         ctx = self.ctx
-        clip_from_world = clip_from_camera(K, self.height, self.width, near, far) @ cam_from_world
+        clip_from_world = clip_from_camera(K, self.height, self.width, near, far,
+                                           self.pixel_convention) @ cam_from_world
         analytic = self.antialias == "analytic" and faces.shape[0] > 0
         timer = self.timings
         t0 = _now() if timer is not None else 0.0
