@@ -47,6 +47,10 @@ _FILE_KEYS = {"keyframes", "time_unit", "pivot", "name"}
 MIN_RADIUS, MAX_RADIUS = 1e-6, 1e6
 
 
+class NeedsPivot(InputError):
+    """A keyframe needs the scene's pivot, which was not given (known only once the depth is)."""
+
+
 @dataclass
 class LoadedPath:
     """A path read from a file: cam_from_world (T, 4, 4), K (T, 3, 3), and what was read."""
@@ -64,7 +68,7 @@ def load_pose_file(path, *, num_frames: int, K_src: np.ndarray, pivot: np.ndarra
     target and orbit centre for JSON keyframes (None if unknown: such keyframes then fail).
     A pose count other than ``num_frames`` is an InputError unless ``resample`` is True.
     """
-    path = check_pose_file(path)
+    path = check_pose_file(path)  # exists, size, suffix, JSON syntax
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
@@ -83,8 +87,11 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else "no details"
 
 
-def check_pose_file(path) -> Path:
-    """The cheap checks of a pose file, done before any work: it exists, is not huge, has a known suffix.
+def check_pose_file(path, num_frames: int | None = None, resample: bool = False) -> Path:
+    """The checks of a pose file that need no clip, done before any work: it exists, is not huge, has a
+    known suffix and parses. With ``num_frames`` the whole file is loaded for a stand-in camera, so
+    bad values and a wrong pose count fail now; keyframes that need the scene's pivot (known only from
+    the depth) are checked up to the first such keyframe.
 
     Returns the path (protected as an input). Raises a one-line InputError.
     """
@@ -98,6 +105,12 @@ def check_pose_file(path) -> Path:
                          f"{MAX_POSE_FILE_BYTES // 2**20} MB a pose file may have; give one pose per frame or keyframes")
     if path.suffix.lower() == ".json":
         _read_json(path)  # syntax and nesting now, not after depth estimation
+    if num_frames is not None:
+        K_standin = np.array([[500.0, 0.0, 256.0], [0.0, 500.0, 256.0], [0.0, 0.0, 1.0]])
+        try:
+            load_pose_file(path, num_frames=num_frames, K_src=K_standin, pivot=None, resample=resample)
+        except NeedsPivot:
+            pass  # checked again with the real pivot once the depth is known
     return path
 
 
@@ -209,7 +222,7 @@ def _keyframe_pose(frame: dict, where: str, pivot: np.ndarray | None) -> tuple[n
         elif pivot is not None:
             target = pivot
         else:
-            raise InputError(f"{where}: no look_at given and no pivot known")
+            raise NeedsPivot(f"{where}: no look_at given and no pivot known")
         try:
             return look_at(eye, target), None
         except ValueError as exc:
@@ -217,7 +230,7 @@ def _keyframe_pose(frame: dict, where: str, pivot: np.ndarray | None) -> tuple[n
                 from None
     if "yaw" in frame or "pitch" in frame:
         if pivot is None:
-            raise InputError(f"{where}: yaw/pitch keyframes need a pivot (set \"pivot\" in the file)")
+            raise NeedsPivot(f"{where}: yaw/pitch keyframes need a pivot (set \"pivot\" in the file)")
         yaw = _number(frame.get("yaw", 0.0), f"{where} yaw")
         pitch = _number(frame.get("pitch", 0.0), f"{where} pitch")
         radius = _number(frame.get("radius", float(pivot[2])), f"{where} radius")

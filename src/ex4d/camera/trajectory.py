@@ -215,18 +215,20 @@ def make_trajectory(spec: str, *, num_frames: int, size: tuple[int, int], K: np.
     return Trajectory(poses, K_path, name=_spec_name(kind, params), settings=settings)
 
 
-def check_spec(spec: str) -> None:
+def check_spec(spec: str, num_frames: int | None = None, resample: bool = False) -> None:
     """The checks of a ``--cam`` string that need no clip, run before any work starts.
 
     A preset or parametrised path is built once for a small stand-in scene (so a bad parameter fails
     now, not after depth estimation); a pose file must exist, have a known suffix and a sane size, and
-    a JSON file must parse. Raises the same one-line InputError that :func:`make_trajectory` would.
+    a JSON file must parse; with ``num_frames`` a pose file is also loaded (values, pose count; see
+    :func:`ex4d.camera.posefile.check_pose_file`). Raises the one-line InputError that
+    :func:`make_trajectory` would.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise _bad_spec(str(spec), "it is empty")
     spec = spec.strip()
     if _looks_like_file(spec):
-        check_pose_file(spec)
+        check_pose_file(spec, num_frames=num_frames, resample=resample)
         return
     try:
         parse_spec(spec)

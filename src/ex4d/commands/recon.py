@@ -59,6 +59,10 @@ def add_recon_args(parser: argparse.ArgumentParser, *, generation_follows: bool 
     parser.add_argument("--antialias", choices=["analytic", "msaa", "none"], default="analytic",
                         help="edge antialiasing: analytic silhouette blend like the reference's (default), "
                              "4x MSAA, or none")
+    parser.add_argument("--pixel-convention", choices=["centers", "reference"], default="centers",
+                        help="centers: integer pixel coordinates are pixel centres, an identity camera re-renders "
+                             "the source exactly (default); reference: integer coordinates on pixel corners, as the "
+                             "reference's renderer (renders shift by half a pixel; docs/conventions.md)")
     what = "every video run writes (renders and the generated video)" if generation_follows else \
         "the videos recon writes"
     parser.add_argument("--fps", type=float, default=None,
@@ -110,7 +114,7 @@ def check_clip_args(args, *, generation_follows: bool = False) -> None:
     if getattr(args, "cam", None) is not None:
         from ex4d.camera.trajectory import check_spec
 
-        check_spec(args.cam)
+        check_spec(args.cam, num_frames=args.num_frames, resample=getattr(args, "resample", False))
     if args.resize == "keep":
         check_frame_size(args.video)
 
@@ -158,7 +162,15 @@ def recon_from_args(args, *, generation_follows: bool = False) -> dict:
     from ex4d.pipeline import ReconOptions, estimate_depth, load_clip, run_recon
 
     check_clip_args(args, generation_follows=generation_follows)  # before any work starts
+    from ex4d.pipeline import ReconOptions as _Options, check_recon_outputs
+
+    # Every file recon will write, checked now: an input or a foreign file fails before any work.
+    check_recon_outputs(args.video, args.output, _Options(cam=args.cam, save_mesh=args.save_mesh,
+                                                          only_first_frame=args.only_first_frame),
+                        num_frames=args.num_frames, depth_spec=args.depth)
     estimator_options = depthcrafter_options(args)
+    from ex4d.weights_preflight import check_command_weights
+    check_command_weights(args, generation=generation_follows)  # every missing weight (run: generation too), at once
     out_dir = prepare_output_dir(args.output)
     clip = load_clip(args.video, num_frames=args.num_frames, resize=args.resize)
     depth_cache = out_dir / "depth.npz"
@@ -173,7 +185,8 @@ def recon_from_args(args, *, generation_follows: bool = False) -> dict:
     options = ReconOptions(cam=args.cam, cap=args.cap, filter=args.filter, stretch_test=args.stretch_test,
                            watertight=not args.torn, only_first_frame=args.only_first_frame,
                            save_mesh=args.save_mesh, fps=args.fps, resample=args.resample,
-                           antialias=args.antialias, device=args.device)
+                           antialias=args.antialias, device=args.device,
+                           pixel_convention=getattr(args, "pixel_convention", "centers"))
     records_before = {path.name: _mtime(path) for path in out_dir.glob("recon_*.json")}
     written = run_recon(clip, depth, out_dir, options,
                         progress=lambda it, **kw: progress(it, desc="render", unit="frame", **kw))

@@ -34,12 +34,13 @@ def register(subparsers) -> None:
 def main(args) -> int:
     from ex4d.pipeline import generation_is_current, run_generate
 
-    if args.gen_fps is not None:  # the old --out-fps: the generated video's rate only
-        print("warning: --out-fps is deprecated; --fps now sets the frame rate of every video run writes "
-              "(default: the source's)", file=sys.stderr)
-    else:
+    old_out_fps = args.gen_fps is not None  # the old --out-fps: the generated video's rate only
+    if not old_out_fps:
         args.gen_fps = args.fps  # None: the renders' rate, which is the source's unless --fps
     options = options_from_args(args)  # checks the generation flags before any work starts
+    if old_out_fps:
+        print("warning: --out-fps is deprecated; --fps now sets the frame rate of every video run writes "
+              "(default: the source's)", file=sys.stderr)
     if args.num_frames > options.window:
         from ex4d.diffusion.long_video import plan_windows
 
