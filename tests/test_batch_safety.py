@@ -490,3 +490,16 @@ def test_killed_batch_resumes_cleanly(tmp_path, capsys):
     from ex4d.io.video import read_mask_video
 
     assert read_mask_video(out / "c" / "mask_30.mp4").shape == (T, H, W)
+
+
+def test_dry_run_reports_missing_weights_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_video(tmp_path / "clip.mp4")
+    (tmp_path / "models").mkdir()
+    jobs_file = write_yaml(tmp_path / "jobs.yaml", (
+        f"defaults: {{stage: recon, num_frames: {T}, resize: keep, models_dir: models}}\njobs:\n"
+        "  - {video: clip.mp4, cam: 30, output: out/a, depth: depth-anything}\n"))
+    assert main(["batch", str(jobs_file), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "problem: " in err and "Depth-Anything-V2-Small-hf" in err and "1 problem(s) found" in err

@@ -525,14 +525,17 @@ def check_manifest_path(path: str | os.PathLike, jobs: list[dict]) -> Path:
     return path
 
 
-def write_manifest(path: str | os.PathLike, jobs: list[dict], jobs_file: str = "") -> Path:
+def write_manifest(path: str | os.PathLike, jobs: list[dict], jobs_file: str = "", *, check: bool = False) -> Path:
     """Rebuild and atomically write the manifest, under a lock shared by all ranks.
 
     Each rank writes its record *before* taking the lock, so the last writer has seen every record.
-    The lock file is removed again (see :func:`_locked`).
+    The lock file is removed again (see :func:`_locked`). ``check``: :func:`check_manifest_path` first,
+    under the lock (so that another rank's write in progress never looks like a foreign file).
     """
     path = Path(path)
     with _locked(lock_path(path)):
+        if check:
+            check_manifest_path(path, jobs)
         manifest = build_manifest(jobs, jobs_file)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(manifest, indent=2, default=str))
@@ -757,9 +760,8 @@ def run_batch(jobs: list[dict], *, runner: JobRunner | None = None, manifest: st
             log.log(level, prefix + message)
 
     with write_policy(overwrite=overwrite, inputs=[jobs_file] + [f for job in jobs for f in job_inputs(job)]):
-        if manifest:
-            check_manifest_path(manifest, jobs)
-            write_manifest(manifest, jobs, jobs_file)  # before any job: a clash fails now, not after hours
+        if manifest:  # before any job: a clash fails now, not after hours
+            write_manifest(manifest, jobs, jobs_file, check=True)
         bar = progress(total=len(mine), desc="batch" if worker.world_size == 1 else f"batch rank {worker.rank}",
                        unit="job", position=worker.rank) if progress else None
         try:

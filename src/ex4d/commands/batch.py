@@ -51,8 +51,8 @@ def default_manifest(jobs_file: str) -> Path:
 
 
 def main(args) -> int:
-    from ex4d.batch import (Worker, build_manifest, check_jobs, check_manifest_path, is_finished, job_inputs,
-                            load_jobs, run_batch, write_manifest)
+    from ex4d.batch import (Worker, build_manifest, check_jobs, is_finished, job_inputs, load_jobs, run_batch,
+                            write_manifest)
     from ex4d.commands.common import progress
     from ex4d.diffusion.parallel import apply_safe_env
     from ex4d.io.files import protect_inputs
@@ -69,6 +69,13 @@ def main(args) -> int:
             state = "finished, skip" if is_finished(job) else "run"
             print(f"{job['index'] + 1:>5}  {job['stage']:<5} {job['cam']:<12} {job['output']}  [{state}]")
         problems = check_jobs(worker.share(jobs), manifest=manifest, jobs_file=jobs_file, overwrite=args.overwrite)
+        from ex4d.errors import UserError
+        from ex4d.weights_preflight import check_jobs_weights
+
+        try:  # missing weights too, all in one message
+            check_jobs_weights([job for job in worker.share(jobs) if not is_finished(job)])
+        except UserError as exc:
+            problems.append(str(exc))
         for problem in problems:
             print(f"{prefix}problem: {problem}", file=sys.stderr)
         if problems:
@@ -79,11 +86,12 @@ def main(args) -> int:
         return 0
     if args.status:
         protect_inputs(*(name for job in jobs for name in job_inputs(job)))
-        check_manifest_path(manifest, jobs)
-        write_manifest(manifest, jobs, jobs_file)
+        write_manifest(manifest, jobs, jobs_file, check=True)
         counts = build_manifest(jobs)["counts"]
         print(" ".join(f"{k}={v}" for k, v in counts.items()) + f"  ({manifest})")
         return 0
+    from ex4d.weights_preflight import check_jobs_weights
+    check_jobs_weights([job for job in worker.share(jobs) if not is_finished(job)])  # all missing weights, before job 1
     interactive = sys.stderr.isatty()  # a terminal gets the bar; logs and pipes get one plain line per job
     result = run_batch(jobs, manifest=manifest, jobs_file=jobs_file, worker=worker,
                        retry_failed=not args.skip_failed, progress=progress if interactive else None,
