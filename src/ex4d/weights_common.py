@@ -105,9 +105,16 @@ class MissingWeight:
 
     def describe(self) -> str:
         shown = ", ".join(self.paths[:3]) + (f" (+{len(self.paths) - 3} more)" if len(self.paths) > 3 else "")
-        size = f"{self.size_gb:.2g} GB" if self.size_gb < 10 else f"{self.size_gb:.0f} GB"
+        size = format_gb(self.size_gb)
         note = f" ({self.note})" if self.note else ""
         return f"{self.what}, about {size}: missing {shown}; download with: {self.command}{note}"
+
+
+def format_gb(size_gb: float) -> str:
+    """``3.05`` -> ``3.05 GB``, ``0.1`` -> ``0.1 GB``, ``87.2`` -> ``87 GB``; sizes here are approximate."""
+    if size_gb < 10:
+        return f"{size_gb:.3g} GB"
+    return f"{size_gb:.0f} GB"
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ex4d.errors import MissingWeightsError
-from ex4d.weights_common import MissingWeight, hub_unreachable
+from ex4d.weights_common import MissingWeight, format_gb, hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def missing_message(items: list[MissingWeight], *, unreachable: str | None = Non
         tail.append(f"after downloading, pass --models-dir {SUGGESTED_MODELS_DIR}")
     tail.append("then rerun (docs/models.md, docs/depth.md)")
     count = f"{len(items)} download{'s' if len(items) != 1 else ''}"
-    return (f"missing weights, nothing was run: {count}, about {total:.0f} GB in all: " + "; ".join(parts)
+    return (f"missing weights, nothing was run: {count}, about {format_gb(total)} in all: " + "; ".join(parts)
             + "; " + "; ".join(tail))
 
 
@@ -118,6 +118,26 @@ def check_weights(*, depth: str | None = None, generation: bool = False, wan: bo
     items = missing_weights(depth=depth, generation=generation, wan=wan, adapter=adapter, models_dir=models_dir,
                             layout=layout, depth_variant=depth_variant, depth_cache=depth_cache, video=video)
     raise_if_missing(items, models_dir_given=models_dir is not None)
+
+
+def check_command_weights(args, *, generation: bool = False, wan: bool = False) -> None:
+    """:func:`check_weights` for a command's parsed arguments (the names the commands share:
+    ``depth``, ``models_dir``, ``adapter``, ``layout``, ``output``, ``video``, ``no_reuse``)."""
+    depth = getattr(args, "depth", None)
+    output = getattr(args, "output", None)
+    reuse = output is not None and not getattr(args, "no_reuse", False) and getattr(args, "video", None) is not None
+    check_weights(depth=depth if isinstance(depth, str) else None, generation=generation, wan=wan,
+                  adapter=getattr(args, "adapter", None), models_dir=getattr(args, "models_dir", None),
+                  layout=getattr(args, "layout", "auto") or "auto",
+                  depth_cache=Path(output) / "depth.npz" if reuse else None, video=getattr(args, "video", None))
+
+
+def check_pairs_weights(depth: str, inputs: Iterable, models_dir: str | os.PathLike | None = None) -> None:
+    """:func:`check_weights` for ``make-pairs``: the estimator's weights, unless ``depth`` is a folder of
+    depth files or every input (:class:`ex4d.train.pairs.ClipInput`) brings its own depth file."""
+    if Path(str(depth)).is_dir() or all(getattr(clip, "depth", None) is not None for clip in inputs):
+        return
+    check_weights(depth=depth, models_dir=models_dir)
 
 
 def check_jobs_weights(jobs: Iterable[dict]) -> None:

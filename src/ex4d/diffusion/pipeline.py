@@ -4,7 +4,9 @@ Inputs are the scaled geometry condition of :mod:`ex4d.diffusion.conditioning` (
 videos, (1, 3, T, H, W)) and the first frame. The pipeline reproduces the reference's sampling
 (spec 7.3-7.10):
 
-* text: umT5 on the fixed prompt / negative prompt, cut to the true length and zero-padded to 512;
+* text: umT5 on the fixed prompt / negative prompt, cut to the true length and zero-padded to 512
+  (diffusers' Wan attention takes the last 512 context tokens as the text's, a constant: a DiT config
+  asking for another text length is refused when it loads, and embeddings of another length here);
 * image: CLIP ViT-H/14 on frame 0 (bicubic 224x224 resize of the [-1, 1] image, as the
   reference does, then CLIP normalisation), penultimate hidden state -> (1, 257, 1280);
 * y: VAE([I0; zeros]) normalised (16 ch) after the 4-channel "frame known" map -> (1, 20, T', h, w);
@@ -34,6 +36,7 @@ from diffusers.utils import BaseOutput
 from ex4d.diffusion.adapter import CamVidEncoder, PatchEmbeddingInjector
 from ex4d.diffusion.conditioning import (encoder_mask_input, first_frame_latent_mask, first_frame_uint8,
                                          image_to_model_range)
+from ex4d.diffusion.weights_wan import TEXT_LENGTH, check_text_length
 from ex4d.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,6 @@ FLOW_SHIFT = 5.0
 CLIP_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TEXT_LENGTH = 512
 
 
 def reference_sigmas(num_steps: int = DEFAULT_STEPS) -> np.ndarray:
@@ -100,6 +102,8 @@ class EX4DPipeline(DiffusionPipeline):
                  transformer: WanTransformer3DModel, camera_encoder: CamVidEncoder,
                  scheduler: FlowMatchEulerDiscreteScheduler):
         super().__init__()
+        if transformer is not None:  # a config asking for another text length cannot run (weights_wan.TEXT_LENGTH)
+            check_text_length(dict(transformer.config), "the transformer config")
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder, vae=vae,
                               transformer=transformer, camera_encoder=camera_encoder, scheduler=scheduler)
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
@@ -145,6 +149,13 @@ class EX4DPipeline(DiffusionPipeline):
             raise InputError("no text encoder loaded: pass prompt_embeds (and negative_prompt_embeds)")
         if prompt is not None and not isinstance(prompt, str):
             raise InputError("prompt must be a string")
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (not isinstance(embeds, torch.Tensor) or embeds.ndim != 3
+                                       or embeds.shape[1] != TEXT_LENGTH):
+                shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise InputError(f"{name} must be (B, {TEXT_LENGTH}, text_dim), got {shape}: diffusers' Wan attention "
+                                 f"takes the last {TEXT_LENGTH} context tokens as the text's, so other lengths would "
+                                 f"mix image and text tokens; zero-pad to {TEXT_LENGTH} as encode_prompt does")
 
     def _encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """umT5 embeddings (1, 512, 4096): true-length tokens then zeros, as the reference pads them."""
