@@ -91,6 +91,8 @@ def main(args) -> int:
                            close_radius=args.close_radius, cap=args.cap))
     settings.validate()
     inputs = list_inputs(args.input)
+    from ex4d.weights_preflight import check_pairs_weights
+    check_pairs_weights(args.depth, inputs, args.models_dir)  # every missing weight file, before the first clip
     summary = build_pairs(inputs, args.output, settings, depth=args.depth, models_dir=args.models_dir,
                           device=args.device, progress=progress, overwrite=args.redo,
                           retry_failed=not args.skip_failed)

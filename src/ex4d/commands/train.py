@@ -117,6 +117,8 @@ def main(args) -> int:
         state = read_checkpoint_record(resume_dir)
         check_resumable(resume_dir, state, config, model_mismatches(model_config, state.get("system") or {}))
     dataset = PairDataset(args.datasets, size=size, num_frames=args.num_frames)
+    from ex4d.weights_preflight import check_weights
+    check_weights(wan=True, models_dir=args.models_dir, layout=args.layout)  # every missing Wan file, before any load
     validation = []
     if args.validation_pairs > 0:
         if args.validation_pairs >= len(dataset):
