@@ -29,7 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--depth", default="depthcrafter",
                         help="depthcrafter (default), depth-anything, or a .npz/.npy depth file")
     parser.add_argument("--models-dir", default=None,
-                        help="folder with downloaded weights, e.g. MODELS/tencent/DepthCrafter (docs/depth.md)")
+                        help="the folder that holds the downloaded repositories, e.g. MODELS for "
+                             "MODELS/tencent/DepthCrafter/ (not that folder itself; docs/depth.md); default: the "
+                             "Hugging Face cache")
     parser.add_argument("--num-frames", type=int, default=49,
                         help="frames to use from the start, at least 1; 4k+1 (such as 49) if the depth will feed "
                              "ex4d run/generate (default 49)")
@@ -94,6 +96,8 @@ def main(args) -> int:
 
     check_clip_args(args)  # video, --num-frames, --depth and the --resize keep cap, before any work starts
     estimator_options = depthcrafter_options(args)
+    from ex4d.weights_preflight import check_command_weights
+    check_command_weights(args)  # every missing weight file in one message, before any work
     out_dir = prepare_output_dir(args.output)
     clip = load_clip(args.video, num_frames=args.num_frames, resize=args.resize)
     depth_path = out_dir / "depth.npz"
