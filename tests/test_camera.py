@@ -465,3 +465,71 @@ def test_resample_single_pose_is_repeated():
     poses, K = resample_path(pose, K0[None], 5)
     np.testing.assert_allclose(poses, np.repeat(pose, 5, axis=0), atol=1e-12)
     assert K.shape == (5, 3, 3)
+
+
+# --- hostile pose files: every failure is a one-line InputError naming the file (issue 14 item 11)
+
+_HOSTILE_JSON = {
+    "deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "huge-int-yaw": ('{"pivot": [0, 0, 2], "keyframes": [{"yaw": 1%s}]}' % ("0" * 400), "finite number"),
+    "huge-int-position": ('[{"position": [1%s, 0, 0], "look_at": [0, 0, 1]}]' % ("0" * 400), "finite numbers"),
+    "tiny-radius": ('{"pivot": [0, 0, 2], "keyframes": [{"yaw": 0, "radius": 1e-320}]}', "radius"),
+    "huge-radius-arc": ('{"pivot": [0, 0, 2], "keyframes": [{"yaw": 10, "radius": 1e300}, {"yaw": 20}]}', "radius"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HOSTILE_JSON))
+def test_hostile_json_pose_files_are_input_errors(tmp_path, name):
+    text, fragment = _HOSTILE_JSON[name]
+    path = tmp_path / f"{name}.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=fragment) as info:
+        _make(str(path), num_frames=5, resample=True)
+    assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_maths_errors_in_a_pose_file_become_input_errors(tmp_path, monkeypatch):
+    """Whatever a file provokes in the maths (here a degenerate orbit arc) names the file."""
+    from ex4d.camera import posefile
+
+    path = tmp_path / "arc.json"
+    path.write_text('{"pivot": [0, 0, 2], "keyframes": [{"yaw": 10}, {"yaw": 20}]}')
+
+    original = posefile.orbit_eye
+
+    def broken(yaw, *args, **kwargs):  # fails only along the arc between the keyframes
+        if np.ndim(yaw):
+            raise ValueError("look-at: eye and center coincide")
+        return original(yaw, *args, **kwargs)
+
+    monkeypatch.setattr(posefile, "orbit_eye", broken)
+    with pytest.raises(InputError, match="cannot use camera path file .*arc.json"):
+        _make(str(path), num_frames=5)
+
+
+def test_complex_poses_are_refused(tmp_path):
+    path = tmp_path / "complex.npz"
+    np.savez(path, cam_from_world=np.repeat(np.eye(4, dtype=complex)[None], 5, axis=0))
+    with pytest.raises(InputError, match="real numbers"):
+        _make(str(path), num_frames=5)
+
+
+def test_check_spec_fails_early_without_a_clip(tmp_path):
+    from ex4d.camera.trajectory import check_spec
+
+    check_spec("90")
+    check_spec("orbit:yaw=30,pitch=10")
+    with pytest.raises(InputError, match="travel"):
+        check_spec("zoom_in:travel=5")
+    with pytest.raises(InputError, match="not found"):
+        check_spec(str(tmp_path / "missing.json"))
+    two = tmp_path / "two.npz"
+    np.savez(two, cam_from_world=np.repeat(np.eye(4)[None], 2, axis=0))
+    check_spec(str(two))  # no frame count given: only the file itself is checked
+    with pytest.raises(InputError, match="--resample"):
+        check_spec(str(two), num_frames=5)
+    check_spec(str(two), num_frames=5, resample=True)
+    # Keyframes that need the scene's pivot are left for the real build (which knows the depth).
+    needs_pivot = tmp_path / "yaw.json"
+    needs_pivot.write_text('[{"yaw": 0}, {"yaw": 30}]')
+    check_spec(str(needs_pivot), num_frames=5)

@@ -38,14 +38,19 @@ def test_run_end_to_end_and_skips_when_current(tmp_path, models, capsys):
     video = out / "ex4d_30.mp4"
     frames, fps = read_video(video)
     assert frames.shape == (5, 16, 16, 3)
-    assert abs(fps - 15.0) < 1e-6  # the reference's output rate by default
+    assert abs(fps - 15.0) < 1e-6  # the source's rate by default (synth wrote 15 fps)
     record = json.loads((out / "ex4d_30.json").read_text())
     assert record["request"]["options"]["steps"] == 2
     before = video.stat().st_mtime_ns
-    capsys.readouterr()
+    first = capsys.readouterr()
+    assert "reused" not in first.err
     code, _ = run_cli(tmp_path, models, 5)
     assert code == 0
-    assert "up to date" in capsys.readouterr().out
+    second = capsys.readouterr()
+    assert "up to date" in second.out
+    # recon says on stderr what it reused
+    assert f"recon: outputs in {out} are current (recon_30.json); reused" in second.err
+    assert f"depth in {out / 'depth.npz'} is current" in second.err
     assert video.stat().st_mtime_ns == before  # not regenerated
     code, _ = run_cli(tmp_path, models, 5, extra=["--seed", "1"])
     assert code == 0 and video.stat().st_mtime_ns != before  # a changed setting regenerates
@@ -64,3 +69,20 @@ def test_run_rejects_a_clip_that_is_not_4k_plus_1(tmp_path, models, capsys):
     assert code == 1
     assert "4k+1" in capsys.readouterr().err.replace("4k + 1", "4k+1")
     assert not (out / "ex4d_30.mp4").exists()
+
+
+def test_run_fps_sets_every_video_it_writes(tmp_path, models, capsys):
+    """--fps is the output rate of the renders and of the generated video; --out-fps is a hidden old alias."""
+    code, out = run_cli(tmp_path, models, 5, extra=["--fps", "12"])
+    assert code == 0
+    for name in ("color_30.mp4", "mask_30.mp4", "ex4d_30.mp4"):
+        assert abs(read_video(out / name)[1] - 12.0) < 1e-6, name
+    capsys.readouterr()
+    code, out = run_cli(tmp_path, models, 5, extra=["--fps", "12", "--out-fps", "20"])
+    assert code == 0
+    assert "--out-fps is deprecated" in capsys.readouterr().err
+    assert abs(read_video(out / "ex4d_30.mp4")[1] - 20.0) < 1e-6
+    assert abs(read_video(out / "color_30.mp4")[1] - 12.0) < 1e-6
+    from ex4d.cli import build_parser
+
+    assert "--out-fps" not in build_parser()._subparsers._group_actions[0].choices["run"].format_help()

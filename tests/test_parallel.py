@@ -8,6 +8,7 @@ the final latents must equal the single-process ones.
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -383,3 +384,35 @@ def test_single_process_context_needs_no_process_group(monkeypatch):
     assert ctx.mode == "none" and ctx.is_main and ctx.cfg_degree == 1
     model = torch.nn.Linear(2, 2)
     assert par.enable_ulysses(model, ctx) is model  # nothing to do on one process
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_torchrun_worker_prints_a_user_error_once(rank, tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank hits the same bad input: rank 0 prints the one line, all exit with its code."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = par.main(["--color", str(tmp_path / "color_30.mp4"), "-o", str(tmp_path / "out.mp4"), "--cfg", "nan"])
+    assert code == 1
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert err.count("error: ") == 1 and "--cfg" in err and len(err.strip().splitlines()) == 1
+    else:
+        assert err == ""
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_torchrun_worker_refuses_outputs_like_ex4d_generate(tmp_path, monkeypatch, capsys):
+    """The worker entry point runs under the same write policy (inputs protected, --overwrite exists)."""
+    from ex4d.io.video import write_video
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    write_video(tmp_path / "color_30.mp4", np.zeros((5, 32, 32, 3), np.uint8), 10)
+    write_video(tmp_path / "mask_30.mkv", np.full((5, 32, 32), 255, np.uint8), 10, codec="ffv1")
+    (tmp_path / "gen.json").write_text("mine")
+    argv = ["--color", str(tmp_path / "color_30.mp4"), "-o", str(tmp_path / "gen.mp4"), "--size", "32x32"]
+    assert par.main(argv) == 1
+    assert "did not write" in capsys.readouterr().err
+    assert par.main([*argv[:3], str(tmp_path / "color_30.mp4"), "--overwrite"]) == 1
+    assert "input" in capsys.readouterr().err
+    assert (tmp_path / "gen.json").read_text() == "mine"

@@ -640,6 +640,35 @@ def generation_is_current(output: str | os.PathLike, color, mask, options: Gener
         return False
 
 
+def check_generate_paths(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
+                         options: GenerateOptions) -> tuple[Path, Path, Path, Path]:
+    """The file checks of a generation, before any work: returns (colour, mask used, output, record).
+
+    Every input is protected from writes: the colour video, the mask as given and the one used (a
+    .mp4 given with a .mkv twin uses the twin), and the adapter. The outputs, ``output`` (.mp4) and
+    its record (same name, .json), must not be inputs, nor files ex4d did not write (unless
+    ``--overwrite``). Raises a one-line InputError.
+    """
+    from ex4d.diffusion.conditioning import find_mask_for
+
+    color = require_file(color, "colour video")
+    given_mask = mask
+    mask = find_mask_for(color, mask)
+    inputs = [color, mask] + [Path(p) for p in (given_mask, options.adapter) if p is not None]
+    protect_inputs(*inputs)
+    output = Path(output)
+    if output.suffix.lower() != ".mp4":
+        raise InputError(f"output {output} must be an .mp4 file (its record is written beside it as .json)")
+    record_path = output.with_suffix(".json")
+    for planned in (output, record_path):  # also without a write policy (library use)
+        for path in inputs:
+            if _same_file(planned, path):
+                raise InputError(f"output {planned} would overwrite the input {path}; choose another -o")
+    prepare_output_dir(output.parent)
+    check_outputs([output, record_path])
+    return color, mask, output, record_path
+
+
 def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
                  options: GenerateOptions, *, cache: dict | None = None, parallel=None,
                  progress: Progress | None = None, show_progress: bool = True) -> Path:
@@ -654,28 +683,11 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
     """
     import torch
 
-    from ex4d.diffusion.conditioning import find_mask_for, load_condition
+    from ex4d.diffusion.conditioning import load_condition
     from ex4d.io.video import write_video
 
     options.validate()
-    color = require_file(color, "colour video")
-    given_mask = mask
-    mask = find_mask_for(color, mask)
-    # Every input is protected: the colour video, the mask as given and the one used (a .mp4 given
-    # with a .mkv twin uses the twin), and the adapter.
-    inputs = [color, mask] + [Path(p) for p in (given_mask, options.adapter) if p is not None]
-    protect_inputs(*inputs)
-    output = Path(output)
-    if output.suffix.lower() != ".mp4":
-        raise InputError(f"output {output} must be an .mp4 file (its record is written beside it as .json)")
-    record_path = output.with_suffix(".json")
-    for planned in (output, record_path):
-        for path in inputs:
-            if _same_file(planned, path):
-                raise InputError(f"output {planned} would overwrite the input {path}; choose another -o")
-    prepare_output_dir(output.parent)
-    # Outputs next: an input or a file ex4d did not write (without --overwrite) is refused before any work.
-    check_outputs([output, record_path])
+    color, mask, output, record_path = check_generate_paths(color, mask, output, options)
     # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
     condition = load_condition(color, mask, size=options.size, num_frames=options.num_frames, seed=options.seed,
                                erode=options.erode)

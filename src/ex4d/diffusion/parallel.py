@@ -364,12 +364,13 @@ def generate_main(args) -> int:
 
 def _generate_main(args) -> int:
     from ex4d.commands.generate import options_from_args
-    from ex4d.pipeline import run_generate
+    from ex4d.pipeline import check_generate_paths, run_generate
 
     options = options_from_args(args)
     if launched_distributed() and (options.low_vram or options.cpu_offload):
         raise UserError("--low-vram / --cpu-offload cannot be combined with multi-GPU generation (each rank "
                         "would stream its own copy of the weights); drop them or run one process")
+    check_generate_paths(args.color, args.mask, args.output, options)  # before any process group exists
     ctx = init_parallel(getattr(args, "parallel", "auto"), guidance_scale=options.cfg)
     try:
         output = run_generate(args.color, args.mask, args.output, options, parallel=ctx)

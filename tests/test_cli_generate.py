@@ -1,0 +1,78 @@
+"""`ex4d generate` end to end on tiny weights: outputs, the write policy around X.mp4 / X.json, --fps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ex4d.cli import main
+from ex4d.io.video import read_video, write_video
+
+tiny_wan = pytest.importorskip("tiny_wan")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tiny_wan.write_tiny_original_layout(root / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
+    tiny_wan.write_tiny_ex4d_ckpt(root / "yihouxiang" / "EX-4D" / "ex4d.ckpt")
+    return root
+
+
+@pytest.fixture()
+def renders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    rng = np.random.default_rng(0)
+    color = (rng.random((5, 32, 32, 3)) * 255).astype(np.uint8)
+    mask = np.full((5, 32, 32), 255, np.uint8)
+    mask[1:, :, 20:] = 0
+    write_video(tmp_path / "color_30.mp4", color, 10)
+    write_video(tmp_path / "mask_30.mkv", mask, 10, codec="ffv1")
+    return tmp_path
+
+
+def generate(models, folder, *extra):
+    return main(["generate", "--color", str(folder / "color_30.mp4"), "--models-dir", str(models),
+                 "--size", "32x32", "--steps", "2", "--device", "cpu", *extra])
+
+
+def test_generate_writes_video_and_record_at_the_source_rate(models, renders, capsys):
+    out = renders / "gen.mp4"
+    assert generate(models, renders, "-o", str(out)) == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (5, 32, 32, 3)
+    assert abs(fps - 10.0) < 1e-6  # --fps defaults to the source's (the colour video's) rate
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["request"]["options"]["fps"] is None and record["frames"] == 5
+    err = capsys.readouterr().err
+    assert "sampling: 2/2 step" in err and "\r" not in err  # plain progress lines off a terminal
+    # Its own outputs may be replaced by a rerun; --fps sets the rate.
+    assert generate(models, renders, "-o", str(out), "--fps", "12") == 0
+    assert abs(read_video(out)[1] - 12.0) < 1e-6
+
+
+def test_generate_replaces_a_foreign_record_only_with_overwrite(models, renders, capsys):
+    out = renders / "gen.mp4"
+    foreign = out.with_suffix(".json")
+    foreign.write_text("my notes\n")
+    assert generate(models, renders, "-o", str(out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "did not write" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert foreign.read_text() == "my notes\n" and not out.exists()
+    assert generate(models, renders, "-o", str(out), "--overwrite") == 0
+    assert json.loads(foreign.read_text())["frames"] == 5
+
+
+def test_generate_never_writes_onto_the_mask_it_was_given(models, renders, capsys):
+    """The .mp4 mask given is swapped for its lossless .mkv twin; the .mp4 is still an input."""
+    mask_mp4 = renders / "mask_30.mp4"
+    write_video(mask_mp4, np.full((5, 32, 32, 3), 255, np.uint8), 10)
+    before = mask_mp4.read_bytes()
+    for flags in ([], ["--overwrite"]):
+        assert generate(models, renders, "--mask", str(mask_mp4), "-o", str(mask_mp4), *flags) == 1
+        assert "input" in capsys.readouterr().err
+    assert mask_mp4.read_bytes() == before
