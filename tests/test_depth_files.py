@@ -181,3 +181,30 @@ def test_settings_json_roundtrip(tmp_path):
         tmp_path / "d.npz")
     with np.load(tmp_path / "d.npz") as data:
         assert json.loads(str(data["settings"])) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("values, match", [
+    (np.full((2, 4, 4), 1e30, np.float32), "outside \\[0.0001, 10000\\]"),
+    (np.full((2, 4, 4), 1e-30, np.float32), "outside \\[0.0001, 10000\\]"),
+    (np.concatenate([np.full((1, 4, 4), 2.0), np.full((1, 4, 4), 1e6)]).astype(np.float32), "frame 1 spans"),
+    (np.full((2, 4, 4), 5000.0, np.float32), "no depth within the renderer's range"),
+    (np.full((2, 4, 4), 5e-4, np.float32), "no depth within the renderer's range"),
+])
+def test_depth_that_can_only_render_an_empty_frame_is_refused(tmp_path, values, match):
+    """Issue 14 item 10: z-depth must lie in DEPTH_RANGE = [1e-4, 1e4] (the reference's own clip range,
+    ten times the renderer's near/far planes) and each frame needs some depth within [1e-3, 1e3]."""
+    np.save(tmp_path / "z.npy", values)
+    with pytest.raises(InputError, match=match) as info:
+        load_depth_file(tmp_path / "z.npy", num_frames=2, size=(4, 4))
+    assert "z.npy" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_depth_range_edges_and_masked_outliers_are_accepted(tmp_path):
+    z = np.full((2, 4, 4), 1e4, np.float32)
+    z[:, 0, 0] = 1e-4  # the range's ends
+    z[:, 1, 1] = 2.0  # something renderable in every frame
+    np.save(tmp_path / "z.npy", z)
+    assert load_depth_file(tmp_path / "z.npy", num_frames=2, size=(4, 4)).depth.max() == np.float32(1e4)
+    z[:, 2, 2] = 1e30  # outside, but marked invalid: ignored (and filled with the largest valid depth)
+    np.savez(tmp_path / "v.npz", depth=z, valid=z < 1e5)
+    assert load_depth_file(tmp_path / "v.npz", num_frames=2, size=(4, 4)).depth.max() == np.float32(1e4)

@@ -433,3 +433,31 @@ def test_renderer_stage_timings_and_face_buffer():
         assert ids.max() <= mesh.num_faces and ids.min() >= 0 and (ids[4:-4, 4:-4] > 0).all()
         plain.render(mesh, _translation(0.02), K)
         assert plain.face_buffer() is None and plain.timings is None
+
+
+@pytest.mark.parametrize("antialias", ["none", "analytic"])
+def test_reference_pixel_convention_shifts_by_half_a_pixel(antialias):
+    """Identity camera, fronto-parallel plane with colours linear in (u, v): with "centers" pixel (j, i)
+    shows the vertex of pixel (j, i); with "reference" (integer coordinates on pixel corners) it shows
+    the surface at (j + 0.5, i + 0.5), i.e. the image moves by exactly half a pixel up and left."""
+    from ex4d.mesh.dwmesh import build_dw_mesh
+    from ex4d.render.rasterizer import MeshRenderer, clip_from_camera
+
+    h, w = 24, 32
+    K = np.array([[40.0, 0, w / 2], [0, 40.0, h / 2], [0, 0, 1]])
+    u, v = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    rgb = np.stack([u / 64, v / 64, np.full_like(u, 0.5)], -1)
+    mesh = build_dw_mesh(torch.full((h, w), 5.0), torch.from_numpy(rgb), K, border_depth=5.0)
+    renders = {}
+    for convention in ("centers", "reference"):
+        with MeshRenderer(h, w, antialias=antialias, pixel_convention=convention) as renderer:
+            renders[convention] = renderer.render(mesh, np.eye(4), K)
+    inner = (slice(3, h - 3), slice(3, w - 3))  # away from the flagged border ring
+    centers, ref = renders["centers"][inner], renders["reference"][inner]
+    np.testing.assert_allclose(centers[..., 0], u[inner] / 64, atol=1e-5)  # re-renders the source exactly
+    np.testing.assert_allclose(ref[..., 0], (u[inner] + 0.5) / 64, atol=1e-5)
+    np.testing.assert_allclose(ref[..., 1], (v[inner] + 0.5) / 64, atol=1e-5)
+    a, b = clip_from_camera(K, h, w), clip_from_camera(K, h, w, pixel_convention="reference")
+    np.testing.assert_allclose(a[0, 2] - b[0, 2], 1 / w) and np.testing.assert_allclose(a[1, 2] - b[1, 2], 1 / h)
+    with pytest.raises(InputError, match="pixel convention"):
+        MeshRenderer(h, w, pixel_convention="corners")
