@@ -328,21 +328,28 @@ class _Boom:
         raise self.error
 
 
-@pytest.mark.parametrize("where, error", [("load", "missing"), ("load", "offline"), ("estimate", "missing")])
-def test_make_pairs_stops_once_for_missing_weights(tmp_path, tiny_clip, capsys, monkeypatch, where, error):
-    """Missing weights (or an unreachable Hub) concern every clip: make-pairs stops at once with exit 2
-    and one error line; nothing is recorded per clip, and the estimator is not tried for every clip."""
-    import ex4d.depth
-    from ex4d.cli import main
-    from ex4d.errors import MissingWeightsError
+def _three_videos(tmp_path, tiny_clip):
     from ex4d.io.video import to_uint8, write_video
 
     videos = tmp_path / "videos"
     videos.mkdir()
     for name in ("a", "b", "c"):
         write_video(videos / f"{name}.mp4", to_uint8(tiny_clip[0].frames), 15.0)
-    exc = (MissingWeightsError("missing weights MODELS/tencent/DepthCrafter/unet.safetensors; download them")
-           if error == "missing" else ConnectionError("Failed to resolve 'huggingface.co'"))
+    return videos
+
+
+@pytest.mark.parametrize("where, error", [("load", "missing"), ("load", "corrupt"), ("load", "offline"),
+                                          ("estimate", "missing")])
+def test_build_pairs_stops_once_for_weight_errors(tmp_path, tiny_clip, monkeypatch, where, error):
+    """Missing or corrupt weights, or an unreachable Hub, concern every clip: the batch stops at the
+    first clip with an exit-2 error, records nothing per clip, and does not try the estimator again."""
+    import ex4d.depth
+    from ex4d.errors import CheckpointError, MissingWeightsError
+    from ex4d.train.pairs import PairSettings, build_pairs, list_inputs
+
+    exc = {"missing": MissingWeightsError("missing weights MODELS/tencent/DepthCrafter/unet.safetensors"),
+           "corrupt": CheckpointError("cannot read weight file unet.safetensors (the file is corrupt)"),
+           "offline": ConnectionError("Failed to resolve 'huggingface.co'")}[error]
     calls = []
     fake = _Boom(exc)
 
@@ -353,13 +360,36 @@ def test_make_pairs_stops_once_for_missing_weights(tmp_path, tiny_clip, capsys, 
         return fake
 
     monkeypatch.setattr(ex4d.depth, "get_estimator", get_estimator)
-    code = main(["make-pairs", str(videos), "--depth", "depthcrafter", "--num-frames", "5", "-o", str(tmp_path / "out"),
-                 "--device", "cpu"])
+    expected = MissingWeightsError if error != "corrupt" else CheckpointError
+    with pytest.raises(expected) as info:
+        build_pairs(list_inputs(_three_videos(tmp_path, tiny_clip)), tmp_path / "out", PairSettings(num_frames=5),
+                    depth="depthcrafter", device="cpu")
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    if error == "offline":
+        assert "Hub is unreachable" in str(info.value)
+    assert len(calls) == 1 and fake.calls == (1 if where == "estimate" else 0)
+    manifest = tmp_path / "out" / "manifest.json"
+    assert not manifest.exists() or json.loads(manifest.read_text())["clips"] == {}
+
+
+def test_cli_make_pairs_stops_once_for_missing_weights(tmp_path, tiny_clip, capsys, monkeypatch):
+    """Through the command: exit 2 and a single error line, not one failure per clip."""
+    import ex4d.depth
+    from ex4d.cli import main
+    from ex4d.errors import MissingWeightsError
+
+    def get_estimator(spec, **kwargs):
+        raise MissingWeightsError("missing weights MODELS/tencent/DepthCrafter/unet.safetensors; download them")
+
+    monkeypatch.setattr(ex4d.depth, "get_estimator", get_estimator)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code = main(["make-pairs", str(_three_videos(tmp_path, tiny_clip)), "--depth", "depthcrafter", "--num-frames",
+                 "5", "-o", str(tmp_path / "out"), "--device", "cpu", "--models-dir", str(tmp_path / "no-models")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert len(calls) == 1 and fake.calls == (1 if where == "estimate" else 0)
     errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1 and ("missing weights" in errors[0] or "unreachable" in errors[0]), err
+    assert len(errors) == 1 and "missing weights" in errors[0], err
     assert not any(line.startswith("failed: clip") for line in err)
     manifest = tmp_path / "out" / "manifest.json"
     assert not manifest.exists() or json.loads(manifest.read_text())["clips"] == {}
