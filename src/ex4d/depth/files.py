@@ -35,6 +35,8 @@ KINDS = ("auto", "depth", "disparity")
 #: i.e. the renderer's near/far planes (1e-3, 1e3) widened ten times on each side. Outside it a value
 #: is either clipped away by the renderer or overflows float32 geometry (1e30 squared is inf).
 DEPTH_RANGE = (1e-4, 1e4)
+# compared in float32, the depth's precision (float32(1e-4) is just below 1e-4)
+_LOW, _HIGH = float(np.float32(DEPTH_RANGE[0])), float(np.float32(DEPTH_RANGE[1]))
 
 
 def _as_video(array, path: Path, key: str):
@@ -153,6 +155,8 @@ class DepthFile:
         self._raw, self._raw_valid = raw, raw_valid
         try:
             self._scan()
+        except InputError:
+            raise
         except ValueError as exc:  # a truncated file
             raise InputError(f"cannot read depth file {path}: {exc} (is the file complete?)") from None
 
@@ -213,9 +217,10 @@ class DepthFile:
                     nonpositive += count
                     nonpositive_first = k if nonpositive_first is None else nonpositive_first
                     continue
-                if out_of_range is None and not (DEPTH_RANGE[0] <= frame_lo and frame_hi <= DEPTH_RANGE[1]):
+                if out_of_range is None and not (_LOW <= frame_lo and frame_hi <= _HIGH):
                     out_of_range = (k, frame_lo, frame_hi)
-                if empty is None and not ((values >= REFERENCE_NEAR) & (values <= REFERENCE_FAR)).any():
+                if empty is None and not ((values >= np.float32(REFERENCE_NEAR)) &
+                                          (values <= np.float32(REFERENCE_FAR))).any():
                     empty = (k, frame_lo, frame_hi)
         if self._raw_valid is not None and not any_valid and not nonfinite:
             raise InputError(f"{path}: 'valid' is False everywhere; no depth to use")
