@@ -1,0 +1,98 @@
+"""Peak memory of ``ex4d recon`` with a depth file as input, as the frame count grows (issue 14).
+
+One subprocess per case (a 512x512 synthetic clip, lossless, and a float32 ``.npy`` depth of the same
+length), run to completion; its peak resident memory is read from the kernel (``ru_maxrss`` of the
+waited child, via os.wait4). Prints one JSON object (DESIGN.md section 7): commit, device, versions,
+per case frames / peak RSS / seconds, and the goal (<= 1.5 GB at 512x512 for any frame count).
+
+    python bench/bench_recon_memory.py                  # 49, 300 and 1000 frames
+    python bench/bench_recon_memory.py --frames 49 300 --size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_inputs(folder: Path, frames: int, size: int) -> tuple[Path, Path]:
+    """A moving checkerboard clip (FFV1) and a two-plane z-depth .npy, written frame by frame."""
+    from ex4d.io.video import VideoWriter
+
+    u, v = np.meshgrid(np.arange(size), np.arange(size))
+    video = folder / f"clip_{frames}.mkv"
+    with VideoWriter(video, 24, codec="ffv1") as writer:
+        for k in range(frames):
+            checker = (((u + k) // 16 + v // 16) % 2) * 200 + 30
+            writer.write(np.stack([checker, u * 255 // size, v * 255 // size], -1).astype(np.uint8))
+    depth = folder / f"depth_{frames}.npy"
+    array = np.lib.format.open_memmap(depth, mode="w+", dtype=np.float32, shape=(frames, size, size))
+    for k in range(frames):
+        frame = np.full((size, size), 8.0, np.float32)
+        frame[size // 3: 2 * size // 3, size // 3 + k % 16: 2 * size // 3] = 3.0
+        array[k] = frame
+    array.flush()
+    del array
+    return video, depth
+
+
+def run_case(folder: Path, frames: int, size: int) -> dict:
+    video, depth = make_inputs(folder, frames, size)
+    out = folder / f"out_{frames}"
+    cmd = [sys.executable, "-m", "ex4d.cli", "recon", str(video), "--depth", str(depth), "--cam", "30",
+           "--num-frames", str(frames), "--resize", "keep", "-o", str(out), "--device", "cpu"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"recon failed for {frames} frames (exit {code}): {err[-800:]}")
+    return {"frames": frames, "size": [size, size], "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "seconds": round(seconds, 1), "seconds_per_frame": round(seconds / frames, 3),
+            "depth_file_mb": round(depth.stat().st_size / 2**20, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[49, 300, 1000])
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="ex4d-recon-memory-") as tmp:
+        for frames in args.frames:
+            case_dir = Path(tmp) / str(frames)
+            case_dir.mkdir()
+            cases.append(run_case(case_dir, frames, args.size))
+            print(json.dumps(cases[-1]), file=sys.stderr)
+    peak = max(c["peak_rss_mb"] for c in cases)
+    print(json.dumps({
+        "bench": "recon_memory", "commit": commit,
+        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "command": "ex4d recon clip --depth depth.npy --cam 30 --resize keep --device cpu",
+        "cases": cases, "goal_peak_rss_mb": 1536, "max_peak_rss_mb": peak, "meets_goal": peak <= 1536,
+        "note": "one run per case (peak memory, not a timing benchmark); seconds include process start",
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
