@@ -766,9 +766,15 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
                 with atomic_dir(final) as tmp:
                     unwrapped.export_adapter(tmp, trainable)
                 result.final_dir = final
-    finally:
-        if metrics is not None:
-            metrics.close()  # also on an error: the log keeps every finished step
+    except BaseException:
+        if metrics is not None:  # also on an error or Ctrl-C: the log keeps every finished step
+            try:
+                metrics.close()
+            except Exception as exc:  # (e.g. the disk is full) never hide the error that stopped the run
+                log.warning("could not write the final rows of %s: %s", metrics.path, _first_line(exc))
+        raise
+    if metrics is not None:
+        metrics.close()
     return result
 
 
