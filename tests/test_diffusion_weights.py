@@ -794,3 +794,16 @@ def test_pipeline_refuses_text_embeddings_of_another_length(tiny):
         pipe(cond, mask, prompt_embeds=torch.zeros(1, 512, 32), negative_prompt_embeds=short, num_inference_steps=1)
     assert np.asarray(pipe(cond, mask, prompt_embeds=torch.zeros(1, 512, 32), guidance_scale=1.0,
                            num_inference_steps=1, output_type="latent").frames).shape[1] == 16
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_transformer_config_without_loading_matches_the_loaded_model(tiny, layout, tmp_path):
+    """What the adapter is validated against before the Wan weights load (both layouts)."""
+    config = ww.wan_transformer_config(tiny[layout], layout)
+    loaded = dict(load_wan_components(tiny[layout], layout=layout, components=["transformer"],
+                                      torch_dtype=torch.float32)["transformer"].config)
+    for key in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "out_channels", "in_channels"):
+        assert config[key] == loaded[key], key
+    assert tuple(config["patch_size"]) == tuple(loaded["patch_size"])
+    w = load_ex4d_adapter(write_tiny_ex4d_ckpt(tmp_path / "ex4d.ckpt"), transformer_config=config)
+    assert w.num_layers == loaded["num_layers"]
