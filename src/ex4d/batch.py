@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ex4d.errors import InputError, UserError
-from ex4d.io.files import atomic_path, check_output, forget_output, protect_inputs, require_file, write_policy
+from ex4d.io.files import atomic_path, check_output, forget_output, require_file, write_policy
 
 log = logging.getLogger(__name__)
 
