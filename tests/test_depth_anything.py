@@ -103,3 +103,22 @@ def test_mismatched_weights(models_dir, tmp_path, offline):
     save_file(state, str(path), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="1 missing"):
         get_estimator("depth-anything", models_dir=tmp_path / "m", device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["nan", "int"])
+def test_nan_or_integer_weights_are_checkpoint_errors_naming_the_tensor(models_dir, tmp_path, offline, damage):
+    """Issue 14 item 9 (transformers would load them silently)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ex4d.errors import CheckpointError
+
+    shutil.copytree(models_dir, tmp_path / "m")
+    path = tmp_path / "m" / REPO / "model.safetensors"
+    state = load_file(str(path))
+    key = sorted(k for k in state if k.endswith(".weight"))[0]
+    state[key] = state[key].fill_(float("nan")) if damage == "nan" else state[key].to(torch.int64)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        get_estimator("depth-anything", models_dir=tmp_path / "m", device="cpu")

@@ -385,6 +385,32 @@ def test_wrong_keys_are_listed(models_dir, tmp_path, offline):
         DepthCrafter.from_pretrained(models_dir=tmp_path / "m", device="cpu")
 
 
+@pytest.mark.parametrize("damage", ["nan", "inf", "int", "empty"])
+@pytest.mark.parametrize("file", ["tencent/DepthCrafter/diffusion_pytorch_model.safetensors",
+                                  "stabilityai/stable-video-diffusion-img2vid-xt/vae/diffusion_pytorch_model.fp16.safetensors"])
+def test_integer_nan_inf_tensors_and_empty_files_are_checkpoint_errors(models_dir, tmp_path, offline, damage, file):
+    """Issue 14 item 9: a damaged value is named, never loaded (a NaN weight would give a black depth)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(models_dir, tmp_path / "m")
+    path = tmp_path / "m" / file
+    if damage == "empty":
+        path.write_bytes(b"")
+        match = "header too small|corrupt or incomplete"
+    else:
+        state = load_file(str(path))
+        key = "conv_in.weight" if "DepthCrafter" in file else "encoder.conv_in.weight"
+        value = state[key].float()
+        value.view(-1)[0] = float("nan") if damage == "nan" else float("inf")
+        state[key] = value.to(state[key].dtype) if damage != "int" else state[key].to(torch.int16)
+        save_file(state, str(path))
+        match = rf"{key}.*(NaN/inf|int16)"
+    with pytest.raises(CheckpointError, match=match):
+        DepthCrafter.from_pretrained(models_dir=tmp_path / "m", device="cpu")
+
+
 # ---- CLI ----------------------------------------------------------------------------------------
 def _video(path: Path, T=4, H=64, W=64):
     from ex4d.io.video import write_video
