@@ -205,8 +205,8 @@ def test_overwrite_switch_reaches_the_write_policy(tmp_path, capsys):
     (out / "video.mp4").write_bytes(b"my holiday video")
     args = ["synth", "-o", str(out), "--num-frames", "2", "--size", "32x32"]
     assert cli_main(args) == 1
-    err = capsys.readouterr().err
-    assert "did not write" in err and "--overwrite" in err and err.count("\n") == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "did not write" in errors[0] and "--overwrite" in errors[0]
     assert (out / "video.mp4").read_bytes() == b"my holiday video"
     assert cli_main(args + ["--overwrite"]) == 0
     assert (out / "video.mp4").read_bytes() != b"my holiday video"
