@@ -88,6 +88,7 @@ CASES: list[Case] = [
     Case("generate-onto-colour", GEN + " --color {in}/color_30.mp4 -o {in}/color_30.mp4", "input"),
     Case("generate-record-onto-adapter", GEN + " --color {in}/color_30.mp4 --adapter {in}/adapter.json "
          "-o {in}/adapter.mp4", "input"),
+    Case("synth-over-foreign-video", SYNTH, "did not write", setup=_foreign("video.mp4")),
     Case("generate-not-mp4", GEN + " --color {in}/color_30.mp4 -o {out}/gen.mkv", ".mp4"),
     # --- item 10: numbers, checked before any work.
     Case("generate-cfg-nan", GEN_IO + " --cfg nan", "--cfg"),

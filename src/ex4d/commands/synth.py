@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     from ex4d.commands.common import MAX_SYNTH_FRAMES, check_fps, check_int, progress
-    from ex4d.io.files import prepare_output_dir
+    from ex4d.io.files import check_outputs, prepare_output_dir
     from ex4d.io.video import to_uint8, write_video
     from ex4d.synthetic.scenes import make_example
 
@@ -66,6 +66,7 @@ def main(args) -> int:
     check_int(args.num_frames, "--num-frames", 1, MAX_SYNTH_FRAMES, example=49)
     check_fps(args.fps, default="the default is 15")
     out_dir = prepare_output_dir(args.output)
+    check_outputs([out_dir / "video.mp4", out_dir / "depth.npz"])  # before rendering, not after
     clip, depth = make_example(args.scene, num_frames=args.num_frames, size=size, fps=args.fps,
                                progress=lambda it: progress(it, desc=f"synth {args.scene}", unit="frame"))
     video = write_video(out_dir / "video.mp4", to_uint8(clip.frames), clip.fps)
