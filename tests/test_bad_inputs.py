@@ -89,6 +89,8 @@ CASES: list[Case] = [
     Case("generate-record-onto-adapter", GEN + " --color {in}/color_30.mp4 --adapter {in}/adapter.json "
          "-o {in}/adapter.mp4", "input"),
     Case("synth-over-foreign-video", SYNTH, "did not write", setup=_foreign("video.mp4")),
+    Case("run-record-over-foreign-json", RUN, "did not write", setup=_foreign("ex4d_30.json")),
+    Case("run-video-over-foreign-mp4", RUN, "did not write", setup=_foreign("ex4d_30.mp4")),
     Case("generate-not-mp4", GEN + " --color {in}/color_30.mp4 -o {out}/gen.mkv", ".mp4"),
     # --- item 10: numbers, checked before any work.
     Case("generate-cfg-nan", GEN_IO + " --cfg nan", "--cfg"),

@@ -533,3 +533,16 @@ def test_check_spec_fails_early_without_a_clip(tmp_path):
     needs_pivot = tmp_path / "yaw.json"
     needs_pivot.write_text('[{"yaw": 0}, {"yaw": 30}]')
     check_spec(str(needs_pivot), num_frames=5)
+
+
+@pytest.mark.parametrize("spec", ["90", "-30", "22.5", "180", "zoom_in", "orbit:yaw=30,pitch=10,radius=2x",
+                                  "dolly_zoom:direction=in,travel=0.3", "zoom_out:ease=smooth", "my/path.json"])
+def test_trajectory_name_without_building(spec, tmp_path):
+    """run checks ex4d_<name>.mp4 before recon, so the name must match the one the built path gets."""
+    from ex4d.camera.trajectory import trajectory_name
+
+    if spec.endswith(".json"):
+        path = tmp_path / "my path.json"
+        path.write_text('[{"position": [0, 0, 0], "look_dir": [0, 0, 1]}]')
+        spec = str(path)
+    assert trajectory_name(spec) == _make(spec, num_frames=5).name

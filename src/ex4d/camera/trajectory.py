@@ -215,6 +215,15 @@ def make_trajectory(spec: str, *, num_frames: int, size: tuple[int, int], K: np.
     return Trajectory(poses, K_path, name=_spec_name(kind, params), settings=settings)
 
 
+def trajectory_name(spec: str) -> str:
+    """The name :func:`make_trajectory` gives ``spec`` (used in output file names), without building it."""
+    spec = str(spec).strip()
+    if _looks_like_file(spec):
+        return _safe_name(Path(spec).stem)
+    kind, params = parse_spec(spec)
+    return _spec_name(kind, params)
+
+
 def check_spec(spec: str, num_frames: int | None = None, resample: bool = False) -> None:
     """The checks of a ``--cam`` string that need no clip, run before any work starts.
 

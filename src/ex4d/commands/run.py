@@ -45,6 +45,13 @@ def main(args) -> int:
         from ex4d.diffusion.long_video import plan_windows
 
         plan_windows(args.num_frames, options.window, options.overlap)
+    from ex4d.camera.trajectory import check_spec, trajectory_name
+    from ex4d.io.files import check_outputs, require_file
+
+    require_file(args.video, "input video")  # protected as an input from here on
+    check_spec(args.cam, num_frames=args.num_frames, resample=args.resample)
+    name = trajectory_name(args.cam)
+    check_outputs([Path(args.output) / f"ex4d_{name}.mp4", Path(args.output) / f"ex4d_{name}.json"])
     written = recon_from_args(args, generation_follows=True)
     color = Path(written["color"])
     mask = Path(written["mask_lossless"])
