@@ -546,3 +546,16 @@ def test_trajectory_name_without_building(spec, tmp_path):
         path.write_text('[{"position": [0, 0, 0], "look_dir": [0, 0, 1]}]')
         spec = str(path)
     assert trajectory_name(spec) == _make(spec, num_frames=5).name
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("orbit:yaw=" + "9" * 400, "too large"),
+    ("orbit:yaw=30,radius=" + "9" * 400 + "x", "too large"),
+    ("orbit:yaw=30,radius=0.0000000000000000000000001", "radius"),
+    ("orbit:yaw=30,radius=99999999999", "radius"),
+    ("zoom_out:travel=1000", "at most 100"),
+    ("dolly_zoom:travel=1000", "at most 100"),
+])
+def test_extreme_path_parameters_are_input_errors(spec, fragment):
+    with pytest.raises(InputError, match=fragment):
+        _make(spec, num_frames=5)

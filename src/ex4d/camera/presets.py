@@ -36,6 +36,11 @@ ZOOM_IN_TRAVEL = 0.5
 ZOOM_IN_MAX_TRAVEL = 0.9
 #: zoom_out travels back this fraction of the pivot radius by default.
 ZOOM_OUT_TRAVEL = 0.5
+#: Largest backward travel (x the pivot radius) of zoom_out and dolly_zoom out: farther, the scene
+#: shrinks to a few pixels.
+MAX_OUT_TRAVEL = 100.0
+#: Orbit radii accepted (scene units).
+MIN_ORBIT_RADIUS, MAX_ORBIT_RADIUS = 1e-6, 1e6
 #: dolly_zoom moves this fraction of the pivot radius (out) or of the nearest depth (in) by default.
 DOLLY_ZOOM_TRAVEL = 0.5
 #: General orbits: the camera must not look straight up or down (the look-at has no roll there).
@@ -120,8 +125,9 @@ def orbit(yaw_deg: float, pitch_deg: float, num_frames: int, radius: float, ease
     if abs(pitch_deg) > MAX_ORBIT_PITCH:
         raise InputError(f"orbit pitch {pitch_deg:g} is out of range: use -{MAX_ORBIT_PITCH:g} < pitch < "
                          f"{MAX_ORBIT_PITCH:g} degrees")
-    if not radius > 0:
-        raise InputError(f"orbit radius must be positive, got {radius:g}")
+    if not MIN_ORBIT_RADIUS <= radius <= MAX_ORBIT_RADIUS:
+        raise InputError(f"orbit radius must be from {MIN_ORBIT_RADIUS:g} to {MAX_ORBIT_RADIUS:g} scene units, "
+                         f"got {radius:g}")
     s = ease_curve(num_frames, ease)
     pivot = _pivot(radius)
     eye = orbit_eye(s * yaw_deg, s * pitch_deg, np.full(num_frames, radius), pivot)
@@ -153,8 +159,9 @@ def zoom_in(num_frames: int, nearest: float, travel: float = ZOOM_IN_TRAVEL, eas
 
 def zoom_out(num_frames: int, radius: float, travel: float = ZOOM_OUT_TRAVEL, ease: str = "linear") -> np.ndarray:
     """Dolly backward by ``travel`` x the pivot radius (travel > 0) -> (T, 4, 4)."""
-    if not travel > 0:
-        raise InputError(f"zoom_out travel must be positive (a fraction of the pivot radius), got {travel:g}")
+    if not 0 < travel <= MAX_OUT_TRAVEL:
+        raise InputError(f"zoom_out travel must be > 0 and at most {MAX_OUT_TRAVEL:g} (a multiple of the pivot "
+                         f"radius), got {travel:g}")
     return dolly(-travel * radius, num_frames, ease)
 
 
@@ -169,8 +176,9 @@ def dolly_zoom(num_frames: int, K: np.ndarray, nearest: float, radius: float, di
     Returns cam_from_world (T, 4, 4) and K (T, 3, 3).
     """
     if direction == "out":
-        if not travel > 0:
-            raise InputError(f"dolly_zoom travel must be positive, got {travel:g}")
+        if not 0 < travel <= MAX_OUT_TRAVEL:
+            raise InputError(f"dolly_zoom travel must be > 0 and at most {MAX_OUT_TRAVEL:g} (a multiple of the "
+                             f"pivot radius), got {travel:g}")
         distance = -travel * radius
     elif direction == "in":
         if not 0 < travel <= ZOOM_IN_MAX_TRAVEL:

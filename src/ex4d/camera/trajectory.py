@@ -98,8 +98,12 @@ def parse_spec(spec: str) -> tuple[str, dict]:
                     raise _bad_spec(spec, f"{key} must be one of {', '.join(_TEXT_PARAMS[key])}, not {value!r}")
                 params[key] = value.lower()
             elif key == "radius" and value.lower().endswith("x") and _NUMBER.match(value[:-1]):
+                if not np.isfinite(float(value[:-1])):
+                    raise _bad_spec(spec, f"{key}={value!r} is too large")
                 params[key] = value.lower()
             elif _NUMBER.match(value):
+                if not np.isfinite(float(value)):
+                    raise _bad_spec(spec, f"{key}={value!r} is too large")
                 params[key] = float(value)
             else:
                 raise _bad_spec(spec, f"{key}={value!r} is not a number")
