@@ -43,3 +43,15 @@ def test_every_command_has_overwrite_and_a_description(command):
     parser = _subparsers()[command]
     assert any("--overwrite" in a.option_strings for a in parser._actions)
     assert parser.description, f"ex4d {command} has no description"
+
+
+@pytest.mark.parametrize("argv", [["recon"], ["train", "pairs", "-o", "runs", "--size", "512", "512"],
+                                  ["bogus"], ["generate", "--color", "c.mp4", "-o", "g.mp4", "--steps", "many"]])
+def test_usage_mistakes_are_one_line_exit_1(argv, capsys):
+    from ex4d.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1  # exit 2 is reserved for missing weights
+    assert err.count("\n") == 1 and err.startswith("error: ex4d") and "--help" in err

@@ -20,8 +20,16 @@ import sys
 COMMANDS = ["synth", "depth", "recon", "generate", "run", "convert", "make_pairs", "train", "batch", "eval"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with ex4d's error contract: a usage mistake is one line and exit 1 (exit 2 means missing
+    weights here, not argparse's usage error)."""
+
+    def error(self, message: str):
+        self.exit(1, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ex4d",
         description="Re-film one video along a new camera path (EX-4D: depth -> DW-Mesh -> render -> Wan2.1 + adapter).",
     )
