@@ -156,13 +156,9 @@ CASES: list[Case] = [
          check=_suggests_4k1()),
     Case("generate-more-frames-than-video", GEN_IO + " --num-frames 9", "--num-frames", check=_suggests_4k1()),
     Case("recon-video-too-short", "recon {in}/video7.mp4 --depth {in}/depth.npz --num-frames 49 -o {out}",
-         "--num-frames", check=_suggests_4k1(),
-         marks=(pytest.mark.xfail(strict=True, reason="io/video.py still suggests the frame count itself (7); "
-                                  "it should suggest the largest 4k+1 (5)"),)),
+         "--num-frames", check=_suggests_4k1()),
     Case("recon-depth-file-too-short", RECON.replace("{in}/depth.npz", "{in}/depth3.npz"), "--num-frames",
-         check=_suggests_4k1(),
-         marks=(pytest.mark.xfail(strict=True, reason="depth/files.py still suggests the depth file's frame count "
-                                  "(3); it should suggest the largest 4k+1 (1)"),)),
+         check=_suggests_4k1()),
     Case("generate-window-suggestion", GEN_IO + " --window 10", "--window", check=_suggests_4k1("--window")),
 ]
 

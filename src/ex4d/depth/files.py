@@ -143,7 +143,8 @@ class DepthFile:
         raw = _as_video(raw, path, found)
         if raw.shape[0] < num_frames:
             raise InputError(f"{path}: has {raw.shape[0]} frames but {num_frames} are needed "
-                             f"(use --num-frames {raw.shape[0]} or a longer depth file)")
+                             f"(use --num-frames {max(1, (raw.shape[0] - 1) // 4 * 4 + 1)}, 4k+1 as generation "
+                             f"needs, or a longer depth file)")
         file_size = tuple(int(s) for s in raw.shape[1:])
         raw_valid = extras.get("valid")
         if raw_valid is not None:

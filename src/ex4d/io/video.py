@@ -59,7 +59,8 @@ def _too_few(path: Path, count: int, num_frames: int | None) -> None:
     if num_frames is not None and count < num_frames:
         raise InputError(
             f"{path} has only {count} frames but {num_frames} are needed; "
-            f"pass --num-frames {count} or fewer, or use a longer video"
+            f"pass --num-frames {max(1, (count - 1) // 4 * 4 + 1)} (4k+1, which generation needs too) or use a "
+            f"longer video"
         )
 
 
