@@ -87,14 +87,17 @@ def depthcrafter_options(args) -> dict:
 
 
 def main(args) -> int:
-    from ex4d.depth.preview import depth_preview
+    from ex4d.depth.preview import write_depth_preview
     from ex4d.io.files import prepare_output_dir
-    from ex4d.io.video import write_video
     from ex4d.pipeline import estimate_depth, load_clip
 
     from ex4d.commands.recon import _mtime, check_clip_args
 
     check_clip_args(args)  # video, --num-frames, --depth and the --resize keep cap, before any work starts
+    from ex4d.pipeline import check_depth_outputs
+
+    # depth.npz and depth_preview.mp4 checked now: an input or a foreign file fails before any work.
+    check_depth_outputs(args.video, args.output, args.depth, preview=not args.no_preview)
     estimator_options = depthcrafter_options(args)
     from ex4d.weights_preflight import check_command_weights
     check_command_weights(args)  # every missing weight file in one message, before any work
@@ -113,6 +116,6 @@ def main(args) -> int:
         depth.save(depth_path)
     print(f"{'depth':>8}: {depth_path}", file=sys.stdout)
     if not args.no_preview:
-        preview = write_video(out_dir / "depth_preview.mp4", depth_preview(depth.depth), clip.fps)
+        preview = write_depth_preview(out_dir / "depth_preview.mp4", depth.depth, clip.fps)  # frame by frame
         print(f"{'preview':>8}: {preview}", file=sys.stdout)
     return 0
