@@ -204,23 +204,13 @@ class ReconResult(dict):
     reused: bool = False
 
 
-def trajectory_name(cam: str) -> str:
-    """The name a ``--cam`` spec gives its files (``color_<name>.mp4``), without building the path (no
-    depth needed). Raises the same one-line InputError as :func:`ex4d.camera.trajectory.make_trajectory`
-    for a malformed spec."""
-    from ex4d.camera.trajectory import _looks_like_file, _safe_name, _spec_name, parse_spec
-
-    spec = str(cam).strip()
-    if _looks_like_file(spec):
-        return _safe_name(Path(spec).stem)
-    return _spec_name(*parse_spec(spec))
-
-
 def plan_recon_outputs(out_dir: str | os.PathLike, options: ReconOptions, *, num_frames: int,
                        depth_spec: str | None = None) -> list[Path]:
     """Every file ``recon`` will write into ``out_dir`` (for :func:`ex4d.io.files.check_outputs` before
     any work): depth.npz (unless ``depth_spec`` is that file itself, or None), color/mask/camera/record
     files of the trajectory, and the DW-Mesh PLY files of ``options.save_mesh``."""
+    from ex4d.camera.trajectory import trajectory_name
+
     out_dir = Path(out_dir)
     name = trajectory_name(options.cam)
     paths = []
@@ -354,11 +344,9 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
 def _staging_tag() -> str:
     """``.partial-<host>-<pid>-<random>``: the temporary-name scheme of :mod:`ex4d.io.files`, so that a
     staging folder of a killed run is swept like any other temporary."""
-    import secrets
+    from ex4d.io.files import temporary_tag
 
-    from ex4d.io.files import _PARTIAL, _owner_tag
-
-    return f"{_PARTIAL}{_owner_tag()}-{secrets.token_hex(4)}"
+    return temporary_tag()
 
 
 def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory, options: ReconOptions,

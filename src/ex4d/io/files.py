@@ -252,6 +252,12 @@ _PARTIAL = ".partial-"
 _OLD = ".old-"
 
 
+def temporary_tag() -> str:
+    """``.partial-<host>-<pid>-<random>``: append it to a hidden name (``.<name>``) for a temporary file or
+    folder that :func:`sweep_stale_partials` removes once this process is gone."""
+    return f"{_PARTIAL}{_owner_tag()}-{secrets.token_hex(4)}"
+
+
 def _owner_tag() -> str:
     """``host-pid`` of this process, so that a later run can tell whether a temporary is abandoned."""
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
