@@ -416,3 +416,84 @@ def test_torchrun_worker_refuses_outputs_like_ex4d_generate(tmp_path, monkeypatc
     assert par.main([*argv[:3], str(tmp_path / "color_30.mp4"), "--overwrite"]) == 1
     assert "input" in capsys.readouterr().err
     assert (tmp_path / "gen.json").read_text() == "mine"
+
+
+def test_launcher_argv_round_trip():
+    """``ex4d generate --nproc-per-node N`` hands its parsed options to the workers as a command line."""
+    parser = par.build_parser()
+    argv = ["--color", "a.mp4", "-o", "b.mp4", "--seed", "7", "--prompt", "-a prompt with spaces", "--fp8",
+            "--parallel", "cfg", "--overwrite", "--cfg", "3.5", "--nproc-per-node", "2"]
+    args = parser.parse_args(argv)
+    worker = par.argv_from_args(args, parser)
+    assert not any(a.startswith("--nproc-per-node") for a in worker)
+    again = parser.parse_args(worker)
+    assert vars(again) == {**vars(args), "nproc_per_node": 1}
+
+
+def test_launcher_reports_a_bad_input_as_one_line(tmp_path, capfd):
+    """Errors found before any process starts (numbers, files) are one line, with no launcher output."""
+    from ex4d.cli import main as cli_main
+    from ex4d.io.video import write_video
+
+    write_video(tmp_path / "color_30.mp4", np.zeros((5, 32, 32, 3), np.uint8), 10)
+    write_video(tmp_path / "mask_30.mkv", np.full((5, 32, 32), 255, np.uint8), 10, codec="ffv1")
+    (tmp_path / "gen.json").write_text("mine")
+    common = ["generate", "--color", str(tmp_path / "color_30.mp4"), "--nproc-per-node", "2"]
+    assert cli_main([*common, "-o", str(tmp_path / "gen.mp4")]) == 1
+    assert cli_main([*common, "-o", str(tmp_path / "x.mp4"), "--seed", "-1"]) == 1
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "did not write" in lines[0] and "--seed" in lines[1]
+    assert (tmp_path / "gen.json").read_text() == "mine"
+
+
+def test_launcher_runs_workers_and_passes_their_exit_code(tmp_path, monkeypatch, capfd):
+    """A failure inside the workers (here: weights missing) is their one line and exit code 2, no summary."""
+    from ex4d.cli import main as cli_main
+    from ex4d.io.video import write_video
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_video(tmp_path / "color_30.mp4", np.zeros((5, 32, 32, 3), np.uint8), 10)
+    write_video(tmp_path / "mask_30.mkv", np.full((5, 32, 32), 255, np.uint8), 10, codec="ffv1")
+    code = cli_main(["generate", "--color", str(tmp_path / "color_30.mp4"), "-o", str(tmp_path / "gen.mp4"),
+                     "--models-dir", str(tmp_path / "no-models"), "--size", "32x32", "--device", "cpu",
+                     "--nproc-per-node", "2"])
+    err = capfd.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0], err
+    assert not (tmp_path / "gen.mp4").exists()
+
+
+def test_launcher_generates_like_one_process(tmp_path, monkeypatch):
+    """``ex4d generate --nproc-per-node 2`` (CFG over 2 CPU processes) writes the one-process video."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_wan import write_tiny_ex4d_ckpt, write_tiny_original_layout
+
+    from ex4d.cli import main as cli_main
+    from ex4d.diffusion import models_dir as md
+    from ex4d.io.video import read_video, write_video
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    models = tmp_path / "models"
+    write_tiny_original_layout(models / md.WAN_REPO)
+    write_tiny_ex4d_ckpt(models / md.EX4D_REPO / md.ADAPTER_CKPT)
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "color_30.mp4", (rng.random((5, 32, 32, 3)) * 255).astype(np.uint8), 10)
+    mask = np.full((5, 32, 32), 255, np.uint8)
+    mask[1:, :, 20:] = 0
+    write_video(tmp_path / "mask_30.mkv", mask, 10, codec="ffv1")
+    common = ["generate", "--color", str(tmp_path / "color_30.mp4"), "--models-dir", str(models), "--size", "32x32",
+              "--steps", "2", "--device", "cpu", "--no-batch-cfg"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main([*common, "-o", str(tmp_path / "one.mp4")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert cli_main([*common, "-o", str(tmp_path / "two.mp4"), "--nproc-per-node", "2", "--parallel", "cfg"]) == 0
+    one, _ = read_video(tmp_path / "one.mp4")
+    two, _ = read_video(tmp_path / "two.mp4")
+    assert one.std() > 1.0 and np.array_equal(one, two)

@@ -101,8 +101,12 @@ def add_generation_args(parser: argparse.ArgumentParser, *, with_recon: bool = F
     perf.add_argument("--no-merge-lora", action="store_true",
                       help="keep the LoRA unmerged (slower; as the reference; default: merged)")
     perf.add_argument("--parallel", default="auto", choices=("none", "ulysses", "cfg", "cfg-ulysses", "auto"),
-                      help="multi-GPU layout when launched with torchrun (default auto; docs/scale.md); ignored "
-                           "otherwise")
+                      help="multi-GPU layout when launched with torchrun or --nproc-per-node (default auto; "
+                           "docs/scale.md); ignored otherwise")
+    if not with_recon:
+        perf.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                          help="start N processes, one per GPU, as torchrun --nproc-per-node N does, but with "
+                               "one-line errors and the workers' exit code (default 1: this process only)")
 
 
 def _launched_distributed() -> bool:
@@ -138,6 +142,18 @@ def options_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    nproc = getattr(args, "nproc_per_node", 1)
+    if nproc != 1 and not _launched_distributed():
+        from ex4d.commands.common import check_int
+
+        check_int(nproc, "--nproc-per-node", 1, 64, example=2)
+        from ex4d.diffusion.parallel import launch
+        from ex4d.pipeline import check_generate_paths
+
+        # Numbers and files, checked once here before any process starts.
+        check_generate_paths(args.color, args.mask, args.output, options_from_args(args))
+
+        return launch(args, nproc)
     if _launched_distributed() and getattr(args, "parallel", "auto") != "none":
         from ex4d.diffusion.parallel import apply_safe_env, generate_main
 

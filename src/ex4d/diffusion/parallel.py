@@ -241,15 +241,15 @@ def enable_ulysses(transformer: torch.nn.Module, ctx: ParallelContext, *, num_to
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Silence one library logger's 'experimental feature' warning on every rank."""
+def _quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Silence one library logger below ``level`` (e.g. an 'experimental feature' warning on every rank)."""
     logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    old_level = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(old_level)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +383,62 @@ def _generate_main(args) -> int:
     return 0
 
 
+def argv_from_args(args, parser=None) -> list[str]:
+    """The command line that parses back to ``args`` with :func:`build_parser` (for the worker processes).
+
+    Every option whose value differs from its default is written out; ``--nproc-per-node`` is left
+    out (the workers are the processes).
+    """
+    import argparse
+
+    parser = parser or build_parser()
+    argv: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "nproc_per_node") or \
+                isinstance(action, argparse._HelpAction):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default and not action.required:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(action, argparse._StoreFalseAction):
+            argv.append(flag)
+        else:
+            argv.append(f"{flag}={value}")  # "=" keeps values that start with "-" (a prompt, --seed -1)
+    return argv
+
+
+def launch(args, nproc: int) -> int:
+    """Run this generation on ``nproc`` local processes, as ``torchrun --nproc-per-node N`` would, but
+    report like one command: a bad input is the workers' one ``error:`` line (from rank 0) and the exit
+    code is theirs (1, or 2 for weights), with no launcher traceback or failure summary."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    argv = argv_from_args(args)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it, without its warning banner
+    apply_safe_env()
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                          start_method="spawn")
+    with _quiet("torch.distributed.elastic", logging.CRITICAL), _quiet("torch.distributed.launcher", logging.CRITICAL):
+        try:
+            elastic_launch(config, sys.executable)("-m", "ex4d.diffusion.parallel", *argv)
+        except ChildFailedError as exc:
+            _, failure = exc.get_first_failure()
+            code = failure.exitcode
+            if code in (1, 2):
+                return code  # rank 0 printed the one-line error
+            print(f"error: internal error: a generation process failed with exit code {code} "
+                  f"(rerun with --debug for the traceback)", file=sys.stderr)
+            return 3
+    return 0
+
+
 def build_parser():
     """``ex4d generate``'s arguments plus ``--parallel``."""
     import argparse
@@ -395,6 +451,8 @@ def build_parser():
     parser = sub.choices["generate"]
     if "--parallel" not in parser._option_string_actions:
         add_parallel_arg(parser)
+    if "--debug" not in parser._option_string_actions:  # ``ex4d --debug`` comes before the command there
+        parser.add_argument("--debug", action="store_true", help="show full tracebacks (default off)")
     if "--overwrite" not in parser._option_string_actions:  # as ``ex4d`` adds it to every command
         parser.add_argument("--overwrite", action="store_true",
                             help="replace existing output files that ex4d did not write (default: refuse); inputs "
