@@ -309,7 +309,7 @@ def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
     assert len(loads) == 1 and "generate_pipe" in cache  # loaded once, kept for the next job
     short, _ = read_video(tiny_inputs / "out" / "a" / "ex4d_30.mp4")
     long, fps = read_video(tiny_inputs / "out" / "b" / "ex4d_zoom_in.mp4")
-    assert short.shape == (5, 16, 16, 3) and long.shape == (9, 16, 16, 3) and fps == 15.0
+    assert short.shape == (5, 16, 16, 3) and long.shape == (9, 16, 16, 3) and fps == 10.0  # the source rate, as `ex4d run`
     record = read_record(jobs[1])
     assert record["outputs"]["video"].endswith("ex4d_zoom_in.mp4") and "generate" in record["timings"]
 

@@ -122,3 +122,37 @@ def test_nan_or_integer_weights_are_checkpoint_errors_naming_the_tensor(models_d
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         get_estimator("depth-anything", models_dir=tmp_path / "m", device="cpu")
+
+
+def test_cached_depth_is_not_reused_after_the_weights_change(models_dir, offline, tmp_path):
+    """A depth.npz made with other estimator weights is stale, as one made from another video is."""
+    import shutil
+
+    from ex4d.pipeline import estimate_depth
+    from ex4d.types import Clip
+
+    models = tmp_path / "m"
+    shutil.copytree(models_dir, models)
+    clip = Clip(frames=np.random.default_rng(0).random((2, 28, 42, 3), dtype=np.float32), fps=15.0, source="clip")
+    out = tmp_path / "out"
+    calls = []
+
+    def run():
+        depth = estimate_depth(clip, "depth-anything", out_dir=out, models_dir=str(models), device="cpu")
+        calls.append(depth.settings.get("request", {}).get("weights"))
+        return np.asarray(depth.depth[0])
+
+    first = run()
+    written = (out / "depth.npz").stat().st_mtime_ns
+    np.testing.assert_array_equal(run(), first)  # unchanged weights: reused, not written again
+    assert calls[0] == calls[1] and (out / "depth.npz").stat().st_mtime_ns == written
+    weights = next((models / REPO).glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    save_file({k: (v * 1.5 if v.is_floating_point() and v.ndim > 1 else v) for k, v in state.items()}, weights,
+              metadata={"format": "pt"})
+    changed = run()
+    assert calls[2] != calls[1]  # the request names the new weights ...
+    assert not np.array_equal(changed, first)  # ... and the depth was estimated again with them
+    assert (out / "depth.npz").stat().st_mtime_ns != written

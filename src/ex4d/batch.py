@@ -307,20 +307,7 @@ def _depth_model_files(spec: str, models_dir: str | None) -> list[str]:
     """The config and weight files the depth estimator ``spec`` loads (resolved without downloading)."""
     from ex4d.depth import weights
 
-    key = spec.lower().replace("_", "-")
-    if key == "depthcrafter":
-        specs = (weights.DEPTHCRAFTER_UNET, weights.SVD_VAE, weights.SVD_IMAGE_ENCODER)
-    elif key in ("depth-anything", "depth-anything-v2", "depthanything"):
-        specs = (weights.depth_anything_file("small"),)
-    else:
-        return [f"unknown estimator {spec}"]
-    files: list[str] = []
-    for weight in specs:
-        try:
-            files += [str(p) for p in weights.resolve(weight, models_dir, allow_download=False)]
-        except Exception:  # missing weights: the job itself will say so; here "missing" is its identity
-            files.append(f"missing weights {weight.repo}/{weight.subfolder}")
-    return files
+    return weights.estimator_weight_paths(spec, models_dir) or [f"unknown estimator {spec}"]
 
 
 def _generate_model_files(models_dir: str | None, adapter: str | None) -> list[str]:
@@ -927,7 +914,7 @@ def job_generate_options(job: dict):
     return GenerateOptions(
         seed=job.get("seed", 0), steps=job.get("steps", 25), cfg=job.get("guidance", 5.0),
         prompt=job.get("prompt"), negative_prompt=job.get("negative_prompt"), size=job.get("size", "512x512"),
-        fps=job.get("out_fps", 15.0), erode=job.get("erode", True), window=job.get("window", 49),
+        fps=job.get("out_fps"), erode=job.get("erode", True), window=job.get("window", 49),
         overlap=job.get("overlap", 17), models_dir=job.get("models_dir"), adapter=job.get("adapter"),
         device=job.get("device", "auto"), attention=job.get("attention"), compile=job.get("compile", False),
         low_vram=memory == "low-vram", cpu_offload=memory == "cpu-offload", fp8=job.get("fp8", False),

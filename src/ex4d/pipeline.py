@@ -72,14 +72,20 @@ def _is_depth_file(depth_spec: str) -> bool:
     return Path(depth_spec).suffix.lower() in (".npz", ".npy")
 
 
-def _depth_request(clip: Clip, depth_spec: str, estimator_options: dict) -> dict:
-    """What a cached ``depth.npz`` must have been made from for it to be reused."""
+def _depth_request(clip: Clip, depth_spec: str, estimator_options: dict,
+                   models_dir: str | os.PathLike | None = None) -> dict:
+    """What a cached ``depth.npz`` must have been made from for it to be reused: the video, frames and
+    size, and the depth file or the estimator with its options and the identity of its weight files."""
+    from ex4d.depth.weights import estimator_weight_paths
+
     source = _file_fingerprint(clip.source) if clip.source and Path(clip.source).is_file() else clip.source
     request = {"source": source, "num_frames": clip.num_frames, "size": list(clip.size)}
     if _is_depth_file(depth_spec):
-        request["depth_file"] = _file_fingerprint(depth_spec)
+        request["depth_file"] = _file_fingerprint(require_file(depth_spec, "depth file"))
     else:
         request["estimator"] = depth_spec
+        request["weights"] = [[path, _file_fingerprint(path) if Path(path).is_file() else None]
+                              for path in estimator_weight_paths(depth_spec, models_dir)]
         if estimator_options:
             request["estimator_options"] = {k: estimator_options[k] for k in sorted(estimator_options)}
     return request
@@ -143,7 +149,7 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
     from ex4d.io.files import check_output
 
     estimator_options = dict(estimator_options or {})
-    request = _depth_request(clip, depth_spec, estimator_options)
+    request = _depth_request(clip, depth_spec, estimator_options, models_dir)
     cache_path = Path(out_dir) / "depth.npz" if out_dir is not None else None
     if reuse and cache_path is not None:
         cached = _load_cached_depth(cache_path, request)

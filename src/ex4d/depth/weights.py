@@ -192,6 +192,20 @@ def estimator_files(estimator: str, variant: str = "small") -> list[tuple[str, l
     return []
 
 
+def estimator_weight_paths(estimator: str, models_dir: str | os.PathLike | None = None) -> list[str]:
+    """The config and weight files the estimator ``estimator`` would load now (``models_dir``, then the
+    Hugging Face cache; nothing is downloaded), as paths; an absent one is named ``missing weights ...``.
+
+    This is the estimator's identity for reuse checks: a cached depth made with other weights is stale.
+    """
+    files: list[str] = []
+    for _, specs in estimator_files(estimator):
+        for weight in specs:
+            found = locate(weight, models_dir)
+            files += [str(p) for p in found] if found else [f"missing weights {weight.repo}/{weight.subfolder}"]
+    return files
+
+
 def missing_depth_weights(estimator: str | None, models_dir: str | os.PathLike | None = None, *,
                           variant: str = "small", allow_download: bool = True,
                           suggest_dir: str | os.PathLike = "MODELS") -> list[MissingWeight]:
