@@ -210,3 +210,44 @@ def test_overwrite_switch_reaches_the_write_policy(tmp_path, capsys):
     assert (out / "video.mp4").read_bytes() == b"my holiday video"
     assert cli_main(args + ["--overwrite"]) == 0
     assert (out / "video.mp4").read_bytes() != b"my holiday video"
+
+
+def test_permission_denied_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    import ex4d.commands.synth as synth
+
+    def read_only(args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "video.mp4"))
+
+    monkeypatch.setattr(synth, "main", read_only)
+    assert cli_main(["synth", "-o", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "permission denied" in err and "internal error" not in err
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_keeps_nothing_partial(tmp_path):
+    """A scheduler's SIGTERM removes the temporary (unlike SIGKILL) and exits 143 with the one line."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import ex4d.commands.synth as synth
+        from ex4d.cli import main
+        from ex4d.io.files import atomic_path
+
+        def slow(args):
+            with atomic_path(Path({str(tmp_path / "video.mp4")!r})) as tmp:
+                tmp.write_text("half")
+                Path({str(tmp_path / "ready")!r}).write_text("1")
+                time.sleep(60)
+
+        synth.main = slow
+        sys.exit(main(["synth", "-o", {str(tmp_path)!r}]))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if (tmp_path / "ready").exists():
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143 and "interrupted; partial outputs were not kept" in err
+    assert not (tmp_path / "video.mp4").exists() and _leftovers(tmp_path) == []

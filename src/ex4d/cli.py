@@ -12,6 +12,7 @@ Errors: a :class:`ex4d.errors.UserError` prints one line ``error: ...`` and exit
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -62,6 +63,21 @@ def _version() -> str:
         return "unknown"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or ``kill`` stopping the run), unwound like Ctrl-C so temporaries are removed."""
+
+
+def _terminate_like_ctrl_c() -> None:
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from ex4d.errors import UserError
     from ex4d.io.files import is_disk_full, write_policy
 
+    _terminate_like_ctrl_c()
     try:
         with write_policy(overwrite=getattr(args, "overwrite", False)):
             result = args.func(args)
@@ -81,16 +98,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("error: interrupted; partial outputs were not kept", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
     except OSError as exc:
         if args.debug:
             raise
+        where = f" writing {exc.filename}" if exc.filename else ""
         if is_disk_full(exc):  # the user's disk, not a bug; atomic writes kept no partial file
-            where = f" writing {exc.filename}" if exc.filename else ""
             print(f"error: no space left on the disk{where}; free some space or choose another -o, then rerun "
                   f"(partial outputs were not kept)", file=sys.stderr)
+            return 1
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # the user's permissions, not a bug
+            print(f"error: permission denied{where} ({exc.strerror}); choose another -o or fix the permissions",
+                  file=sys.stderr)
             return 1
         print(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)

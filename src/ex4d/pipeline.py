@@ -411,7 +411,8 @@ def _publish(out_dir: Path, staged: dict[str, Path], record_path: Path, record: 
 
 @contextlib.contextmanager
 def _sigint_deferred():
-    """Hold SIGINT (Ctrl-C) back inside the block and raise KeyboardInterrupt after it (main thread only)."""
+    """Hold SIGINT (Ctrl-C) and SIGTERM back inside the block; after it, the first one caught is handled
+    as it would have been (main thread only)."""
     import signal
     import threading
 
@@ -419,12 +420,19 @@ def _sigint_deferred():
         yield
         return
     caught: list = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
+        handler = previous[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)  # e.g. the CLI's SIGTERM handler, or Python's KeyboardInterrupt
+        elif handler == signal.SIG_DFL and caught[0] == signal.SIGTERM:
+            signal.raise_signal(signal.SIGTERM)
         raise KeyboardInterrupt
 
 
