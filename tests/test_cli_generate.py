@@ -76,3 +76,36 @@ def test_generate_never_writes_onto_the_mask_it_was_given(models, renders, capsy
         assert generate(models, renders, "--mask", str(mask_mp4), "-o", str(mask_mp4), *flags) == 1
         assert "input" in capsys.readouterr().err
     assert mask_mp4.read_bytes() == before
+
+
+def test_a_generation_killed_between_video_and_record_is_never_taken_for_current(models, renders, monkeypatch):
+    """The record is retracted before the new video lands, so an old record never vouches for a new video;
+    and a video edited after ex4d wrote it is not current either."""
+    import ex4d.pipeline as pipeline
+    from ex4d.pipeline import GenerateOptions, generation_is_current
+
+    out = renders / "gen.mp4"
+    color, mask = renders / "color_30.mp4", renders / "mask_30.mkv"
+    assert generate(models, renders, "-o", str(out), "--seed", "1") == 0
+    options_1 = GenerateOptions(seed=1, steps=2, size="32x32", models_dir=str(models), device="cpu", fps=None)
+    assert generation_is_current(out, color, mask, options_1)
+
+    real_atomic_path = pipeline.atomic_path
+
+    def killed_before_the_record(path):
+        if str(path).endswith(".json"):
+            raise SystemExit("killed")  # the new video is in place, its record not yet
+        return real_atomic_path(path)
+
+    monkeypatch.setattr(pipeline, "atomic_path", killed_before_the_record)
+    with pytest.raises(SystemExit):
+        generate(models, renders, "-o", str(out), "--seed", "2")
+    monkeypatch.setattr(pipeline, "atomic_path", real_atomic_path)
+    assert out.is_file() and not out.with_suffix(".json").exists()
+    assert not generation_is_current(out, color, mask, options_1)  # seed 2's video is not seed 1's
+
+    assert generate(models, renders, "-o", str(out), "--seed", "1") == 0
+    assert generation_is_current(out, color, mask, options_1)
+    with open(out, "ab") as handle:
+        handle.write(b"edited")
+    assert not generation_is_current(out, color, mask, options_1)

@@ -22,7 +22,8 @@ import numpy as np
 from ex4d.conventions import reference_intrinsics
 from ex4d.devices import resolve_device
 from ex4d.errors import InputError
-from ex4d.io.files import atomic_path, check_outputs, prepare_output_dir, protect_inputs, require_file
+from ex4d.io.files import (atomic_path, check_outputs, forget_output, is_ex4d_file, prepare_output_dir,
+                           protect_inputs, require_file)
 from ex4d.io.video import reference_size, to_float01
 from ex4d.types import Clip, DepthVideo
 
@@ -631,10 +632,11 @@ def _generate_request(color: Path, mask: Path, options: GenerateOptions) -> dict
 
 
 def generation_is_current(output: str | os.PathLike, color, mask, options: GenerateOptions) -> bool:
-    """True if ``output`` exists and its ``.json`` record says it was made from these inputs and settings."""
+    """True if ``output`` and its ``.json`` record are exactly as ex4d wrote them (ledger) and the record
+    says they were made from these inputs and settings."""
     output = Path(output)
     record = output.with_suffix(".json")
-    if not (output.is_file() and record.is_file()):
+    if not (is_ex4d_file(output) and is_ex4d_file(record)):
         return False
     try:
         return json.loads(record.read_text()).get("request") == _generate_request(Path(color), Path(mask), options)
@@ -724,6 +726,9 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
                       **options.call_kwargs())
         frames = result.frames[0]
     if parallel is None or parallel.is_main:
+        # The record goes first and comes back last: a run killed between the two writes leaves a video
+        # with no record, which is never taken for current (generation_is_current).
+        forget_output(record_path)
         write_video(output, np.asarray(frames), fps=options.fps if options.fps is not None else condition.fps)
         with atomic_path(record_path) as tmp:
             tmp.write_text(json.dumps({"request": _generate_request(color, mask, options),
