@@ -111,6 +111,9 @@ def _load_cached_depth(path: Path, request: dict) -> DepthVideo | None:
 RECON_BYTES_PER_PIXEL = 800
 #: Bytes per pixel and frame an estimator holds (the clip as float32 RGB, the depth, its work arrays).
 ESTIMATOR_BYTES_PER_PIXEL_FRAME = 48
+#: Frames a streaming estimator holds at most (a DepthCrafter window of 110 plus a chunk; far fewer for
+#: Depth Anything), for the memory check.
+STREAMING_FRAMES_HELD = 128
 
 
 def available_memory() -> int | None:
@@ -141,11 +144,14 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
     A file (``.npz``/``.npy``) is checked and fitted to the clip one frame at a time. An estimator
     name runs that estimator (weights resolved as documented in docs/depth.md; pass an already loaded
     ``estimator`` to reuse it across clips, as batch jobs do; ``estimator_options`` are passed to
-    :func:`ex4d.depth.get_estimator`, e.g. ``compile``); estimators hold the whole clip in memory, so a
-    clip too large for the available memory is refused first. When ``out_dir`` is given the result is
-    saved there as ``depth.npz`` (uncompressed, written and read back frame by frame) and reused next
-    time if the source video, frame count, size and depth source are unchanged; the returned
-    DepthVideo then reads its frames from that file when used, so memory does not grow with T.
+    :func:`ex4d.depth.get_estimator`, e.g. ``compile``). Estimators that stream (``streams = True``:
+    Depth Anything, DepthCrafter) get the lazy clip and read it frame by frame / window by window,
+    spilling their raw output to a temporary ``.npy`` in ``out_dir`` for the clip-level normalisation,
+    so memory does not grow with T; any other estimator gets ``clip.frames`` and a clip too large for
+    the available memory is refused first. When ``out_dir`` is given the result is saved there as
+    ``depth.npz`` (uncompressed, written and read back frame by frame) and reused next time if the
+    source video, frame count, size and depth source are unchanged; the returned DepthVideo then reads
+    its frames from that file when used, so memory does not grow with T.
     """
     from ex4d.io.files import check_output
 
@@ -170,8 +176,13 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
     else:
         if writes_cache:
             check_output(cache_path)  # before the estimator runs, not after
+        from ex4d.depth import ESTIMATORS
+
         height, width = clip.size
-        check_memory(clip.num_frames * height * width * ESTIMATOR_BYTES_PER_PIXEL_FRAME,
+        streams = getattr(estimator, "streams", False) if estimator is not None else \
+            depth_spec.lower().replace("_", "-") in ESTIMATORS
+        held = min(clip.num_frames, STREAMING_FRAMES_HELD) if streams else clip.num_frames
+        check_memory(held * height * width * ESTIMATOR_BYTES_PER_PIXEL_FRAME,
                      f"depth estimation of {clip.num_frames} frames at {width}x{height}",
                      "use fewer --num-frames, --resize reference, or give a depth file (--depth x.npy)")
         if estimator is None:
@@ -179,10 +190,18 @@ def estimate_depth(clip: Clip, depth_spec: str, *, out_dir: str | os.PathLike | 
 
             estimator = get_estimator(depth_spec, models_dir=models_dir, device=device, progress=progress,
                                       **estimator_options)
-        depth = estimator.estimate(clip.frames)
+        if getattr(estimator, "streams", False):
+            depth = estimator.estimate(clip, spill_dir=out_dir)  # frames read lazily, raw output spilled
+        else:
+            depth = estimator.estimate(clip.frames)
     depth.settings = {**depth.settings, "request": request}
     if writes_cache:
-        depth.save(cache_path)
+        from ex4d.io.arrays import release_frames
+
+        try:
+            depth.save(cache_path)
+        finally:
+            release_frames(depth.depth, depth.valid)  # deletes a spilled temporary now, not at exit
         return DepthVideo.load(cache_path)  # frames from the file: the estimate's arrays can be freed
     return depth
 

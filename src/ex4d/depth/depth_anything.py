@@ -7,22 +7,28 @@ frame t-1 by least squares on disparity (d_t <- s d_t + b), so the scale does no
 clip is then converted with the same reference normalisation as DepthCrafter
 (:mod:`ex4d.depth.normalize`), so the two estimators give depth in the same range.
 
+Streaming: given a lazy :class:`~ex4d.types.Clip`, frames are read, predicted (in batches of
+``batch_size`` from frame 0) and aligned one batch at a time; the clip-level min-max takes a second
+pass over a temporary spill of the aligned disparity (:meth:`DepthAnythingV2.estimate`).
+
 Preprocessing follows the model's image processor: keep the aspect ratio, scale so that both
 sides are at least 518 px, round each side to a multiple of 14 (bicubic), ImageNet mean/std.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 
 from ex4d.depth.depthcrafter import _dtype, _wrap, check_unit_frames
 from ex4d.devices import resolve_device
-from ex4d.depth.normalize import minmax_normalize, normalized_disparity_to_depth
+from ex4d.depth.normalize import disparity_stream_to_depth
 from ex4d.depth.weights import depth_anything_file, read_config, read_safetensors, resolve
 from ex4d.errors import InputError
 from ex4d.types import DepthVideo
@@ -53,30 +59,56 @@ def align_scale_shift(disparity: np.ndarray, reference: np.ndarray, stride: int 
     return float(s), float(b)
 
 
+class FrameAligner:
+    """Align frames one at a time, each to the previous *aligned* frame (what :func:`align_video` does
+    over a whole array): ``aligner(d)`` -> aligned float32 (H, W); ``params`` lists (s, b) per frame.
+
+    Only the previous aligned frame is kept, so memory does not grow with the frame count.
+    """
+
+    def __init__(self):
+        self.previous = None
+        self.params: list[tuple[float, float]] = []
+        self.skipped: list[int] = []
+
+    def __call__(self, disparity: np.ndarray) -> np.ndarray:
+        t = len(self.params)
+        if self.previous is None:
+            out = np.array(disparity, dtype=np.float32)
+            s, b = 1.0, 0.0
+        else:
+            s, b = align_scale_shift(disparity, self.previous)
+            if not (np.isfinite(s) and s > 0):
+                # a flat or inverted fit would flip near and far; keep the frame as predicted instead
+                self.skipped.append(t)
+                s, b = 1.0, 0.0
+            out = np.asarray(s * disparity + b, dtype=np.float32)
+        self.previous = out
+        self.params.append((s, b))
+        return out
+
+    def report(self) -> None:
+        if self.skipped:
+            log.warning("%d frame(s) could not be aligned to the previous one (first: %d); left as predicted",
+                        len(self.skipped), self.skipped[0])
+
+
 def align_video(disparity: np.ndarray) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Align each frame of (T, H, W) disparity to the previous aligned frame. Returns (aligned, [(s, b)])."""
     out = np.empty_like(disparity, dtype=np.float32)
-    out[0] = disparity[0]
-    params = [(1.0, 0.0)]
-    skipped = []
-    for t in range(1, len(disparity)):
-        s, b = align_scale_shift(disparity[t], out[t - 1])
-        if not (np.isfinite(s) and s > 0):
-            # a flat or inverted fit would flip near and far; keep the frame as predicted instead
-            skipped.append(t)
-            s, b = 1.0, 0.0
-        out[t] = s * disparity[t] + b
-        params.append((s, b))
-    if skipped:
-        log.warning("%d frame(s) could not be aligned to the previous one (first: %d); left as predicted",
-                    len(skipped), skipped[0])
-    return out, params
+    aligner = FrameAligner()
+    for t in range(len(disparity)):
+        out[t] = aligner(disparity[t])
+    aligner.report()
+    return out, aligner.params
 
 
 class DepthAnythingV2:
     """Depth Anything V2 estimator. ``variant``: small (default, 25M), base (98M) or large (335M)."""
 
     name = "depth-anything"
+    #: :meth:`estimate` takes a lazy :class:`~ex4d.types.Clip` and works frame by frame
+    streams = True
 
     def __init__(self, model, *, device, dtype, batch_size: int = 8, align: bool = True, progress=None,
                  variant: str = "small", source: str = ""):
@@ -101,40 +133,80 @@ class DepthAnythingV2:
                    **options)
 
     @torch.no_grad()
-    def predict(self, frames: np.ndarray) -> np.ndarray:
-        """frames (T, H, W, 3) float [0, 1] -> raw relative disparity (T, H, W) float32, per frame."""
-        T, H, W, _ = frames.shape
+    def predict_batch(self, frames: np.ndarray) -> np.ndarray:
+        """frames (n, H, W, 3) float32 [0, 1] -> raw relative disparity (n, H, W) float32 (one model call)."""
+        n, H, W, _ = frames.shape
         size = input_size(H, W)
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        out = []
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        x = ((x - mean) / std).to(self.dtype)
+        pred = self.model(pixel_values=x).predicted_depth  # (B, H', W')
+        pred = torch.nn.functional.interpolate(pred[:, None].float(), size=(H, W), mode="bilinear",
+                                               align_corners=False)[:, 0]
+        return pred.cpu().numpy().astype(np.float32, copy=False)
+
+    def predict(self, frames: np.ndarray) -> np.ndarray:
+        """frames (T, H, W, 3) float [0, 1] -> raw relative disparity (T, H, W) float32, per frame."""
+        T = len(frames)
         batches = range(0, T, self.batch_size)
-        for i in _wrap(self.progress, batches, "depth frames", len(batches)):
-            x = torch.from_numpy(np.ascontiguousarray(frames[i:i + self.batch_size])).to(self.device)
-            x = x.permute(0, 3, 1, 2).float()
-            x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
-            x = ((x - mean) / std).to(self.dtype)
-            pred = self.model(pixel_values=x).predicted_depth  # (B, H', W')
-            pred = torch.nn.functional.interpolate(pred[:, None].float(), size=(H, W), mode="bilinear",
-                                                   align_corners=False)[:, 0]
-            out.append(pred.cpu().numpy())
+        out = [self.predict_batch(frames[i:i + self.batch_size])
+               for i in _wrap(self.progress, batches, "depth frames", len(batches))]
         return np.concatenate(out).astype(np.float32)
 
-    def estimate(self, frames: np.ndarray) -> DepthVideo:
-        """frames (T, H, W, 3) float [0, 1] -> DepthVideo, z (T, H, W) in the reference range."""
-        frames = np.asarray(frames)
-        check_unit_frames(frames)
-        frames = frames.astype(np.float32, copy=False)
-        disparity = self.predict(frames)
-        params = [(1.0, 0.0)] * len(disparity)
-        if self.align:
-            disparity, params = align_video(disparity)
-        depth = normalized_disparity_to_depth(minmax_normalize(disparity, where="Depth Anything output"))
+    def _disparity_chunks(self, frames: Iterable[np.ndarray], num_frames: int, aligner: FrameAligner | None):
+        """Aligned disparity (n, H, W) per batch of ``batch_size`` frames (batches from frame 0, as
+        :meth:`predict`), reading ``frames`` one at a time."""
+        batches = range(0, num_frames, self.batch_size)
+        source = iter(frames)
+        for i in _wrap(self.progress, batches, "depth frames", len(batches)):
+            batch = []
+            for frame in itertools.islice(source, min(self.batch_size, num_frames - i)):
+                frame = np.asarray(frame)
+                check_unit_frames(frame[None])
+                batch.append(frame.astype(np.float32, copy=False))
+            if not batch:
+                return
+            disparity = self.predict_batch(np.stack(batch))
+            yield disparity if aligner is None else np.stack([aligner(d) for d in disparity])
+
+    def estimate(self, frames, *, spill_dir: str | os.PathLike | None = None) -> DepthVideo:
+        """frames -> DepthVideo, z (T, H, W) in the reference range.
+
+        ``frames``: a (T, H, W, 3) float array in [0, 1] (depth and valid come back as arrays), or a
+        :class:`~ex4d.types.Clip`, read one frame at a time: depth and valid then come back as
+        :class:`~ex4d.io.arrays.FrameSequence` objects, and memory does not grow with T. The min-max
+        normalisation is over the whole clip as before, in two passes: the aligned disparity is spilled
+        to a temporary ``.npy`` in ``spill_dir`` (T*H*W*4 bytes; the system's temporary folder if None)
+        while its min/max are kept, and each frame is normalised when read
+        (:func:`ex4d.depth.normalize.disparity_stream_to_depth`). Call ``release()`` on the returned
+        depth to delete that file early. Both forms give identical values.
+        """
+        from ex4d.io.arrays import MappedFrames
+        from ex4d.types import Clip
+
+        if isinstance(frames, Clip):
+            num_frames, size, source, in_memory = frames.num_frames, frames.size, frames.iter_frames(), False
+        else:
+            frames = np.asarray(frames)
+            check_unit_frames(frames)
+            num_frames, size, source, in_memory = len(frames), frames.shape[1:3], frames, True
+        aligner = FrameAligner() if self.align else None
+        depth = disparity_stream_to_depth(self._disparity_chunks(source, num_frames, aligner), num_frames, size,
+                                          where="Depth Anything output", spill_dir=spill_dir, in_memory=in_memory)
+        if aligner is not None:
+            aligner.report()
+        params = aligner.params if aligner is not None else [(1.0, 0.0)] * num_frames
         settings = {"estimator": self.name, "variant": self.variant, "align": self.align,
                     "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
                     "weights": self.source, "scale_shift": [list(p) for p in params]}
-        return DepthVideo(depth=depth, valid=np.ones(depth.shape, dtype=bool), K=None, estimator=self.name,
-                          settings=settings)
+        if in_memory:
+            valid = np.ones(depth.shape, dtype=bool)
+        else:
+            valid = MappedFrames(num_frames, size, bool, lambda k: np.ones(size, dtype=bool))
+        return DepthVideo(depth=depth, valid=valid, K=None, estimator=self.name, settings=settings)
 
 
 def load_depth_anything(config_path, weights_path, *, dtype, device):

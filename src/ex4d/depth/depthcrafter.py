@@ -27,14 +27,16 @@ reference after 2-3 minutes of compilation; bench/bench_depth.py).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ex4d.depth.normalize import minmax_normalize, normalized_disparity_to_depth
+from ex4d.depth.normalize import disparity_stream_to_depth
 from ex4d.devices import resolve_device
 from ex4d.depth.weights import (DEPTHCRAFTER_UNET, SVD_IMAGE_ENCODER, SVD_VAE, assign_weights, read_config,
                                 read_safetensors, resolve)
@@ -114,6 +116,18 @@ def window_plan(num_frames: int, window_size: int = 110, overlap: int = 25) -> t
     stride = window_size - overlap
     starts = range(0, num_frames - overlap, stride)
     return [(a, min(a + window_size, num_frames)) for a in starts], overlap
+
+
+def decode_calls(num_frames: int, settings: DepthCrafterSettings) -> list[tuple[int, int]]:
+    """Frames [a, b) of each decoder call: chunks of ``decode_chunk_size`` from frame 0 (the last one
+    shorter), ``decode_batch`` full chunks per call (each still its own temporal batch)."""
+    n = settings.decode_chunk_size
+    full = (num_frames // n) * n
+    per_call = n * max(1, settings.decode_batch)
+    calls = [(i, min(i + per_call, full)) for i in range(0, full, per_call)]
+    if full < num_frames:
+        calls.append((full, num_frames))
+    return calls
 
 
 def blend_weights(overlap: int, device=None) -> torch.Tensor:
@@ -323,15 +337,7 @@ class DepthCrafterPipeline:
                     restart = x[:, :overlap] / sched.init_noise_sigma * sched.sigmas[0]
                     x = torch.cat([acc[:, a:a + overlap] + restart, x[:, overlap:]], dim=1)
                 c_win, e_win = cond[:, a:b], embeds[:, a:b]
-                for t in _wrap(progress, sched.timesteps, f"window {k + 1}/{len(windows)} steps",
-                               len(sched.timesteps)):
-                    x_in = sched.scale_model_input(x, t)
-                    v = self._unet_call(torch.cat([x_in, c_win], dim=2), t, e_win, ids).sample
-                    if s.guidance_scale > 1.0:
-                        v_u = self._unet_call(torch.cat([x_in, torch.zeros_like(c_win)], dim=2), t,
-                                              torch.zeros_like(e_win), ids).sample
-                        v = v_u + s.guidance_scale * (v - v_u)
-                    x = sched.step(v, t, x).prev_sample
+                x = self._denoise_window(x, c_win, e_win, ids, progress, f"window {k + 1}/{len(windows)} steps")
                 acc = stitch(acc, x, overlap if k > 0 else 0)
         return acc
 
@@ -342,27 +348,11 @@ class DepthCrafterPipeline:
         Chunks of ``decode_chunk_size`` frames from frame 0 (the temporal decoder mixes frames
         within a chunk); ``decode_batch`` full chunks go through one call as separate videos.
         """
-        s = self.settings
-        z = (latents[0] / self.vae.config.scaling_factor).to(self.dtype)
-        T, n = z.shape[0], s.decode_chunk_size
-        calls = []
-        full = (T // n) * n
-        per_call = n * max(1, s.decode_batch)
-        calls += [(i, min(i + per_call, full)) for i in range(0, full, per_call)]
-        if full < T:
-            calls.append((full, T))
+        calls = decode_calls(latents.shape[1], self.settings)
         out = []
         with self._use(self.vae.decoder):
             for a, b in _wrap(progress, calls, "depth decode", len(calls)):
-                chunk = z[a:b]
-                if s.channels_last:
-                    chunk = chunk.contiguous(memory_format=torch.channels_last)
-                frames_per_video = min(n, b - a)
-                # what AutoencoderKLTemporalDecoder.decode does, through the (maybe compiled) decoder
-                indicator = torch.zeros(len(chunk) // frames_per_video, frames_per_video, dtype=chunk.dtype,
-                                        device=chunk.device)
-                frames = self._decoder_call(chunk, num_frames=frames_per_video, image_only_indicator=indicator)
-                out.append(((frames.float() / 2 + 0.5).clamp(0, 1)).mean(dim=1))
+                out.append(self._decode_call(latents[0, a:b]))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -404,10 +394,178 @@ class DepthCrafterPipeline:
         return disparity
 
 
+    # ---- streaming ---------------------------------------------------------------------------
+    def check_size(self, num_frames: int, height: int, width: int) -> None:
+        if num_frames < 1:
+            raise InputError(f"need at least 1 frame, got {num_frames}")
+        if height % self.multiple or width % self.multiple:
+            raise InputError(f"DepthCrafter needs H and W divisible by {self.multiple}, got {height}x{width} "
+                             f"(use --resize reference)")
+
+    @torch.no_grad()
+    def stream(self, frames: Iterable[np.ndarray], num_frames: int, size: tuple[int, int],
+               progress=None) -> Iterator[np.ndarray]:
+        """Relative disparity of ``num_frames`` frames (H, W, 3) float [0, 1] read one at a time from
+        ``frames``, yielded as float32 numpy chunks (n, H, W) in frame order; values identical to
+        :meth:`__call__` on the whole clip.
+
+        The clip is consumed window by window. Before window k = [a, b) runs, frames up to b are read,
+        in the global chunks of ``encode_chunk_size`` frames that :meth:`__call__` uses, and reduced to
+        their CLIP embedding and VAE latent at once, so at most one chunk of pixels is held (all of a
+        window's new chunks with ``offload``, to move each model once per window). The window is then
+        denoised and blended into the stitched latents; latent frames before the next window's start
+        are final, and each decode call of :meth:`decode`'s plan (same chunk boundaries, from frame 0)
+        runs as soon as its frames are final, its disparity is yielded, and its latents are dropped.
+        What is held besides the models is therefore bounded by the window: its conditioning and
+        embeddings, the stitched latents not yet decoded, one encode chunk of pixels and one decode call.
+
+        Random numbers: the reference draws the augmentation noise for the whole clip, then the window
+        noise, from one generator. On the CPU, where a draw of n frames gives the same numbers as n
+        draws of one frame, the augmentation noise is drawn chunk by chunk as frames arrive, and a second
+        generator skips past it to draw the window noise. Elsewhere (CUDA's Philox layout depends on the
+        size of the draw) the whole (T, 3, H, W) augmentation noise is drawn at once as before and kept
+        on the device, 2 bytes per pixel per frame in fp16: device memory, not host memory.
+        """
+        s = self.settings
+        T, (H, W) = int(num_frames), (int(size[0]), int(size[1]))
+        self.check_size(T, H, W)
+        windows, overlap = window_plan(T, s.window_size, s.overlap)
+        window = min(T, s.window_size)
+        frame_numel = 3 * H * W
+        step = s.encode_chunk_size
+        sched = self.scheduler
+
+        # random draws, in the reference's order (see the docstring)
+        generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        if self.device.type == "cpu" and frame_numel % 16 == 0:
+            skip = torch.Generator(device=self.device).manual_seed(s.seed)
+            for i in range(0, T, step):
+                torch.randn((min(step, T - i), 3, H, W), generator=skip, device=self.device, dtype=self.dtype)
+            noise_generator, eps_all = skip, None
+        else:
+            eps_all = torch.randn((T, 3, H, W), generator=generator, device=self.device, dtype=self.dtype)
+            noise_generator = generator
+        sched.set_timesteps(s.num_inference_steps, device=self.device)
+        noise = torch.randn((1, window, 4, H // self.vae_scale, W // self.vae_scale), generator=noise_generator,
+                            device=self.device, dtype=self.dtype)
+        noise = noise * sched.init_noise_sigma
+        ids = torch.tensor([[s.fps_id, s.motion_bucket_id, s.noise_aug_strength]], dtype=self.dtype,
+                           device=self.device)
+
+        source = iter(frames)
+        chunks = [(i, min(i + step, T)) for i in range(0, T, step)]
+        next_chunk = 0
+        cond = embeds = None  # conditioning of frames [buf_start, encoded)
+        buf_start = encoded = 0
+
+        def read(a: int, b: int) -> torch.Tensor:
+            got = [np.asarray(f) for f in itertools.islice(source, b - a)]
+            if len(got) != b - a:
+                raise InputError(f"the clip ended after {a + len(got)} of {T} frames")
+            chunk = np.stack(got)
+            check_unit_frames(chunk)
+            if chunk.shape[1:3] != (H, W):
+                raise InputError(f"frame {a} is {chunk.shape[1]}x{chunk.shape[2]}, expected {H}x{W}")
+            x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).permute(0, 3, 1, 2)
+            return x.to(self.device).to(self.dtype) * 2 - 1
+
+        def aug_noise(a: int, b: int) -> torch.Tensor:
+            if eps_all is not None:
+                return eps_all[a:b]
+            return torch.randn((b - a, 3, H, W), generator=generator, device=self.device, dtype=self.dtype)
+
+        def encode_until(b: int) -> None:
+            nonlocal next_chunk, cond, embeds, encoded
+            todo = []
+            while encoded + sum(cb - ca for ca, cb in todo) < b:
+                todo.append(chunks[next_chunk])
+                next_chunk += 1
+            groups = [todo] if self.offload else [[c] for c in todo]
+            for group in groups:
+                if not group:
+                    continue
+                xs = [read(a, b_) for a, b_ in group]
+                with self._use(self.image_encoder):
+                    e_new = [self.image_encoder(pixel_values=clip_pixels(x).to(self.dtype)).image_embeds for x in xs]
+                with self._use(self.encoder, self.quant_conv):
+                    c_new = []
+                    for (a, b_), x in zip(group, xs):
+                        chunk = (x + s.noise_aug_strength * aug_noise(a, b_)).to(self.encode_dtype)
+                        if s.channels_last:
+                            chunk = chunk.contiguous(memory_format=torch.channels_last)
+                        moments = self.quant_conv(self._encoder_call(chunk))
+                        c_new.append(moments[:, : moments.shape[1] // 2])
+                del xs
+                e_new = torch.cat(e_new)[None]
+                c_new = torch.cat(c_new)[None]
+                embeds = e_new if embeds is None else torch.cat([embeds, e_new], dim=1)
+                cond = c_new if cond is None else torch.cat([cond, c_new], dim=1)
+                encoded = group[-1][1]
+
+        calls = decode_calls(T, s)
+        next_call = 0
+        acc, acc_start = None, 0  # stitched latents of frames [acc_start, acc_start + acc.shape[1])
+
+        for k, (a, b) in enumerate(_wrap(progress, windows, "depth windows", len(windows))):
+            encode_until(b)
+            c_win, e_win = cond[:, a - buf_start:b - buf_start], embeds[:, a - buf_start:b - buf_start]
+            sched.set_timesteps(s.num_inference_steps, device=self.device)
+            index = torch.arange(a, b, device=self.device) % window
+            x = noise[:, index]
+            if k > 0 and overlap:
+                restart = x[:, :overlap] / sched.init_noise_sigma * sched.sigmas[0]
+                x = torch.cat([acc[:, a - acc_start:a - acc_start + overlap] + restart, x[:, overlap:]], dim=1)
+            x = self._denoise_window(x, c_win, e_win, ids, progress, f"window {k + 1}/{len(windows)} steps")
+            acc = stitch(acc, x, overlap if k > 0 else 0)
+            del x, c_win, e_win
+            final = windows[k + 1][0] if k + 1 < len(windows) else T
+            with self._use(self.vae.decoder):
+                while next_call < len(calls) and calls[next_call][1] <= final:
+                    ca, cb = calls[next_call]
+                    yield self._decode_call(acc[0, ca - acc_start:cb - acc_start]).cpu().numpy()
+                    next_call += 1
+            # keep only what the next window and the pending decode calls still need
+            keep = min(final, calls[next_call][0] if next_call < len(calls) else T)
+            acc, acc_start = acc[:, keep - acc_start:], keep
+            if k + 1 < len(windows):
+                drop = windows[k + 1][0] - buf_start
+                cond, embeds, buf_start = cond[:, drop:], embeds[:, drop:], windows[k + 1][0]
+
+    def _denoise_window(self, x: torch.Tensor, c_win: torch.Tensor, e_win: torch.Tensor, ids: torch.Tensor,
+                        progress, desc: str) -> torch.Tensor:
+        """The Euler steps of one window (after ``set_timesteps``): x (1, F, 4, h, w) -> final latents."""
+        s, sched = self.settings, self.scheduler
+        for t in _wrap(progress, sched.timesteps, desc, len(sched.timesteps)):
+            x_in = sched.scale_model_input(x, t)
+            v = self._unet_call(torch.cat([x_in, c_win], dim=2), t, e_win, ids).sample
+            if s.guidance_scale > 1.0:
+                v_u = self._unet_call(torch.cat([x_in, torch.zeros_like(c_win)], dim=2), t,
+                                      torch.zeros_like(e_win), ids).sample
+                v = v_u + s.guidance_scale * (v - v_u)
+            x = sched.step(v, t, x).prev_sample
+        return x
+
+    def _decode_call(self, latents: torch.Tensor) -> torch.Tensor:
+        """One decoder call of :meth:`decode`: latents (F, 4, h, w) (F one chunk, or several full chunks of
+        ``decode_chunk_size``) -> disparity (F, H, W) fp32 on the device."""
+        s = self.settings
+        chunk = (latents / self.vae.config.scaling_factor).to(self.dtype)
+        if s.channels_last:
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        frames_per_video = min(s.decode_chunk_size, len(chunk))
+        # what AutoencoderKLTemporalDecoder.decode does, through the (maybe compiled) decoder
+        indicator = torch.zeros(len(chunk) // frames_per_video, frames_per_video, dtype=chunk.dtype,
+                                device=chunk.device)
+        frames = self._decoder_call(chunk, num_frames=frames_per_video, image_only_indicator=indicator)
+        return ((frames.float() / 2 + 0.5).clamp(0, 1)).mean(dim=1)
+
+
 class DepthCrafter:
     """DepthCrafter estimator (``--depth depthcrafter``): the paper's choice, ~4.7 GB of fp16 weights."""
 
     name = "depthcrafter"
+    #: :meth:`estimate` takes a lazy :class:`~ex4d.types.Clip` and works window by window
+    streams = True
 
     def __init__(self, pipeline: DepthCrafterPipeline, *, progress=None, sources: dict | None = None):
         self.pipeline = pipeline
@@ -441,17 +599,39 @@ class DepthCrafter:
                                     settings=DepthCrafterSettings(**settings), offload=offload)
         return cls(pipe, progress=progress, sources={k: str(v[1]) for k, v in paths.items()})
 
-    def estimate(self, frames: np.ndarray) -> DepthVideo:
-        """frames (T, H, W, 3) float [0, 1] -> DepthVideo with reference z (T, H, W) in [2.5641, 10000]."""
-        frames = np.asarray(frames)
-        check_unit_frames(frames)
-        disparity = self.pipeline(frames.astype(np.float32, copy=False), progress=self.progress)
-        depth = normalized_disparity_to_depth(minmax_normalize(disparity, where="DepthCrafter output"))
+    def estimate(self, frames, *, spill_dir: str | os.PathLike | None = None) -> DepthVideo:
+        """frames -> DepthVideo with reference z (T, H, W) in [2.5641, 10000].
+
+        ``frames``: a (T, H, W, 3) float array in [0, 1] (depth and valid come back as arrays), or a
+        :class:`~ex4d.types.Clip`, read one frame at a time and processed window by window
+        (:meth:`DepthCrafterPipeline.stream`): depth and valid then come back as
+        :class:`~ex4d.io.arrays.FrameSequence` objects and host memory does not grow with T. Both give
+        the values of the whole-clip pipeline exactly. The reference's min-max normalisation is over the
+        whole clip, so it takes two passes: the raw disparity is spilled to a temporary ``.npy`` in
+        ``spill_dir`` (T*H*W*4 bytes; the system's temporary folder if None) while its min/max are kept,
+        and each frame is normalised when read (:func:`ex4d.depth.normalize.disparity_stream_to_depth`).
+        Call ``release()`` on the returned depth to delete that file early.
+        """
+        from ex4d.io.arrays import MappedFrames
+        from ex4d.types import Clip
+
         pipe = self.pipeline
+        if isinstance(frames, Clip):
+            num_frames, size, source, in_memory = frames.num_frames, frames.size, frames.iter_frames(), False
+        else:
+            frames = np.asarray(frames)
+            pipe.check_frames(frames)
+            num_frames, size, source, in_memory = len(frames), frames.shape[1:3], frames, True
+        chunks = pipe.stream(source, num_frames, size, progress=self.progress)
+        depth = disparity_stream_to_depth(chunks, num_frames, size, where="DepthCrafter output", spill_dir=spill_dir,
+                                          in_memory=in_memory)
         settings = {"estimator": self.name, **asdict(pipe.settings), "dtype": str(pipe.dtype).replace("torch.", ""),
                     "device": str(pipe.device), "offload": pipe.offload, "weights": self.sources}
-        return DepthVideo(depth=depth, valid=np.ones(depth.shape, dtype=bool), K=None, estimator=self.name,
-                          settings=settings)
+        if in_memory:
+            valid = np.ones(depth.shape, dtype=bool)
+        else:
+            valid = MappedFrames(num_frames, size, bool, lambda k: np.ones(size, dtype=bool))
+        return DepthVideo(depth=depth, valid=valid, K=None, estimator=self.name, settings=settings)
 
 
 # ---- loading ----------------------------------------------------------------------------------

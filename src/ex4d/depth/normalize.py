@@ -9,9 +9,21 @@ same way (ex4d-spec.md section 3.2, depthcrafter-spec.md section 5.4):
 so the nearest pixel of a clip always lands at z = 10000/3900 and anything with
 d_hat <= 1/3900 saturates at 10000. Keeping this exact matters: the released EX-4D weights were
 trained on meshes built from depth in this range.
+
+Because min and max are over the whole clip, an estimator that works frame by frame or window by
+window cannot emit final depth before it has seen the last frame. :func:`disparity_stream_to_depth`
+does it in two passes with memory independent of T: the raw disparity is spilled to a temporary
+``.npy`` while a running min/max is kept, and the returned frames are normalised and converted when
+read (the same float32 operations per element as :func:`minmax_normalize` on the whole array, so
+the values are identical).
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -32,11 +44,106 @@ def minmax_normalize(disparity: np.ndarray, *, where: str = "disparity") -> np.n
     an :class:`InputError`, since no depth can be recovered from it.
     """
     d = np.asarray(disparity, dtype=np.float32)
-    lo, hi = float(d.min()), float(d.max())
+    lo, hi = _check_range(float(d.min()), float(d.max()), where)
+    return minmax_apply(d, lo, hi)
+
+
+def _check_range(lo: float, hi: float, where: str) -> tuple[float, float]:
     if not hi > lo:
         raise InputError(f"{where} is constant ({lo}) over the whole clip, so no depth can be derived from it "
                          f"(check the file or the estimator output)")
+    return lo, hi
+
+
+def minmax_apply(d: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(d - lo) / (hi - lo) in float32, for any part of a clip whose min/max are ``lo``/``hi`` (exactly
+    what :func:`minmax_normalize` computes for those elements)."""
+    d = np.asarray(d, dtype=np.float32)
     return ((d - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
+
+
+class RunningMinMax:
+    """Min and max over frames seen one at a time (equal to ``float(d.min())``, ``float(d.max())`` of the
+    whole float32 clip; a NaN anywhere makes both NaN, as it does there)."""
+
+    def __init__(self):
+        self.lo = np.float32(np.inf)
+        self.hi = np.float32(-np.inf)
+
+    def update(self, d: np.ndarray) -> None:
+        d = np.asarray(d, dtype=np.float32)
+        if d.size:
+            self.lo = np.minimum(self.lo, d.min())
+            self.hi = np.maximum(self.hi, d.max())
+
+    def checked(self, where: str) -> tuple[float, float]:
+        """(lo, hi) as Python floats; InputError for a constant (or NaN) clip, as :func:`minmax_normalize`."""
+        return _check_range(float(self.lo), float(self.hi), where)
+
+
+def disparity_stream_to_depth(chunks: Iterable[np.ndarray], num_frames: int, size: tuple[int, int], *,
+                              where: str, spill_dir: str | os.PathLike | None = None, in_memory: bool = False):
+    """Raw relative disparity arriving in chunks (n, H, W), in frame order -> reference z-depth (T, H, W).
+
+    Returns float32 z identical to ``normalized_disparity_to_depth(minmax_normalize(all chunks))``:
+
+    - ``in_memory=True``: as one (T, H, W) ndarray (the chunks are gathered, then converted);
+    - otherwise as a :class:`~ex4d.io.arrays.FrameSequence` whose frames are normalised and converted
+      when read, from a temporary ``.npy`` of the raw disparity written into ``spill_dir`` (the
+      system's temporary folder if None) under a hidden ``.depth_raw.partial-...`` name that
+      :func:`ex4d.io.files.sweep_folder` removes if the process is killed. The file is deleted by the
+      sequence's ``release()`` or when the sequence is garbage collected; its size is T*H*W*4 bytes.
+
+    Raises InputError for a constant clip, or if the chunks hold other than ``num_frames`` frames.
+    """
+    shape = (int(num_frames), int(size[0]), int(size[1]))
+    if in_memory:
+        raw = np.empty(shape, dtype=np.float32)
+        filled = 0
+        for chunk in chunks:
+            chunk = np.asarray(chunk)
+            _check_chunk(chunk, filled, shape, where)
+            raw[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        _check_count(filled, shape, where)
+        return normalized_disparity_to_depth(minmax_normalize(raw, where=where))
+
+    from ex4d.io.arrays import MappedFrames, NpyFrameWriter, TemporaryFrames
+    from ex4d.io.files import temporary_tag
+
+    folder = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".depth_raw{temporary_tag()}.npy"
+    stats = RunningMinMax()
+    try:
+        with NpyFrameWriter(path, shape, np.float32) as writer:
+            for chunk in chunks:
+                chunk = np.asarray(chunk)
+                _check_chunk(chunk, writer.written, shape, where)
+                stats.update(chunk)
+                writer.write(chunk)
+            _check_count(writer.written, shape, where)
+        lo, hi = stats.checked(where)
+        raw = TemporaryFrames(path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+    def depth_frame(k: int) -> np.ndarray:
+        return normalized_disparity_to_depth(minmax_apply(raw.frame(k), lo, hi))
+
+    return MappedFrames(shape[0], shape[1:], np.float32, depth_frame, release=raw.release)
+
+
+def _check_chunk(chunk: np.ndarray, filled: int, shape: tuple, where: str) -> None:
+    if chunk.ndim != 3 or chunk.shape[1:] != shape[1:] or filled + len(chunk) > shape[0]:
+        raise InputError(f"{where}: got a chunk of shape {chunk.shape} after {filled} frames, expected frames of "
+                         f"{shape[1]}x{shape[2]} up to {shape[0]} in all")
+
+
+def _check_count(filled: int, shape: tuple, where: str) -> None:
+    if filled != shape[0]:
+        raise InputError(f"{where}: got {filled} frames, expected {shape[0]}")
 
 
 def normalized_disparity_to_depth(d_hat: np.ndarray) -> np.ndarray:

@@ -11,6 +11,9 @@ load everything). Implementations:
   writes) is read at random; a compressed member (``np.savez_compressed``) is decompressed as a stream,
   so reading frames in order costs one pass and going back restarts the stream.
 * :class:`MappedFrames`: frames computed on demand by a function (e.g. converted and resized).
+* :class:`TemporaryFrames`: a temporary ``.npy`` written with :class:`NpyFrameWriter` (e.g. an
+  estimator's raw output, spilled so that it can be normalised over the whole clip in a second pass),
+  deleted by :meth:`FrameSequence.release` or when the object is garbage collected.
 
 :func:`write_npz_stored` writes an uncompressed ``.npz`` whose arrays may be any of these, one frame
 at a time; :func:`open_npz` lists and opens the members of an ``.npz``.
@@ -22,6 +25,7 @@ import hashlib
 import io
 import os
 import struct
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -80,17 +84,36 @@ class FrameSequence:
         """The first ``num`` frames (no data is read)."""
         return MappedFrames(min(int(num), len(self)), self.frame_shape, self.dtype, self.frame)
 
+    def release(self) -> None:
+        """Free what backs the frames (open files, temporary files); the sequence must not be read after."""
+
 
 class MappedFrames(FrameSequence):
-    """Frames made on demand: ``fn(k)`` -> frame k (shape ``frame_shape``, dtype ``dtype``)."""
+    """Frames made on demand: ``fn(k)`` -> frame k (shape ``frame_shape``, dtype ``dtype``).
 
-    def __init__(self, num: int, frame_shape, dtype, fn: Callable[[int], np.ndarray]):
+    release: called by :meth:`release` (e.g. to delete a temporary file that ``fn`` reads).
+    """
+
+    def __init__(self, num: int, frame_shape, dtype, fn: Callable[[int], np.ndarray],
+                 release: Callable[[], None] | None = None):
         self.shape = (int(num), *(int(s) for s in frame_shape))
         self.dtype = np.dtype(dtype)
         self._fn = fn
+        self._release = release
 
     def frame(self, k: int) -> np.ndarray:
         return self._fn(k)
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+
+
+def release_frames(*arrays) -> None:
+    """:meth:`FrameSequence.release` for each argument that is a frame sequence (ndarrays are left alone)."""
+    for array in arrays:
+        if isinstance(array, FrameSequence):
+            array.release()
 
 
 def iter_frames(array) -> Iterator[np.ndarray]:
@@ -164,6 +187,9 @@ class NpyFrames(FrameSequence):
                 handle.close()
         self._file = self._zip = None
 
+    def release(self) -> None:
+        self.close()
+
     def __del__(self):  # pragma: no cover - best effort
         try:
             self.close()
@@ -198,6 +224,70 @@ class NpyFrames(FrameSequence):
         if got != self._frame_bytes:
             raise ValueError(f"'{self.key or 'array'}' is truncated: frame {k} is incomplete")
         return out
+
+
+class NpyFrameWriter:
+    """Write a ``.npy`` of ``shape`` (T, ...) one frame (or a few) at a time; the header comes first.
+
+    with NpyFrameWriter(path, (T, H, W), np.float32) as writer:
+        writer.write(frames)   # (n, H, W), in order, n >= 1, T frames in all
+
+    Leaving the block with fewer than T frames written (other than through an exception) is a
+    ValueError: the file would be truncated.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape, dtype):
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.written = 0
+        self._handle = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        if _needs_v2(header):
+            np.lib.format.write_array_header_2_0(self._handle, header)
+        else:
+            np.lib.format.write_array_header_1_0(self._handle, header)
+
+    def write(self, frames: np.ndarray) -> None:
+        frames = np.ascontiguousarray(frames, dtype=self.dtype)
+        if frames.shape[1:] != self.shape[1:] or self.written + len(frames) > self.shape[0]:
+            raise ValueError(f"cannot write frames of shape {frames.shape} at frame {self.written} into "
+                             f"an array of shape {self.shape}")
+        self._handle.write(frames.tobytes())
+        self.written += len(frames)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "NpyFrameWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close()
+        if exc_type is None and self.written != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.written} of {self.shape[0]} frames were written")
+
+
+class TemporaryFrames(NpyFrames):
+    """The frames of a temporary ``.npy`` that this object owns: the file is deleted by :meth:`release`,
+    or when the object is garbage collected, or at interpreter exit, whichever comes first."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._finalizer = weakref.finalize(self, _unlink_quietly, str(path))
+        super().__init__(path)
+
+    def release(self) -> None:
+        self.close()
+        self._finalizer()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _tell(member) -> int:
