@@ -131,7 +131,7 @@ def check_output(path: str | os.PathLike, what: str = "output") -> Path:
     resolved = _resolve(path)
     if policy is not None and resolved in policy.inputs:
         raise InputError(f"{what} {path} is also an input of this run and would be overwritten; "
-                         f"choose another output (-o)")
+                         f"choose another output path")
     if not (path.exists() or path.is_symlink()):
         return path
     if path.is_symlink():
