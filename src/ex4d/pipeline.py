@@ -8,6 +8,7 @@ atomically; a stage whose output already exists *and matches* its inputs and set
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -235,7 +236,7 @@ def plan_recon_outputs(out_dir: str | os.PathLike, options: ReconOptions, *, num
     """Every file ``recon`` will write into ``out_dir`` (for :func:`ex4d.io.files.check_outputs` before
     any work): depth.npz (unless ``depth_spec`` is that file itself, or None), color/mask/camera/record
     files of the trajectory, and the DW-Mesh PLY files of ``options.save_mesh``."""
-    from ex4d.camera.trajectory import trajectory_name
+    from ex4d.camera.trajectory import is_stereo_spec, trajectory_name
 
     out_dir = Path(out_dir)
     name = trajectory_name(options.cam)
@@ -245,6 +246,8 @@ def plan_recon_outputs(out_dir: str | os.PathLike, options: ReconOptions, *, num
         paths.append(out_dir / "depth.npz")
     paths += [out_dir / f"color_{name}.mp4", out_dir / f"mask_{name}.mp4", out_dir / f"mask_{name}.mkv",
               out_dir / f"camera_{name}.npz"]
+    if is_stereo_spec(options.cam):  # the left eye, as rendered (frames, size, fps), for ex4d stereo-pack
+        paths.append(out_dir / f"left_{name}.mp4")
     if options.save_mesh == "first":
         paths.append(out_dir / "DW-Mesh.ply")
     elif options.save_mesh == "all":
@@ -323,7 +326,8 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     device = resolve_device(options.device)
     K_src = depth.K if depth.K is not None else reference_intrinsics(*clip.size)
     trajectory = make_trajectory(options.cam, num_frames=clip.num_frames, size=clip.size, K=K_src,
-                                 depth0=np.asarray(depth.depth[0]), resample=options.resample)
+                                 depth0=np.asarray(depth.depth[0]), resample=options.resample,
+                                 depth_metric=_depth_is_metric(depth))
     fps = float(options.fps) if options.fps else clip.fps
     mesh_options = dict(cap=options.cap, filter=options.filter, stretch_test=options.stretch_test,
                         watertight=options.watertight)
@@ -367,6 +371,13 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     return ReconResult(written)
 
 
+def _depth_is_metric(depth: DepthVideo) -> bool:
+    """Whether ``depth`` may be taken as metres: not from DepthCrafter / Depth Anything (relative depth,
+    also when read back from their depth.npz), so from a depth file of another tool or a scene."""
+    name = str(depth.estimator or "").lower().replace("_", "-").replace(" ", "-")
+    return not any(key in name for key in ("depthcrafter", "depth-anything", "depthanything"))
+
+
 def _staging_tag() -> str:
     """``.partial-<host>-<pid>-<random>``: the temporary-name scheme of :mod:`ex4d.io.files`, so that a
     staging folder of a killed run is swept like any other temporary."""
@@ -392,15 +403,30 @@ def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory
             staged["mesh"] = export_ply(mesh, staging / "DW-Mesh.ply")
 
     settings: dict = {}
-    stream = iter_condition(clip.iter_frames(), iter_frames(depth.depth), K_src, trajectory, size=clip.size,
-                            num_frames=clip.num_frames, **mesh_options, only_first_frame=options.only_first_frame,
-                            device=str(device), progress=progress, antialias=options.antialias,
-                            pixel_convention=options.pixel_convention,
-                            mesh_callback=None if options.save_mesh == "none" else save_mesh, settings=settings)
+    render = iter_condition
+    stereo = trajectory.settings.get("kind") == "stereo"
+    if stereo:  # the right eye: frame 0 is rendered too (ex4d.stereo.render)
+        from ex4d.stereo.render import iter_stereo_condition
+
+        stats: dict = {}
+        render = functools.partial(iter_stereo_condition, stats=stats)
+    stream = render(clip.iter_frames(), iter_frames(depth.depth), K_src, trajectory, size=clip.size,
+                    num_frames=clip.num_frames, **mesh_options, only_first_frame=options.only_first_frame,
+                    device=str(device), progress=progress, antialias=options.antialias,
+                    pixel_convention=options.pixel_convention,
+                    mesh_callback=None if options.save_mesh == "none" else save_mesh, settings=settings)
     with ConditionWriter(staging, trajectory.name, fps) as writer:
         for color, mask in stream:
             writer.write(color, mask)
     staged.update(writer.paths)
+    if stereo:
+        from ex4d.io.video import VideoWriter, to_uint8
+
+        settings.update(stats)
+        with VideoWriter(staging / f"left_{trajectory.name}.mp4", fps) as left:
+            for frame in clip.iter_frames():
+                left.write(to_uint8(frame))
+        staged["left"] = left.path
     staged["camera"] = trajectory.save(staging / f"camera_{trajectory.name}.npz")
     return staged, settings
 

@@ -195,3 +195,33 @@ def dolly_zoom(num_frames: int, K: np.ndarray, nearest: float, radius: float, di
     K_path[:, 1, 1] *= scale
     K_path[:, 0, 1] *= scale  # skew scales with the focal length too
     return poses, K_path
+
+
+#: Default stereo baseline as a fraction of the subject (pivot) distance: 1/30, the classic "1/30 rule" of
+#: stereography; 6.5 cm (the human interocular distance) for a subject at about 2 m.
+STEREO_BASELINE_FRACTION = 1.0 / 30.0
+#: Largest stereo baseline, as a multiple of the subject distance (beyond it the pair cannot be fused).
+MAX_STEREO_BASELINE_FRACTION = 1.0
+CONVERGENCES = ("subject", "infinity")
+
+
+def stereo(num_frames: int, K: np.ndarray, baseline: float, converge_depth: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The right eye of a parallel (off-axis) stereo pair whose left eye is the source camera.
+
+    Every frame: no rotation, camera centre (baseline, 0, 0) (OpenCV: x right), so cam_from_world =
+    [I | (-baseline, 0, 0)]. A point at z-depth z then moves by the disparity f_x * baseline / z pixels
+    to the left. With ``converge_depth`` (the subject distance Z_s) the right eye's principal point
+    moves right by f_x * baseline / Z_s pixels (a shifted sensor, not a toe-in), so points at z = Z_s have
+    zero disparity, nearer points pop out and farther ones recede; None keeps K (converged at infinity).
+    Returns cam_from_world (T, 4, 4) and K (T, 3, 3).
+    """
+    if not baseline > 0 or not np.isfinite(baseline):
+        raise InputError(f"stereo baseline must be positive and finite, got {baseline:g}")
+    poses = np.tile(np.eye(4), (num_frames, 1, 1))
+    poses[:, 0, 3] = -float(baseline)  # centre (B, 0, 0) -> t = -R c
+    K_path = np.repeat(np.asarray(K, dtype=np.float64)[None], num_frames, axis=0)
+    if converge_depth is not None:
+        if not converge_depth > 0:
+            raise InputError(f"stereo convergence distance must be positive, got {converge_depth:g}")
+        K_path[:, 0, 2] += K_path[:, 0, 0] * float(baseline) / float(converge_depth)
+    return poses, K_path

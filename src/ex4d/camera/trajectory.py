@@ -8,6 +8,8 @@ Accepted forms (``TRAJECTORY_FORMS``; user documentation in ``docs/trajectories.
 * ``dolly_zoom`` [``:direction=out|in,travel=F,ease=...``]: dolly while the focal length keeps the
   pivot's size.
 * ``orbit:yaw=D,pitch=D`` [``,radius=R|Rx,ease=...``]: a true orbit about the pivot.
+* ``stereo`` [``:baseline=B|Kx|Mm,converge=subject|infinity``]: the right eye of a stereo pair whose left
+  eye is the source (docs/stereo.md).
 * a path to a ``.npz`` or ``.json`` pose file (see :mod:`ex4d.camera.posefile`).
 """
 
@@ -30,12 +32,13 @@ logger = logging.getLogger(__name__)
 
 #: Ready-made names for CLI help and menus (any angle and the parametrised forms also work).
 PRESET_NAMES: tuple[str, ...] = ("30", "60", "90", "-30", "-60", "-90", "180", "zoom_in", "zoom_out",
-                                 "dolly_zoom")
+                                 "dolly_zoom", "stereo")
 
 #: One line listing every accepted form, used in error messages and help.
 TRAJECTORY_FORMS = ("an orbit angle in degrees (30, -60, 90, ...), 180 (the reference's loop), zoom_in, zoom_out, "
                     "dolly_zoom, orbit:yaw=<deg>,pitch=<deg>[,radius=<units>|<k>x][,ease=linear|smooth], "
                     "zoom_in:travel=<0..0.9>, zoom_out:travel=<f>, dolly_zoom:direction=out|in,travel=<f>, "
+                    "stereo[:baseline=<units>|<k>x|<metres>m,converge=subject|infinity], "
                     "or a pose file (.npz / .json, see docs/trajectories.md)")
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
@@ -47,8 +50,11 @@ _PARAMS = {
     "zoom_in": ("travel", "ease"),
     "zoom_out": ("travel", "ease"),
     "dolly_zoom": ("direction", "travel", "ease"),
+    "stereo": ("baseline", "converge"),
 }
-_TEXT_PARAMS = {"ease": presets.EASES, "direction": ("out", "in")}
+_TEXT_PARAMS = {"ease": presets.EASES, "direction": ("out", "in"), "converge": presets.CONVERGENCES}
+#: Parameters that also take a unit suffix: "x" (a multiple of the pivot/subject distance), "m" (metres).
+_SUFFIXED = {"radius": ("x",), "baseline": ("x", "m")}
 
 
 def _fmt(value: float) -> str:
@@ -97,7 +103,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
                 if value.lower() not in _TEXT_PARAMS[key]:
                     raise _bad_spec(spec, f"{key} must be one of {', '.join(_TEXT_PARAMS[key])}, not {value!r}")
                 params[key] = value.lower()
-            elif key == "radius" and value.lower().endswith("x") and _NUMBER.match(value[:-1]):
+            elif key in _SUFFIXED and value[-1:].lower() in _SUFFIXED[key] and _NUMBER.match(value[:-1]):
                 if not np.isfinite(float(value[:-1])):
                     raise _bad_spec(spec, f"{key}={value!r} is too large")
                 params[key] = value.lower()
@@ -125,8 +131,8 @@ def _spec_name(kind: str, params: dict) -> str:
             value = params[key]
             if isinstance(value, float):
                 parts.append(f"{key}{_fmt(value)}")
-            elif key == "radius":  # "2x"
-                parts.append(f"radius{value}")
+            elif key in _SUFFIXED:  # "2x", "0.065m"
+                parts.append(f"{key}{_fmt(float(value[:-1]))}{value[-1]}")
             else:  # text values are self-explanatory: "smooth", "in"
                 parts.append(value)
     return _safe_name("_".join(parts))
@@ -142,7 +148,8 @@ def _looks_like_file(spec: str) -> bool:
 
 
 def make_trajectory(spec: str, *, num_frames: int, size: tuple[int, int], K: np.ndarray,
-                    depth0: np.ndarray | None, resample: bool = False) -> Trajectory:
+                    depth0: np.ndarray | None, resample: bool = False,
+                    depth_metric: bool | None = None) -> Trajectory:
     """Build the target camera path for a clip.
 
     spec: a ``--cam`` string (see ``TRAJECTORY_FORMS``). num_frames: T. size: (H, W).
@@ -150,6 +157,9 @@ def make_trajectory(spec: str, *, num_frames: int, size: tuple[int, int], K: np.
     depth0: (H, W) frame-0 z-depth; sets the pivot (0, 0, r), r = min(depth after the border push)
     + 0.15. It may be None only for pose files that need no pivot.
     resample: let a pose file with another pose count be interpolated to T frames.
+    depth_metric: whether the depth is in metres (a depth file from a metric estimator or a scanner)
+    rather than the relative depth of DepthCrafter / Depth Anything; ``stereo:baseline=<v>m`` needs
+    True and is refused with False (None: unknown, accepted, as in the checks before any work).
 
     Returns a Trajectory with cam_from_world (T, 4, 4) OpenCV, K (T, 3, 3), a filename-safe name
     and JSON-serialisable settings. Raises InputError for bad specs or files.
@@ -210,6 +220,15 @@ def make_trajectory(spec: str, *, num_frames: int, size: tuple[int, int], K: np.
         travel = params.get("travel", presets.ZOOM_OUT_TRAVEL)
         poses = presets.zoom_out(num_frames, radius, travel, ease)
         settings.update(travel=travel, distance=travel * radius, ease=ease)
+    elif kind == "stereo":
+        baseline = _stereo_baseline(params.get("baseline"), radius, depth_metric, spec)
+        converge = params.get("converge", "subject")
+        poses, K_path = presets.stereo(num_frames, K, baseline, radius if converge == "subject" else None)
+        shift = float(K_path[0, 0, 2] - K[0, 2])
+        settings.update(baseline=baseline, baseline_spec=params.get("baseline", f"{presets.STEREO_BASELINE_FRACTION:.6g}x"),
+                        converge=converge, subject_depth=radius, principal_point_shift_px=shift,
+                        subject_disparity_px=0.0 if converge == "subject" else float(K[0, 0] * baseline / radius),
+                        eye="right", left_eye="source", first_frame="rendered")
     else:  # dolly_zoom
         travel = params.get("travel", presets.DOLLY_ZOOM_TRAVEL)
         direction = params.get("direction", "out")
@@ -217,6 +236,14 @@ def make_trajectory(spec: str, *, num_frames: int, size: tuple[int, int], K: np.
         settings.update(direction=direction, travel=travel, ease=ease,
                         focal_start=float(K_path[0, 0, 0]), focal_end=float(K_path[-1, 0, 0]))
     return Trajectory(poses, K_path, name=_spec_name(kind, params), settings=settings)
+
+
+def is_stereo_spec(spec) -> bool:
+    """True if ``spec`` is a ``stereo`` camera path (a right eye whose frame 0 is rendered, not the source)."""
+    spec = str(spec).strip()
+    if _looks_like_file(spec):
+        return False
+    return spec.partition(":")[0].strip().lower() == "stereo"
 
 
 def trajectory_name(spec: str) -> str:
@@ -258,6 +285,30 @@ def check_spec(spec: str, num_frames: int | None = None, resample: bool = False)
         make_trajectory(spec, num_frames=5, size=size, K=K, depth0=np.full(size, 2.0, np.float32))
     finally:
         quiet.setLevel(level)
+
+
+def _stereo_baseline(value, subject: float, depth_metric: bool | None, spec: str) -> float:
+    """The stereo baseline in scene units: default 1/30 of the subject distance; ``<k>x`` k times it;
+    ``<v>m`` metres (the depth must be metric); a bare number in scene units (the depth's units)."""
+    if value is None:
+        result = presets.STEREO_BASELINE_FRACTION * subject
+    elif isinstance(value, str) and value.endswith("x"):
+        result = float(value[:-1]) * subject
+    elif isinstance(value, str):  # "0.065m"
+        if depth_metric is False:
+            raise InputError(f"camera path {spec!r}: baseline={value} is in metres but the depth is relative "
+                             "(DepthCrafter / Depth Anything have no metric scale); give a metric depth file "
+                             "(--depth depth.npz in metres) or a fraction of the subject distance, e.g. "
+                             "baseline=0.033x")
+        result = float(value[:-1])
+    else:
+        result = float(value)
+    if not result > 0:
+        raise _bad_spec(spec, "baseline must be positive")
+    if result > presets.MAX_STEREO_BASELINE_FRACTION * subject:
+        raise _bad_spec(spec, f"baseline {result:g} is more than the subject distance {subject:g} (the pair could "
+                              f"not be fused; the default is {presets.STEREO_BASELINE_FRACTION:.4g}x)")
+    return result
 
 
 def _orbit_radius(value, default: float, spec: str) -> float:
