@@ -262,3 +262,23 @@ def read_stereo_metadata(path: str | os.PathLike) -> dict:
                 stereo_type = int.from_bytes(bytes(data)[:4], "little", signed=True)
             break
     return {"stereo_mode": mode, "stereo3d_type": stereo_type}
+
+
+def pack_generated(left: str | os.PathLike, right: str | os.PathLike, outputs: dict[str, Path],
+                   crf: int = 16) -> dict[str, Path]:
+    """Pack the left eye (recon's ``left_<cam>.mp4``) with a generated right eye (``ex4d_<cam>.mp4``).
+
+    The generator may change the size (``--size``) and the frame count (``--gen-num-frames``): the left eye
+    is fitted to the right one, resized bilinearly and its frames picked as the generator picks them
+    (``linspace(0, T - 1, T')``); the frame rate is the generated video's. Returns ``outputs``.
+    """
+    from ex4d.io.video import iter_video, probe_video
+
+    count, size, fps = probe_video(right)
+    left_count = probe_video(left)[0]
+    keep = set(np.linspace(0, left_count - 1, count).astype(int).tolist())
+    picked = (frame for k, frame in enumerate(iter_video(left, size=size)) if k in keep)
+    if len(keep) != count:  # more generated frames than left frames: repeat as the pick says
+        frames = list(iter_video(left, size=size))
+        picked = (frames[k] for k in np.linspace(0, left_count - 1, count).astype(int))
+    return pack_frames(picked, iter_video(right), outputs, fps, crf=crf)
