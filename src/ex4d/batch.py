@@ -941,4 +941,11 @@ def generate_stage(job: dict, recon: dict, cache: dict, timings: dict | None = N
     name = color.name.replace("color_", "ex4d_", 1) if color.name.startswith("color_") else f"ex4d_{color.name}"
     out = run_generate(color, mask, Path(job["output"]) / Path(name).with_suffix(".mp4"), job_generate_options(job),
                        cache=cache, show_progress=False)  # the batch has its own progress display
-    return {"video": str(out)}
+    result = {"video": str(out)}
+    if "left" in recon:  # cam: stereo -- pack the left eye with the generated right eye (docs/stereo.md)
+        from ex4d.stereo.pack import LAYOUTS, output_paths, pack_generated
+
+        packed = output_paths(job["output"], Path(name).stem, LAYOUTS, "mkv")
+        result.update({f"stereo_{layout}": str(path) for layout, path in pack_generated(recon["left"], out,
+                                                                                          packed).items()})
+    return result
