@@ -51,7 +51,7 @@ def iter_stereo_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarr
                           size: tuple[int, int], num_frames: int, only_first_frame: bool = False,
                           mesh_callback: Callable[[int, object], None] | None = None,
                           fill_first_frame: bool = True, stats: dict | None = None,
-                          **options) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                          progress: Callable[[Iterable], Iterable] | None = None, **options) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """:func:`ex4d.render.condition.iter_condition` for a stereo right eye: frame 0 is rendered too.
 
     Arguments as for ``iter_condition`` (``options`` are passed on). fill_first_frame: fill frame 0's
@@ -86,10 +86,16 @@ def iter_stereo_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarr
                             size=size, num_frames=int(num_frames) + 1, only_first_frame=only_first_frame,
                             mesh_callback=None if mesh_callback is None else callback, **options)
     next(stream)  # the source frame at the source camera: the left eye, not ours
-    for k, (color, mask) in enumerate(stream):
+    steps: Iterable[int] = range(trajectory.num_frames)
+    if progress is not None:  # over the right eye's frames only
+        steps = progress(steps)
+    for k in steps:
+        color, mask = next(stream)
         if k == 0 and fill_first_frame:
             if stats is not None:
                 stats["first_frame_filled_fraction"] = float(1.0 - mask.mean())
             color = fill_disocclusions(color, mask).astype(np.float32, copy=False)
             mask = np.ones_like(mask)
         yield color, mask
+    for _ in stream:  # nothing is left; this lets the renderer close (and log) now, not at garbage collection
+        pass
