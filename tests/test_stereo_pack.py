@@ -224,3 +224,22 @@ def test_run_stereo_end_to_end_writes_the_packed_result(tmp_path, models, capsys
     assert main(argv) == 0  # everything current: nothing is redone
     assert "up to date" in capsys.readouterr().out
     assert (out / "ex4d_stereo_sbs.mkv").stat().st_mtime_ns == before
+
+
+def test_batch_run_job_packs_the_stereo_result(tmp_path, models):
+    from ex4d.batch import load_jobs, read_record, run_batch
+
+    example = _example(tmp_path)
+    jobs_file = tmp_path / "jobs.yaml"
+    jobs_file.write_text(
+        f"defaults: {{stage: run, depth: {example / 'depth.npz'}, num_frames: 5, resize: keep, save_mesh: none, "
+        f"device: cpu, models_dir: {models}, size: 16x16, steps: 1}}\njobs:\n"
+        f"  - {{video: {example / 'video.mp4'}, cam: stereo, output: {tmp_path / 'out'}}}\n")
+    jobs = load_jobs(jobs_file)
+    result = run_batch(jobs, cache={})
+    assert result.ok, [read_record(j).get("traceback") or read_record(j).get("error") for j in jobs]
+    outputs = read_record(jobs[0])["outputs"]
+    for layout, size in {"sbs": (16, 32), "sbs-half": (16, 16), "tb": (32, 16), "anaglyph": (16, 16)}.items():
+        assert outputs[f"stereo_{layout}"].endswith(f"ex4d_stereo_{layout}.mkv")
+        frames, _ = read_video(tmp_path / "out" / f"ex4d_stereo_{layout}.mkv")
+        assert frames.shape == (5, *size, 3), layout
