@@ -1,7 +1,11 @@
 """Stage 1: per-frame z-depth for a clip.
 
 Estimators share one protocol: ``estimate(frames (T, H, W, 3) float [0, 1]) -> DepthVideo`` with
-z-depth (T, H, W) in the reference's range (see :mod:`ex4d.depth.normalize`).
+z-depth (T, H, W) in the reference's range (see :mod:`ex4d.depth.normalize`). Estimators with
+``streams = True`` (both below) also take a lazy :class:`~ex4d.types.Clip`:
+``estimate(clip, spill_dir=folder)`` reads it frame by frame / window by window and returns depth and
+valid as :class:`~ex4d.io.arrays.FrameSequence` objects, so memory does not grow with T (the values
+are identical; the whole-clip min-max normalisation goes through a temporary spill in ``spill_dir``).
 
 - ``depthcrafter``: DepthCrafter as EX-4D runs it (the paper's choice; ~5 GB of weights).
 - ``depth-anything``: Depth Anything V2 per frame, aligned over time (light, fast).
@@ -35,7 +39,9 @@ class DepthEstimator(Protocol):
     name: str
 
     def estimate(self, frames: np.ndarray) -> DepthVideo:
-        """frames: (T, H, W, 3) float in [0, 1] -> DepthVideo with depth (T, H, W)."""
+        """frames: (T, H, W, 3) float in [0, 1] -> DepthVideo with depth (T, H, W).
+
+        With ``streams = True`` on the class, ``frames`` may also be a lazy Clip (keyword ``spill_dir``)."""
         ...
 
 

@@ -14,6 +14,12 @@ Pipeline for frames (T, H, W, 3) in [0, 1], H and W multiples of 64 (h = H/8, w 
    clamp(x/2 + 0.5, 0, 1), mean over RGB -> relative disparity d (T, H, W).
 5. Clip-level min-max and the reference conversion to z (:mod:`ex4d.depth.normalize`).
 
+:meth:`DepthCrafterPipeline.__call__` runs these stages over the whole clip at once.
+:meth:`DepthCrafterPipeline.stream` (what :meth:`DepthCrafter.estimate` uses) gives the same numbers
+reading the clip window by window and yielding disparity as soon as the blend of the overlap makes it
+final, so host memory does not grow with T; the whole-clip min-max then takes a second pass over a
+temporary spill of the raw disparity.
+
 Speed options that keep the numbers (up to kernel rounding): ``decode_batch`` (several 8-frame
 chunks per decoder call; each chunk is still its own temporal batch), the single-token
 cross-attention shortcut, ``channels_last``, and ``fused_group_norm`` (the VAE's GroupNorm+SiLU as
