@@ -103,6 +103,25 @@ def test_disparity_stream_errors_leave_no_spill(tmp_path):
     assert no_spills(tmp_path) == []
 
 
+def test_a_killed_runs_spill_is_swept_by_the_next_one(tmp_path):
+    """A spill left by a dead process (SIGKILL) goes at the next spill into the folder; a live one stays."""
+    import subprocess
+    import sys
+
+    from ex4d.io.files import _owner_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = _owner_tag().rsplit("-", 1)[0]
+    stale = tmp_path / f".depth_raw.partial-{host}-{int(dead.stdout)}-0123abcd.npy"
+    live = tmp_path / f".depth_raw.partial-{_owner_tag()}-4567cdef.npy"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
+    d = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    got = disparity_stream_to_depth(iter([d]), 2, (2, 2), where="test", spill_dir=tmp_path)
+    assert not stale.exists() and live.exists()
+    got.release()
+
+
 def test_npy_frame_writer_and_temporary_frames(tmp_path):
     path = tmp_path / "x.npy"
     data = np.arange(24, dtype=np.float32).reshape(4, 2, 3)

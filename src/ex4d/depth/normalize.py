@@ -90,9 +90,10 @@ def disparity_stream_to_depth(chunks: Iterable[np.ndarray], num_frames: int, siz
     - ``in_memory=True``: as one (T, H, W) ndarray (the chunks are gathered, then converted);
     - otherwise as a :class:`~ex4d.io.arrays.FrameSequence` whose frames are normalised and converted
       when read, from a temporary ``.npy`` of the raw disparity written into ``spill_dir`` (the
-      system's temporary folder if None) under a hidden ``.depth_raw.partial-...`` name that
-      :func:`ex4d.io.files.sweep_folder` removes if the process is killed. The file is deleted by the
-      sequence's ``release()`` or when the sequence is garbage collected; its size is T*H*W*4 bytes.
+      system's temporary folder if None) under a hidden ``.depth_raw.partial-...`` name; spills left
+      by killed processes are removed here first (and by :func:`ex4d.io.files.sweep_folder`). The file
+      is deleted by the sequence's ``release()`` or when the sequence is garbage collected; its size
+      is T*H*W*4 bytes.
 
     Raises InputError for a constant clip, or if the chunks hold other than ``num_frames`` frames.
     """
@@ -109,10 +110,11 @@ def disparity_stream_to_depth(chunks: Iterable[np.ndarray], num_frames: int, siz
         return normalized_disparity_to_depth(minmax_normalize(raw, where=where))
 
     from ex4d.io.arrays import MappedFrames, NpyFrameWriter, TemporaryFrames
-    from ex4d.io.files import temporary_tag
+    from ex4d.io.files import sweep_stale_partials, temporary_tag
 
     folder = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)
+    sweep_stale_partials(folder / "depth_raw")  # spills of killed runs (dead processes on this host only)
     path = folder / f".depth_raw{temporary_tag()}.npy"
     stats = RunningMinMax()
     try:
