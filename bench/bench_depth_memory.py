@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from peak_memory import git_commit, run_ex4d
 
 DA_REPO = "depth-anything/Depth-Anything-V2-Small-hf"
 
@@ -65,35 +65,17 @@ def make_tiny_weights(root: Path, estimator: str) -> Path:
     return root
 
 
-_MARK = "ex4d-bench-VmHWM-kB:"
-#: The child: ``ex4d`` itself, then its own peak resident memory (VmHWM, kB) as the last stderr line.
-_CHILD = f"""
-import sys
-from ex4d.cli import main
-code = main(sys.argv[1:])
-hwm = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))
-print('{_MARK}', hwm, file=sys.stderr)
-sys.exit(code)
-"""
-
-
 def run_case(folder: Path, models: Path, estimator: str, frames: int, size: int) -> dict:
     video = make_clip(folder, frames, size)
     out = folder / "out"
-    cmd = [sys.executable, "-c", _CHILD, "depth", str(video), "--depth", estimator, "--models-dir", str(models),
-           "--num-frames", str(frames), "--resize", "keep", "-o", str(out), "--device", "cpu"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0 or _MARK not in proc.stderr:
-        raise SystemExit(f"ex4d depth failed for {frames} frames (exit {proc.returncode}): {proc.stderr[-800:]}")
-    peak_kb = int(proc.stderr.rsplit(_MARK, 1)[1].split()[0])
+    peak_mb, seconds = run_ex4d(["depth", str(video), "--depth", estimator, "--models-dir", str(models),
+                                 "--num-frames", str(frames), "--resize", "keep", "-o", str(out), "--device", "cpu"],
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     depth_npz = out / "depth.npz"
     with np.load(depth_npz) as archive:
         shape = list(archive["depth"].shape)
     leftovers = sorted(p.name for p in out.iterdir() if ".partial-" in p.name)
-    return {"frames": frames, "size": [size, size], "peak_rss_mb": round(peak_kb / 1024, 1),
+    return {"frames": frames, "size": [size, size], "peak_rss_mb": round(peak_mb, 1),
             "seconds": round(seconds, 1), "depth_shape": shape,
             "depth_npz_mb": round(depth_npz.stat().st_size / 2**20, 1),
             "whole_clip_float32_rgb_mb": round(frames * size * size * 3 * 4 / 2**20, 1),
@@ -110,11 +92,7 @@ def main() -> None:
 
     import ex4d
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     cases = []
     with tempfile.TemporaryDirectory(prefix="ex4d-depth-memory-") as tmp:
         models = make_tiny_weights(Path(tmp) / "models", args.estimator)

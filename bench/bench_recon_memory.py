@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from peak_memory import git_commit, run_ex4d
 
 
 def make_inputs(folder: Path, frames: int, size: int) -> tuple[Path, Path]:
@@ -48,30 +48,12 @@ def make_inputs(folder: Path, frames: int, size: int) -> tuple[Path, Path]:
     return video, depth
 
 
-_MARK = "ex4d-bench-VmHWM-kB:"
-#: The child: ``ex4d`` itself, then its own peak resident memory (VmHWM, kB) as the last stderr line.
-_CHILD = f"""
-import sys
-from ex4d.cli import main
-code = main(sys.argv[1:])
-hwm = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))
-print('{_MARK}', hwm, file=sys.stderr)
-sys.exit(code)
-"""
-
-
 def run_case(folder: Path, frames: int, size: int) -> dict:
     video, depth = make_inputs(folder, frames, size)
     out = folder / f"out_{frames}"
-    cmd = [sys.executable, "-c", _CHILD, "recon", str(video), "--depth", str(depth), "--cam", "30",
-           "--num-frames", str(frames), "--resize", "keep", "-o", str(out), "--device", "cpu"]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"recon failed for {frames} frames (exit {proc.returncode}): {proc.stderr[-800:]}")
-    peak_kb = int(proc.stderr.rsplit(_MARK, 1)[1].split()[0])
-    return {"frames": frames, "size": [size, size], "peak_rss_mb": round(peak_kb / 1024, 1),
+    peak_mb, seconds = run_ex4d(["recon", str(video), "--depth", str(depth), "--cam", "30", "--num-frames",
+                                 str(frames), "--resize", "keep", "-o", str(out), "--device", "cpu"])
+    return {"frames": frames, "size": [size, size], "peak_rss_mb": round(peak_mb, 1),
             "seconds": round(seconds, 1), "seconds_per_frame": round(seconds / frames, 3),
             "depth_file_mb": round(depth.stat().st_size / 2**20, 1)}
 
@@ -83,11 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     cases = []
     with tempfile.TemporaryDirectory(prefix="ex4d-recon-memory-") as tmp:
         for frames in args.frames:

