@@ -185,3 +185,18 @@ def test_bad_inputs_are_one_line(recon_30, novel_view, tmp_path, capsys):
                            str(out / "color_30.mp4"), "--mask", str(grey), "-o", str(tmp_path / "r")], capsys)
     assert "not binary" in err
     assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_non_positive_scale_is_a_failed_registration():
+    from ex4d.eval.camera_follow import Registration, camera_errors
+
+    t = 5
+    ref = np.repeat(np.eye(4)[None], t, 0)
+    ref[:, 0, 3] = -np.arange(t, dtype=float)  # cam_from_world: the camera moves along +x
+    rec = ref.copy()
+    rec[:, 0, 3] *= -1  # recovered: moving the other way
+    reg = Registration("pnp", rec, np.ones(t, bool), np.full(t, 100))
+    cam = camera_errors(reg, ref)
+    assert cam["scale"] == 0.0 and cam["registration_failed"] and "registration failed" in cam["note"]
+    good = camera_errors(Registration("pnp", ref, np.ones(t, bool), np.full(t, 100)), ref)
+    assert not good["registration_failed"] and good["note"] is None and good["scale"] == pytest.approx(1.0)

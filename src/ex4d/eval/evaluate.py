@@ -137,7 +137,7 @@ def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, conditio
     camera_summary = camera_errors(reg, cam_from_world)
     camera_summary["depth_file"] = None if depth_path is None else str(depth_path)
     if route_note:
-        camera_summary["note"] = route_note
+        camera_summary["note"] = "; ".join(n for n in (camera_summary.get("note"), route_note) if n)
 
     f01 = frames.astype(np.float32) / 255.0
     per_frame: dict[str, list] = {"psnr": [], "ssim": [], "visible_fraction": [], "warp_error": [None],
