@@ -1,19 +1,27 @@
 """Camera following: recover each frame's camera relative to frame 0 from the video alone.
 
-Two classical routes (OpenCV), both matching SIFT features of frame k against frame 0 (Lowe ratio
-0.8, RANSAC):
+Visual odometry with OpenCV. Keypoints (SIFT detections, refreshed every frame) are tracked from
+frame to frame by pyramidal Lucas-Kanade with a forward-backward check (descriptor matching between
+consecutive frames failed on repeating textures such as a checkered wall, whose per-frame motion is
+about one square). Tracked points that carry a 3-D point give frame k's camera by PnP (EPnP +
+RANSAC, refined by Levenberg-Marquardt). New 3-D points are triangulated between the frame where a
+track was first seen and frame k, only when their rays meet at >= ``MIN_ANGLE_DEG`` and the point
+also reprojects onto the track in the previous frame (``MID_TOL`` px): smaller angles let track noise
+and texture aliasing become wrong depths that the following poses inherit. The map starts in one
+of two ways:
 
 * ``pnp`` -- where frame 0's z-depth is known (``depth.npz`` of the recon folder): frame-0 keypoints
-  are lifted to 3-D with the depth and K, and frame k's camera is solved by PnP (EPnP + RANSAC,
-  refined by Levenberg-Marquardt on the inliers). The translations share one scale.
-* ``essential`` -- otherwise: the essential matrix with the known K (RANSAC, 1 px), decomposed by
-  ``recoverPose``. Each frame's translation is a unit direction, so its scale is unknown per frame.
+  are lifted to 3-D with the depth and K. The translations share the depth's scale.
+* ``essential`` -- otherwise: the essential matrix with the known K between frame 0 and the first
+  frame that gives one (RANSAC, 1 px), decomposed by ``recoverPose``; its unit translation fixes the
+  scale of the whole path.
 
 Scale alignment (stated in the summary as ``scale_alignment``): for ``pnp`` one least-squares scale
-for the whole path, ``s = argmin sum_k ||s t_k - t*_k||^2``; for ``essential`` one such scale per
-frame (so the translation error measures the direction, and the shortfall of a wrong direction).
+for the whole path, ``s = argmin sum_k ||s t_k - t*_k||^2`` over the registered frames, on either
+route. A scale <= 0 means the recovered path moves against the requested one: the summary reports
+it as ``registration_failed``.
 
-Frame k is *unregistered* when fewer than ``MIN_INLIERS`` matches survive RANSAC; its errors are nan
+Frame k is *unregistered* when fewer than ``MIN_INLIERS`` tracked points survive RANSAC; its errors are nan
 and it is counted in ``unregistered_fraction``. Frame 0 is the reference (identity) and not scored.
 """
 
