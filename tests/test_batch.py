@@ -292,7 +292,7 @@ def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
         "defaults: {stage: run, depth: depth.npz, resize: keep, save_mesh: none, device: cpu, models_dir: models,\n"
         "           size: 16x16, steps: 1, guidance: 2.0}\n"
         "jobs:\n"
-        "  - {video: clip.mp4, cam: 30, output: out/a, num_frames: 5}\n"
+        "  - {video: clip.mp4, cam: 30, output: out/a, num_frames: 5, eval: true}\n"
         "  - {video: clip.mp4, cam: zoom_in, output: out/b, num_frames: 5, window: 5, overlap: 3}\n"))
     jobs = load_jobs(jobs_file)
     jobs[1]["num_frames"] = 9  # (the tiny clip has 5 frames; write a longer one for the long job)
@@ -312,6 +312,18 @@ def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
     assert short.shape == (5, 16, 16, 3) and long.shape == (9, 16, 16, 3) and fps == 10.0  # the source rate, as `ex4d run`
     record = read_record(jobs[1])
     assert record["outputs"]["video"].endswith("ex4d_zoom_in.mp4") and "generate" in record["timings"]
+    # eval: true evaluates the generated video against its camera path and condition (docs/eval.md)
+    summary = json.loads((tiny_inputs / "out" / "a" / "eval_30" / "summary.json").read_text())
+    assert summary["num_frames"] == 5 and summary["camera"].endswith("camera_30.npz")
+    assert summary["kept_what_was_seen"]["visible_fraction_mean"] > 0
+    assert "eval" in read_record(jobs[0])["timings"] and "eval" not in record["timings"]
+    assert not (tiny_inputs / "out" / "b" / "eval_zoom_in").exists()
+
+
+def test_eval_needs_stage_run(tmp_path):
+    jobs_file = write_yaml(tmp_path / "jobs.yaml", "jobs:\n  - {video: v.mp4, output: out, stage: recon, eval: true}\n")
+    with pytest.raises(InputError, match="eval: true .* needs stage: run"):
+        load_jobs(jobs_file)
 
 
 @pytest.mark.slow

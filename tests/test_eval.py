@@ -200,3 +200,21 @@ def test_non_positive_scale_is_a_failed_registration():
     assert cam["scale"] == 0.0 and cam["registration_failed"] and "registration failed" in cam["note"]
     good = camera_errors(Registration("pnp", ref, np.ones(t, bool), np.full(t, 100)), ref)
     assert not good["registration_failed"] and good["note"] is None and good["scale"] == pytest.approx(1.0)
+
+
+def test_a_video_generated_at_another_size_is_compared_at_its_size(recon_30, tmp_path):
+    """Generation squashes to its own size (512x512 by default): the render, mask, K and depth are scaled
+    to the video's size, and the condition still registers against its own path."""
+    from ex4d.eval.evaluate import evaluate_video
+    from ex4d.io.video import read_video, resize_frames, write_video
+
+    out = recon_30 / "out"
+    frames, fps = read_video(out / "color_30.mp4")
+    small = write_video(tmp_path / "gen_128.mp4", resize_frames(frames, (128, 96)), fps)
+    summary, arrays = evaluate_video(small, out / "camera_30.npz", out / "color_30.mp4", out / "mask_30.mkv")
+    cam = summary["camera_following"]
+    assert summary["size"] == [128, 96] and arrays["condition"].shape[1:3] == (128, 96)
+    assert "scaled from the render's 256x256 to the video's 128x96" in cam["note"]
+    assert cam["method"] == "pnp"  # the recon's depth.npz, resized too
+    assert cam["unregistered_fraction"] <= 0.1 and cam["rot_err_mean_deg"] < 3.0
+    assert summary["kept_what_was_seen"]["psnr_mean"] > 25.0  # the same pictures, resampled

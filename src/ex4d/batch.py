@@ -61,6 +61,8 @@ JOB_KEYS: dict[str, type] = {
     "prompt": _STR, "negative_prompt": _STR, "seed": _INT, "steps": _INT, "guidance": _FLOAT, "size": _STR,
     "erode": _BOOL, "out_fps": _FLOAT, "adapter": _STR, "memory": _STR, "vram_budget": _FLOAT, "fp8": _BOOL, "compile": _BOOL,
     "attention": _STR, "window": _INT, "overlap": _INT,
+    # evaluation of the generated video (ex4d eval; stage: run only)
+    "eval": _BOOL,
 }
 MEMORY_MODES = ("full", "low-vram", "cpu-offload")
 _DEPTH_SWITCHES = ("depth_compile", "depth_fast_kernels", "depth_fp16_encode", "depth_offload")
@@ -144,6 +146,9 @@ def _normalise_job(raw: dict, defaults: dict, index: int, base: Path, source: st
     job.setdefault("stage", "run")
     if job["stage"] not in STAGES:
         raise InputError(f"{where}: stage={job['stage']!r}; use one of {', '.join(STAGES)}")
+    if job.get("eval") and job["stage"] != "run":
+        raise InputError(f"{where}: eval: true evaluates the generated video, so it needs stage: run "
+                         f"(run ex4d eval on a recon's outputs by hand)")
     if job.get("memory", "full") not in MEMORY_MODES:
         raise InputError(f"{where}: memory={job['memory']!r}; use one of {', '.join(MEMORY_MODES)}")
     switches = [k for k in _DEPTH_SWITCHES if job.get(k)]
@@ -900,8 +905,26 @@ def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
         t = time.perf_counter()
         written.update(generate_stage(job, written, cache, timings))
         timings["generate"] = time.perf_counter() - t
+        if job.get("eval"):
+            t = time.perf_counter()
+            written.update(eval_stage(job, written))
+            timings["eval"] = time.perf_counter() - t
     written["_timings"] = {k: round(v, 3) for k, v in timings.items()}
     return written
+
+
+def eval_stage(job: dict, written: dict) -> dict:
+    """``eval: true``: evaluate the generated video against its camera path and condition render
+    (docs/eval.md) into ``eval_<cam>/`` of the job's output folder. Returns {"eval_<file>": path}."""
+    from ex4d.eval.evaluate import OUTPUT_NAMES, evaluate_video, write_report
+    from ex4d.io.files import check_outputs, prepare_output_dir
+
+    video = Path(written["video"])
+    name = video.stem.replace("ex4d_", "eval_", 1) if video.stem.startswith("ex4d_") else f"eval_{video.stem}"
+    out_dir = prepare_output_dir(Path(job["output"]) / name)
+    check_outputs([out_dir / file for file in OUTPUT_NAMES])
+    summary, arrays = evaluate_video(video, written["camera"], written.get("color"), written.get("mask_lossless"))
+    return {f"eval_{role}": str(path) for role, path in write_report(out_dir, summary, arrays).items()}
 
 
 # --------------------------------------------------------------------------------------------

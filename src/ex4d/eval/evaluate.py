@@ -64,8 +64,11 @@ def read_binary_mask(path: str | os.PathLike) -> np.ndarray:
     return grey == 255
 
 
-def load_depth0(path: str | os.PathLike, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Frame 0's (z-depth (H, W), valid (H, W)) from a depth.npz; one-line error if unreadable or sized wrong."""
+def load_depth0(path: str | os.PathLike, size: tuple[int, int],
+                render_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frame 0's (z-depth (H, W), valid (H, W)) from a depth.npz at ``size``; one-line error if unreadable or
+    sized wrong. A depth at ``render_size`` (the recon's, when the video was generated at another size) is
+    resized to ``size`` by nearest neighbour (z-depth must not be blended across edges)."""
     from ex4d.io.files import require_file
     from ex4d.types import DepthVideo
 
@@ -76,6 +79,10 @@ def load_depth0(path: str | os.PathLike, size: tuple[int, int]) -> tuple[np.ndar
     except Exception as exc:
         raise InputError(f"cannot read depth file {path} ({type(exc).__name__}); give a depth.npz written by "
                          f"ex4d depth/recon") from None
+    if render_size is not None and z.shape == tuple(render_size) != tuple(size):
+        rows = np.minimum(((np.arange(size[0]) + 0.5) * z.shape[0] / size[0]).astype(int), z.shape[0] - 1)
+        cols = np.minimum(((np.arange(size[1]) + 0.5) * z.shape[1] / size[1]).astype(int), z.shape[1] - 1)
+        z, valid = z[rows][:, cols], valid[rows][:, cols]
     if z.shape != tuple(size):
         raise InputError(f"depth file {path} is {z.shape[0]}x{z.shape[1]} but the video is {size[0]}x{size[1]}; "
                          f"give the depth.npz of the same recon folder, or leave --depth out")
@@ -107,15 +114,28 @@ def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, conditio
     if num < 2:
         raise InputError(f"video {video} has 1 frame; at least 2 are needed to evaluate a camera path")
     cond = vis = None
+    resize_note = ""
     if condition is not None:
         cond = _read_frames(condition, "condition")
         vis = read_binary_mask(mask)
+        if vis.shape[1:3] != cond.shape[1:3]:
+            raise InputError(f"mask is {vis.shape[1]}x{vis.shape[2]} but the condition is "
+                             f"{cond.shape[1]}x{cond.shape[2]}; give the mask of the same recon")
         for name, arr in (("condition", cond), ("mask", vis)):
-            if arr.shape[1:3] != size:
-                raise InputError(f"{name} is {arr.shape[1]}x{arr.shape[2]} but the video is {size[0]}x{size[1]}; "
-                                 f"sizes must match (generate at the condition's size)")
             if len(arr) != num:
                 raise InputError(f"{name} has {len(arr)} frames but the video has {num}; they must match")
+        render_size = cond.shape[1:3]
+        if render_size != size:
+            # Generation works at its own size (512x512 by default, squashed as the model was trained):
+            # compare at the video's size, with the render, its mask and the cameras' K scaled to it.
+            from ex4d.depth.normalize import scale_intrinsics
+            from ex4d.io.video import resize_frames
+
+            cond = resize_frames(cond, size)
+            vis = resize_frames(vis[..., None].astype(np.uint8) * 255, size)[..., 0] >= 128
+            K = np.stack([scale_intrinsics(k, render_size, size) for k in K])
+            resize_note = (f"the condition, mask and K were scaled from the render's {render_size[0]}x"
+                           f"{render_size[1]} to the video's {size[0]}x{size[1]}")
     depth_path, route_note = None, ""
     if depth is not None:
         depth_path = Path(depth)
@@ -126,7 +146,7 @@ def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, conditio
     depth0 = valid0 = None
     if depth_path is not None:
         try:
-            depth0, valid0 = load_depth0(depth_path, size)
+            depth0, valid0 = load_depth0(depth_path, size, render_size=None if cond is None else render_size)
         except InputError as exc:
             if depth is not None:
                 raise
@@ -136,8 +156,9 @@ def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, conditio
     reg = register_frames(frames, K[0], depth0=depth0, valid0=valid0)
     camera_summary = camera_errors(reg, cam_from_world)
     camera_summary["depth_file"] = None if depth_path is None else str(depth_path)
-    if route_note:
-        camera_summary["note"] = "; ".join(n for n in (camera_summary.get("note"), route_note) if n)
+    notes = [n for n in (camera_summary.get("note"), route_note, resize_note) if n]
+    if notes:
+        camera_summary["note"] = "; ".join(notes)
 
     f01 = frames.astype(np.float32) / 255.0
     per_frame: dict[str, list] = {"psnr": [], "ssim": [], "visible_fraction": [], "warp_error": [None],
