@@ -26,22 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from peak_memory import git_commit, run_ex4d
+from peak_memory import git_commit, make_clip, run_ex4d
 
 DA_REPO = "depth-anything/Depth-Anything-V2-Small-hf"
-
-
-def make_clip(folder: Path, frames: int, size: int) -> Path:
-    """A moving checkerboard with colour ramps (FFV1), written frame by frame."""
-    from ex4d.io.video import VideoWriter
-
-    u, v = np.meshgrid(np.arange(size), np.arange(size))
-    video = folder / f"clip_{frames}.mkv"
-    with VideoWriter(video, 24, codec="ffv1") as writer:
-        for k in range(frames):
-            checker = (((u + k) // 16 + v // 16) % 2) * 200 + 30
-            writer.write(np.stack([checker, u * 255 // size, v * 255 // size], -1).astype(np.uint8))
-    return video
 
 
 def make_tiny_weights(root: Path, estimator: str) -> Path:

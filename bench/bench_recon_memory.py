@@ -24,19 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from peak_memory import git_commit, run_ex4d
+from peak_memory import git_commit, make_clip, run_ex4d
 
 
 def make_inputs(folder: Path, frames: int, size: int) -> tuple[Path, Path]:
     """A moving checkerboard clip (FFV1) and a two-plane z-depth .npy, written frame by frame."""
-    from ex4d.io.video import VideoWriter
-
-    u, v = np.meshgrid(np.arange(size), np.arange(size))
-    video = folder / f"clip_{frames}.mkv"
-    with VideoWriter(video, 24, codec="ffv1") as writer:
-        for k in range(frames):
-            checker = (((u + k) // 16 + v // 16) % 2) * 200 + 30
-            writer.write(np.stack([checker, u * 255 // size, v * 255 // size], -1).astype(np.uint8))
+    video = make_clip(folder, frames, size)
     depth = folder / f"depth_{frames}.npy"
     array = np.lib.format.open_memmap(depth, mode="w+", dtype=np.float32, shape=(frames, size, size))
     for k in range(frames):

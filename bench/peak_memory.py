@@ -39,6 +39,21 @@ def run_ex4d(args: list[str], env: dict | None = None) -> tuple[float, float]:
     return peak_kb / 1024, seconds
 
 
+def make_clip(folder: Path, frames: int, size: int) -> Path:
+    """A moving checkerboard with colour ramps (lossless FFV1, ``clip_<frames>.mkv``), written frame by frame."""
+    import numpy as np
+
+    from ex4d.io.video import VideoWriter
+
+    u, v = np.meshgrid(np.arange(size), np.arange(size))
+    video = folder / f"clip_{frames}.mkv"
+    with VideoWriter(video, 24, codec="ffv1") as writer:
+        for k in range(frames):
+            checker = (((u + k) // 16 + v // 16) % 2) * 200 + 30
+            writer.write(np.stack([checker, u * 255 // size, v * 255 // size], -1).astype(np.uint8))
+    return video
+
+
 def git_commit() -> str:
     """Short hash of the checked-out commit, or ``unknown``."""
     try:

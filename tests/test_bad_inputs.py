@@ -194,8 +194,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
         ledger.unlink()  # the inputs are the user's files, not ex4d's
 
     models = root / "models"
-    tiny_wan.write_tiny_original_layout(models / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
-    tiny_wan.write_tiny_ex4d_ckpt(models / "yihouxiang" / "EX-4D" / "ex4d.ckpt")
+    tiny_wan.write_tiny_models_dir(models)
     return src, models
 
 

@@ -17,9 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    tiny_wan.write_tiny_original_layout(root / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
-    tiny_wan.write_tiny_ex4d_ckpt(root / "yihouxiang" / "EX-4D" / "ex4d.ckpt")
-    return root
+    return tiny_wan.write_tiny_models_dir(root)
 
 
 @pytest.fixture()

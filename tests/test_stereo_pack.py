@@ -194,9 +194,7 @@ def models(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     root = tmp_path / "models"
-    tiny_wan.write_tiny_original_layout(root / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
-    tiny_wan.write_tiny_ex4d_ckpt(root / "yihouxiang" / "EX-4D" / "ex4d.ckpt")
-    return root
+    return tiny_wan.write_tiny_models_dir(root)
 
 
 def test_run_stereo_end_to_end_writes_the_packed_result(tmp_path, models, capsys):

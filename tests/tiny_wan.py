@@ -225,3 +225,13 @@ def write_tiny_ex4d_ckpt(path: str | Path, naming: str = "default", seed: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(make_tiny_adapter_state(seed, naming=naming, **kwargs), path)
     return path
+
+
+def write_tiny_models_dir(root: str | Path, seed: int = 0) -> Path:
+    """A ``--models-dir`` as a user downloads it: the original Wan layout and ``ex4d.ckpt``, tiny and random."""
+    from ex4d.diffusion import models_dir as md
+
+    root = Path(root)
+    write_tiny_original_layout(root / md.WAN_REPO, seed=seed)
+    write_tiny_ex4d_ckpt(root / md.EX4D_REPO / md.ADAPTER_CKPT)
+    return root
