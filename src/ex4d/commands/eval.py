@@ -34,6 +34,14 @@ def register(subparsers) -> None:
                              "if present, else the essential-matrix route)")
     parser.add_argument("--erode", type=int, default=3,
                         help="pixels by which the visible mask is eroded before PSNR/SSIM (default 3)")
+    learned = parser.add_argument_group(
+        "learned metrics (opt-in; local model folders, nothing is downloaded; docs/eval.md)")
+    learned.add_argument("--dino", default=None, metavar="DIR",
+                         help="folder of DINO ViT-B/16 (hf download facebook/dino-vitb16 --local-dir DIR): adds "
+                              "VBench's subject consistency (default: not computed)")
+    learned.add_argument("--clip", default=None, metavar="DIR",
+                         help="folder of CLIP ViT-B/32 (hf download openai/clip-vit-base-patch32 --local-dir DIR): "
+                              "adds VBench's background consistency (default: not computed)")
     parser.add_argument("-o", "--output", required=True, help="report folder (created if needed); required")
     parser.set_defaults(func=main)
 
@@ -50,7 +58,7 @@ def main(args) -> int:
     out_dir = prepare_output_dir(args.output)
     check_outputs([out_dir / name for name in OUTPUT_NAMES])  # before any work
     summary, arrays = evaluate_video(args.video, args.camera, args.condition, args.mask, args.depth,
-                                     erode_margin=args.erode)
+                                     erode_margin=args.erode, dino=args.dino, clip=args.clip)
     paths = write_report(out_dir, summary, arrays)
     cam = summary["camera_following"]
     print(f"camera: RotErr sum {cam['rot_err_sum_deg']} deg, TransErr sum {cam['trans_err_sum']}, "
@@ -62,6 +70,10 @@ def main(args) -> int:
     stab = summary["temporal_stability"]
     print(f"stable: warp error {stab['warp_error_mean']} (generated region {stab['warp_error_generated_mean']})",
           file=sys.stdout)
+    learned = summary.get("learned_consistency")
+    if learned:
+        print(f"learned: subject consistency {learned['subject_consistency']}, background consistency "
+              f"{learned['background_consistency']}", file=sys.stdout)
     for name, path in paths.items():
         print(f"{name:>18}: {path}", file=sys.stdout)
     return 0

@@ -91,12 +91,14 @@ def load_depth0(path: str | os.PathLike, size: tuple[int, int],
 
 def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, condition: str | os.PathLike | None = None,
                    mask: str | os.PathLike | None = None, depth: str | os.PathLike | None = None,
-                   erode_margin: int = ERODE_MARGIN, progress=None) -> tuple[dict, dict]:
+                   erode_margin: int = ERODE_MARGIN, progress=None, dino: str | os.PathLike | None = None,
+                   clip: str | os.PathLike | None = None) -> tuple[dict, dict]:
     """Evaluate ``video`` against ``camera`` (and the condition render, if given).
 
     depth: a depth.npz for the PnP route; ``None`` uses ``depth.npz`` beside the camera file when it
     exists and has the video's size, else the essential-matrix route. Returns (summary, arrays) where
-    arrays holds frames for the contact sheet (``video``, ``condition``, ``mask``).
+    arrays holds frames for the contact sheet (``video``, ``condition``, ``mask``). dino / clip: local
+    folders of the opt-in learned encoders (:mod:`ex4d.eval.learned`); None skips that metric.
     """
     from ex4d.eval.camera_follow import camera_errors, register_frames
     from ex4d.eval.metrics import erode, psnr, ssim, warping_error, _dis
@@ -105,6 +107,7 @@ def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, conditio
         raise InputError(f"--erode must be >= 0 pixels, got {erode_margin}")
     if (condition is None) != (mask is None):
         raise InputError("give --condition and --mask together (the colour render and its lossless mask)")
+    check_learned_folders(dino, clip)  # before any work
     cam_from_world, K = load_camera(camera)
     frames = _read_frames(video, "video")
     num, size = len(frames), frames.shape[1:3]
@@ -187,6 +190,12 @@ def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, conditio
     stability = {"warp_error_mean": _nanmean(per_frame["warp_error"][1:]),
                  "warp_error_generated_mean": (_nanmean(per_frame["warp_error_generated"][1:])
                                                if vis is not None else None)}
+    learned = None
+    if dino is not None or clip is not None:
+        from ex4d.eval.learned import learned_consistency
+
+        learned, learned_curves = learned_consistency(frames, dino=dino, clip=clip)
+        per_frame.update(learned_curves)
     per_frame["rot_err_deg"] = camera_summary.pop("rot_err_deg")
     per_frame["trans_err"] = camera_summary.pop("trans_err")
     per_frame["registered"] = camera_summary.pop("registered")
@@ -197,9 +206,20 @@ def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, conditio
         "camera_following": camera_summary,
         "kept_what_was_seen": kept,
         "temporal_stability": stability,
+        "learned_consistency": learned,
         "per_frame": per_frame,
     }
     return _clean(summary), {"video": frames, "condition": cond, "mask": vis}
+
+
+def check_learned_folders(dino, clip) -> None:
+    """Fail before any work when an opt-in encoder folder is missing (exit 2, with the download command)."""
+    from ex4d.eval.learned import CLIP_REPO, DINO_REPO, _check_folder
+
+    if dino is not None:
+        _check_folder(dino, "DINO ViT-B/16", DINO_REPO, "--dino")
+    if clip is not None:
+        _check_folder(clip, "CLIP ViT-B/32", CLIP_REPO, "--clip")
 
 
 def _nanmean(values) -> float:

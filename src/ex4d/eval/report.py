@@ -110,6 +110,10 @@ def render_html(summary: dict, sheet_png: bytes) -> str:
         rows += [("PSNR mean, visible (dB)", fmt(kept["psnr_mean"])), ("SSIM mean, visible", fmt(kept["ssim_mean"])),
                  ("visible fraction mean", fmt(kept["visible_fraction_mean"])),
                  ("mask erosion (px)", str(kept["erode_margin_px"]))]
+    learned = summary.get("learned_consistency")
+    if learned:
+        rows += [("subject consistency (DINO)", fmt(learned["subject_consistency"])),
+                 ("background consistency (CLIP)", fmt(learned["background_consistency"]))]
     table = "".join(f"<tr><th>{html.escape(a)}</th><td>{html.escape(str(b))}</td></tr>" for a, b in rows)
     curves = [svg_curve("RotErr", per["rot_err_deg"], "deg"), svg_curve("TransErr", per["trans_err"]),
               svg_curve("warp error, whole frame", per["warp_error"]),
@@ -117,6 +121,10 @@ def render_html(summary: dict, sheet_png: bytes) -> str:
     if kept:
         curves += [svg_curve("PSNR, visible", per["psnr"], "dB"), svg_curve("SSIM, visible", per["ssim"]),
                    svg_curve("visible fraction", per["visible_fraction"])]
+    for key, label in (("subject_consistency", "subject consistency (DINO)"),
+                       ("background_consistency", "background consistency (CLIP)")):
+        if key in per:
+            curves.append(svg_curve(label, per[key]))
     sheet = base64.b64encode(sheet_png).decode("ascii")
     title = f"ex4d eval: {summary['video']}"
     return f"""<!DOCTYPE html>
