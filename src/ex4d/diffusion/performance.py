@@ -71,7 +71,10 @@ class PerformanceOptions:
     batch_cfg: run both CFG branches as one batch of 2 (None: only when offloading; see the notes).
     low_vram: stream the DiT blocks that do not fit and the T5 from pinned CPU memory (CUDA streams).
     cpu_offload: whole-model CPU offload (each model moves to the GPU only while it runs).
-    fp8: store DiT linear weights as float8_e4m3fn, compute in bf16.
+    fp8: fp8 compute for the DiT blocks' linear layers (row-wise scaled float8_e4m3fn GEMMs,
+        :mod:`ex4d.diffusion.fp8`); attention, norms, embeddings and the head stay in ``dtype``.
+        Needs a CUDA GPU of compute capability >= 8.9.
+    fp8_emulate: run the fp8 maths without fp8 kernels, allowed on the CPU only (tests, tiny models).
     dtype: compute dtype of the DiT, T5 and CLIP.
     vram_budget_gib: low-VRAM mode's GPU budget (None: the device's memory less 1.5 GiB); it
         decides how many DiT blocks stay resident instead of streaming.
@@ -87,6 +90,7 @@ class PerformanceOptions:
     low_vram: bool = False
     cpu_offload: bool = False
     fp8: bool = False
+    fp8_emulate: bool = False
     dtype: torch.dtype = torch.bfloat16
     vram_budget_gib: float | None = None
     low_vram_tokens: int = 13312
@@ -154,11 +158,6 @@ def set_attention_backend(transformer: nn.Module, name: str) -> str:
         raise InputError(f"attention backend {name!r} is not usable here ({exc}); use --attention native") from None
     logger.info("attention backend: %s (process-global)", backend)
     return backend
-
-
-def enable_fp8_storage(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> None:
-    """float8_e4m3fn weight storage with per-layer upcast to ``compute_dtype`` (diffusers layerwise casting)."""
-    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
 
 
 #: Estimated GPU bytes the low-VRAM mode needs besides the resident DiT blocks: per video token of
@@ -385,7 +384,15 @@ def apply_performance(pipe, options: PerformanceOptions, device: torch.device | 
     if options.fuse_qkv:
         logger.info("fused QKV in %d self-attention layers", fuse_self_attention_qkv(transformer))
     if options.fp8:
-        enable_fp8_storage(transformer, options.dtype)
+        # After the LoRA merge (build_pipeline merges first) and fusion; before placement, so the
+        # streamer and .to() move the fp8 weights. The scales are computed on ``device``; each
+        # fp8 weight lands where its bf16 weight was (CPU when streaming), so the GPU never holds
+        # the whole model during conversion.
+        from ex4d.diffusion.fp8 import check_fp8_device, convert_to_fp8
+
+        if device.type != "cpu" or not options.fp8_emulate:
+            check_fp8_device(device)
+        convert_to_fp8(transformer, compute_device=device, emulate=True if options.fp8_emulate else None)
     if options.low_vram:
         if device.type != "cuda":
             raise InputError("--low-vram streams weights to a CUDA GPU; it needs --device cuda")
@@ -401,11 +408,12 @@ def apply_performance(pipe, options: PerformanceOptions, device: torch.device | 
         if options.low_vram:
             # The streaming hooks sit on the blocks, outside their forward: compile the forward
             # alone so the hooks stay eager. One code object for all 40 blocks -> one graph.
-            kwargs = {"fullgraph": not options.fp8, **options.compile_kwargs}
+            kwargs = {"fullgraph": True, **options.compile_kwargs}
             for block in transformer.blocks:
                 block.forward = torch.compile(block.forward, **kwargs)
         else:
-            # Casting/offload hooks run inside the blocks; let dynamo break the graph around them.
-            kwargs = {"fullgraph": not (options.fp8 or options.cpu_offload), **options.compile_kwargs}
+            # Offload hooks run inside the blocks; let dynamo break the graph around them. The fp8
+            # linears are plain torch (no hooks): fullgraph holds.
+            kwargs = {"fullgraph": not options.cpu_offload, **options.compile_kwargs}
             transformer.compile_repeated_blocks(**kwargs)
     pipe.batch_cfg = (options.low_vram or options.cpu_offload) if options.batch_cfg is None else options.batch_cfg
