@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> dict | None:
     import diffusers
     import peft
 
-    from ex4d.diffusion.wan_keymaps import TRANSFORMER_CONFIG_I2V_14B
+    from ex4d.diffusion.weights.keymaps import TRANSFORMER_CONFIG_I2V_14B
     from ex4d.train.trainer import TrainConfig, train
     from ex4d.train.wan_system import EX4DTrainSystem, ModelConfig
 

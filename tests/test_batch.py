@@ -279,7 +279,7 @@ def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
     from tiny_wan import write_tiny_ex4d_ckpt, write_tiny_original_layout
 
     import ex4d.diffusion.weights as weights
-    from ex4d.diffusion import models_dir as md
+    from ex4d.diffusion.weights import models_dir as md
     from ex4d.io.video import read_video
 
     models = tiny_inputs / "models"

@@ -169,7 +169,7 @@ def test_large_inputs_use_size_and_mtime(tmp_path, monkeypatch):
 
 
 def _fake_wan(models: Path) -> None:
-    from ex4d.diffusion import models_dir as md
+    from ex4d.diffusion.weights import models_dir as md
 
     wan = models / md.WAN_REPO
     (wan / md.TOKENIZER_DIR).mkdir(parents=True)
@@ -184,7 +184,7 @@ def _fake_wan(models: Path) -> None:
 
 @pytest.mark.parametrize("edit", ["shard", "tokenizer", "adapter_in_models", "explicit_adapter", "unrelated"])
 def test_resume_sees_generation_weights(tmp_path, edit):
-    from ex4d.diffusion import models_dir as md
+    from ex4d.diffusion.weights import models_dir as md
 
     models = tmp_path / "models"
     _fake_wan(models)

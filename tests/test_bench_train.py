@@ -37,6 +37,6 @@ def test_expected_trainable_matches_the_released_adapter_size():
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_train
 
-    from ex4d.diffusion.wan_keymaps import TRANSFORMER_CONFIG_I2V_14B
+    from ex4d.diffusion.weights.keymaps import TRANSFORMER_CONFIG_I2V_14B
 
     assert bench_train.expected_trainable(TRANSFORMER_CONFIG_I2V_14B, 16, 1024) == bench_train.FULL_TRAINABLE

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ex4d.cli import main
-from ex4d.diffusion import models_dir as md
-from ex4d.diffusion import wan_keymaps as km
-from ex4d.diffusion import weights_wan as ww
+from ex4d.diffusion.weights import models_dir as md
+from ex4d.diffusion.weights import keymaps as km
+from ex4d.diffusion.weights import wan as ww
 from ex4d.diffusion.weights import (
     ENCODER_KEYS,
     LORA_TARGET_MODULES,

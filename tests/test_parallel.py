@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ex4d.commands import torchrun as torchrun_cli
 from ex4d.diffusion import parallel as par
 from ex4d.errors import UserError
 
@@ -243,12 +244,12 @@ def _cli_worker(rank, world_size, port, mode, out_dir, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    code = par.main([*argv, "--parallel", mode])
+    code = torchrun_cli.main([*argv, "--parallel", mode])
     torch.save({"code": code}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_torchrun_entry_point_writes_the_same_video(tmp_path, monkeypatch):
-    """``-m ex4d.diffusion.parallel`` (what torchrun starts) on tiny weights on disk == ``ex4d generate``."""
+    """``-m ex4d.commands.torchrun`` (what torchrun starts) on tiny weights on disk == ``ex4d generate``."""
     import sys
 
     import numpy as np
@@ -257,7 +258,7 @@ def test_torchrun_entry_point_writes_the_same_video(tmp_path, monkeypatch):
     from tiny_wan import write_tiny_ex4d_ckpt, write_tiny_original_layout
 
     from ex4d.cli import main as cli_main
-    from ex4d.diffusion import models_dir as md
+    from ex4d.diffusion.weights import models_dir as md
     from ex4d.io.video import read_video, write_video
 
     models = tmp_path / "models"
@@ -391,7 +392,7 @@ def test_torchrun_worker_prints_a_user_error_once(rank, tmp_path, monkeypatch, c
     """Under torchrun every rank hits the same bad input: rank 0 prints the one line, all exit with its code."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code = par.main(["--color", str(tmp_path / "color_30.mp4"), "-o", str(tmp_path / "out.mp4"), "--cfg", "nan"])
+    code = torchrun_cli.main(["--color", str(tmp_path / "color_30.mp4"), "-o", str(tmp_path / "out.mp4"), "--cfg", "nan"])
     assert code == 1
     err = capsys.readouterr().err
     if rank == 0:
@@ -411,20 +412,20 @@ def test_torchrun_worker_refuses_outputs_like_ex4d_generate(tmp_path, monkeypatc
     write_video(tmp_path / "mask_30.mkv", np.full((5, 32, 32), 255, np.uint8), 10, codec="ffv1")
     (tmp_path / "gen.json").write_text("mine")
     argv = ["--color", str(tmp_path / "color_30.mp4"), "-o", str(tmp_path / "gen.mp4"), "--size", "32x32"]
-    assert par.main(argv) == 1
+    assert torchrun_cli.main(argv) == 1
     assert "did not write" in capsys.readouterr().err
-    assert par.main([*argv[:3], str(tmp_path / "color_30.mp4"), "--overwrite"]) == 1
+    assert torchrun_cli.main([*argv[:3], str(tmp_path / "color_30.mp4"), "--overwrite"]) == 1
     assert "input" in capsys.readouterr().err
     assert (tmp_path / "gen.json").read_text() == "mine"
 
 
 def test_launcher_argv_round_trip():
     """``ex4d generate --nproc-per-node N`` hands its parsed options to the workers as a command line."""
-    parser = par.build_parser()
+    parser = torchrun_cli.build_parser()
     argv = ["--color", "a.mp4", "-o", "b.mp4", "--seed", "7", "--prompt", "-a prompt with spaces", "--fp8",
             "--parallel", "cfg", "--overwrite", "--cfg", "3.5", "--nproc-per-node", "2"]
     args = parser.parse_args(argv)
-    worker = par.argv_from_args(args, parser)
+    worker = torchrun_cli.argv_from_args(args, parser)
     assert not any(a.startswith("--nproc-per-node") for a in worker)
     again = parser.parse_args(worker)
     assert vars(again) == {**vars(args), "nproc_per_node": 1}
@@ -472,7 +473,7 @@ def test_launcher_generates_like_one_process(tmp_path, monkeypatch):
     from tiny_wan import write_tiny_ex4d_ckpt, write_tiny_original_layout
 
     from ex4d.cli import main as cli_main
-    from ex4d.diffusion import models_dir as md
+    from ex4d.diffusion.weights import models_dir as md
     from ex4d.io.video import read_video, write_video
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -109,7 +109,7 @@ def test_tiny_model_overfits_one_clip(tmp_path):
 
 def test_resume_equals_uninterrupted_run_and_generation_loads_it(tmp_path):
     from ex4d.diffusion.pipeline import build_pipeline
-    from ex4d.diffusion.weights_adapter import load_ex4d_adapter
+    from ex4d.diffusion.weights.adapter import load_ex4d_adapter
 
     dataset = _Clips(2)
     config = dict(max_steps=4, batch_size=1, learning_rate=1e-2, checkpoint_every=2, tensorboard=False)

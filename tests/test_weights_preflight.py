@@ -13,7 +13,7 @@ import pytest
 
 from ex4d.cli import main
 from ex4d.depth import weights as dw
-from ex4d.diffusion import models_dir as md
+from ex4d.diffusion.weights import models_dir as md
 from ex4d.errors import MissingWeightsError
 from ex4d import weights_common
 from ex4d.weights_preflight import check_pairs_weights, check_weights, missing_weights

@@ -84,7 +84,7 @@ def make_tiny_tokenizer():
 
 
 def make_tiny_image_processor():
-    from ex4d.diffusion.weights_wan import make_image_processor
+    from ex4d.diffusion.weights.wan import make_image_processor
 
     return make_image_processor(CLIP_IMAGE_SIZE)
 
@@ -130,8 +130,8 @@ def write_tiny_original_layout(folder: str | Path, seed: int = 0, *, components:
     """
     from safetensors.torch import save_file
 
-    from ex4d.diffusion import models_dir as md
-    from ex4d.diffusion import wan_keymaps as km
+    from ex4d.diffusion.weights import models_dir as md
+    from ex4d.diffusion.weights import keymaps as km
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def write_tiny_original_layout(folder: str | Path, seed: int = 0, *, components:
 
 def write_tiny_diffusers_layout(folder: str | Path, seed: int = 0, *, components: dict | None = None) -> Path:
     """Write the tiny models as the Wan2.1-I2V-14B-480P-Diffusers repository layout into ``folder``."""
-    from ex4d.diffusion.weights_convert import save_diffusers_layout
+    from ex4d.diffusion.weights.convert import save_diffusers_layout
 
     comps = components if components is not None else make_tiny_components(seed)
     return save_diffusers_layout(comps, folder)
@@ -229,7 +229,7 @@ def write_tiny_ex4d_ckpt(path: str | Path, naming: str = "default", seed: int = 
 
 def write_tiny_models_dir(root: str | Path, seed: int = 0) -> Path:
     """A ``--models-dir`` as a user downloads it: the original Wan layout and ``ex4d.ckpt``, tiny and random."""
-    from ex4d.diffusion import models_dir as md
+    from ex4d.diffusion.weights import models_dir as md
 
     root = Path(root)
     write_tiny_original_layout(root / md.WAN_REPO, seed=seed)

@@ -319,7 +319,7 @@ def _depth_model_files(spec: str, models_dir: str | None) -> list[str]:
 
 def _generate_model_files(models_dir: str | None, adapter: str | None) -> list[str]:
     """Every file the generation stage loads: the EX-4D adapter (and its config) and the Wan model."""
-    from ex4d.diffusion import models_dir as md
+    from ex4d.diffusion.weights import models_dir as md
 
     files: list[str] = []
     try:

@@ -566,7 +566,7 @@ class GenerateOptions:
 
     def validate(self) -> "GenerateOptions":
         """Check every number before any work starts; a one-line InputError names the option and its range."""
-        from ex4d.commands.common import (
+        from ex4d.checks import (
             MAX_GENERATE_SIDE,
             MAX_STEPS,
             check_4k1,
@@ -632,7 +632,7 @@ def load_generator(options: GenerateOptions, parallel=None):
                               low_vram_tokens=_planned_tokens(options))
     perf.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     perf.validate()
-    from ex4d.diffusion.weights_wan import wan_transformer_config
+    from ex4d.diffusion.weights.wan import wan_transformer_config
     from ex4d.weights_preflight import check_weights
 
     check_weights(generation=True, models_dir=options.models_dir, adapter=options.adapter)  # all missing, at once

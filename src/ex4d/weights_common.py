@@ -1,7 +1,7 @@
 """What every stage's weight loading shares: the Hub's reachability, missing downloads, tensor checks.
 
-Used by the stages that fetch and load weights (:mod:`ex4d.depth.weights`, :mod:`ex4d.diffusion.models_dir`,
-:mod:`ex4d.diffusion.weights_wan`, :mod:`ex4d.diffusion.weights_adapter`) and by the preflight that
+Used by the stages that fetch and load weights (:mod:`ex4d.depth.weights`, :mod:`ex4d.diffusion.weights.models_dir`,
+:mod:`ex4d.diffusion.weights.wan`, :mod:`ex4d.diffusion.weights.adapter`) and by the preflight that
 checks every weight a command needs (:mod:`ex4d.weights_preflight`). No stage imports another.
 
 * :func:`hub_unreachable` tells, in about a second and once per process, whether downloads can

@@ -1,7 +1,7 @@
 """One check, before any work, of every weight file a command will need.
 
 Each stage knows its own downloads (:func:`ex4d.depth.weights.missing_depth_weights`,
-:func:`ex4d.diffusion.models_dir.missing_wan` / :func:`~ex4d.diffusion.models_dir.missing_adapter`);
+:func:`ex4d.diffusion.weights.models_dir.missing_wan` / :func:`~ex4d.diffusion.weights.models_dir.missing_adapter`);
 this module asks all the stages a command runs and raises one :class:`MissingWeightsError` (exit 2)
 listing every missing file with its download command and size, instead of failing on the first
 one after minutes of work (and on the next one in the next run). Nothing here touches the network
@@ -72,7 +72,7 @@ def missing_weights(*, depth: str | None = None, generation: bool = False, wan: 
     if depth and not _is_depth_file(depth) and not depth_reusable(depth_cache, depth, video):
         items += missing_depth_weights(depth, models_dir, variant=depth_variant, suggest_dir=SUGGESTED_MODELS_DIR)
     if generation or wan or adapter is not None:
-        from ex4d.diffusion.models_dir import missing_adapter, missing_wan
+        from ex4d.diffusion.weights.models_dir import missing_adapter, missing_wan
 
         if generation or wan:
             items += missing_wan(models_dir, layout)

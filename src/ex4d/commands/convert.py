@@ -38,7 +38,7 @@ def main(args) -> int:
     import torch
 
     from ex4d.commands.common import progress
-    from ex4d.diffusion.weights_convert import convert_models_dir
+    from ex4d.diffusion.weights.convert import convert_models_dir
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if _DTYPES[args.dtype] else None
     written = convert_models_dir(args.models_dir, args.output, dtype=dtype, wan=args.only in ("all", "wan"),

@@ -148,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
         from ex4d.commands.common import check_int
 
         check_int(nproc, "--nproc-per-node", 1, 64, example=2)
-        from ex4d.diffusion.parallel import launch
+        from ex4d.commands.torchrun import launch
         from ex4d.pipeline import check_generate_paths
 
         # Numbers and files, checked once here before any process starts.
@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
 
         return launch(args, nproc)
     if _launched_distributed() and getattr(args, "parallel", "auto") != "none":
-        from ex4d.diffusion.parallel import apply_safe_env, generate_main
+        from ex4d.commands.torchrun import apply_safe_env, generate_main
 
         apply_safe_env()
         return generate_main(args)

@@ -36,7 +36,7 @@ from diffusers.utils import BaseOutput
 from ex4d.diffusion.adapter import CamVidEncoder, PatchEmbeddingInjector
 from ex4d.diffusion.conditioning import (encoder_mask_input, first_frame_latent_mask, first_frame_uint8,
                                          image_to_model_range)
-from ex4d.diffusion.weights_wan import TEXT_LENGTH, check_text_length
+from ex4d.diffusion.weights.wan import TEXT_LENGTH, check_text_length
 from ex4d.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class EX4DPipeline(DiffusionPipeline):
                  transformer: WanTransformer3DModel, camera_encoder: CamVidEncoder,
                  scheduler: FlowMatchEulerDiscreteScheduler):
         super().__init__()
-        if transformer is not None:  # a config asking for another text length cannot run (weights_wan.TEXT_LENGTH)
+        if transformer is not None:  # a config asking for another text length cannot run (weights.wan.TEXT_LENGTH)
             check_text_length(dict(transformer.config), "the transformer config")
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder, vae=vae,
                               transformer=transformer, camera_encoder=camera_encoder, scheduler=scheduler)

@@ -32,7 +32,7 @@ from ex4d.train.trainer import TrainSystem, derive_seed
 
 log = logging.getLogger(__name__)
 
-#: The reference's LoRA targets, in its naming (see ex4d.diffusion.weights_adapter.LORA_MODULES).
+#: The reference's LoRA targets, in its naming (see ex4d.diffusion.weights.adapter.LORA_MODULES).
 REFERENCE_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
 
@@ -84,7 +84,7 @@ def _show(value) -> str:
 
 def _lora_target_regex(targets: tuple[str, ...]) -> tuple[str, int]:
     """(peft full-match regex over the diffusers module names, adapted linears per block)."""
-    from ex4d.diffusion.weights_adapter import LORA_MODULES
+    from ex4d.diffusion.weights.adapter import LORA_MODULES
 
     names = []
     for target in targets:
@@ -213,7 +213,7 @@ class EX4DTrainSystem(TrainSystem):
 
     def _load_adapter(self, path: str) -> None:
         from ex4d.diffusion.adapter import load_lora_weights
-        from ex4d.diffusion.weights_adapter import load_ex4d_adapter
+        from ex4d.diffusion.weights.adapter import load_ex4d_adapter
 
         weights = load_ex4d_adapter(path, transformer_config=dict(self.transformer.config))
         if weights.rank != self.config.lora_rank:
@@ -373,7 +373,7 @@ class EX4DTrainSystem(TrainSystem):
 
         state: full trainable tensors (see :meth:`TrainSystem.export_adapter`); None reads the module.
         """
-        from ex4d.diffusion.weights_adapter import save_ex4d_adapter
+        from ex4d.diffusion.weights.adapter import save_ex4d_adapter
 
         if tuple(self.config.lora_targets) != REFERENCE_TARGETS:
             return {}  # not loadable by the generation stage; the checkpoint keeps trainable.safetensors

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from ex4d.diffusion import models_dir as md
-from ex4d.diffusion import wan_keymaps as km
-from ex4d.diffusion.weights_wan import (
+from ex4d.diffusion.weights import models_dir as md
+from ex4d.diffusion.weights import keymaps as km
+from ex4d.diffusion.weights.wan import (
     check_keys,
     dit_config_from_original,
     iter_safetensors,
@@ -131,13 +131,13 @@ def _dit_config_near(folder: Path) -> dict | None:
 def convert_models_dir(models_dir: str | Path, out: str | Path | None = None, *,
                        dtype: torch.dtype | None = torch.bfloat16, adapter: bool = True, wan: bool = True,
                        progress: Callable | None = None) -> dict[str, Path]:
-    """Convert the original files under ``models_dir`` (see :mod:`ex4d.diffusion.models_dir`).
+    """Convert the original files under ``models_dir`` (see :mod:`ex4d.diffusion.weights.models_dir`).
 
     ``dtype`` applies to the DiT, T5 and CLIP (the VAE is kept in float32; it is small and the
     loaders cast at load time); None keeps stored dtypes. Refuses to overwrite existing outputs.
     Returns ``{"wan": folder, "adapter": folder}`` for what was written.
     """
-    from ex4d.diffusion.weights_adapter import load_ex4d_adapter, save_ex4d_adapter
+    from ex4d.diffusion.weights.adapter import load_ex4d_adapter, save_ex4d_adapter
 
     models_dir = Path(models_dir).expanduser()
     out = Path(out).expanduser() if out is not None else models_dir / md.CONVERTED_DIR

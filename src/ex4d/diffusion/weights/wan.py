@@ -25,8 +25,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ex4d.diffusion import models_dir as md
-from ex4d.diffusion import wan_keymaps as km
+from ex4d.diffusion.weights import models_dir as md
+from ex4d.diffusion.weights import keymaps as km
 from ex4d.errors import CheckpointError, MissingWeightsError, key_mismatch_error
 from ex4d.weights_common import check_tensor_values, first_line
 
@@ -617,7 +617,7 @@ def load_wan_components(models_dir: str | Path | None = None, *, layout: str = "
     """Load Wan2.1-I2V-14B-480P as ``dict(transformer, vae, text_encoder, tokenizer, image_encoder,
     image_processor)``.
 
-    ``models_dir``: the ``--models-dir`` folder (see :mod:`ex4d.diffusion.models_dir`) or a layout
+    ``models_dir``: the ``--models-dir`` folder (see :mod:`ex4d.diffusion.weights.models_dir`) or a layout
     folder itself; None = Hugging Face cache only. ``layout``: auto | original | diffusers.
     ``dtypes`` overrides ``torch_dtype`` per component (e.g. ``{"vae": torch.float32}``).
     ``components`` loads a subset. ``download`` allows fetching missing weights when online.

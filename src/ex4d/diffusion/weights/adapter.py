@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ex4d.diffusion import wan_keymaps as km
+from ex4d.diffusion.weights import keymaps as km
 from ex4d.errors import CheckpointError
 from ex4d.io.files import atomic_path
 from ex4d.weights_common import check_tensor_values, first_line
@@ -136,7 +136,7 @@ def _expected_shapes(config: dict, rank: int) -> dict[str, tuple[int, ...]]:
 def validate_adapter(lora: dict[str, torch.Tensor], encoder: dict[str, torch.Tensor], config: dict | None,
                      source: str) -> tuple[int, int]:
     """Check counts, rank and shapes against a transformer config; returns ``(rank, num_layers)``."""
-    from ex4d.diffusion.weights_wan import check_keys
+    from ex4d.diffusion.weights.wan import check_keys
 
     config = dict(config or km.TRANSFORMER_CONFIG_I2V_14B)
     ranks = {v.shape[0] for k, v in lora.items() if ".lora_A." in k} | \
@@ -200,7 +200,7 @@ def check_alpha(alpha, what: str = "lora_alpha", fix: str = "give a positive num
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Flat tensor dict of a ``.ckpt``/``.pth``/``.safetensors`` file + its config (if any)."""
-    from ex4d.diffusion.weights_wan import read_pth
+    from ex4d.diffusion.weights.wan import read_pth
 
     if path.stat().st_size == 0:
         raise CheckpointError(f"adapter file {path} is empty (0 bytes; an interrupted download?); delete it "
@@ -231,7 +231,7 @@ def load_ex4d_adapter(path: str | Path, *, transformer_config: dict | None = Non
     path = Path(path)
     if not path.is_file():
         from ex4d.errors import MissingWeightsError
-        from ex4d.diffusion.models_dir import ADAPTER_CKPT, EX4D_REPO, download_command
+        from ex4d.diffusion.weights.models_dir import ADAPTER_CKPT, EX4D_REPO, download_command
 
         raise MissingWeightsError(f"missing adapter weights: {path}; download with: "
                                   f"{download_command(EX4D_REPO, None, ADAPTER_CKPT)}")

@@ -9,10 +9,10 @@
     adapter = load_ex4d_adapter(resolve_adapter("models"), transformer_config=parts["transformer"].config)
     # -> AdapterWeights(lora={diffusers PEFT names}, encoder={8 CamVidEncoder tensors}, rank, alpha)
 
-Layouts, resolution order and download commands: :mod:`ex4d.diffusion.models_dir` and docs/models.md.
+Layouts, resolution order and download commands: :mod:`ex4d.diffusion.weights.models_dir` and docs/models.md.
 """
 
-from ex4d.diffusion.models_dir import (
+from ex4d.diffusion.weights.models_dir import (
     EX4D_REPO,
     WAN_DIFFUSERS_REPO,
     WAN_REPO,
@@ -20,7 +20,7 @@ from ex4d.diffusion.models_dir import (
     resolve_adapter,
     resolve_wan,
 )
-from ex4d.diffusion.weights_adapter import (
+from ex4d.diffusion.weights.adapter import (
     ENCODER_KEYS,
     LORA_MODULES,
     LORA_TARGET_MODULES,
@@ -32,8 +32,8 @@ from ex4d.diffusion.weights_adapter import (
     save_ex4d_adapter,
     validate_adapter,
 )
-from ex4d.diffusion.weights_convert import convert_models_dir, save_diffusers_layout
-from ex4d.diffusion.weights_wan import (
+from ex4d.diffusion.weights.convert import convert_models_dir, save_diffusers_layout
+from ex4d.diffusion.weights.wan import (
     load_clip_original,
     load_diffusers_layout,
     load_dit_original,
