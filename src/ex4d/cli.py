@@ -18,7 +18,7 @@ import logging
 import sys
 
 #: Subcommand modules under ex4d.commands, in the order ``--help`` lists them.
-COMMANDS = ["synth", "depth", "recon", "generate", "run", "convert", "make_pairs", "train", "batch", "eval", "stereo_pack"]
+COMMANDS = ["synth", "depth", "recon", "generate", "run", "convert", "make_pairs", "train", "batch", "eval", "stereo_pack", "app"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,756 @@
+"""The web app's work, without gradio: sessions, inputs, depth, camera path, preview, generation, outputs.
+
+Every page event maps onto one method of :class:`Session`; the UI module only turns its results into
+components. All files live under the app's work folder::
+
+    WORKDIR/
+      uploads/                    gradio's upload and file cache (set by ex4d app)
+      sessions/<session>/
+        inputs/<stamp>-<what>/    an example (video.mp4 + depth.npz), an uploaded video, depth or pose file
+        depth/<stamp>/            depth.npz and depth_preview.mp4 of one depth run
+        camera/                   path.json / path.npz: the current path, as shown in the 3D view
+        exports/<stamp>/          exported pose files
+        runs/<stamp>-preview|generate-<id>/   one folder per run, never reused
+
+A session only ever writes into new folders of its own, so it cannot overwrite another session's
+finished run; writes go through :mod:`ex4d.io.files` (atomic, ledger). The app never opens a path
+typed by a user: uploads arrive as files gradio saved, and are copied into ``inputs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ex4d.app.camera_edit import CameraPath, Keyframe, keyframe_from_pose, keyframes_from_rows, poses_json, write_json
+from ex4d.errors import InputError, UserError
+
+log = logging.getLogger(__name__)
+
+#: Below this fraction of pixels seen by the source camera a preview frame earns a warning.
+LOW_VISIBLE_FRACTION = 0.3
+#: Video files the upload accepts (PyAV reads more; these are what people have).
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+#: Points of frame 0 sent to the 3D view at most (a browser draws 100k points at once without effort).
+MAX_SCENE_POINTS = 100_000
+#: Example scenes offered on the page (ex4d.synthetic; exact depth, no weights).
+EXAMPLE_SIZE = (512, 512)
+
+#: ``report(done, total, desc)``: how the page learns of progress (gradio's progress bar).
+Report = Callable[[int, "int | None", str], None]
+
+
+class Aborted(UserError):
+    """The user pressed Abort; the run stopped at the next step and kept nothing."""
+
+
+class StepBar:
+    """A tqdm-like bar for the library's ``progress`` hooks: iterated (``bar(iterable)``), or used as
+    ``with bar(total=n) as b: b.update()`` as the sampler does. Each step reports to the page and checks
+    the session's abort flag, so Abort stops a run at its next frame or sampling step."""
+
+    def __init__(self, iterable=None, total=None, desc: str = "", report: Report | None = None,
+                 abort: threading.Event | None = None):
+        self.iterable, self.desc, self.n = iterable, desc, 0
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self._report, self._abort = total, report, abort
+        self._check()
+
+    def _check(self) -> None:
+        if self._abort is not None and self._abort.is_set():
+            raise Aborted("aborted; nothing of this run was kept")
+        if self._report is not None:
+            self._report(self.n, self.total, self.desc)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def __len__(self) -> int:
+        return int(self.total or 0)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._check()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def set_description(self, desc=None, refresh=True) -> None:
+        self.desc = desc or self.desc
+
+    def close(self) -> None:
+        pass
+
+
+def step_bars(report: Report | None, abort: threading.Event | None):
+    """The ``progress`` callable the pipeline functions take, built on :class:`StepBar`."""
+
+    def bars(iterable=None, total=None, desc: str = "", unit: str = "it", **kwargs):
+        return StepBar(iterable, total=total, desc=desc, report=report, abort=abort)
+
+    return bars
+
+
+def _safe_name(text: str, default: str = "file") -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(text)).name).strip("._")
+    return name[:80] or default
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def new_folder(parent: Path, what: str) -> Path:
+    """A fresh folder ``parent/<time>-<what>-<random>`` (never an existing one)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        folder = parent / f"{_stamp()}-{what}-{secrets.token_hex(3)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new folder in {parent}")
+
+
+def copy_upload(upload: str | os.PathLike, folder: Path, what: str, suffixes: tuple[str, ...]) -> Path:
+    """Copy a file gradio received into ``folder`` (the session's inputs) under a safe name."""
+    from ex4d.io.files import atomic_path
+
+    source = Path(upload)
+    if not source.is_file():
+        raise InputError(f"the {what} upload did not arrive; upload it again")
+    if source.suffix.lower() not in suffixes:
+        raise InputError(f"{source.name}: the {what} must be one of {', '.join(suffixes)}")
+    target = folder / _safe_name(source.name, f"upload{source.suffix.lower()}")
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return target
+
+
+@dataclass
+class DepthResult:
+    depth_file: Path
+    preview: Path | None
+    estimator: str
+
+
+@dataclass
+class PreviewResult:
+    """A preview run: its folder, files by role, visible fraction per frame and a warning line (or "")."""
+
+    folder: Path
+    files: dict[str, Path]
+    visible: list[float]
+    warning: str
+    commands: list[str]
+    path_file: Path
+
+
+@dataclass
+class GenerateResult:
+    folder: Path
+    video: Path
+    files: dict[str, Path]
+    commands: list[str]
+    eval_summary: dict | None = None
+    eval_error: str = ""
+
+
+@dataclass
+class Session:
+    """One browser session's state and folder. Methods raise UserError subclasses for user problems."""
+
+    key: str
+    folder: Path
+    app: "AppBackend"
+    video: Path | None = None
+    video_fps: float | None = None
+    video_frames: int | None = None
+    num_frames: int = 49
+    resize: str = "reference"
+    depth_file: Path | None = None
+    depth_source: str = ""
+    path: CameraPath = field(default_factory=CameraPath)
+    last_preview: PreviewResult | None = None
+    last_generate: GenerateResult | None = None
+    scene: object | None = None
+    scene_error: str = ""
+    abort: threading.Event = field(default_factory=threading.Event)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    # ---------------------------------------------------------------- folders
+    def sub(self, name: str) -> Path:
+        path = self.folder / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ---------------------------------------------------------------- input
+    def load_example(self, scene: str = "spheres_moving", *, num_frames: int = 49,
+                     size: tuple[int, int] = EXAMPLE_SIZE, fps: float = 15.0, progress: Report | None = None) -> dict:
+        """Make a synthetic example (as ``ex4d synth``): video.mp4 and its exact depth.npz, both then used."""
+        from ex4d.commands.common import MAX_SYNTH_FRAMES, check_int
+        from ex4d.io.video import to_uint8, write_video
+        from ex4d.synthetic.scenes import SCENES, make_example
+
+        if scene not in SCENES:
+            raise InputError(f"unknown example {scene!r}; choose one of {', '.join(sorted(SCENES))}")
+        num_frames = check_int(num_frames, "frames", 1, MAX_SYNTH_FRAMES, example=49)
+        folder = new_folder(self.sub("inputs"), f"example-{scene}")
+        bars = step_bars(progress, None)
+        wrap = (lambda it: bars(it, total=num_frames, desc=f"example {scene}")) if progress else None
+        clip, depth = make_example(scene, num_frames=num_frames, size=size, fps=fps, progress=wrap)
+        video = write_video(folder / "video.mp4", to_uint8(clip.frames), clip.fps)
+        depth_path = depth.save(folder / "depth.npz")
+        with self.lock:
+            self._set_video(video, num_frames=num_frames)
+            self.depth_file, self.depth_source = depth_path, f"exact depth of the {scene} example"
+        return self.info()
+
+    def set_video(self, upload: str | os.PathLike) -> dict:
+        """Take an uploaded video (copied into the session's inputs); the depth must then be made anew."""
+        from ex4d.io.video import probe_video
+
+        folder = new_folder(self.sub("inputs"), "video")
+        video = copy_upload(upload, folder, "video", VIDEO_SUFFIXES)
+        probe_video(video)  # one-line InputError for a file that is not a video
+        with self.lock:
+            self._set_video(video, num_frames=self.num_frames)
+            self.depth_file, self.depth_source = None, ""
+        return self.info()
+
+    def _set_video(self, video: Path, *, num_frames: int) -> None:
+        from ex4d.io.video import probe_video
+
+        count, _, fps = probe_video(video)
+        self.video, self.video_frames, self.video_fps = video, count, fps
+        self.num_frames = min(int(num_frames), count)
+        self.last_preview = self.last_generate = None
+        self.path.version += 1
+
+    def set_clip_settings(self, num_frames, resize: str) -> dict:
+        """The CLI's ``--num-frames`` and ``--resize`` (docs: ``ex4d recon --help``)."""
+        from ex4d.commands.common import check_int
+
+        if resize not in ("reference", "keep"):
+            raise InputError(f"resize must be 'reference' or 'keep', got {resize!r}")
+        num_frames = check_int(num_frames, "frames", 1, example=49)
+        self.require_video()
+        if num_frames > self.video_frames:
+            raise InputError(f"the video has {self.video_frames} frames; choose at most {self.video_frames}")
+        if resize == "keep":
+            from ex4d.commands.recon import check_frame_size
+
+            check_frame_size(str(self.video))
+        with self.lock:
+            changed = (num_frames, resize) != (self.num_frames, self.resize)
+            self.num_frames, self.resize = num_frames, resize
+            if changed and self.path.mode == "keyframes":
+                self.path.keyframes = [k for k in self.path.keyframes if k.frame < num_frames] or \
+                    self.path.keyframes[:1]
+            if changed:
+                self.path.version += 1
+        return self.info()
+
+    def require_video(self) -> Path:
+        if self.video is None:
+            raise InputError("no video yet: pick an example or upload a video first")
+        return self.video
+
+    def clip(self):
+        from ex4d.pipeline import load_clip
+
+        return load_clip(self.require_video(), num_frames=self.num_frames, resize=self.resize)
+
+    def info(self) -> dict:
+        """Frames, size (after --resize), fps of the input, and where its depth comes from."""
+        clip = self.clip()
+        height, width = clip.size
+        return {"video": self.video.name, "frames": clip.num_frames, "video_frames": self.video_frames,
+                "size": f"{height}x{width}", "height": height, "width": width, "fps": clip.fps,
+                "resize": self.resize, "depth": self.depth_source or "none yet"}
+
+    # ---------------------------------------------------------------- depth
+    def missing_depth_weights(self, estimator: str) -> list[str]:
+        """Every download ``estimator`` lacks here, each with its download command ([] when all are present)."""
+        from ex4d.weights_common import hub_unreachable
+        from ex4d.weights_preflight import SUGGESTED_MODELS_DIR, _dedupe, missing_weights
+
+        items = _dedupe(missing_weights(depth=estimator, models_dir=self.app.models_dir))
+        if items and all(item.auto for item in items) and hub_unreachable() is None:
+            return []  # downloaded by the estimator itself
+        lines = [item.describe() for item in items]
+        if lines and self.app.models_dir is None:
+            lines.append(f"after downloading, start the app with --models-dir {SUGGESTED_MODELS_DIR}")
+        return lines
+
+    def estimate_depth(self, source: str, upload: str | os.PathLike | None = None,
+                       progress: Report | None = None) -> DepthResult:
+        """Depth for the clip from an estimator (``ex4d.depth.ESTIMATORS``) or an uploaded depth file.
+
+        Raises MissingWeightsError (listing every missing file) before any work when weights are missing.
+        """
+        from ex4d.depth import ESTIMATORS
+        from ex4d.depth.preview import write_depth_preview
+        from ex4d.pipeline import estimate_depth
+
+        clip = self.clip()
+        if source == "file":
+            if upload is None:
+                raise InputError("choose a depth file (.npz or .npy) to upload first")
+            spec = str(copy_upload(upload, new_folder(self.sub("inputs"), "depth"), "depth file", (".npz", ".npy")))
+        elif source in ESTIMATORS:
+            from ex4d.weights_preflight import check_weights
+
+            spec = source
+            check_weights(depth=source, models_dir=self.app.models_dir)
+        else:
+            raise InputError(f"unknown depth source {source!r}; use {', '.join(ESTIMATORS)} or file")
+        folder = new_folder(self.sub("depth"), _safe_name(Path(spec).stem if source == "file" else source))
+        depth = estimate_depth(clip, spec, out_dir=folder, models_dir=self.app.models_dir, device=self.app.device,
+                               progress=step_bars(progress, None))
+        preview = write_depth_preview(folder / "depth_preview.mp4", depth.depth, clip.fps)
+        with self.lock:
+            self.depth_file = folder / "depth.npz"
+            self.depth_source = f"uploaded {Path(spec).name}" if source == "file" else source
+            self.last_preview = None
+            self.path.version += 1
+        return DepthResult(self.depth_file, preview, self.depth_source)
+
+    def require_depth(self) -> Path:
+        if self.depth_file is None:
+            raise InputError("no depth yet: pick the example (exact depth), run an estimator or upload a depth file")
+        return self.depth_file
+
+    def depth_video(self, clip):
+        """The session's depth fitted to ``clip`` (frames read lazily), as ``ex4d recon --depth FILE`` reads it."""
+        from ex4d.pipeline import estimate_depth
+
+        return estimate_depth(clip, str(self.require_depth()), out_dir=None)
+
+    def scene_geometry(self) -> dict:
+        """What the 3D view needs: K (3,3), size, frame-0 depth (H,W) and pivot distance r."""
+        from ex4d.camera.presets import scene_depths
+        from ex4d.conventions import reference_intrinsics
+
+        clip = self.clip()
+        depth = self.depth_video(clip)
+        K = depth.K if depth.K is not None else reference_intrinsics(*clip.size)
+        depth0 = np.asarray(depth.depth[0], dtype=np.float32)
+        _, radius = scene_depths(depth0, clip.size)
+        return {"clip": clip, "depth": depth, "K": np.asarray(K, np.float64), "size": clip.size,
+                "depth0": depth0, "radius": float(radius), "pivot": np.array([0.0, 0.0, float(radius)])}
+
+    # ---------------------------------------------------------------- camera path
+    def set_preset(self, spec: str) -> str:
+        """Use the preset ``spec`` (a ``--cam`` string); checked as ``ex4d recon`` checks it."""
+        from ex4d.camera.trajectory import check_spec
+
+        check_spec(spec)
+        with self.lock:
+            self.path.mode, self.path.spec = "preset", spec
+            self.path.version += 1
+        return spec
+
+    def set_keyframes(self, rows) -> list[Keyframe]:
+        """Use the keyframe table ``rows`` (see :data:`ex4d.app.camera_edit.KEYFRAME_COLUMNS`)."""
+        keyframes = keyframes_from_rows(rows, self.num_frames)
+        with self.lock:
+            self.path.mode, self.path.keyframes = "keyframes", keyframes
+            self.path.version += 1
+        return keyframes
+
+    def keyframe_rows(self) -> list[list]:
+        return [k.row() for k in self.path.keyframes]
+
+    def path_file(self, folder: Path | None = None) -> Path:
+        """Save the current path as a pose file into ``folder`` (default: the session's camera/ folder)."""
+        geometry = self.scene_geometry()
+        folder = folder if folder is not None else self.sub("camera")
+        with self.lock:
+            return self.path.save(folder, num_frames=geometry["clip"].num_frames, size=geometry["size"],
+                                  K_src=geometry["K"], depth0=geometry["depth0"])
+
+    def trajectory(self, path_file: Path | None = None):
+        """The cameras of the current path exactly as ``ex4d recon --cam FILE`` builds them."""
+        from ex4d.camera.trajectory import make_trajectory
+
+        geometry = self.scene_geometry()
+        path_file = path_file if path_file is not None else self.path_file()
+        return make_trajectory(str(path_file), num_frames=geometry["clip"].num_frames, size=geometry["size"],
+                               K=geometry["K"], depth0=geometry["depth0"])
+
+    def to_keyframes(self, frames: list[int] | None = None) -> list[Keyframe]:
+        """Turn the current path into editable keyframes at ``frames`` (default: first, middle, last)."""
+        trajectory = self.trajectory()
+        pivot = self.scene_geometry()["pivot"]
+        last = trajectory.num_frames - 1
+        frames = sorted(set(frames if frames is not None else [0, last // 2, last]))
+        source_focal = float(self.scene_geometry()["K"][0, 0])
+        keyframes = []
+        for frame in frames:
+            focal = float(trajectory.K[frame, 0, 0])
+            keep = None if abs(focal - source_focal) <= 1e-9 * source_focal else focal  # blank: the source's
+            keyframes.append(keyframe_from_pose(frame, trajectory.cam_from_world[frame], pivot, keep))
+        with self.lock:
+            self.path.mode, self.path.keyframes = "keyframes", keyframes
+            self.path.version += 1
+        return keyframes
+
+    def add_keyframe(self, frame: int) -> list[Keyframe]:
+        """Add a keyframe at ``frame`` where the current path is there (then edit its numbers)."""
+        frame = int(frame)
+        if not 0 <= frame < self.num_frames:
+            raise InputError(f"frame {frame} is outside the clip (0 to {self.num_frames - 1})")
+        if self.path.mode != "keyframes":
+            self.to_keyframes()
+        trajectory = self.trajectory()
+        pivot = self.scene_geometry()["pivot"]
+        existing = [k for k in self.path.keyframes if k.frame != frame]
+        added = keyframe_from_pose(frame, trajectory.cam_from_world[frame], pivot)
+        with self.lock:
+            self.path.keyframes = sorted(existing + [added], key=lambda k: k.frame)
+            self.path.version += 1
+        return self.path.keyframes
+
+    def delete_keyframe(self, frame: int) -> list[Keyframe]:
+        frame = int(frame)
+        if self.path.mode != "keyframes":
+            raise InputError("the path is a preset; press 'Edit as keyframes' first")
+        remaining = [k for k in self.path.keyframes if k.frame != frame]
+        if len(remaining) == len(self.path.keyframes):
+            raise InputError(f"there is no keyframe at frame {frame}; keyframes are at "
+                             f"{[k.frame for k in self.path.keyframes]}")
+        if not remaining:
+            raise InputError("the path needs at least one keyframe; add another before deleting this one")
+        with self.lock:
+            self.path.keyframes = remaining
+            self.path.version += 1
+        return remaining
+
+    def keyframes_edited_in_3d(self, edited: list[tuple[int, np.ndarray]]) -> None:
+        """The 3D view's callback (viser's thread): dragged/added/deleted keyframes replace the table."""
+        pivot = self.scene_geometry()["pivot"]
+        previous = {k.frame: k for k in self.path.keyframes}
+        keyframes = []
+        for frame, pose in edited:
+            focal = previous[frame].focal if frame in previous else None
+            keyframes.append(keyframe_from_pose(int(frame), pose, pivot, focal))
+        keyframes_from_rows([k.row() for k in keyframes], self.num_frames)  # same checks as the table
+        with self.lock:
+            self.path.mode, self.path.keyframes = "keyframes", sorted(keyframes, key=lambda k: k.frame)
+            self.path.version += 1
+
+    def import_pose_file(self, upload: str | os.PathLike) -> str:
+        """Use an uploaded pose file (.json/.npz of docs/trajectories.md); checked against the clip now."""
+        from ex4d.camera.posefile import POSE_FILE_SUFFIXES
+
+        target = copy_upload(upload, new_folder(self.sub("inputs"), "path"), "pose file", tuple(POSE_FILE_SUFFIXES))
+        self.trajectory(target)  # a bad file fails now, with its one line
+        with self.lock:
+            self.path.mode, self.path.file = "file", target
+            self.path.version += 1
+        return target.name
+
+    def export_path(self, fmt: str) -> Path:
+        """The current path as a downloadable pose file: ``json`` (keyframes; a preset or npz path as one
+        ``cam_from_world`` keyframe per frame) or ``npz`` (the cameras, as ``camera_<name>.npz``)."""
+        folder = new_folder(self.sub("exports"), fmt)
+        if fmt == "json":
+            if self.path.mode == "keyframes" or (self.path.mode == "file" and self.path.file.suffix == ".json"):
+                return self.path_file(folder)
+            trajectory = self.trajectory()
+            return write_json(folder / "path.json", poses_json(trajectory.cam_from_world, trajectory.K,
+                                                                self.scene_geometry()["K"]))
+        if fmt == "npz":
+            trajectory = self.trajectory()
+            trajectory.name = "path"
+            return trajectory.save(folder / "path.npz")
+        raise InputError(f"export format must be json or npz, got {fmt!r}")
+
+    # ---------------------------------------------------------------- 3D view
+    def scene_view(self):
+        """This session's SceneView (ex4d.app.scene3d), started on first use; None if unavailable."""
+        if self.scene is not None or self.scene_error:
+            return self.scene
+        try:
+            from ex4d.app.scene3d import SceneView
+
+            self.scene = SceneView(host=self.app.host)
+            self.scene.on_keyframes_edited(self._on_3d_edit)
+        except Exception as exc:  # the 3D view is optional: the page says why and works without it
+            log.warning("3D view unavailable: %s", exc, exc_info=True)
+            self.scene_error = f"3D view unavailable ({type(exc).__name__}: {exc})"
+        return self.scene
+
+    def _on_3d_edit(self, edited) -> None:
+        try:
+            self.keyframes_edited_in_3d(edited)
+        except UserError as exc:
+            log.warning("3D keyframe edit refused: %s", exc)
+        except Exception:
+            log.exception("3D keyframe edit failed")
+        self.update_scene(points=False)
+
+    def update_scene(self, *, points: bool = True) -> None:
+        """Send frame 0's points, the source camera, the path and its keyframes to the 3D view."""
+        view = self.scene_view()
+        if view is None or self.video is None or self.depth_file is None:
+            return
+        geometry = self.scene_geometry()
+        if points:
+            xyz, rgb = frame0_points(geometry["clip"], geometry["depth0"], geometry["K"])
+            view.set_scene(xyz, rgb)
+        trajectory = self.trajectory()
+        if self.path.mode == "keyframes":
+            keyframes = [(k.frame, trajectory.cam_from_world[k.frame]) for k in self.path.keyframes]
+        else:
+            keyframes = []
+        view.set_cameras(geometry["K"], geometry["size"], np.eye(4), trajectory.cam_from_world, keyframes)
+
+    def update_scene_safely(self, *, points: bool = True) -> None:
+        """:meth:`update_scene`, logging instead of raising: the page works without the 3D view."""
+        try:
+            self.update_scene(points=points)
+        except UserError:
+            raise
+        except Exception as exc:
+            log.warning("3D view update failed: %s", exc, exc_info=True)
+            self.scene_error = f"3D view failed ({type(exc).__name__}: {exc})"
+
+    def look_through(self, frame: int) -> None:
+        view = self.scene_view()
+        if view is None:
+            raise InputError(self.scene_error or "the 3D view is not running")
+        trajectory = self.trajectory()
+        frame = int(np.clip(int(frame), 0, trajectory.num_frames - 1))
+        view.look_through(trajectory.cam_from_world[frame], trajectory.K[frame], self.scene_geometry()["size"])
+
+    def set_frame(self, frame: int) -> None:
+        view = self.scene_view()
+        if view is not None:
+            view.set_frame(int(frame))
+
+    # ---------------------------------------------------------------- preview
+    def preview(self, progress: Report | None = None) -> PreviewResult:
+        """Render colour + mask along the path into a new run folder (``ex4d recon --cam path.<ext>``)."""
+        from ex4d.io.video import read_mask_video
+        from ex4d.pipeline import ReconOptions, run_recon
+
+        clip = self.clip()
+        depth = self.depth_video(clip)
+        folder = new_folder(self.sub("runs"), "preview")
+        path_file = self.path_file(folder)
+        options = ReconOptions(cam=str(path_file), device=self.app.device)
+        self.abort.clear()
+        bars = step_bars(progress, self.abort)
+        try:
+            files = dict(run_recon(clip, depth, folder, options,
+                                   progress=lambda it, **kw: bars(it, **{**kw, "desc": "render"})))
+        except Aborted:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        files["path"] = path_file
+        visible = [float(m.mean()) for m in read_mask_video(files["mask_lossless"])]
+        warning = visibility_warning(visible)
+        commands = [recon_command(self, path_file, folder)]
+        settings = self._settings("preview", path_file=path_file, visible=visible, commands=commands)
+        files["settings"] = _write_settings(folder, settings)
+        result = PreviewResult(folder, files, visible, warning, commands, path_file)
+        self.last_preview = result
+        return result
+
+    def _settings(self, kind: str, **extra) -> dict:
+        return {"kind": kind, "video": str(self.video), "num_frames": self.num_frames, "resize": self.resize,
+                "depth": str(self.depth_file), "depth_source": self.depth_source,
+                "path": {"mode": self.path.mode, "spec": self.path.spec if self.path.mode == "preset" else None,
+                         "keyframes": [k.to_json() for k in self.path.keyframes] if self.path.mode == "keyframes"
+                         else None},
+                **{k: (str(v) if isinstance(v, Path) else v) for k, v in extra.items()}}
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, options, progress: Report | None = None) -> GenerateResult:
+        """Generate from the last preview's colour + mask into a new run folder (one job at a time),
+        then evaluate the result (``ex4d eval``). ``options``: :class:`ex4d.pipeline.GenerateOptions`."""
+        from ex4d.pipeline import run_generate
+
+        preview = self.last_preview
+        if preview is None:
+            raise InputError("preview the path first: generation fills in that preview's colour and mask")
+        options.models_dir = options.models_dir if options.models_dir is not None else self.app.models_dir
+        options.device = self.app.device if options.device == "auto" else options.device
+        options.validate()
+        from ex4d.weights_preflight import check_weights
+
+        check_weights(generation=True, models_dir=options.models_dir, adapter=options.adapter)
+        self.abort.clear()
+        folder = new_folder(self.sub("runs"), "generate")
+        output = folder / "final.mp4"
+
+        bar = step_bars(progress, self.abort)
+
+        color = preview.files["color"]
+        mask = preview.files["mask_lossless"]
+        with self.app.gpu_lock:  # one generation at a time, whatever the page's queue does
+            try:
+                run_generate(color, mask, output, options, cache=self.app.generator_cache, progress=bar)
+            except Aborted:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+        files = {"final": output, "record": output.with_suffix(".json")}
+        commands = preview.commands + [generate_command(color, mask, output, options)]
+        result = GenerateResult(folder, output, files, commands)
+        try:
+            from ex4d.eval.evaluate import evaluate_video, write_report
+
+            summary, arrays = evaluate_video(output, preview.files["camera"], condition=color, mask=mask)
+            (folder / "eval").mkdir()
+            report = write_report(folder / "eval", summary, arrays)
+            files.update({f"eval_{name.split('.')[0]}": path for name, path in report.items()})
+            result.eval_summary = summary
+            result.commands.append(eval_command(output, preview.files["camera"], color, mask, folder / "eval"))
+        except UserError as exc:
+            result.eval_error = str(exc)
+        settings = self._settings("generate", preview=preview.folder, options=options.record(),
+                                  commands=result.commands)
+        files["settings"] = _write_settings(folder, settings)
+        self.last_generate = result
+        return result
+
+    def request_abort(self) -> None:
+        self.abort.set()
+
+    def close(self) -> None:
+        if self.scene is not None:
+            try:
+                self.scene.close()
+            except Exception:
+                log.exception("closing the 3D view failed")
+            self.scene = None
+
+
+def _write_settings(folder: Path, settings: dict) -> Path:
+    from ex4d.io.files import atomic_path
+
+    path = folder / "settings.json"
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    return path
+
+
+def visibility_warning(visible: list[float], threshold: float = LOW_VISIBLE_FRACTION) -> str:
+    """A one-line warning when some frame keeps less than ``threshold`` of its pixels visible, else ""."""
+    if not visible:
+        return ""
+    worst = int(np.argmin(visible))
+    if visible[worst] >= threshold:
+        return ""
+    return (f"warning: little of the scene stays visible along this path: at frame {worst} only "
+            f"{100 * visible[worst]:.1f}% of the view was seen by the source camera (the rest must be "
+            f"generated); a smaller angle or a shorter move keeps more")
+
+
+def frame0_points(clip, depth0: np.ndarray, K: np.ndarray, max_points: int = MAX_SCENE_POINTS):
+    """Frame 0's pixels lifted to world points (N,3) float32 with colours (N,3) uint8, on a regular
+    subsampling grid so that N <= max_points; the one-pixel border ring (pushed to z = 100) is left out."""
+    from ex4d.conventions import pixel_rays
+    from ex4d.io.video import to_uint8
+
+    frame = next(iter(clip.iter_frames()))
+    height, width = depth0.shape
+    step = max(1, int(np.ceil(np.sqrt(height * width / max_points))))
+    rays = pixel_rays(height, width, K)
+    rows, cols = slice(1, height - 1, step), slice(1, width - 1, step)
+    points = (rays[rows, cols] * depth0[rows, cols, None]).reshape(-1, 3).astype(np.float32)
+    colors = to_uint8(frame[rows, cols]).reshape(-1, 3)
+    keep = np.isfinite(points).all(axis=1)
+    return points[keep], colors[keep]
+
+
+def _q(path) -> str:
+    return shlex.quote(str(path))
+
+
+def recon_command(session: Session, path_file: Path, out: Path) -> str:
+    """The ``ex4d recon`` line that renders the same colour and mask as the app's preview."""
+    return (f"ex4d recon {_q(session.video)} --depth {_q(session.depth_file)} --cam {_q(path_file)} "
+            f"--num-frames {session.num_frames} --resize {session.resize} -o {_q(out)}")
+
+
+def generate_command(color: Path, mask: Path, output: Path, options) -> str:
+    parts = [f"ex4d generate --color {_q(color)} --mask {_q(mask)} -o {_q(output)}"]
+    defaults = type(options)()
+    flags = {"seed": "--seed", "steps": "--steps", "cfg": "--cfg", "size": "--size", "models_dir": "--models-dir",
+             "adapter": "--adapter", "vram_budget": "--vram-budget", "prompt": "--prompt",
+             "negative_prompt": "--negative-prompt", "device": "--device"}
+    for key, flag in flags.items():
+        value = getattr(options, key)
+        if value is not None and value != getattr(defaults, key):
+            parts.append(f"{flag} {_q(value)}")
+    switches = {"low_vram": "--low-vram", "cpu_offload": "--cpu-offload", "fp8": "--fp8", "compile": "--compile"}
+    parts += [flag for key, flag in switches.items() if getattr(options, key)]
+    if not options.erode:
+        parts.append("--no-erode")
+    return " ".join(parts)
+
+
+def eval_command(video: Path, camera: Path, color: Path, mask: Path, out: Path) -> str:
+    return f"ex4d eval {_q(video)} --camera {_q(camera)} --condition {_q(color)} --mask {_q(mask)} -o {_q(out)}"
+
+
+class AppBackend:
+    """The app's shared state: the work folder, the sessions, the loaded generator and the GPU lock."""
+
+    def __init__(self, workdir: str | os.PathLike, *, models_dir: str | None = None, device: str = "auto",
+                 host: str = "127.0.0.1"):
+        from ex4d.io.files import prepare_output_dir
+
+        self.workdir = prepare_output_dir(Path(workdir).expanduser()).resolve()
+        self.models_dir, self.device, self.host = models_dir, device, host
+        self.sessions: dict[str, Session] = {}
+        self.generator_cache: dict = {}  # pipeline.cached_generator keeps the models loaded between runs
+        self.gpu_lock = threading.Lock()
+        self._lock = threading.Lock()
+
+    def session(self, key: str | None) -> Session:
+        """The session for a browser session's key (gradio's session hash), created on first use."""
+        key = _safe_name(key or "default", "default")
+        with self._lock:
+            session = self.sessions.get(key)
+            if session is None:
+                folder = self.workdir / "sessions" / key
+                folder.mkdir(parents=True, exist_ok=True)
+                session = self.sessions[key] = Session(key=key, folder=folder, app=self)
+            return session
+
+    def end_session(self, key: str | None) -> None:
+        """Close a session's 3D view when its browser tab goes; its files stay."""
+        with self._lock:
+            session = self.sessions.pop(_safe_name(key or "default", "default"), None)
+        if session is not None:
+            session.close()
+
+    def close(self) -> None:
+        for key in list(self.sessions):
+            self.end_session(key)
