@@ -372,9 +372,16 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
 
 
 def _depth_is_metric(depth: DepthVideo) -> bool:
-    """Whether ``depth`` may be taken as metres: not from DepthCrafter / Depth Anything (relative depth,
-    also when read back from their depth.npz), so from a depth file of another tool or a scene."""
+    """Whether ``depth`` may be taken as metres: an estimator that says so in its settings (``metric``:
+    Video Depth Anything's metric models), else not from DepthCrafter / Depth Anything / relative Video
+    Depth Anything (relative depth, also when read back from their depth.npz), so from a depth file of
+    another tool or a scene."""
+    metric = (depth.settings or {}).get("metric")
+    if isinstance(metric, bool):
+        return metric
     name = str(depth.estimator or "").lower().replace("_", "-").replace(" ", "-")
+    if name.startswith("vda"):
+        return "metric" in name
     return not any(key in name for key in ("depthcrafter", "depth-anything", "depthanything"))
 
 
