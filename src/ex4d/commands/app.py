@@ -63,10 +63,10 @@ def free_port(host: str, start: int = DEFAULT_PORT, tries: int = 100) -> int:
 def main(args) -> int:
     from ex4d.errors import InputError
 
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise InputError(f"the web app needs its optional extra; install it with: {INSTALL_HINT}") from None
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # the 3D view (viser) is optional: the page says so
+        raise InputError(f"the web app needs its optional extra; install it with: {INSTALL_HINT}")
     if not 0 < args.max_upload_mb <= 100_000:
         raise InputError(f"--max-upload-mb must be from 0 to 100000, got {args.max_upload_mb:g}")
     if args.port is not None and not 0 < args.port < 65536:
