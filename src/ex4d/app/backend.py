@@ -45,7 +45,7 @@ LOW_VISIBLE_FRACTION = 0.3
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 #: Points of frame 0 sent to the 3D view at most (a browser draws 100k points at once without effort).
 MAX_SCENE_POINTS = 100_000
-#: Example scenes offered on the page (ex4d.synthetic; exact depth, no weights).
+#: Size (H, W) of the built-in examples (ex4d.synthetic; exact depth, no weights).
 EXAMPLE_SIZE = (512, 512)
 
 #: ``report(done, total, desc)``: how the page learns of progress (gradio's progress bar).
@@ -208,7 +208,7 @@ class Session:
 
     # ---------------------------------------------------------------- input
     def load_example(self, scene: str = "spheres_moving", *, num_frames: int = 49,
-                     size: tuple[int, int] = EXAMPLE_SIZE, fps: float = 15.0, progress: Report | None = None) -> dict:
+                     size: tuple[int, int] | None = None, fps: float = 15.0, progress: Report | None = None) -> dict:
         """Make a synthetic example (as ``ex4d synth``): video.mp4 and its exact depth.npz, both then used."""
         from ex4d.commands.common import MAX_SYNTH_FRAMES, check_int
         from ex4d.io.video import to_uint8, write_video
@@ -217,6 +217,7 @@ class Session:
         if scene not in SCENES:
             raise InputError(f"unknown example {scene!r}; choose one of {', '.join(sorted(SCENES))}")
         num_frames = check_int(num_frames, "frames", 1, MAX_SYNTH_FRAMES, example=49)
+        size = tuple(size) if size is not None else self.app.example_size
         folder = new_folder(self.sub("inputs"), f"example-{scene}")
         bars = step_bars(progress, None)
         wrap = (lambda it: bars(it, total=num_frames, desc=f"example {scene}")) if progress else None
@@ -723,11 +724,12 @@ class AppBackend:
     """The app's shared state: the work folder, the sessions, the loaded generator and the GPU lock."""
 
     def __init__(self, workdir: str | os.PathLike, *, models_dir: str | None = None, device: str = "auto",
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", example_size: tuple[int, int] = EXAMPLE_SIZE):
         from ex4d.io.files import prepare_output_dir
 
         self.workdir = prepare_output_dir(Path(workdir).expanduser()).resolve()
         self.models_dir, self.device, self.host = models_dir, device, host
+        self.example_size = tuple(example_size)  # (H, W) of the built-in examples
         self.sessions: dict[str, Session] = {}
         self.generator_cache: dict = {}  # pipeline.cached_generator keeps the models loaded between runs
         self.gpu_lock = threading.Lock()
