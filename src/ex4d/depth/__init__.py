@@ -9,6 +9,9 @@ are identical; the whole-clip min-max normalisation goes through a temporary spi
 
 - ``depthcrafter``: DepthCrafter as EX-4D runs it (the paper's choice; ~5 GB of weights).
 - ``depth-anything``: Depth Anything V2 per frame, aligned over time (light, fast).
+- ``vda`` / ``vda-metric``: Video Depth Anything Small, relative / in metres (fast, temporally
+  consistent, Apache-2.0); ``vda-base``, ``vda-large``, ``vda-metric-base``, ``vda-metric-large``: the
+  larger sizes (CC-BY-NC-4.0, non-commercial).
 - a ``.npz`` / ``.npy`` path: :func:`load_depth_file`.
 
 Heavy modules (diffusers, transformers) are imported only when an estimator is built.
@@ -31,7 +34,8 @@ __all__ = ["DepthEstimator", "get_estimator", "load_depth_file", "FileDepth", "E
            "disparity_to_depth", "minmax_normalize", "normalized_disparity_to_depth"]
 
 #: Estimator names accepted by :func:`get_estimator` (besides a file path).
-ESTIMATORS = ("depthcrafter", "depth-anything")
+ESTIMATORS = ("depthcrafter", "depth-anything", "vda", "vda-metric", "vda-base", "vda-large", "vda-metric-base",
+              "vda-metric-large")
 
 
 @runtime_checkable
@@ -47,7 +51,7 @@ class DepthEstimator(Protocol):
 
 def get_estimator(spec: str, *, models_dir: str | os.PathLike | None = None, device: str = "auto",
                   **options) -> DepthEstimator:
-    """Build the estimator named by ``spec``: "depthcrafter", "depth-anything", or a .npz/.npy path.
+    """Build the estimator named by ``spec``: one of :data:`ESTIMATORS`, or a .npz/.npy path.
 
     models_dir: folder with downloaded weights (layout in docs/depth.md); weights are otherwise
     taken from the Hugging Face cache or downloaded when online. device: "auto", "cpu", "cuda[:N]".
@@ -66,4 +70,12 @@ def get_estimator(spec: str, *, models_dir: str | os.PathLike | None = None, dev
         from ex4d.depth.depth_anything import DepthAnythingV2
 
         return DepthAnythingV2.from_pretrained(models_dir=models_dir, device=device, **options)
+    from ex4d.depth.weights import VDA_NAMES
+
+    if key in VDA_NAMES:
+        from ex4d.depth.vda import VideoDepthAnything
+
+        variant, metric = VDA_NAMES[key]
+        return VideoDepthAnything.from_pretrained(models_dir=models_dir, device=device, variant=variant,
+                                                  metric=metric, **options)
     raise InputError(f"unknown depth estimator {spec!r}; use one of {', '.join(ESTIMATORS)} or a .npz/.npy file")

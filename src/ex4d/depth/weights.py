@@ -34,7 +34,7 @@ class WeightFile:
 
     repo: str
     subfolder: str
-    config: str
+    config: str  # "" for a single-file checkpoint (VDA's .pth): the weight file then stands in the config's place
     weights: tuple[str, ...]
     files: tuple[str, ...] = ()  # files named in the download command (empty: the whole repository)
     gated: bool = False  # the Hub asks users to accept a licence before downloading
@@ -61,6 +61,29 @@ def depth_anything_file(variant: str = "small") -> WeightFile:
     return WeightFile(DEPTH_ANYTHING_REPOS[variant], "", "config.json", ("model.safetensors",))
 
 
+#: Video Depth Anything: (variant, metric) -> (Hub repository, file, licence). vda-spec.md section 1.
+VDA_FILES = {
+    ("small", False): ("depth-anything/Video-Depth-Anything-Small", "video_depth_anything_vits.pth", "Apache-2.0"),
+    ("base", False): ("depth-anything/Video-Depth-Anything-Base", "video_depth_anything_vitb.pth", "CC-BY-NC-4.0"),
+    ("large", False): ("depth-anything/Video-Depth-Anything-Large", "video_depth_anything_vitl.pth", "CC-BY-NC-4.0"),
+    ("small", True): ("depth-anything/Metric-Video-Depth-Anything-Small", "metric_video_depth_anything_vits.pth",
+                      "Apache-2.0"),
+    ("base", True): ("depth-anything/Metric-Video-Depth-Anything-Base", "metric_video_depth_anything_vitb.pth",
+                     "CC-BY-NC-4.0"),
+    ("large", True): ("depth-anything/Metric-Video-Depth-Anything-Large", "metric_video_depth_anything_vitl.pth",
+                      "CC-BY-NC-4.0"),
+}
+#: ``--depth`` names of Video Depth Anything -> (variant, metric)
+VDA_NAMES = {"vda": ("small", False), "vda-base": ("base", False), "vda-large": ("large", False),
+             "vda-metric": ("small", True), "vda-metric-base": ("base", True), "vda-metric-large": ("large", True)}
+
+
+def vda_file(variant: str = "small", metric: bool = False) -> WeightFile:
+    """The single ``.pth`` of a Video Depth Anything model (no config file: the size is in the file name)."""
+    repo, name, _ = VDA_FILES[(variant, bool(metric))]
+    return WeightFile(repo, "", "", (name,), files=(name,))
+
+
 def download_command(spec: WeightFile, models_dir: str | os.PathLike | None) -> str:
     """The ``hf download`` command that fills ``<models_dir>/<repo>`` (``huggingface-cli download`` takes
     the same arguments in huggingface_hub < 1.0)."""
@@ -74,12 +97,12 @@ def _offline() -> bool:
 
 
 def _pick(folder: Path, spec: WeightFile) -> tuple[Path, Path] | None:
-    config = folder / spec.rel(spec.config)
-    if not config.is_file():
+    config = folder / spec.rel(spec.config) if spec.config else None
+    if config is not None and not config.is_file():
         return None
     for name in spec.weights:
         if (folder / spec.rel(name)).is_file():
-            return config, folder / spec.rel(name)
+            return config or folder / spec.rel(name), folder / spec.rel(name)
     return None
 
 
@@ -96,16 +119,21 @@ def _fetch(spec: WeightFile, local_only: bool) -> tuple[Path, Path] | None:
     hf_hub_download = _hf_hub_download()
     if hf_hub_download is None:
         return None
-    try:
-        config = hf_hub_download(spec.repo, spec.rel(spec.config), local_files_only=local_only)
-    except Exception as exc:
-        if not local_only:
-            log.warning("download of %s failed: %s", spec.repo, first_line(exc))
-        return None
+    config = None
+    if spec.config:
+        try:
+            config = hf_hub_download(spec.repo, spec.rel(spec.config), local_files_only=local_only)
+        except Exception as exc:
+            if not local_only:
+                log.warning("download of %s failed: %s", spec.repo, first_line(exc))
+            return None
     for name in spec.weights:
         try:
-            return Path(config), Path(hf_hub_download(spec.repo, spec.rel(name), local_files_only=local_only))
-        except Exception:  # try the next candidate (e.g. no fp16 variant)
+            weights = Path(hf_hub_download(spec.repo, spec.rel(name), local_files_only=local_only))
+            return Path(config) if config else weights, weights
+        except Exception as exc:  # try the next candidate (e.g. no fp16 variant)
+            if not local_only and not spec.config:
+                log.warning("download of %s failed: %s", spec.repo, first_line(exc))
             continue
     return None
 
@@ -173,6 +201,13 @@ SIZES_GB = {
     DEPTH_ANYTHING_REPOS["small"]: 0.1,
     DEPTH_ANYTHING_REPOS["base"]: 0.39,
     DEPTH_ANYTHING_REPOS["large"]: 1.34,
+    VDA_FILES[("small", False)][0]: 0.12,
+    VDA_FILES[("base", False)][0]: 0.46,
+    VDA_FILES[("large", False)][0]: 1.54,
+    # the metric files' sizes are not published; same architecture and fp32, so the same sizes
+    VDA_FILES[("small", True)][0]: 0.12,
+    VDA_FILES[("base", True)][0]: 0.46,
+    VDA_FILES[("large", True)][0]: 1.54,
 }
 
 
@@ -189,6 +224,10 @@ def estimator_files(estimator: str, variant: str = "small") -> list[tuple[str, l
                 ("Stable Video Diffusion VAE and image encoder (for DepthCrafter)", [SVD_VAE, SVD_IMAGE_ENCODER])]
     if key in ("depth-anything", "depth-anything-v2", "depthanything") and variant in DEPTH_ANYTHING_REPOS:
         return [(f"Depth Anything V2 {variant.capitalize()}", [depth_anything_file(variant)])]
+    if key in VDA_NAMES:
+        size, metric = VDA_NAMES[key]
+        what = f"{'Metric-' if metric else ''}Video-Depth-Anything-{size.capitalize()}"
+        return [(what, [vda_file(size, metric)])]
     return []
 
 
@@ -202,7 +241,8 @@ def estimator_weight_paths(estimator: str, models_dir: str | os.PathLike | None 
     for _, specs in estimator_files(estimator):
         for weight in specs:
             found = locate(weight, models_dir)
-            files += [str(p) for p in found] if found else [f"missing weights {weight.repo}/{weight.subfolder}"]
+            paths = list(dict.fromkeys(str(p) for p in found)) if found else None  # config-less: one file
+            files += paths if paths else [f"missing weights {weight.repo}/{weight.subfolder}"]
     return files
 
 
