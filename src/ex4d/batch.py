@@ -540,7 +540,8 @@ def write_manifest(path: str | os.PathLike, jobs: list[dict], jobs_file: str = "
 # Checking without running (--dry-run)
 # --------------------------------------------------------------------------------------------
 
-_ESTIMATOR_NAMES = ("depthcrafter", "depth-anything", "depth-anything-v2", "depthanything")
+_ESTIMATOR_NAMES = ("depthcrafter", "depth-anything", "depth-anything-v2", "depthanything", "vda", "vda-metric",
+                    "vda-base", "vda-large", "vda-metric-base", "vda-metric-large")
 
 
 def probe_video(path: str | os.PathLike, need: int) -> tuple[int, tuple[int, int]]:
@@ -636,8 +637,8 @@ def check_jobs(jobs: list[dict], *, manifest: str | os.PathLike | None = None, j
                 if not Path(depth).is_file():
                     problems.append(f"{tag}: depth file not found: {depth} (check the path)")
             elif depth.lower().replace("_", "-") not in _ESTIMATOR_NAMES:
-                problems.append(f"{tag}: unknown depth estimator {depth!r}; use depthcrafter, depth-anything "
-                                f"or a .npz/.npy file")
+                problems.append(f"{tag}: unknown depth estimator {depth!r}; use depthcrafter, depth-anything, "
+                                f"vda, vda-metric (or vda-base/-large, non-commercial) or a .npz/.npy file")
             if job.get("stage") == "run" and job.get("adapter") and not Path(job["adapter"]).exists():
                 problems.append(f"{tag}: adapter not found: {job['adapter']} (check the path)")
         if manifest is not None:
