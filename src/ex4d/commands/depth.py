@@ -11,6 +11,7 @@ from ex4d.commands.common import add_device_arg, progress
 EPILOG = """examples:
   ex4d depth clip.mp4 -o out/                          # DepthCrafter, as in the paper (GPU advised)
   ex4d depth clip.mp4 -o out/ --depth depth-anything   # lighter and faster, per-frame + temporal alignment
+  ex4d depth clip.mp4 -o out/ --depth vda              # Video Depth Anything Small: fast, Apache-2.0
   ex4d depth clip.mp4 -o out/ --depth mine.npz         # import z-depth or disparity from another tool
   ex4d depth clip.mp4 -o out/ --models-dir ~/models    # weights downloaded as in docs/depth.md
 """
@@ -20,14 +21,15 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "depth", help="estimate depth for a video (depth.npz + depth_preview.mp4)",
         description="Estimate per-frame z-depth for the first --num-frames frames (DepthCrafter by default, "
-                    "Depth Anything V2, or a .npz/.npy file) and write depth.npz (keys depth, valid, K, "
+                    "Depth Anything V2, Video Depth Anything, or a .npz/.npy file) and write depth.npz (keys depth, valid, K, "
                     "estimator, settings) and depth_preview.mp4. Missing weights exit with code 2 and the "
                     "download command (docs/depth.md).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video", help="input video (mp4/mov/mkv/...)")
     parser.add_argument("-o", "--output", required=True, help="output folder (created if needed); required")
     parser.add_argument("--depth", default="depthcrafter",
-                        help="depthcrafter (default), depth-anything, or a .npz/.npy depth file")
+                        help="depthcrafter (default), depth-anything, vda, vda-metric, vda-base, vda-large, "
+                             "vda-metric-base, vda-metric-large (docs/depth.md), or a .npz/.npy depth file")
     parser.add_argument("--models-dir", default=None,
                         help="the folder that holds the downloaded repositories, e.g. MODELS for "
                              "MODELS/tencent/DepthCrafter/ (not that folder itself; docs/depth.md); default: the "

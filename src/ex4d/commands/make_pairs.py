@@ -41,7 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("input", help="a folder of videos or a list file ('<video> [<depth>]' per line)")
     parser.add_argument("-o", "--output", required=True, help="dataset folder (created if needed; required)")
     parser.add_argument("--depth", default="depthcrafter",
-                        help="depthcrafter (default), depth-anything, or a folder with <video stem>.npz/.npy")
+                        help="depthcrafter (default), depth-anything, vda, vda-metric (or vda-base/vda-large, "
+                             "non-commercial; docs/depth.md), or a folder with <video stem>.npz/.npy")
     parser.add_argument("--models-dir", default=None,
                         help="folder with downloaded weights (docs/models.md); default: the Hugging Face cache")
     parser.add_argument("--num-frames", type=int, default=49, help="frames per clip (default 49)")

@@ -33,7 +33,9 @@ def add_recon_args(parser: argparse.ArgumentParser, *, generation_follows: bool 
 
     parser.add_argument("--cam", default="90", help=f"camera path (default 90): {TRAJECTORY_FORMS}")
     parser.add_argument("--depth", default="depthcrafter",
-                        help="depthcrafter (default, as in the paper), depth-anything (lighter), or a "
+                        help="depthcrafter (default, as in the paper; research licence), depth-anything (lighter), "
+                             "vda (Video Depth Anything Small: fast, Apache-2.0), vda-metric (the same in metres), "
+                             "vda-base/vda-large/vda-metric-base/vda-metric-large (non-commercial), or a "
                              ".npz/.npy depth file (docs/depth.md)")
     parser.add_argument("--models-dir", default=None,
                         help="folder with downloaded weights (default: the Hugging Face cache; docs/models.md)")
