@@ -61,7 +61,8 @@ def missing_weights(*, depth: str | None = None, generation: bool = False, wan: 
                     video: str | os.PathLike | None = None) -> list[MissingWeight]:
     """Every download that a command with these needs lacks on this machine (no network).
 
-    depth: the depth estimator name (``depthcrafter``, ``depth-anything``), or a depth file / None
+    depth: the depth estimator name (``depthcrafter``, ``depth-anything``, ``vda``, ``vda-metric``, ...: one
+    of :data:`ex4d.depth.ESTIMATORS`), or a depth file / None
     for no estimator. generation: Wan2.1-I2V + the EX-4D adapter (``adapter`` or found in
     ``models_dir``). wan: Wan2.1-I2V alone (training), plus ``adapter`` if one is given.
     depth_cache / video: an existing ``depth.npz`` that the run would reuse (see :func:`depth_reusable`).

@@ -335,9 +335,8 @@ def build_pairs(inputs: list[ClipInput], out_dir: str | os.PathLike, settings: P
                 retry_failed: bool = True) -> BatchSummary:
     """Make pairs for every clip; resumable; a clip's failure is recorded and the batch goes on.
 
-    depth: an estimator name (``depthcrafter``, ``depth-anything``, ``vda``, ...: one estimator, loaded once,
-    for the batch), or a
-    folder holding ``<video stem>.npz`` / ``.npy`` per clip. A list file's per-line depth wins.
+    depth: an estimator name (``depthcrafter``, ``depth-anything``, ``vda``, ...: one estimator, loaded
+    once, for the batch), or a folder holding ``<video stem>.npz`` / ``.npy`` per clip. A list file's per-line depth wins.
     overwrite: remake finished clips too (``--redo``). retry_failed: False leaves alone the clips
     whose manifest record says they failed with the same inputs and settings (``--skip-failed``);
     by default a rerun retries them. Errors that concern every clip (missing depth weights, an
