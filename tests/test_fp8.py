@@ -18,7 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_wan import make_tiny_adapter_state, make_tiny_components  # noqa: E402
+from tiny_wan import make_tiny_components  # noqa: E402
 
 from ex4d.diffusion.fp8 import (  # noqa: E402
     FP8_DTYPE,

@@ -12,7 +12,8 @@ The maths, for a linear ``y = x W^T + b`` with x: (M, K), W: (N, K):
   and ``W8 = fp8(W / s_w)``;
 * activations, on the fly in every forward: per token (row of x) ``s_x[m] = max_k |x[m, k]| / 448``
   and ``x8 = fp8(x / s_x)``;
-* ``y = (x8 W8^T) * s_x s_w^T + b``, accumulated in fp32 inside the GEMM, written in bf16.
+* ``y = (x8 W8^T) * s_x s_w^T + b``, accumulated inside the GEMM (scales and bias applied in its
+  epilogue), written in bf16.
 
 Row-wise scales keep one outlier token or channel from crushing the precision of the others (a
 tensor-wise scale would). 448 is float8_e4m3fn's largest finite value.
@@ -80,15 +81,22 @@ def native_scaled_mm(device_type: str) -> bool:
 
 
 def scaled_mm_rowwise(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
-                      *, emulate: bool = False) -> torch.Tensor:
-    """(M, K) fp8 x (N, K) fp8 with (M, 1) and (N, 1) fp32 scales -> (M, N) bf16 = (x8 s_x)(w8 s_w)^T.
+                      bias: torch.Tensor | None = None, *, emulate: bool = False,
+                      fast_accum: bool = False) -> torch.Tensor:
+    """(M, K) fp8 x (N, K) fp8 with (M, 1) and (N, 1) fp32 scales -> (M, N) bf16 = (x8 s_x)(w8 s_w)^T + bias.
 
-    ``emulate``: the same product by upcasting (for devices without an fp8 GEMM kernel).
+    bias: (N,), added in the GEMM's epilogue (one pass over the output less). emulate: the same
+    product by upcasting (devices without an fp8 GEMM kernel). fast_accum: cuBLASLt's fast fp8
+    accumulation on Hopper (partial sums are not promoted to full fp32 as often; what torchao's
+    float8 training uses for the forward GEMM).
     """
     if emulate:
-        return ((x8.float() * x_scale) @ (w8.float() * w_scale).t()).to(torch.bfloat16)
+        y = (x8.float() * x_scale) @ (w8.float() * w_scale).t()
+        return (y + bias.float() if bias is not None else y).to(torch.bfloat16)
     # cuBLASLt wants A row-major and B column-major: W8 is (N, K) row-major, so W8.t() is (K, N) column-major.
-    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
+    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(),
+                            bias=None if bias is None else bias.to(torch.bfloat16),
+                            out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
 
 class Float8Linear(nn.Module):
@@ -102,14 +110,18 @@ class Float8Linear(nn.Module):
     The output has the input's dtype (bf16 in the pipeline; fp32 inputs are rounded through bf16).
     """
 
+    #: Default of ``fast_accum`` for new layers (see :func:`scaled_mm_rowwise`).
+    FAST_ACCUM = False
+
     def __init__(self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 *, emulate: bool = False):
+                 *, emulate: bool = False, fast_accum: bool | None = None):
         super().__init__()
         self.out_features, self.in_features = weight8.shape
         self.register_buffer("weight", weight8)
         self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.emulate = emulate
+        self.fast_accum = self.FAST_ACCUM if fast_accum is None else fast_accum
 
     @classmethod
     @torch.no_grad()
@@ -131,9 +143,8 @@ class Float8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x8, x_scale = quantize_rowwise(x.reshape(-1, shape[-1]))
-        y = scaled_mm_rowwise(x8, x_scale, self.weight, self.weight_scale, emulate=self.emulate)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)  # outside the GEMM: compile fuses it with what follows
+        y = scaled_mm_rowwise(x8, x_scale, self.weight, self.weight_scale, self.bias, emulate=self.emulate,
+                              fast_accum=self.fast_accum)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
