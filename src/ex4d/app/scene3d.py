@@ -171,7 +171,9 @@ class SceneView:
 
         points (N, 3) float32 in world coordinates, colors (N, 3) uint8. ``mesh``, when given, is
         ``(vertices (V, 3), faces (F, 3), vertex colours (V, 3) uint8)`` and is shown instead of the
-        points (the points still set the scale). Points beyond :data:`POINT_CAP` are subsampled.
+        points (the points still set the scale); pass only the faces to draw (a DW-Mesh's flagged
+        faces, black, include the border ring pushed to z = 100). Points beyond :data:`POINT_CAP` are
+        subsampled.
         """
         points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
         colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
@@ -326,7 +328,10 @@ class SceneView:
     def _add_mesh(self, vertices, faces, vertex_colors):
         import trimesh
 
-        mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float32), np.asarray(faces),
+        # Reverse the winding: ex4d's faces are counter-clockwise in the image (y down), which three.js
+        # (y up) sees as back faces and culls.
+        faces = np.asarray(faces)[:, ::-1]
+        mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float32), faces,
                                vertex_colors=np.asarray(vertex_colors, dtype=np.uint8), process=False)
         return self.server.scene.add_mesh_trimesh("/scene/mesh", mesh)
 
