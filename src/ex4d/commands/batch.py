@@ -18,6 +18,8 @@ examples:
   torchrun --nproc-per-node 4 -m ex4d.cli batch jobs.yaml   # one process per GPU, jobs r, r+4, ...
   ex4d batch jobs.csv --status                          # print the manifest's counts, run nothing
   ex4d batch jobs.yaml --dry-run                        # check videos, cams and pose files; run nothing
+  ex4d batch jobs.yaml --ray auto                       # on the running Ray cluster, one actor per GPU
+  ex4d batch jobs.yaml --ray --ray-workers 2            # a local Ray instance, 2 actors (docs/scale.md)
 """
 
 
@@ -41,6 +43,14 @@ def register(subparsers) -> None:
                         help="check the jobs file, open every video (frame count vs num_frames), parse every "
                              "camera path and pose file, list what would run and every problem; run nothing "
                              "(exit 1 if a problem is found)")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run the jobs on a Ray cluster, one long-lived actor per GPU, inputs and outputs on a "
+                             "filesystem every node sees: 'auto' joins the running cluster, HOST:PORT or "
+                             "ray://HOST:PORT that cluster, no ADDRESS starts a local one (default: no Ray, one "
+                             "process per GPU through torchrun); needs pip install -e \".[ray]\"")
+    parser.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                        help="with --ray: number of actors (default: one per GPU of the cluster; 1 on a cluster "
+                             "without GPUs, where each actor takes one CPU)")
     parser.set_defaults(func=main)
 
 
@@ -92,6 +102,12 @@ def main(args) -> int:
         return 0
     from ex4d.weights_preflight import check_jobs_weights
     check_jobs_weights([job for job in worker.share(jobs) if not is_finished(job)])  # all missing weights, before job 1
+    if args.ray is not None:
+        return _main_ray(args, jobs, jobs_file, manifest, worker)
+    if args.ray_workers is not None:
+        from ex4d.errors import InputError
+
+        raise InputError("--ray-workers counts Ray actors; add --ray (or leave --ray-workers out)")
     interactive = sys.stderr.isatty()  # a terminal gets the bar; logs and pipes get one plain line per job
     result = run_batch(jobs, manifest=manifest, jobs_file=jobs_file, worker=worker,
                        retry_failed=not args.skip_failed, progress=progress if interactive else None,
@@ -103,5 +119,27 @@ def main(args) -> int:
     if result.failed:
         print(f"{prefix}failed jobs (numbered from 1; errors in the manifest): "
               + ", ".join(str(i + 1) for i in result.failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main_ray(args, jobs: list[dict], jobs_file: str, manifest: Path, worker) -> int:
+    """``--ray``: the driver schedules the jobs onto Ray actors and writes the manifest (ex4d.batch_ray)."""
+    from ex4d.batch_ray import import_ray, run_batch_ray
+    from ex4d.errors import InputError
+
+    if worker.world_size > 1:
+        raise InputError("--ray runs one driver that schedules every job; start it once, not under "
+                         "torchrun/accelerate (WORLD_SIZE is set)")
+    import_ray()  # without Ray: one line with the install command, before anything runs
+    result = run_batch_ray(jobs, address=args.ray or None, workers=args.ray_workers, manifest=manifest,
+                           jobs_file=jobs_file, retry_failed=not args.skip_failed, overwrite=args.overwrite,
+                           report=lambda line: print(line, file=sys.stderr, flush=True))
+    not_retried = f", {len(result.skipped_failed)} failed earlier (not retried)" if result.skipped_failed else ""
+    print(f"{len(result.ran)} ran, {len(result.skipped)} skipped (finished){not_retried}, "
+          f"{len(result.failed)} failed; manifest: {manifest}", file=sys.stderr)
+    if result.failed:
+        print("failed jobs (numbered from 1; errors in the manifest): "
+              + ", ".join(str(i + 1) for i in sorted(result.failed)), file=sys.stderr)
         return 1
     return 0
