@@ -406,8 +406,9 @@ def eval_markdown(result) -> str:
 
 
 def launch(backend: AppBackend, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           max_upload_mb: float = 500.0, block: bool = True):
-    """Build and start the page; returns the Blocks (``block=False`` returns at once, as tests use it)."""
+           max_upload_mb: float = 500.0, block: bool = True) -> gr.Blocks:
+    """Build and start the page; returns the Blocks (``block=False`` returns at once, as tests use it:
+    ``demo.local_url`` is the page's address, ``demo.close()`` stops it)."""
     demo = build_app(backend)
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb:g}mb",

@@ -1,0 +1,202 @@
+"""The web app through its API (gradio_client) against the real app started in-process on a free port:
+the example -> preset -> keyframes -> preview -> export flow, errors as one line while the app keeps
+serving, the missing-weights panel, sessions, upload limits and generation with tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gradio = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from ex4d.app.backend import AppBackend  # noqa: E402
+from ex4d.app.camera_edit import KEYFRAME_COLUMNS  # noqa: E402
+from ex4d.cli import main  # noqa: E402
+from ex4d.commands.app import free_port  # noqa: E402
+from ex4d.io.video import read_mask_video, read_video  # noqa: E402
+
+FRAMES = 5
+SIZE = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "HF_HOME", "GRADIO_TEMP_DIR")}
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf"))
+    backend = AppBackend(root / "work", device="cpu", example_size=SIZE)  # no weights: the HF cache is empty
+    from ex4d.app.ui import launch
+
+    demo = launch(backend, port=free_port("127.0.0.1", 7900), block=False, max_upload_mb=1)
+    try:
+        yield backend, demo.local_url
+    finally:
+        demo.close()
+        backend.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def client(url):
+    return gradio_client.Client(url, verbose=False)
+
+
+def _session_of(backend, c):
+    return backend.sessions[c.session_hash]
+
+
+def _table(rows):
+    return {"headers": list(KEYFRAME_COLUMNS), "data": rows, "metadata": None}
+
+
+def test_example_preset_keyframes_preview_export_flow(app, tmp_path):
+    backend, url = app
+    c = client(url)
+    info, video, slider, scene, path_info, error = c.predict("spheres_moving", FRAMES, api_name="/example")
+    assert error == "" and f"{FRAMES} of {FRAMES} frames" in info and "64x64" in info and "15 fps" in info
+    assert read_video(video)[0].shape == (FRAMES, *SIZE, 3)
+    assert slider["maximum"] == FRAMES - 1
+    assert "scene3d_frame" in scene or "scene3d_unavailable" in scene
+    session = _session_of(backend, c)
+    assert session.folder.is_relative_to(backend.workdir)
+
+    path_info, table, error = c.predict("orbit (reference)", 30, 0.5, "out", 45, 0, 1, "linear",
+                                                 api_name="/preset")
+    assert error == "" and path_info == "preset `30`"
+    path_info, table, error = c.predict(0, api_name="/to_keyframes")
+    rows = table["data"]
+    assert error == "" and [row[0] for row in rows] == [0, 2, 4]
+    rows[2][1] = 1.0  # the last keyframe's x, typed into the table
+    path_info, table, error = c.predict(_table(rows), api_name="/keyframes")
+    assert error == "" and table["data"][2][1] == 1.0 and "3 keyframe(s)" in path_info
+
+    color, mask, plot, warning, files, command, error = c.predict(api_name="/preview")
+    assert error == ""
+    assert read_video(color)[0].shape == (FRAMES, *SIZE, 3)  # served, and decodes to the clip's frames
+    assert read_video(mask)[0].shape[0] == FRAMES
+    visible = [row[1] for row in plot["data"]]
+    assert len(visible) == FRAMES and visible[0] == 1.0
+    assert ("Lowest visible fraction" in warning) or warning.startswith("warning:")
+    names = sorted(Path(f).name for f in files)
+    assert names == sorted(["DW-Mesh.ply", "color_path.mp4", "mask_path.mp4", "mask_path.mkv", "camera_path.npz",
+                            "recon_path.json", "path.json", "settings.json"])
+    assert command.startswith("ex4d recon ")
+    preview_camera = next(f for f in files if Path(f).name == "camera_path.npz")
+
+    exported, error = c.predict(api_name="/export_json")
+    assert error == "" and json.loads(Path(exported).read_text())["time_unit"] == "frame"
+    local = tmp_path / "path.json"
+    local.write_bytes(Path(exported).read_bytes())
+    out = tmp_path / "cli"
+    assert main(["recon", str(session.video), "--depth", str(session.depth_file), "--cam", str(local),
+                 "--num-frames", str(FRAMES), "-o", str(out), "--device", "cpu"]) == 0
+    with np.load(out / "camera_path.npz") as cli, np.load(preview_camera) as app_cameras:
+        assert np.array_equal(cli["cam_from_world"], app_cameras["cam_from_world"])
+    mkv = next(f for f in files if Path(f).name == "mask_path.mkv")
+    assert np.array_equal(read_mask_video(out / "mask_path.mkv"), read_mask_video(mkv))
+
+
+def test_errors_are_one_line_and_the_app_keeps_serving(app):
+    backend, url = app
+    c = client(url)
+    *_, error = c.predict(api_name="/preview")
+    assert error == "error: no video yet: pick an example or upload a video first"
+    c.predict("boxes", FRAMES, api_name="/example")
+    *_, error = c.predict(_table([[0, 0, 0, 0, 0, 0, "nope", None]]), api_name="/keyframes")
+    assert error.startswith("error: keyframe row 1, column look_z") and "\n" not in error
+    *_, error = c.predict(_table([[9, 0, 0, 0, 0, 0, 1, None]]), api_name="/keyframes")
+    assert "from 0 to 4" in error
+    path_info, _, error = c.predict("zoom_in", 90, 0.3, "out", 0, 0, 1, "smooth", api_name="/preset")
+    assert error == "" and path_info == "preset `zoom_in:travel=0.3,ease=smooth`"
+
+
+def test_invalid_upload_is_an_error_line(app, tmp_path):
+    backend, url = app
+    c = client(url)
+    bogus = tmp_path / "broken.mp4"
+    bogus.write_bytes(os.urandom(2000))
+    *_, error = c.predict(gradio_client.handle_file(str(bogus)), api_name="/upload_video")
+    assert error.startswith("error: ") and "\n" not in error
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(Exception, match="Invalid file type"):  # refused by the upload box itself
+        c.predict(gradio_client.handle_file(str(text)), api_name="/upload_video")
+    *_, error = c.predict(api_name="/preview")  # and the app still answers
+    assert error.startswith("error: no video yet")
+    # the uploads were saved inside the work folder, not in a system temporary folder
+    assert any((backend.workdir / "uploads").rglob("broken.mp4"))
+
+
+def test_upload_over_the_size_limit_is_refused(app, tmp_path):
+    _, url = app
+    big = tmp_path / "big.mp4"
+    big.write_bytes(b"\0" * (2 * 1024 * 1024))  # 2 MB against --max-upload-mb 1
+    with pytest.raises(Exception, match="(?i)size|large|limit"):
+        client(url).predict(gradio_client.handle_file(str(big)), api_name="/upload_video")
+
+
+def test_missing_depth_weights_show_the_download_panel(app):
+    backend, url = app
+    c = client(url)
+    c.predict("boxes", FRAMES, api_name="/example")
+    panel, preview, scene, error = c.predict("depth-anything", None, api_name="/depth")
+    assert panel["visible"] is True and "download with: hf download" in panel["value"]
+    assert error.startswith("error: missing weights for depth-anything")
+    # the example's exact depth still works: a preview renders
+    *_, error = c.predict(api_name="/preview")
+    assert error == ""
+
+
+def test_each_browser_session_has_its_own_folder(app):
+    backend, url = app
+    first, second = client(url), client(url)
+    first.predict("boxes", FRAMES, api_name="/example")
+    second.predict("planes", FRAMES, api_name="/example")
+    a, b = _session_of(backend, first), _session_of(backend, second)
+    assert a.folder != b.folder and a.video.parent.parent == a.folder / "inputs"
+    assert "planes" in b.video.parent.name and "boxes" in a.video.parent.name
+
+
+@pytest.mark.slow
+def test_generate_with_tiny_models_through_the_queue(app, tmp_path):
+    backend, url = app
+    tiny_wan = pytest.importorskip("tiny_wan")
+    backend.models_dir = str(tiny_wan.write_tiny_models_dir(tmp_path / "models"))
+    c = client(url)
+    c.predict("boxes", FRAMES, api_name="/example")
+    c.predict("orbit (reference)", 30, 0.5, "out", 45, 0, 1, "linear", api_name="/preset")
+    c.predict(api_name="/preview")
+    video, report, files, commands, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False,
+                                                      api_name="/generate")
+    assert error == ""
+    assert read_video(video)[0].shape == (FRAMES, 16, 16, 3)
+    assert "final.mp4" in {Path(f).name for f in files}
+    assert "ex4d generate " in commands and "--steps 2" in commands
+    assert report.startswith("**Evaluation**") or report.startswith("Evaluation not available:")
+
+
+def test_app_without_its_extra_is_one_line_exit_1(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["app"]) == 1
+    err = capsys.readouterr().err
+    assert err == 'error: the web app needs its optional extra; install it with: pip install -e ".[app]"\n'
+
+
+def test_cli_help_does_not_import_gradio():
+    code = ("import sys\nfrom ex4d.cli import build_parser\nparser = build_parser()\nparser.format_help()\n"
+            "parser.parse_args(['app', '--port', '8000'])\nprint('gradio' in sys.modules, 'viser' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
