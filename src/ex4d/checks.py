@@ -65,8 +65,8 @@ def check_seed(seed) -> int:
 
 def check_cfg(cfg) -> float:
     if not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and MIN_CFG <= cfg <= MAX_CFG):
-        raise InputError(f"--cfg must be a finite guidance scale from {MIN_CFG:g} (no guidance) to {MAX_CFG:g}, "
-                         f"got {cfg}; the reference uses --cfg 5")
+        raise InputError(f"--guidance (--cfg) must be a finite guidance scale from {MIN_CFG:g} (no guidance) to "
+                         f"{MAX_CFG:g}, got {cfg}; the reference uses --guidance 5")
     return float(cfg)
 
 
@@ -105,3 +105,15 @@ def check_windows(window: int, overlap: int) -> None:
     if isinstance(overlap, bool) or not isinstance(overlap, int) or not 1 <= overlap < window:
         raise InputError(f"--overlap must be from 1 to --window - 1 = {window - 1} frames, got {overlap}; "
                          f"e.g. --overlap {suggestion}")
+
+
+#: Flow-matching shift of the sampler: 1 = unshifted; the reference (and the distillation LoRAs) use 5.
+MIN_SHIFT, MAX_SHIFT = 0.1, 100.0
+
+
+def check_shift(shift) -> float:
+    if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and math.isfinite(shift)
+                                       and MIN_SHIFT <= shift <= MAX_SHIFT):
+        raise InputError(f"--shift must be a finite flow shift from {MIN_SHIFT:g} to {MAX_SHIFT:g}, got {shift}; "
+                         f"the reference uses --shift 5")
+    return float(shift)

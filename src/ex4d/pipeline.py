@@ -531,13 +531,21 @@ class GenerateOptions:
     """Settings of the generation stage (see ``ex4d generate --help``).
 
     The first group decides what is computed; the second only how fast and in how much memory,
-    and together with ``models_dir``/``adapter``/``device`` it decides the loaded pipeline
+    and together with ``models_dir``/``adapter``/``device``/``loras`` it decides the loaded pipeline
     (:meth:`pipeline_key`).
+
+    Sampler: ``preset`` (``full``: 25 steps, guidance 5, shift 5, the reference's; ``fast``: 4 steps,
+    guidance 1, shift 5, for a step/CFG-distillation LoRA) gives ``steps``, ``cfg`` (the guidance
+    scale) and ``shift`` where they are None; values given explicitly win. After construction the
+    three always hold numbers. ``loras``: extra Wan LoRAs, ``FILE[:STRENGTH]`` strings or
+    ``(file, strength)`` pairs, merged in order. ``prompt_cache``: folder of cached prompt
+    embeddings (None: ``<models_dir>/prompt_cache``, or the user cache folder without a models
+    folder; ``off``: no cache).
     """
 
     seed: int = 0
-    steps: int = 25
-    cfg: float = 5.0
+    steps: int | None = None  # None: the preset's (25 full, 4 fast)
+    cfg: float | None = None  # guidance scale; None: the preset's (5 full, 1 fast = no CFG)
     prompt: str | None = None  # None: the reference's fixed prompt
     negative_prompt: str | None = None  # None: Wan's standard negative prompt
     size: str = "512x512"
@@ -557,11 +565,38 @@ class GenerateOptions:
     vram_budget: float | None = None  # GiB for --low-vram (None: the GPU's memory); more resident blocks
     cpu_offload: bool = False
     fp8: bool = False
+    shift: float | None = None  # flow-matching shift; None: the preset's (5)
+    preset: str = "full"
+    loras: tuple = ()  # extra Wan LoRAs: "FILE[:STRENGTH]" or (file, strength), merged in order
+    prompt_cache: str | None = None  # None: <models_dir>/prompt_cache (or the user cache); "off": none
+
+    def __post_init__(self):
+        from ex4d.diffusion.pipeline import SAMPLER_PRESETS
+
+        preset = SAMPLER_PRESETS.get(str(self.preset).strip().lower()) if isinstance(self.preset, str) else None
+        if preset is None:
+            raise InputError(f"--preset must be one of {', '.join(SAMPLER_PRESETS)}, got {self.preset!r}; "
+                             f"e.g. --preset fast (with a step-distillation --lora)")
+        self.preset = str(self.preset).strip().lower()
+        if self.steps is None:
+            self.steps = preset["steps"]
+        if self.cfg is None:
+            self.cfg = preset["guidance"]
+        if self.shift is None:
+            self.shift = preset["shift"]
+        from ex4d.diffusion.weights.lora import parse_lora_specs
+
+        self.loras = parse_lora_specs(self.loras)
+
+    def lora_identities(self) -> list[dict]:
+        """Each extra LoRA's path, size, mtime and strength (cached pipelines and records compare these)."""
+        return [spec.identity() for spec in self.loras]
 
     def pipeline_key(self) -> tuple:
         """What the loaded pipeline depends on; jobs with equal keys share one loaded pipeline."""
+        loras = tuple(tuple(sorted(item.items())) for item in self.lora_identities())
         return (self.models_dir, self.adapter, str(resolve_device(self.device)), self.merge_lora, self.attention,
-                self.compile, self.batch_cfg, self.low_vram, self.vram_budget, self.cpu_offload, self.fp8)
+                self.compile, self.batch_cfg, self.low_vram, self.vram_budget, self.cpu_offload, self.fp8, loras)
 
     def call_kwargs(self) -> dict:
         from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
@@ -569,10 +604,11 @@ class GenerateOptions:
         return dict(prompt=self.prompt if self.prompt is not None else DEFAULT_PROMPT,
                     negative_prompt=self.negative_prompt if self.negative_prompt is not None
                     else DEFAULT_NEGATIVE_PROMPT,
-                    num_inference_steps=self.steps, guidance_scale=self.cfg)
+                    num_inference_steps=self.steps, guidance_scale=self.cfg, shift=self.shift)
 
     def validate(self) -> "GenerateOptions":
-        """Check every number before any work starts; a one-line InputError names the option and its range."""
+        """Check every number (and that every --lora file exists) before any work starts; a one-line
+        InputError names the option and its range."""
         from ex4d.checks import (
             MAX_GENERATE_SIDE,
             MAX_STEPS,
@@ -582,26 +618,49 @@ class GenerateOptions:
             check_int,
             check_positive,
             check_seed,
+            check_shift,
             check_windows,
         )
         from ex4d.diffusion.conditioning import parse_size
+        from ex4d.diffusion.weights.lora import check_lora_files
 
         check_seed(self.seed)
         check_int(self.steps, "--steps", 1, MAX_STEPS, example=25)
         check_cfg(self.cfg)
+        check_shift(self.shift)
         check_fps(self.fps, "--fps", default="or 'source' for the colour video's rate")
         parse_size(self.size, (512, 512), max_side=MAX_GENERATE_SIDE)
         if self.num_frames is not None:
             check_4k1(self.num_frames, "--num-frames", "the generator")
         check_windows(self.window, self.overlap)
         check_positive(self.vram_budget, "--vram-budget", "20")
+        check_lora_files(self.loras)
         return self
 
     def record(self) -> dict:
-        """The settings that change the output video (for skip-if-unchanged checks)."""
-        return {k: getattr(self, k) for k in ("seed", "steps", "cfg", "prompt", "negative_prompt", "size",
-                                                "num_frames", "fps", "erode", "window", "overlap", "models_dir",
-                                                "adapter", "merge_lora", "fp8")}
+        """The settings that change the output video (for skip-if-unchanged checks).
+
+        ``shift`` and ``loras`` appear only when they differ from the reference's (5, none), so that
+        records written before they existed still match the same settings.
+        """
+        from ex4d.diffusion.pipeline import FLOW_SHIFT
+
+        record = {k: getattr(self, k) for k in ("seed", "steps", "cfg", "prompt", "negative_prompt", "size",
+                                                  "num_frames", "fps", "erode", "window", "overlap", "models_dir",
+                                                  "adapter", "merge_lora", "fp8")}
+        if self.shift != FLOW_SHIFT:
+            record["shift"] = self.shift
+        if self.loras:
+            record["loras"] = self.lora_identities()
+        return record
+
+    def prompt_cache_dir(self) -> Path | None:
+        """Where cached prompt embeddings live (None: the cache is off)."""
+        from ex4d.diffusion.prompt_cache import default_cache_dir, resolve_cache_dir
+
+        if self.prompt_cache is None and self.models_dir is not None:
+            return Path(self.models_dir).expanduser() / "prompt_cache"
+        return resolve_cache_dir(self.prompt_cache) if self.prompt_cache is not None else default_cache_dir()
 
 
 def _planned_tokens(options: GenerateOptions) -> int:
@@ -616,29 +675,52 @@ def _planned_tokens(options: GenerateOptions) -> int:
     return num_video_tokens(frames, height, width)
 
 
-def load_generator(options: GenerateOptions, parallel=None):
+def _generation_device(options: GenerateOptions, parallel=None):
+    """(device, compute dtype) of a generation: bf16 on CUDA, float32 on the CPU."""
+    import torch
+
+    device = parallel.device if parallel is not None and parallel.world_size > 1 else resolve_device(options.device)
+    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def _lora_param_shapes(models_dir) -> dict:
+    """Parameter shapes of the DiT that will load (a meta-device model of its config: no weights read)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from ex4d.diffusion.weights.lora import transformer_param_shapes
+    from ex4d.diffusion.weights.wan import wan_transformer_config
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(wan_transformer_config(models_dir))
+    return transformer_param_shapes(model)
+
+
+def load_generator(options: GenerateOptions, parallel=None, *, text_encoder: bool = True):
     """Load Wan2.1-I2V-14B + the EX-4D adapter as an EX4DPipeline with ``options``' speed settings.
 
     Missing weights raise one MissingWeightsError (exit 2) naming every missing file and its download
-    command (:mod:`ex4d.weights_preflight`); the adapter is read and validated first, so that a
-    missing or corrupt adapter fails before 40 GB of weights are read.
+    command (:mod:`ex4d.weights_preflight`); the adapter and the extra LoRAs are read and validated
+    first, so that a missing or corrupt one fails before 40 GB of weights are read.
     parallel: an :class:`ex4d.diffusion.parallel.ParallelContext` under torchrun, else None.
+    text_encoder: False loads neither umT5 nor its tokenizer (the prompt embeddings come from the
+    cache, :mod:`ex4d.diffusion.prompt_cache`).
     """
     import time
-
-    import torch
 
     from ex4d.diffusion.performance import PerformanceOptions
     from ex4d.diffusion.pipeline import build_pipeline
     from ex4d.diffusion.weights import load_ex4d_adapter, load_wan_components, resolve_adapter
+    from ex4d.diffusion.weights.lora import prepare_loras
 
-    device = parallel.device if parallel is not None and parallel.world_size > 1 else resolve_device(options.device)
+    device, dtype = _generation_device(options, parallel)
     perf = PerformanceOptions(merge_lora=options.merge_lora, attention=options.attention, compile=options.compile,
                               batch_cfg=options.batch_cfg, low_vram=options.low_vram,
                               cpu_offload=options.cpu_offload, fp8=options.fp8, vram_budget_gib=options.vram_budget,
                               low_vram_tokens=_planned_tokens(options))
-    perf.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    perf.dtype = dtype
     perf.validate()
+    from ex4d.diffusion.weights.models_dir import DIFFUSERS_COMPONENTS
     from ex4d.diffusion.weights.wan import wan_transformer_config
     from ex4d.weights_preflight import check_weights
 
@@ -646,37 +728,101 @@ def load_generator(options: GenerateOptions, parallel=None):
     adapter_path = resolve_adapter(options.models_dir, options.adapter)
     started = time.perf_counter()
     # The adapter is read in full and checked against the DiT's config (from the shard headers) before
-    # the 40 GB of Wan weights load: a corrupt adapter fails in a second.
+    # the 40 GB of Wan weights load: a corrupt adapter fails in a second. So are the extra LoRAs.
     adapter = load_ex4d_adapter(adapter_path, transformer_config=wan_transformer_config(options.models_dir))
+    loras = prepare_loras(options.loras, _lora_param_shapes(options.models_dir)) if options.loras else []
     offloading = options.low_vram or options.cpu_offload
+    wanted = [c for c in DIFFUSERS_COMPONENTS if text_encoder or c not in ("text_encoder", "tokenizer")]
     components = load_wan_components(options.models_dir, torch_dtype=perf.dtype,
-                                     device="cpu" if offloading else device)
-    pipe = build_pipeline(components, adapter, perf, device)
-    log.info("generation models ready in %.1f s", time.perf_counter() - started)
+                                     device="cpu" if offloading else device, components=wanted)
+    pipe = build_pipeline(components, adapter, perf, device, loras=loras)
+    log.info("generation models ready in %.1f s%s", time.perf_counter() - started,
+             "" if text_encoder else " (prompt embeddings cached: no text encoder loaded)")
     return pipe
 
 
-def cached_generator(options: GenerateOptions, cache: dict, parallel=None):
+def cached_generator(options: GenerateOptions, cache: dict, parallel=None, *, text_encoder: bool = True):
     """The pipeline for ``options`` from ``cache`` (``generate_pipe``/``generate_key``), loading it once.
 
     Only one pipeline is kept: a 14B model per GPU is all there is room for, so other settings
     drop the old one first. A pipeline placed in the cache with a matching key is used as is.
+    text_encoder: whether the pipeline must hold the text encoder (a cached one without it is
+    loaded again with it when a prompt is not in the prompt cache).
     """
     key = options.pipeline_key()
-    if cache.get("generate_key") == key and cache.get("generate_pipe") is not None:
-        return cache["generate_pipe"]
+    pipe = cache.get("generate_pipe")
+    if cache.get("generate_key") == key and pipe is not None and \
+            (not text_encoder or getattr(pipe, "text_encoder", True) is not None):
+        return pipe
     if cache.pop("generate_pipe", None) is not None:
         cache.pop("generate_key", None)
         import gc
 
         import torch
 
+        del pipe
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    pipe = load_generator(options, parallel=parallel)
+    pipe = load_generator(options, parallel=parallel, text_encoder=text_encoder)
     cache["generate_pipe"], cache["generate_key"] = pipe, key
     return pipe
+
+
+def _prompts(options: GenerateOptions) -> dict[str, str]:
+    """The prompts the sampler encodes: the positive one, and the negative one only with CFG."""
+    kwargs = options.call_kwargs()
+    prompts = {"positive": kwargs["prompt"]}
+    if options.cfg != 1.0:
+        prompts["negative"] = kwargs["negative_prompt"]
+    return prompts
+
+
+def _cached_prompt_embeds(options: GenerateOptions, parallel=None):
+    """(cache folder or None, cache keys by name, embeddings found by name: a tensor or None).
+
+    Nothing is looked up when the cache is off or no Wan weights are found (the loader then reports
+    the missing files as usual)."""
+    from ex4d.diffusion import prompt_cache
+    from ex4d.diffusion.weights.wan import TEXT_LENGTH
+    from ex4d.errors import UserError
+
+    cache_dir = options.prompt_cache_dir()
+    prompts = _prompts(options)
+    if cache_dir is None:
+        return None, {}, {name: None for name in prompts}
+    try:
+        encoder = prompt_cache.text_encoder_identity(options.models_dir)
+    except UserError:
+        return None, {}, {name: None for name in prompts}
+    device, dtype = _generation_device(options, parallel)
+    keys = {name: prompt_cache.cache_key(text, encoder=encoder, text_len=TEXT_LENGTH, dtype=dtype,
+                                         device_type=device.type) for name, text in prompts.items()}
+    return cache_dir, keys, {name: prompt_cache.load(cache_dir, key) for name, key in keys.items()}
+
+
+def _prompt_embeds(pipe, options: GenerateOptions, looked_up, parallel=None) -> dict:
+    """Pipeline-call arguments with the prompt embeddings from the cache (``looked_up``:
+    :func:`_cached_prompt_embeds`' result), computing (and storing) the ones it lacks; {} when the
+    cache is off (the pipeline encodes the prompts itself)."""
+    from ex4d.diffusion import prompt_cache
+
+    cache_dir, keys, found = looked_up
+    found = dict(found)
+    if cache_dir is None:
+        return {}
+    prompts = _prompts(options)
+    for name, embeds in found.items():
+        if embeds is None:
+            device, dtype = pipe._execution_device, pipe.context_dtype()
+            embeds, _ = pipe.encode_prompt(prompts[name], None, False, device, dtype)
+            found[name] = embeds
+            if parallel is None or parallel.is_main:
+                prompt_cache.store(cache_dir, keys[name], embeds)
+    out = {"prompt_embeds": found["positive"]}
+    if "negative" in found:
+        out["negative_prompt_embeds"] = found["negative"]
+    return out
 
 
 def _generate_request(color: Path, mask: Path, options: GenerateOptions) -> dict:
@@ -711,6 +857,7 @@ def check_generate_paths(color: str | os.PathLike, mask: str | os.PathLike | Non
     given_mask = mask
     mask = find_mask_for(color, mask)
     inputs = [color, mask] + [Path(p) for p in (given_mask, options.adapter) if p is not None]
+    inputs += [Path(spec.path).expanduser() for spec in options.loras]
     protect_inputs(*inputs)
     output = Path(output)
     if output.suffix.lower() != ".mp4":
@@ -760,7 +907,12 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
         if parallel.ulysses_degree > 1:
             check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
 
-    pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel)
+    # Prompt embeddings all in the cache: the text encoder is not even loaded.
+    looked_up = _cached_prompt_embeds(options, parallel)
+    need_text_encoder = looked_up[0] is None or any(embeds is None for embeds in looked_up[2].values())
+    pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel,
+                            text_encoder=need_text_encoder)
+    call_kwargs = {**options.call_kwargs(), **_prompt_embeds(pipe, options, looked_up, parallel)}
     pipe.set_progress_bar_config(disable=not show_progress)
     _use_sampler_progress(pipe, progress if show_progress and (parallel is None or parallel.is_main) else None)
     if parallel is not None and parallel.world_size > 1:
@@ -771,11 +923,11 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
         from ex4d.diffusion.long_video import generate_long_video
 
         frames = generate_long_video(pipe, condition, window=options.window, overlap=options.overlap,
-                                     seed=options.seed, progress=progress, **options.call_kwargs())
+                                     seed=options.seed, progress=progress, **call_kwargs)
     else:
         result = pipe(condition.cond, condition.mask, image=condition.first_frame,
                       generator=torch.Generator("cpu").manual_seed(options.seed), output_type="np",
-                      **options.call_kwargs())
+                      **call_kwargs)
         frames = result.frames[0]
     if parallel is None or parallel.is_main:
         # The record goes first and comes back last: a run killed between the two writes leaves a video

@@ -22,6 +22,8 @@ from ex4d.checks import (  # noqa: F401
     MAX_STEPS,
     MIN_CFG,
     MAX_CFG,
+    MIN_SHIFT,
+    MAX_SHIFT,
     MAX_GENERATE_SIDE,
     MAX_RECON_PIXELS,
     MAX_SYNTH_SIDE,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ex4d.commands.common import MAX_CFG, MAX_FPS, MAX_GENERATE_SIDE, MAX_STEPS, MIN_CFG, MIN_FPS, add_device_arg
+from ex4d.commands.common import (MAX_CFG, MAX_FPS, MAX_GENERATE_SIDE, MAX_SHIFT, MAX_STEPS, MIN_CFG, MIN_FPS, MIN_SHIFT,
+                                  add_device_arg)
 
 logger = logging.getLogger(__name__)
 
@@ -14,6 +15,7 @@ EPILOG = """examples:
   ex4d generate --color out/color_90.mp4 --mask out/mask_90.mkv -o gen.mp4 --seed 3 --fps 15
   ex4d generate --color out/color_90.mp4 -o gen.mp4 --low-vram          # GPUs with <= 24 GB
   ex4d generate --color out/color_90.mp4 -o gen.mp4 --compile --fp8     # faster after warm-up / less memory
+  ex4d generate --color out/color_90.mp4 -o gen.mp4 --preset fast --lora distill.safetensors   # 4 steps, no CFG
 The mask defaults to the lossless mask_<cam>.mkv beside color_<cam>.mp4.
 """
 
@@ -49,10 +51,28 @@ def add_generation_args(parser: argparse.ArgumentParser, *, with_recon: bool = F
     parser.add_argument("--adapter", default=None, help="EX-4D adapter file or folder (default: found in --models-dir)")
     parser.add_argument("--seed", type=int, default=0,
                         help="noise and mask-erosion seed, 0 to 2**63-1 (default 0)")
-    parser.add_argument("--steps", type=int, default=25,
-                        help=f"sampling steps, 1 to {MAX_STEPS} (default 25, as the reference)")
-    parser.add_argument("--cfg", type=float, default=5.0,
-                        help=f"text guidance scale, {MIN_CFG:g} (none) to {MAX_CFG:g} (default 5, as the reference)")
+    sampler = parser.add_argument_group("sampler and extra LoRAs (docs/generation.md)")
+    sampler.add_argument("--preset", default="full", choices=("full", "fast"),
+                         help="sampler preset: full = 25 steps, guidance 5, shift 5 (the reference's); fast = 4 "
+                              "steps, guidance 1 (no CFG: one forward per step), shift 5, the schedule of the "
+                              "4-step distillation LoRAs: use it with such a --lora; its quality with the EX-4D "
+                              "adapter is unverified (default full)")
+    sampler.add_argument("--steps", type=int, default=None,
+                         help=f"sampling steps, 1 to {MAX_STEPS} (default: the preset's, 25 full / 4 fast)")
+    sampler.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=None, metavar="SCALE",
+                         help=f"text guidance scale, {MIN_CFG:g} (none: one forward per step) to {MAX_CFG:g} "
+                              f"(default: the preset's, 5 full / 1 fast); --cfg is the same option")
+    sampler.add_argument("--shift", type=float, default=None,
+                         help=f"flow-matching shift of the sigma schedule, {MIN_SHIFT:g} to {MAX_SHIFT:g} "
+                              f"(default: the preset's, 5 as the reference)")
+    sampler.add_argument("--lora", dest="loras", action="append", default=None, metavar="FILE[:STRENGTH]",
+                         help="merge an extra Wan2.1-I2V-14B LoRA (ComfyUI/LightX2V or diffusers layout; every "
+                              "key must apply) at STRENGTH (default 1; 0 = off); repeat for several, merged in "
+                              "order (default: none)")
+    sampler.add_argument("--prompt-cache", default=None, metavar="DIR",
+                         help="folder of cached prompt embeddings; on a hit the 5.7B text encoder is not loaded "
+                              "(default: <models-dir>/prompt_cache, or $XDG_CACHE_HOME/ex4d/prompt_embeds (~/.cache/...) without "
+                              "--models-dir; 'off' to disable)")
     parser.add_argument("--prompt", default=None, help="prompt (default: the reference's fixed prompt)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (default: Wan's standard one)")
     parser.add_argument("--size", default="512x512",
@@ -139,7 +159,8 @@ def options_from_args(args: argparse.Namespace):
         window=args.window, overlap=args.overlap, models_dir=args.models_dir, adapter=args.adapter,
         device=args.device, merge_lora=not args.no_merge_lora, attention=args.attention, compile=args.compile,
         batch_cfg=False if args.no_batch_cfg else None, low_vram=args.low_vram, cpu_offload=args.cpu_offload,
-        fp8=args.fp8, vram_budget=args.vram_budget).validate()  # every number, before any work
+        fp8=args.fp8, vram_budget=args.vram_budget, shift=args.shift, preset=args.preset,
+        loras=tuple(args.loras or ()), prompt_cache=args.prompt_cache).validate()  # every number, before any work
 
 
 def main(args: argparse.Namespace) -> int:

@@ -91,7 +91,9 @@ def argv_from_args(args, parser=None) -> list[str]:
         if value == action.default and not action.required:
             continue
         flag = action.option_strings[-1]
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, argparse._AppendAction):
+            argv.extend(f"{flag}={item}" for item in value)  # --lora, once per file
+        elif isinstance(action, argparse._StoreTrueAction):
             argv.append(flag)
         elif isinstance(action, argparse._StoreFalseAction):
             argv.append(flag)

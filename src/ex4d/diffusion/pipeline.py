@@ -13,7 +13,8 @@ videos, (1, 3, T, H, W)) and the first frame. The pipeline reproduces the refere
 * camera tokens: CamVidEncoder(VAE(cond), VAE(2 * mask' - 1)) -> (1, 5120, T', h/2, w/2), added
   after the patch embedding through a forward hook, in both CFG branches;
 * flow-matching Euler, shift 5, sigmas 5s/(1+4s) for s = linspace(1, 0, 26)[:25], t = 1000 sigma,
-  CFG on the text only: v = v_neg + g (v_pos - v_neg); noise N(0, 1) float32 from a CPU generator;
+  CFG on the text only: v = v_neg + g (v_pos - v_neg); noise N(0, 1) float32 from a CPU generator
+  (steps, guidance and shift are settable: :data:`SAMPLER_PRESETS`);
 * untiled VAE decode, clamp to [-1, 1], uint8 frames (rounded).
 
 Shapes: latents (B, 16, T', h, w) with T' = (T - 1) / 4 + 1, h = H / 8, w = W / 8.
@@ -53,6 +54,15 @@ DEFAULT_NEGATIVE_PROMPT = (
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
 FLOW_SHIFT = 5.0
+#: Sampler presets (``--preset``): steps, guidance scale and flow shift. ``full`` is the reference's
+#: sampling. ``fast`` is the step/CFG-distillation LoRAs' (LightX2V's 4-step Wan2.1-I2V LoRA): 4 steps,
+#: no CFG (one forward per step), shift 5; with the reference's sigma rule below, 4 steps at shift 5
+#: give exactly the sigmas they were trained on, [1, 0.9375, 0.8333, 0.625] (t = 1000 sigma), with
+#: the same deterministic Euler update. Needs such a LoRA (``--lora``) to give a usable video.
+SAMPLER_PRESETS = {
+    "full": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "shift": FLOW_SHIFT},
+    "fast": {"steps": 4, "guidance": 1.0, "shift": 5.0},
+}
 #: CLIP ViT-H/14 input size and normalisation (open-clip / OpenAI constants).
 CLIP_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -64,9 +74,19 @@ def reference_sigmas(num_steps: int = DEFAULT_STEPS) -> np.ndarray:
     return np.linspace(1.0, 0.0, num_steps + 1)[:num_steps]
 
 
-def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """Flow-matching Euler with the reference's shift (5); pass ``reference_sigmas`` to set_timesteps."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
+def make_scheduler(shift: float = FLOW_SHIFT) -> FlowMatchEulerDiscreteScheduler:
+    """Flow-matching Euler with ``shift`` (the reference's 5); pass ``reference_sigmas`` to set_timesteps.
+
+    The scheduler maps each sigma s to shift * s / (1 + (shift - 1) * s).
+    """
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def sampler_sigmas(num_steps: int = DEFAULT_STEPS, shift: float = FLOW_SHIFT) -> list[float]:
+    """The shifted sigmas the sampler visits (num_steps of them, then 0), as the pipeline sets them."""
+    scheduler = make_scheduler(shift)
+    scheduler.set_timesteps(sigmas=reference_sigmas(num_steps).tolist())
+    return [float(s) for s in scheduler.sigmas]
 
 
 def _prompt_clean(text: str) -> str:
@@ -170,6 +190,10 @@ class EX4DPipeline(DiffusionPipeline):
         hidden[:, length:] = 0
         return hidden
 
+    def context_dtype(self) -> torch.dtype:
+        """The dtype of the DiT's inputs (text and image context, latents): bf16 under fp8 storage."""
+        return self.transformer.dtype if not _has_layerwise_casting(self.transformer) else torch.bfloat16
+
     def encode_prompt(self, prompt: str, negative_prompt: str | None, do_classifier_free_guidance: bool,
                       device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(positive, negative) text embeddings, each (1, 512, 4096); negative is None without CFG."""
@@ -258,7 +282,7 @@ class EX4DPipeline(DiffusionPipeline):
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  image_embeds: torch.Tensor | None = None, batch_cfg: bool | None = None,
-                 output_type: str = "np", return_dict: bool = True,
+                 shift: float | None = None, output_type: str = "np", return_dict: bool = True,
                  callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None):
         """Generate the video.
 
@@ -266,13 +290,15 @@ class EX4DPipeline(DiffusionPipeline):
         [-1, 1], mask' in {-1, +1}). image: frame 0 as uint8 (H, W, 3); default: derived from
         cond[:, :, 0] the reference's way. output_type: "np" | "pt" (uint8 (B, T, H, W, 3)) or
         "latent". callback_on_step_end(pipe, step, t, {"latents": ...}) may return new latents.
+        shift: the flow shift of this call (default: the scheduler's, 5 as the reference). guidance_scale
+        1 runs one forward per step (no CFG: the negative prompt is neither encoded nor used).
         """
         if output_type not in ("np", "pt", "latent"):
             raise InputError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
         self.check_inputs(cond, mask, image, guidance_scale, num_inference_steps, prompt, prompt_embeds,
                           negative_prompt_embeds)
         device = self._execution_device
-        dtype = self.transformer.dtype if not _has_layerwise_casting(self.transformer) else torch.bfloat16
+        dtype = self.context_dtype()
         do_cfg = guidance_scale != 1.0
         batch_cfg = self.batch_cfg if batch_cfg is None else batch_cfg
 
@@ -300,9 +326,13 @@ class EX4DPipeline(DiffusionPipeline):
         latents = self.prepare_latents(shape, generator, device, latents)
         y = y.to(dtype)
 
-        # 3. Denoising: flow-match Euler on the reference's 25 sigmas.
-        self.scheduler.set_timesteps(sigmas=reference_sigmas(num_inference_steps).tolist(), device=device)
-        timesteps = self.scheduler.timesteps
+        # 3. Denoising: flow-match Euler on the reference's sigma rule (25 steps, shift 5 by default).
+        scheduler = self.scheduler
+        if shift is not None and float(shift) != float(scheduler.config.shift):
+            # A scheduler of this call only: the pipeline's own keeps its shift for the next call.
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=float(shift))
+        scheduler.set_timesteps(sigmas=reference_sigmas(num_inference_steps).tolist(), device=device)
+        timesteps = scheduler.timesteps
         self._num_timesteps = len(timesteps)
         with self.injector.active(tokens), self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -310,7 +340,7 @@ class EX4DPipeline(DiffusionPipeline):
                 timestep = t.expand(latents.shape[0])
                 velocity = self._predict(latent_input, timestep, prompt_embeds, negative_prompt_embeds,
                                          image_embeds, guidance_scale, batch_cfg)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     result = callback_on_step_end(self, i, t, {"latents": latents})
                     if result and "latents" in result:
@@ -356,21 +386,26 @@ def _has_layerwise_casting(module: torch.nn.Module) -> bool:
 
 
 def build_pipeline(components: dict, adapter_weights: Any | None = None, options: Any | None = None,
-                   device: torch.device | str = "cpu") -> EX4DPipeline:
+                   device: torch.device | str = "cpu", loras=()) -> EX4DPipeline:
     """Assemble an :class:`EX4DPipeline` from ``load_wan_components``' dict and the adapter weights.
 
     adapter_weights: ``load_ex4d_adapter``'s result, or None for a fresh (no-op) adapter, as used
     by training and by benchmarks with random weights. options: a
     :class:`ex4d.diffusion.performance.PerformanceOptions` (default: merged LoRA, fused QKV,
-    batched CFG, everything on ``device``).
+    batched CFG, everything on ``device``). loras: extra Wan LoRAs (``FILE[:STRENGTH]`` strings,
+    :class:`~ex4d.diffusion.weights.lora.LoraSpec`s or prepared ones), merged after the adapter's
+    LoRA and before QKV fusion, compilation and fp8. ``components`` may lack the text encoder and
+    tokenizer when the prompt embeddings come from the cache (:mod:`ex4d.diffusion.prompt_cache`).
     """
     from ex4d.diffusion.adapter import apply_adapter
     from ex4d.diffusion.performance import PerformanceOptions, apply_performance
+    from ex4d.diffusion.weights.lora import merge_loras
 
     options = options or PerformanceOptions()
     options.validate()
     transformer = components["transformer"]
     encoder, injector = apply_adapter(transformer, adapter_weights, merge=options.merge_lora)
+    merge_loras(transformer, loras)
     pipe = EX4DPipeline(tokenizer=components.get("tokenizer"), text_encoder=components.get("text_encoder"),
                         image_encoder=components.get("image_encoder"), vae=components["vae"],
                         transformer=transformer, camera_encoder=encoder, scheduler=make_scheduler())
