@@ -421,3 +421,25 @@ def test_ex4d_depth_vda_without_weights_exits_2_with_the_command(offline, clip_v
     assert ("hf download depth-anything/Metric-Video-Depth-Anything-Small metric_video_depth_anything_vits.pth "
             f"--local-dir {tmp_path / 'm'}/depth-anything/Metric-Video-Depth-Anything-Small") in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_recon_with_metric_vda_takes_a_stereo_baseline_in_metres(tiny, models_dir, offline, clip_video, tmp_path):
+    from ex4d.depth import load_depth_file
+    from ex4d.pipeline import _depth_is_metric
+
+    common = ["--models-dir", str(models_dir), "--num-frames", "5", "--device", "cpu", "--cam", "stereo:baseline=0.065m"]
+    out = tmp_path / "metric"
+    assert main(["recon", str(clip_video), "-o", str(out), "--depth", "vda-metric", *common]) == 0
+    record = json.loads((out / "recon_stereo_baseline0.065m.json").read_text())
+    assert record["trajectory"]["settings"]["baseline"] == pytest.approx(0.065)
+    reread = load_depth_file(out / "depth.npz", num_frames=5, size=record["size"])
+    assert _depth_is_metric(reread)  # the flag survives depth.npz (reuse, or --depth out/depth.npz)
+    assert main(["recon", str(clip_video), "-o", str(tmp_path / "relative"), "--depth", "vda", *common]) == 1
+
+
+def test_every_estimator_name_is_accepted_by_batch_checks():
+    from ex4d import batch
+    from ex4d.depth import ESTIMATORS
+
+    assert set(ESTIMATORS) <= set(batch._ESTIMATOR_NAMES)
+    assert set(dw.VDA_NAMES) <= set(ESTIMATORS)
