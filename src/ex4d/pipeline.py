@@ -769,16 +769,16 @@ def cached_generator(options: GenerateOptions, cache: dict, parallel=None, *, te
     return pipe
 
 
-def _prompts(options: GenerateOptions) -> dict[str, str]:
-    """The prompts the sampler encodes: the positive one, and the negative one only with CFG."""
+def _prompts(options: GenerateOptions, both: bool = False) -> dict[str, str]:
+    """The prompts the sampler encodes: the positive one, and the negative one only with CFG (or ``both``)."""
     kwargs = options.call_kwargs()
     prompts = {"positive": kwargs["prompt"]}
-    if options.cfg != 1.0:
+    if options.cfg != 1.0 or both:
         prompts["negative"] = kwargs["negative_prompt"]
     return prompts
 
 
-def _cached_prompt_embeds(options: GenerateOptions, parallel=None):
+def _cached_prompt_embeds(options: GenerateOptions, parallel=None, both: bool = False):
     """(cache folder or None, cache keys by name, embeddings found by name: a tensor or None).
 
     Nothing is looked up when the cache is off or no Wan weights are found (the loader then reports
@@ -788,7 +788,7 @@ def _cached_prompt_embeds(options: GenerateOptions, parallel=None):
     from ex4d.errors import UserError
 
     cache_dir = options.prompt_cache_dir()
-    prompts = _prompts(options)
+    prompts = _prompts(options, both)
     if cache_dir is None:
         return None, {}, {name: None for name in prompts}
     try:
@@ -823,6 +823,36 @@ def _prompt_embeds(pipe, options: GenerateOptions, looked_up, parallel=None) -> 
     if "negative" in found:
         out["negative_prompt_embeds"] = found["negative"]
     return out
+
+
+def precompute_prompt_embeds(options: GenerateOptions) -> dict[str, Path]:
+    """Fill the prompt cache for ``options`` (its prompts, models folder, device and cache folder) by
+    loading only umT5 and its tokenizer; returns {"positive"/"negative": cache file}. Entries that are
+    already current are kept. Used by ``ex4d convert --prompt-embeds``."""
+    from ex4d.diffusion import prompt_cache
+    from ex4d.diffusion.pipeline import encode_text
+    from ex4d.diffusion.weights import load_wan_components
+
+    if options.prompt_cache_dir() is None:
+        raise InputError("the prompt cache is off (--prompt-cache off); give a folder to fill")
+    # Both prompts, whatever the guidance: a later run with CFG needs the negative one too.
+    cache_dir, keys, found = _cached_prompt_embeds(options, both=True)
+    written = {name: prompt_cache.entry_path(cache_dir, keys[name]) for name, embeds in found.items()
+               if embeds is not None}
+    missing = [name for name, embeds in found.items() if embeds is None]
+    if missing:
+        device, dtype = _generation_device(options)
+        parts = load_wan_components(options.models_dir, torch_dtype=dtype, device=device,
+                                    components=["text_encoder", "tokenizer"])
+        prompts = _prompts(options, both=True)
+        for name in missing:
+            embeds = encode_text(parts["tokenizer"], parts["text_encoder"], prompts[name], device, dtype)
+            path = prompt_cache.store(cache_dir, keys[name], embeds)
+            if path is None:
+                raise InputError(f"cannot write the prompt cache folder {cache_dir}; choose another with "
+                                  f"--prompt-cache")
+            written[name] = path
+    return written
 
 
 def _generate_request(color: Path, mask: Path, options: GenerateOptions) -> dict:

@@ -100,6 +100,20 @@ def _prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def encode_text(tokenizer, text_encoder, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """umT5 embeddings (1, 512, 4096) of ``prompt``: true-length tokens then zeros, as the reference pads
+    them (the pipeline's text encoding; also used to fill the prompt cache without a pipeline)."""
+    inputs = tokenizer([_prompt_clean(prompt)], padding="max_length", max_length=TEXT_LENGTH,
+                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    ids, attention = inputs.input_ids, inputs.attention_mask
+    length = int(attention.gt(0).sum())
+    encoder_device = _module_device(text_encoder)
+    hidden = text_encoder(ids.to(encoder_device), attention.to(encoder_device)).last_hidden_state
+    hidden = hidden.to(device=device, dtype=dtype)
+    hidden[:, length:] = 0
+    return hidden
+
+
 @dataclass
 class EX4DPipelineOutput(BaseOutput):
     """frames: uint8 (B, T, H, W, 3) ndarray ("np"), uint8 tensor ("pt"), or latents (B, 16, T', h, w)."""
@@ -179,16 +193,7 @@ class EX4DPipeline(DiffusionPipeline):
 
     def _encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """umT5 embeddings (1, 512, 4096): true-length tokens then zeros, as the reference pads them."""
-        inputs = self.tokenizer([_prompt_clean(prompt)], padding="max_length", max_length=TEXT_LENGTH,
-                                truncation=True, add_special_tokens=True, return_attention_mask=True,
-                                return_tensors="pt")
-        ids, attention = inputs.input_ids, inputs.attention_mask
-        length = int(attention.gt(0).sum())
-        encoder_device = _module_device(self.text_encoder)
-        hidden = self.text_encoder(ids.to(encoder_device), attention.to(encoder_device)).last_hidden_state
-        hidden = hidden.to(device=device, dtype=dtype)
-        hidden[:, length:] = 0
-        return hidden
+        return encode_text(self.tokenizer, self.text_encoder, prompt, device, dtype)
 
     def context_dtype(self) -> torch.dtype:
         """The dtype of the DiT's inputs (text and image context, latents): bf16 under fp8 storage."""

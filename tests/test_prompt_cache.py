@@ -1,0 +1,155 @@
+"""The prompt-embedding cache: a miss stores, a hit loads no text encoder and gives bit-identical embeddings
+(and video), a stale key (the encoder file changed) recomputes, and ``ex4d convert --prompt-embeds`` fills it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ex4d.diffusion import prompt_cache as pc
+from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+from ex4d.io.video import read_video, write_video
+from ex4d.pipeline import GenerateOptions, run_generate
+
+tiny_wan = pytest.importorskip("tiny_wan")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def models(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    return tiny_wan.write_tiny_models_dir(tmp_path / "models")
+
+
+@pytest.fixture()
+def renders(tmp_path):
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "color_30.mp4", (rng.random((5, 16, 16, 3)) * 255).astype(np.uint8), 10)
+    mask = np.full((5, 16, 16), 255, np.uint8)
+    mask[1:, :, 9:] = 0
+    write_video(tmp_path / "mask_30.mkv", mask, 10, codec="ffv1")
+    return tmp_path / "color_30.mp4"
+
+
+@pytest.fixture()
+def loads(monkeypatch):
+    """Which components each Wan load asked for, and how often umT5 itself was built."""
+    from ex4d.diffusion import weights
+    from ex4d.diffusion.weights import wan
+
+    seen = {"components": [], "t5": 0}
+    load, t5 = weights.load_wan_components, wan.load_t5_original
+
+    def spy_load(*args, **kwargs):
+        seen["components"].append(sorted(kwargs.get("components") or ()))
+        return load(*args, **kwargs)
+
+    def spy_t5(*args, **kwargs):
+        seen["t5"] += 1
+        return t5(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "load_wan_components", spy_load)
+    monkeypatch.setattr(wan, "load_t5_original", spy_t5)
+    return seen
+
+
+def generate(models, color, out, **kwargs):
+    options = GenerateOptions(models_dir=str(models), device="cpu", size="16x16", steps=1, **kwargs)
+    return run_generate(color, None, out, options, cache={}, show_progress=False)
+
+
+def entries(folder):
+    return sorted(folder.glob("*.safetensors"))
+
+
+def test_miss_then_hit_skips_the_text_encoder_and_keeps_the_video_bit_identical(models, renders, tmp_path, loads):
+    cache = models / "prompt_cache"
+    reference = generate(models, renders, tmp_path / "off.mp4", prompt_cache="off")
+    assert not cache.exists() and loads["t5"] == 1
+    generate(models, renders, tmp_path / "miss.mp4")  # miss: umT5 loads, both embeddings are stored
+    assert loads["t5"] == 2 and len(entries(cache)) == 2
+    generate(models, renders, tmp_path / "hit.mp4")  # hit: neither umT5 nor its tokenizer is loaded
+    assert loads["t5"] == 2
+    assert "text_encoder" not in loads["components"][-1] and "tokenizer" not in loads["components"][-1]
+    assert "transformer" in loads["components"][-1]
+    videos = [read_video(path)[0] for path in (reference, tmp_path / "miss.mp4", tmp_path / "hit.mp4")]
+    assert np.array_equal(videos[0], videos[1]) and np.array_equal(videos[1], videos[2])
+
+
+def test_without_cfg_only_the_positive_prompt_is_cached_and_needed(models, renders, tmp_path, loads):
+    generate(models, renders, tmp_path / "a.mp4", cfg=1.0)
+    assert len(entries(models / "prompt_cache")) == 1
+    generate(models, renders, tmp_path / "b.mp4", cfg=1.0)
+    assert loads["t5"] == 1  # the second run hit
+    generate(models, renders, tmp_path / "c.mp4", cfg=5.0)  # needs the negative prompt too: a miss
+    assert loads["t5"] == 2 and len(entries(models / "prompt_cache")) == 2
+
+
+def test_a_changed_encoder_file_is_a_stale_key_and_recomputes(models, renders, tmp_path, loads):
+    from ex4d.diffusion.weights import models_dir as md
+
+    generate(models, renders, tmp_path / "a.mp4", prompt="a red car")
+    t5_file = models / md.WAN_REPO / md.T5_FILE
+    stat = t5_file.stat()
+    os.utime(t5_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))  # re-downloaded / replaced
+    generate(models, renders, tmp_path / "b.mp4", prompt="a red car")
+    assert loads["t5"] == 2 and len(entries(models / "prompt_cache")) == 4  # new keys, new entries
+    generate(models, renders, tmp_path / "c.mp4", prompt="a blue car")  # another prompt: a miss
+    assert loads["t5"] == 3
+
+
+def test_hit_gives_bit_identical_embeddings_and_checks_the_stored_key(tmp_path):
+    from ex4d.diffusion.performance import PerformanceOptions
+    from ex4d.diffusion.pipeline import build_pipeline
+
+    pipe = build_pipeline(tiny_wan.make_tiny_components(0), None, PerformanceOptions(), "cpu")
+    computed, _ = pipe.encode_prompt(DEFAULT_PROMPT, None, False, torch.device("cpu"), torch.float32)
+    key = pc.cache_key(DEFAULT_PROMPT, encoder={"files": [["t5.pth", 1, 2]]}, text_len=512, dtype=torch.float32,
+                       device_type="cpu")
+    assert pc.load(tmp_path, key) is None  # a miss
+    path = pc.store(tmp_path, key, computed)
+    stored_rows = pc.load(tmp_path, key)
+    assert stored_rows.dtype == computed.dtype and torch.equal(stored_rows, computed)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:  # only the true-length rows are on disk
+        length = handle.get_slice("embeds").get_shape()[1]
+    assert 0 < length < 512 and computed[:, length:].abs().max() == 0 and computed[:, length - 1].abs().max() > 0
+    for changed in (dict(key, prompt=DEFAULT_NEGATIVE_PROMPT), dict(key, dtype="bfloat16"),
+                    dict(key, device_type="cuda"), dict(key, encoder={"files": [["t5.pth", 1, 3]]})):
+        assert pc.load(tmp_path, changed) is None
+    # An entry whose stored key differs from its name (a copy, a collision) is a miss, not a wrong hit.
+    other = pc.entry_path(tmp_path, dict(key, prompt="x"))
+    other.write_bytes(path.read_bytes())
+    assert pc.load(tmp_path, dict(key, prompt="x")) is None
+    other.write_bytes(b"truncated")
+    assert pc.load(tmp_path, dict(key, prompt="x")) is None
+
+
+def test_cache_folder_defaults(tmp_path, monkeypatch):
+    monkeypatch.delenv("EX4D_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert GenerateOptions().prompt_cache_dir() == tmp_path / "xdg" / "ex4d" / "prompt_embeds"
+    assert GenerateOptions(models_dir=str(tmp_path / "m")).prompt_cache_dir() == tmp_path / "m" / "prompt_cache"
+    assert GenerateOptions(models_dir="m", prompt_cache=str(tmp_path / "c")).prompt_cache_dir() == tmp_path / "c"
+    assert GenerateOptions(prompt_cache="off").prompt_cache_dir() is None
+
+
+def test_convert_precomputes_the_embeddings_that_generation_then_hits(models, renders, tmp_path, loads, capsys):
+    from ex4d.cli import main
+
+    assert main(["convert", "--models-dir", str(models), "--only", "prompt-embeds", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt_embeds_positive:" in out and "prompt_embeds_negative:" in out
+    assert loads["components"] == [["text_encoder", "tokenizer"]] and len(entries(models / "prompt_cache")) == 2
+    generate(models, renders, tmp_path / "a.mp4")
+    assert loads["t5"] == 1  # only convert's
+    assert json.loads((tmp_path / "a.json").read_text())["frames"] == 5
+    # Run again: the entries are current and kept.
+    assert main(["convert", "--models-dir", str(models), "--only", "prompt-embeds", "--device", "cpu"]) == 0
+    assert loads["t5"] == 1
