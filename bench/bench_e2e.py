@@ -1,0 +1,284 @@
+"""One video to the final re-filmed video through the real pipeline, per stage, with random full-size weights.
+
+The stages are the ones ``ex4d run`` chains (ex4d.pipeline): ``load_clip`` -> ``estimate_depth``
+(DepthCrafter, writes depth.npz) -> ``run_recon`` (DW-Mesh + render along ``--cam``, writes the
+colour/mask videos) -> ``run_generate`` (reads them, T5 + CLIP, 3 VAE encodes, the sampler, the
+VAE decode, writes ex4d_<cam>.mp4). Every run writes into a fresh folder, so nothing is reused.
+
+Models are the exact full-size architectures with random weights, built on the GPU without files
+(bench_generate.build_full for Wan2.1-I2V-14B + T5 + CLIP + VAE, bench_depth.build_models for
+DepthCrafter), handed to the real loaders' consumers: the generation pipeline is built by
+``build_pipeline`` with the preset's performance options and placed in ``run_generate``'s model
+cache under the options' key; the depth estimator is a ``DepthCrafter`` object passed to
+``estimate_depth``. Weight values do not change speed or memory.
+
+Presets (one process each; attention backends and compile caches are process-global):
+  full         25 steps, CFG 5 (2 forwards a step), bf16, compiled          goal <= 32 s
+  fast         4 steps, guidance 1 (1 forward a step), bf16, compiled       goal <= 8 s
+  full-fp8     full with --fp8 (fp8 compute), compiled
+  fast-fp8     fast with --fp8
+  lowvram-fp8  full with --fp8 --low-vram --vram-budget GIB, compiled       goal <= 16 GiB peak, <= 1.2x full-fp8
+``--preset`` with ``--steps``/``--guidance`` overrides the sampler numbers.
+
+Warm: the models are resident and compiled (one untimed warm-up run of the whole chain first),
+as in ``ex4d batch`` and the app. Per stage: median seconds over ``--runs`` runs and the peak GPU
+memory of that stage (``max_memory_allocated``, weights included; reset before each stage).
+Cold: ``build_s`` (random weights materialised on the GPU, not a disk read) and ``setup_s``
+(merge, fp8 conversion, placement) and the warm-up run (includes compilation) are reported;
+a cold load from disk is not measured here (that needs the 60 GB of real files on the machine).
+
+Prints ONE JSON object (commit from EX4D_COMMIT or git).
+
+  python bench/bench_e2e.py --preset full               # on an H100
+  python bench/bench_e2e.py --preset lowvram-fp8 --vram-budget 13
+  python bench/bench_e2e.py --tiny --preset full        # CPU check of the script itself (tiny models)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_generate import build_full, build_tiny, git_commit, note  # noqa: E402
+
+PRESETS = {
+    "full": dict(preset="full", fp8=False, low_vram=False),
+    "fast": dict(preset="fast", fp8=False, low_vram=False),
+    "full-fp8": dict(preset="full", fp8=True, low_vram=False),
+    "fast-fp8": dict(preset="fast", fp8=True, low_vram=False),
+    "lowvram-fp8": dict(preset="full", fp8=True, low_vram=True),
+}
+SAMPLER = {"full": (25, 5.0), "fast": (4, 1.0)}  # (steps, guidance) if GenerateOptions has no preset
+GOALS = {"full": {"total_s": 32.0}, "fast": {"total_s": 8.0}, "lowvram-fp8": {"peak_gib": 16.0}}
+#: Reference side by side (performance-anchors.md): 25 steps of its DiT with the unmerged LoRA, its
+#: 3 VAE encodes + 1 decode, its DepthCrafter at 512x512 (section 6); T5, CLIP, rendering and the
+#: reference's 6-7 s DiT onload are not in this sum.
+REFERENCE_SUM_S = 65.9 + 2.7 + 4.20
+
+
+class Stages:
+    """Timings and peak memory per named stage; ``run(name, fn, ...)`` times one call."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.times, self.peaks = cuda, {}, {}
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def run(self, name, fn, *args, **kwargs):
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.sync()
+        self.times.setdefault(name, []).append(time.perf_counter() - start)
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+        return out
+
+    def wrap(self, obj, method: str, name: str):
+        """Time every call of ``obj.method`` as stage ``name`` (an instance attribute shadows the method)."""
+        fn = getattr(obj, method)
+        setattr(obj, method, lambda *a, **k: self.run(name, fn, *a, **k))
+
+    def clear(self):
+        self.times.clear()
+        self.peaks.clear()
+
+
+def build_depth(tiny: bool, device: str):
+    """A DepthCrafter estimator of the real classes with random weights (fp16 on CUDA), resident."""
+    from bench_depth import build_models
+
+    from ex4d.depth.depthcrafter import COMPILE_PRESET, DepthCrafter, DepthCrafterPipeline, DepthCrafterSettings
+
+    cuda = device == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    settings = dict(COMPILE_PRESET, encode_dtype="model") if cuda else {}
+    unet, vae, clip = build_models(torch.device(device), dtype, tiny=tiny)
+    pipe = DepthCrafterPipeline(unet, vae, clip, device=torch.device(device), dtype=dtype,
+                                settings=DepthCrafterSettings(**settings))
+    return DepthCrafter(pipe), settings
+
+
+def generate_options(preset: str, args, device: str):
+    """ex4d.pipeline.GenerateOptions for the preset (the sampler preset if that option exists)."""
+    import dataclasses
+
+    from ex4d.pipeline import GenerateOptions
+
+    spec = PRESETS[preset]
+    fields = {f.name for f in dataclasses.fields(GenerateOptions)}
+    kwargs = dict(device=device, compile=device == "cuda" and not args.no_compile, fp8=spec["fp8"],
+                  low_vram=spec["low_vram"], vram_budget=args.vram_budget if spec["low_vram"] else None,
+                  size=f"{args.size}x{args.size}")
+    if "preset" in fields:
+        kwargs["preset"] = spec["preset"]
+    else:
+        kwargs["steps"], kwargs["cfg"] = SAMPLER[spec["preset"]]
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.guidance is not None:
+        kwargs["cfg"] = args.guidance
+    if "prompt_cache" in fields:
+        kwargs["prompt_cache"] = "off"  # the random T5 runs: its time is part of the measurement
+    return GenerateOptions(**kwargs).validate()
+
+
+def _fast_accum() -> bool:
+    from ex4d.diffusion.fp8 import Float8Linear
+
+    return Float8Linear.FAST_ACCUM
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full", choices=list(PRESETS), help="default full")
+    parser.add_argument("--runs", type=int, default=3, help="timed whole runs after the warm-up (default 3)")
+    parser.add_argument("--frames", type=int, default=None, help="default 49 (tiny: 9)")
+    parser.add_argument("--size", type=int, default=None, help="square side, default 512 (tiny: 64)")
+    parser.add_argument("--cam", default="90", help="camera path (default 90)")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps (default: preset's)")
+    parser.add_argument("--guidance", type=float, default=None, help="override the preset's guidance (default: "
+                        "preset's)")
+    parser.add_argument("--vram-budget", type=float, default=13.0, metavar="GIB",
+                        help="lowvram-fp8: the DiT's GPU budget (default 13: DepthCrafter's 3 GB stay resident "
+                             "beside it)")
+    parser.add_argument("--no-compile", action="store_true", help="eager (default: compiled on CUDA)")
+    parser.add_argument("--fp8-fast-accum", action="store_true",
+                        help="fp8 GEMMs with cuBLASLt fast accumulation (default: ex4d.diffusion.fp8's default)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
+    parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
+    args = parser.parse_args(argv)
+
+    from diffusers.utils import logging as dlogging
+
+    from ex4d.diffusion.parallel import num_video_tokens
+    from ex4d.diffusion.performance import PerformanceOptions
+    from ex4d.diffusion.pipeline import build_pipeline
+    from ex4d.io.video import probe_video
+    from ex4d.pipeline import ReconOptions, estimate_depth, load_clip, run_generate, run_recon
+
+    dlogging.set_verbosity_error()
+    if args.fp8_fast_accum:
+        from ex4d.diffusion.fp8 import Float8Linear
+
+        Float8Linear.FAST_ACCUM = True
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = "cuda" if cuda else "cpu"
+    args.frames = args.frames or (9 if args.tiny else 49)
+    args.size = args.size or (64 if args.tiny else 512)
+    options = generate_options(args.preset, args, device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    comps = build_tiny() if args.tiny else build_full(device, dtype)
+    depth_estimator, depth_settings = build_depth(args.tiny, device)
+    build_s = time.perf_counter() - t0
+    note(f"built models in {build_s:.1f}s")
+
+    # The same PerformanceOptions that ex4d.pipeline.load_generator derives from these options.
+    perf = PerformanceOptions(merge_lora=options.merge_lora, attention=options.attention, compile=options.compile,
+                              batch_cfg=options.batch_cfg, low_vram=options.low_vram, cpu_offload=options.cpu_offload,
+                              fp8=options.fp8, vram_budget_gib=options.vram_budget, dtype=dtype,
+                              low_vram_tokens=num_video_tokens(args.frames, args.size, args.size))
+    if args.tiny and options.fp8:
+        perf.fp8_emulate = True  # the CPU has no fp8 tensor cores; the maths is emulated
+    t0 = time.perf_counter()
+    pipe = build_pipeline(comps, None, perf, device)
+    del comps
+    setup_s = time.perf_counter() - t0
+    resident = getattr(getattr(pipe.transformer, "_ex4d_streamer", None), "resident", None)
+    note(f"generation pipeline set up in {setup_s:.1f}s" + (f" ({resident} DiT blocks resident)" if resident else ""))
+    pipe.set_progress_bar_config(disable=True)
+    cache = {"generate_pipe": pipe, "generate_key": options.pipeline_key()}
+
+    stages = Stages(cuda)
+    for method, name in (("encode_prompt", "text_encoder"), ("encode_image", "image_encoder"),
+                         ("prepare_condition", "vae_encode"), ("decode_latents", "vae_decode")):
+        stages.wrap(pipe, method, name)
+    pipe_class = type(pipe)
+    call = pipe_class.__call__
+    pipe_class.__call__ = lambda self, *a, **k: stages.run("sampler_call", call, self, *a, **k)
+
+    from peak_memory import make_clip
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ex4d_e2e_"))
+    work.mkdir(parents=True, exist_ok=True)
+    video = make_clip(work, args.frames, args.size)
+
+    def whole(run_dir: Path) -> float:
+        stages.sync()
+        start = time.perf_counter()
+        clip = stages.run("read_clip", load_clip, video, num_frames=args.frames)
+        depth = stages.run("depth", estimate_depth, clip, "depthcrafter", out_dir=run_dir, estimator=depth_estimator,
+                           reuse=False)
+        recon = stages.run("recon", run_recon, clip, depth, run_dir, ReconOptions(cam=args.cam, device=device))
+        out = stages.run("generate", run_generate, recon["color"], recon.get("mask"), run_dir / f"ex4d_{args.cam}.mp4",
+                         options, cache=cache, show_progress=False)
+        stages.sync()
+        total = time.perf_counter() - start
+        count, size, _ = probe_video(out, args.frames)
+        assert count == args.frames and tuple(size) == (args.size, args.size), (count, size)
+        return total
+
+    t0 = time.perf_counter()
+    warm_s = whole(work / "warmup")
+    note(f"warm-up run (compiles) {warm_s:.1f}s")
+    stages.clear()
+    totals = []
+    for i in range(args.runs):
+        totals.append(whole(work / f"run{i}"))
+        note(f"run {i + 1}: {totals[-1]:.2f}s")
+
+    med = {k: statistics.median(v) for k, v in stages.times.items()}
+    encoders = sum(med.get(k, 0.0) for k in ("text_encoder", "image_encoder"))
+    denoise = med["sampler_call"] - encoders - med.get("vae_encode", 0.0) - med.get("vae_decode", 0.0)
+    stage_s = {"read_clip": med["read_clip"], "depth": med["depth"], "recon": med["recon"],
+               "text_and_image_encoders": encoders, "vae_encode": med.get("vae_encode", 0.0), "denoise": denoise,
+               "vae_decode": med.get("vae_decode", 0.0),
+               "generate_io": med["generate"] - med["sampler_call"]}  # read colour/mask, write mp4 + record
+    import diffusers
+
+    total_med = statistics.median(totals)
+    result = dict(
+        bench="e2e", preset=args.preset, commit=git_commit(), device=torch.cuda.get_device_name() if cuda else "cpu",
+        torch=torch.__version__, diffusers=diffusers.__version__,
+        shape={"frames": args.frames, "height": args.size, "width": args.size}, cam=args.cam,
+        steps=options.steps, guidance=options.cfg, fp8=options.fp8, fp8_fast_accum=_fast_accum(), low_vram=options.low_vram,
+        vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
+        depth_settings=depth_settings, runs=args.runs,
+        total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
+        stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
+        denoise_step_s=round(denoise / options.steps, 4),
+        peak_gib=round(max(stages.peaks.values()), 2) if cuda else None,
+        stage_peak_gib={k: round(v, 2) for k, v in stages.peaks.items()} if cuda else None,
+        warm_up_s=round(warm_s, 2), build_s=round(build_s, 2), setup_s=round(setup_s, 2),
+        cold_load_from_disk="not measured (random weights are built on the GPU, not read from files)",
+        reference_sum_s=REFERENCE_SUM_S)
+    goal = GOALS.get(args.preset.replace("-fp8", "") if args.preset != "lowvram-fp8" else args.preset)
+    if goal and cuda and args.size == 512 and args.frames == 49:
+        result["goal"] = goal
+        result["goal_met"] = all((total_med if k == "total_s" else result["peak_gib"]) <= v for k, v in goal.items())
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
