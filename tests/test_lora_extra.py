@@ -302,3 +302,31 @@ def test_load_generator_merges_the_lora_before_fusion_and_a_bad_one_fails_first(
     with pytest.raises(InputError, match="blocks.9.norm3.diff"):
         load_generator(GenerateOptions(models_dir=str(models), device="cpu", size="16x16", loras=(str(bad),)))
     assert loads == []  # refused before any Wan weight was read
+
+
+def test_batch_jobs_take_lora_lists_presets_and_shift(tmp_path):
+    from ex4d.batch import check_jobs, job_generate_options, load_jobs
+
+    (tmp_path / "loras").mkdir()
+    distill = save(tmp_path / "loras" / "distill.safetensors", {"diffusion_model.head.diff_m": torch.zeros(1, 2, 24)})
+    (tmp_path / "jobs.yaml").write_text(
+        "defaults: {preset: fast, lora: [loras/distill.safetensors, 'loras/style.safetensors:0.5']}\n"
+        "jobs:\n"
+        "  - {video: a.mp4, output: out/a}\n"
+        "  - {video: a.mp4, output: out/b, lora: [], steps: 6, shift: 3}\n")
+    a, b = load_jobs(tmp_path / "jobs.yaml")
+    assert a["lora"] == [f"{distill}:1.0", f"{tmp_path / 'loras' / 'style.safetensors'}:0.5"]
+    options = job_generate_options(a)
+    assert (options.steps, options.cfg, options.shift) == (4, 1.0, 5.0)
+    assert [(s.path, s.strength) for s in options.loras] == [(str(distill), 1.0),
+                                                            (str(tmp_path / "loras" / "style.safetensors"), 0.5)]
+    options = job_generate_options(b)
+    assert (options.steps, options.cfg, options.shift, options.loras) == (6, 1.0, 3.0, ())
+    problems = check_jobs([a])
+    assert any("LoRA file not found" in p and "style.safetensors" in p for p in problems)
+    assert not any("distill.safetensors" in p for p in problems)
+    # A CSV cell separates the files by ';'.
+    (tmp_path / "jobs.csv").write_text("video,output,lora,guidance\na.mp4,out/c,loras/distill.safetensors:2;x.safetensors,2\n")
+    (c,) = load_jobs(tmp_path / "jobs.csv")
+    assert c["lora"] == [f"{distill}:2.0", f"{tmp_path / 'x.safetensors'}:1.0"]
+    assert job_generate_options(c).cfg == 2.0 and job_generate_options(c).steps == 25

@@ -47,7 +47,7 @@ JobRunner = Callable[[dict, dict], dict]
 
 # Keys a job may set, with the type a CSV cell (a string) is converted to. Unknown keys are an
 # error so that a typo ("num_frame") fails at load time, not after hours of the batch.
-_STR, _INT, _FLOAT, _BOOL = str, int, float, bool
+_STR, _INT, _FLOAT, _BOOL, _LIST = str, int, float, bool, list
 JOB_KEYS: dict[str, type] = {
     # the job itself
     "name": _STR, "video": _STR, "output": _STR, "stage": _STR, "cam": _STR,
@@ -61,6 +61,7 @@ JOB_KEYS: dict[str, type] = {
     "prompt": _STR, "negative_prompt": _STR, "seed": _INT, "steps": _INT, "guidance": _FLOAT, "size": _STR,
     "erode": _BOOL, "out_fps": _FLOAT, "adapter": _STR, "memory": _STR, "vram_budget": _FLOAT, "fp8": _BOOL, "compile": _BOOL,
     "attention": _STR, "window": _INT, "overlap": _INT,
+    "preset": _STR, "shift": _FLOAT, "lora": _LIST, "prompt_cache": _STR,
     # evaluation of the generated video (ex4d eval; stage: run only)
     "eval": _BOOL,
 }
@@ -90,6 +91,11 @@ def _convert(key: str, value, where: str):
     kind = JOB_KEYS[key]
     if value is None:
         return None
+    if kind is _LIST:  # lora: a list of "FILE[:STRENGTH]"; a CSV cell or a plain string separates them by ';'
+        items = value if isinstance(value, (list, tuple)) else str(value).split(";")
+        if isinstance(value, (dict, set)) or not all(isinstance(v, (str, int, float)) for v in items):
+            raise InputError(f"{where}: {key} must be a list of FILE[:STRENGTH] (a CSV cell separates them by ';')")
+        return [str(v).strip() for v in items if str(v).strip()] or None
     if isinstance(value, (list, tuple, set, dict)):
         what = "a mapping" if isinstance(value, dict) else "a list"
         raise InputError(f"{where}: {key} is {what}, but every setting takes one {kind.__name__} value; "
@@ -139,6 +145,17 @@ def _normalise_job(raw: dict, defaults: dict, index: int, base: Path, source: st
         if key in job:
             path = Path(os.path.expanduser(job[key]))
             job[key] = str(path if path.is_absolute() else (base / path).resolve())
+    if job.get("lora"):  # each FILE of FILE[:STRENGTH] relative to the jobs file, like the other paths
+        from ex4d.diffusion.weights.lora import parse_lora_spec
+
+        resolved = []
+        for spec in (parse_lora_spec(item, f"{where}: lora") for item in job["lora"]):
+            path = Path(os.path.expanduser(spec.path))
+            resolved.append(f"{path if path.is_absolute() else (base / path).resolve()}:{spec.strength!r}")
+        job["lora"] = resolved
+    if job.get("prompt_cache") and job["prompt_cache"].lower() not in ("off", "none", "no"):
+        path = Path(os.path.expanduser(job["prompt_cache"]))
+        job["prompt_cache"] = str(path if path.is_absolute() else (base / path).resolve())
     for key, suffixes in _MAYBE_FILE_KEYS.items():
         if key in job and _names_file(job[key], suffixes):
             path = Path(os.path.expanduser(job[key]))
@@ -641,6 +658,12 @@ def check_jobs(jobs: list[dict], *, manifest: str | os.PathLike | None = None, j
                                 f"vda, vda-metric (or vda-base/-large, non-commercial) or a .npz/.npy file")
             if job.get("stage") == "run" and job.get("adapter") and not Path(job["adapter"]).exists():
                 problems.append(f"{tag}: adapter not found: {job['adapter']} (check the path)")
+            if job.get("stage") == "run" and job.get("lora"):
+                from ex4d.diffusion.weights.lora import parse_lora_spec
+
+                for spec in (parse_lora_spec(item, f"{tag}: lora") for item in job["lora"]):
+                    if not Path(spec.path).is_file():
+                        problems.append(f"{tag}: LoRA file not found: {spec.path} (check the path)")
         if manifest is not None:
             try:
                 check_manifest_path(manifest, jobs)
@@ -938,7 +961,8 @@ def job_generate_options(job: dict):
 
     memory = job.get("memory", "full")
     return GenerateOptions(
-        seed=job.get("seed", 0), steps=job.get("steps", 25), cfg=job.get("guidance", 5.0),
+        seed=job.get("seed", 0), steps=job.get("steps"), cfg=job.get("guidance"), shift=job.get("shift"),
+        preset=job.get("preset", "full"), loras=tuple(job.get("lora") or ()), prompt_cache=job.get("prompt_cache"),
         prompt=job.get("prompt"), negative_prompt=job.get("negative_prompt"), size=job.get("size", "512x512"),
         fps=job.get("out_fps"), erode=job.get("erode", True), window=job.get("window", 49),
         overlap=job.get("overlap", 17), models_dir=job.get("models_dir"), adapter=job.get("adapter"),
