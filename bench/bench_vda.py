@@ -148,8 +148,6 @@ def main() -> None:
     start = time.perf_counter()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                            text=True).stdout.strip()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     model = build_model(device, args.tiny)
     # the default numerics: fp16 autocast on CUDA (as the reference), fp32 on the CPU
     est = VideoDepthAnything(model, device=device, input_size=42 if args.tiny else 518)
