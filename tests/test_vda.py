@@ -146,7 +146,8 @@ def test_pos_embed_resampling_is_dinov2s_scale_factor_and_differs_from_transform
     ((720, 1280), (518, 924)), ((480, 854), (518, 924)), ((480, 832), (518, 896)), ((480, 640), (518, 686)),
     ((512, 512), (518, 518)), ((544, 1280), (392, 924)),  # the spec's examples (2.35:1 hits the aspect guard)
     ((1280, 720), (924, 518)),  # portrait
-    ((576, 1024), (518, 924)), ((100, 1000), (98, 980)), ((333, 517), (518, 798)),  # 517 * 518/333 = 804.2 -> 57 patches
+    ((576, 1024), (518, 924)), ((100, 1000), (98, 980)),
+    ((333, 517), (518, 798)),  # 517 * 518/333 = 804.2 -> 57 patches
 ])
 def test_input_size_follows_the_reference(hw, expected):
     assert input_size(*hw) == expected
@@ -427,7 +428,8 @@ def test_recon_with_metric_vda_takes_a_stereo_baseline_in_metres(tiny, models_di
     from ex4d.depth import load_depth_file
     from ex4d.pipeline import _depth_is_metric
 
-    common = ["--models-dir", str(models_dir), "--num-frames", "5", "--device", "cpu", "--cam", "stereo:baseline=0.065m"]
+    common = ["--models-dir", str(models_dir), "--num-frames", "5", "--device", "cpu",
+              "--cam", "stereo:baseline=0.065m"]
     out = tmp_path / "metric"
     assert main(["recon", str(clip_video), "-o", str(out), "--depth", "vda-metric", *common]) == 0
     record = json.loads((out / "recon_stereo_baseline0.065m.json").read_text())
