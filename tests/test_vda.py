@@ -270,10 +270,11 @@ def test_metric_stitching_does_not_rescale_but_blends():
 
 # ---- loading --------------------------------------------------------------------------------
 
-def test_strict_load_of_a_tiny_official_layout_file(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False])  # the old (non-zip) torch format cannot be memory-mapped
+def test_strict_load_of_a_tiny_official_layout_file(tmp_path, zip_format):
     path = tmp_path / "video_depth_anything_vits.pth"
     state = tiny_state()
-    torch.save(state, path)
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
     model = load_vda(path, TINY, device="cpu")
     loaded = model.state_dict()
     assert loaded.keys() == state.keys()

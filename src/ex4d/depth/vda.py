@@ -285,8 +285,8 @@ def load_vda(path: str | os.PathLike, config, *, device) -> torch.nn.Module:
     params = sum(p.numel() for p in model.parameters())
     if (config.num_tensors is not None and tensors != config.num_tensors) or \
             (config.num_params is not None and params != config.num_params):
-        raise CheckpointError(f"weight file {path} gave {tensors} tensors and {params:,} parameters, expected "
-                              f"{config.num_tensors} and {config.num_params:,}")
+        raise CheckpointError(f"weight file {path} gave {tensors} tensors and {params} parameters, expected "
+                              f"{config.num_tensors} and {config.num_params}")
     for name, buffer in model.named_buffers():
         if name.endswith("pos_encoder.pe"):
             expected = sinusoid_table(buffer.shape[1], buffer.shape[2])
