@@ -230,6 +230,26 @@ def test_fp8_refuses_devices_without_fp8_tensor_cores():
         build_pipeline(comps, None, PerformanceOptions(fp8=True), "cpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_fp8_is_refused_before_any_weights_load(tmp_path, capsys):
+    """PerformanceOptions.validate (called by the CLI and load_generator before loading) refuses --fp8 here."""
+    with pytest.raises(InputError, match="fp8 tensor cores"):
+        PerformanceOptions(fp8=True).validate()
+    PerformanceOptions(fp8=True, fp8_emulate=True).validate()  # the tests' emulation is allowed
+    import numpy as np
+
+    from ex4d.cli import main
+    from ex4d.io.video import write_video
+
+    write_video(tmp_path / "color_30.mp4", np.zeros((5, 32, 32, 3), np.uint8), 10)
+    write_video(tmp_path / "mask_30.mkv", np.full((5, 32, 32), 255, np.uint8), 10, codec="ffv1")
+    code = main(["generate", "--color", str(tmp_path / "color_30.mp4"), "-o", str(tmp_path / "out.mp4"), "--fp8",
+                 "--device", "cpu", "--models-dir", str(tmp_path / "no_models")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--fp8" in err
+    assert not (tmp_path / "out.mp4").exists()
+
+
 def test_fp8_refuses_unmerged_lora():
     comps = make_tiny_components(0)
     with pytest.raises(ValueError, match="merge the LoRA"):

@@ -219,6 +219,17 @@ def check_fp8_device(device: torch.device | str) -> None:
                          f"{name} is {major}.{minor}: drop --fp8 (or use --low-vram to save memory)")
 
 
+def check_fp8_available() -> None:
+    """One-line InputError unless some visible CUDA GPU has fp8 tensor cores (checked before any weights load;
+    :func:`check_fp8_device` checks the device actually used once it is known)."""
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            if torch.cuda.get_device_capability(index) >= (8, 9):
+                return
+        check_fp8_device(torch.device("cuda", 0))  # names the GPU that falls short
+    check_fp8_device("cpu")
+
+
 def velocity_deviation(reference: torch.Tensor, other: torch.Tensor) -> dict:
     """Relative L2 (||other - ref|| / ||ref||) and max abs difference, in fp32, as plain floats."""
     ref, out = reference.detach().float(), other.detach().float()

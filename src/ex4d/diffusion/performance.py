@@ -100,6 +100,10 @@ class PerformanceOptions:
     def validate(self) -> None:
         if self.fuse_qkv and not self.merge_lora:
             self.fuse_qkv = False  # peft layers sit on the separate q/k/v linears
+        if self.fp8 and not self.fp8_emulate:
+            from ex4d.diffusion.fp8 import check_fp8_available
+
+            check_fp8_available()  # before 40 GB of weights load, not after
         if self.low_vram and self.cpu_offload:
             raise InputError("choose one of --low-vram (block streaming) and --cpu-offload, not both")
         if self.attention is not None and self.attention not in ATTENTION_BACKENDS \
