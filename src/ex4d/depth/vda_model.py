@@ -156,8 +156,9 @@ class DinoV2(nn.Module):
         """(N, 3, H, W) -> the 4 tapped blocks' patch tokens, each through the final norm: 4 x (N, h*w, D)."""
         h, w = x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size
         tokens = self.patch_embed(x)
-        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens), dim=1)
-        # the table is resampled in fp32 and cast to the tokens' dtype, as DINOv2 does under autocast
+        # under autocast the fp16 patch tokens meet the fp32 cls token and cat promotes them to fp32, as in
+        # DINOv2; the table is resampled in fp32 and cast to the tokens' dtype
+        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
         tokens = tokens + interpolate_pos_embed(self.pos_embed, h, w, self.config.grid).to(tokens.dtype)
         taps = set(self.config.layer_idx)
         out = []
