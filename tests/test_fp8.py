@@ -275,3 +275,42 @@ def test_cuda_kernel_matches_emulation_and_compiles():
     assert velocity_deviation(ref, y)["rel_l2"] < 0.05
     compiled = torch.compile(fp8, fullgraph=True)
     assert torch.allclose(compiled(x).float(), y.float(), rtol=2e-2, atol=2e-2)
+
+
+def _fp8_parallel_worker(rank, world_size, port, mode, out_dir):
+    import os
+
+    import test_parallel as tp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = tp.par.init_parallel(mode, guidance_scale=tp.GUIDANCE, backend="gloo")
+    try:
+        model = tp.tiny_transformer()
+        convert_to_fp8(model, emulate=True)  # as apply_performance: before parallelising
+        tp.par.enable_ulysses(model, ctx, num_tokens=48)
+        torch.save({"x": tp.sample(model, ctx)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        tp.par.shutdown(ctx)
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "cfg"])
+def test_fp8_two_processes_match_one(mode, tmp_path):
+    """The multi-GPU layouts (two gloo processes here) run the fp8 model and agree with one process."""
+    import test_parallel as tp
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tp.tiny_transformer()
+        convert_to_fp8(model, emulate=True)
+        single = tp.sample(model)
+        reference = tp.sample(tp.tiny_transformer())
+    finally:
+        torch.set_num_threads(threads)
+    ranks = tp.run_ranks(2, mode, tmp_path, target=_fp8_parallel_worker)
+    for result in ranks:
+        # Ulysses splits the tokens, so each token's activation scale is the same as in one process.
+        assert torch.allclose(result["x"], single, atol=1e-4), (result["x"] - single).abs().max()
+    assert not torch.allclose(single, reference, atol=1e-4)  # the fp8 path really ran
