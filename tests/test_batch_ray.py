@@ -49,7 +49,9 @@ def inputs(folder: Path) -> Path:
 
 
 def assert_same_outputs(native: Path, other: Path, cams: list[str], generated: bool = False) -> None:
-    """Cameras byte for byte, decoded masks (and generated videos) frame for frame."""
+    """Cameras byte for byte, decoded masks frame for frame; the H.264 colour video close (libx264's
+    frame threads make its bytes vary from run to run on a busy machine, the native batch's too); a
+    generated video frame for frame whenever its colour condition came out byte-identical."""
     from ex4d.io.video import read_mask_video, read_video
 
     for cam in cams:
@@ -57,10 +59,13 @@ def assert_same_outputs(native: Path, other: Path, cams: list[str], generated: b
         for name in (f"mask_{cam}.mkv", f"mask_{cam}.mp4"):
             a, b = read_mask_video(native / name), read_mask_video(other / name)
             assert a.shape[0] == T and np.array_equal(a, b), name
-        assert np.array_equal(read_video(native / f"color_{cam}.mp4")[0], read_video(other / f"color_{cam}.mp4")[0])
+        a, b = (read_video(folder / f"color_{cam}.mp4")[0].astype(np.float64) for folder in (native, other))
+        assert a.shape == b.shape and 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12)) > 30
         if generated:
             a, b = read_video(native / f"ex4d_{cam}.mp4")[0], read_video(other / f"ex4d_{cam}.mp4")[0]
-            assert a.shape[0] == T and np.array_equal(a, b)
+            assert a.shape == b.shape and a.shape[0] == T
+            if (native / f"color_{cam}.mp4").read_bytes() == (other / f"color_{cam}.mp4").read_bytes():
+                assert np.array_equal(a, b)
 
 
 def test_recon_jobs_equal_native_with_failing_jobs(cluster, tmp_path, capsys):
@@ -99,10 +104,10 @@ def test_recon_jobs_equal_native_with_failing_jobs(cluster, tmp_path, capsys):
     assert "0 ran, 3 skipped (finished), 1 failed earlier (not retried), 1 failed" in err
 
 
-def test_run_jobs_with_tiny_models_equal_native(cluster, tmp_path, one_thread):
+def test_run_jobs_with_tiny_models_equal_native(cluster, tmp_path):
     """stage: run with tiny weights on disk: recon + generation in a Ray actor (models loaded once per
-    actor) gives the native batch's files, generated videos included (the native run on one thread,
-    as Ray runs a 1-CPU actor: another thread count sums floats in another order)."""
+    actor) gives the native batch's files, generated videos included (the one actor takes both CPUs,
+    so torch runs on as many threads as in the native process)."""
     from tiny_wan import write_tiny_models_dir
 
     from ex4d.batch import run_batch
@@ -218,16 +223,19 @@ def test_without_ray_one_line_with_the_install_command(tmp_path, capsys, monkeyp
 
 
 def test_plan_workers():
-    assert plan_workers({"GPU": 4.0, "CPU": 64.0}, None) == (4, {"num_gpus": 1, "num_cpus": 1})
-    assert plan_workers({"GPU": 4.0, "CPU": 64.0}, 2)[0] == 2
-    assert plan_workers({"CPU": 8.0}, None) == (1, {"num_gpus": 0, "num_cpus": 1})
-    assert plan_workers({"CPU": 8.0}, 8)[0] == 8
+    gpu_node = {"GPU": 4.0, "CPU": 64.0}
+    assert plan_workers([gpu_node], None) == (4, {"num_gpus": 1, "num_cpus": 16})
+    assert plan_workers([gpu_node, {"GPU": 8.0, "CPU": 64.0}, {"CPU": 8.0}], None) == (12, {"num_gpus": 1, "num_cpus": 8})
+    assert plan_workers([gpu_node], 2)[0] == 2
+    assert plan_workers([{"CPU": 8.0}], None) == (1, {"num_gpus": 0, "num_cpus": 8})
+    assert plan_workers([{"CPU": 8.0}], 3) == (3, {"num_gpus": 0, "num_cpus": 2})
+    assert plan_workers([{"CPU": 8.0}, {"CPU": 8.0}], 16) == (16, {"num_gpus": 0, "num_cpus": 1})
     with pytest.raises(InputError, match="has 4 GPU"):
-        plan_workers({"GPU": 4.0, "CPU": 64.0}, 5)
+        plan_workers([gpu_node], 5)
     with pytest.raises(InputError, match="no GPU and 2 CPU"):
-        plan_workers({"CPU": 2.0}, 3)
+        plan_workers([{"CPU": 2.0}], 3)
     with pytest.raises(InputError, match="at least 1"):
-        plan_workers({"CPU": 2.0}, 0)
+        plan_workers([{"CPU": 2.0}], 0)
 
 
 def test_sweep_dead_worker(tmp_path):

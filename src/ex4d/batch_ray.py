@@ -86,15 +86,19 @@ def connect(address: str | None):
     return ray, True
 
 
-def plan_workers(resources: dict, workers: int | None) -> tuple[int, dict]:
-    """How many actors and what each asks for, from the cluster's resources.
+def plan_workers(nodes: list[dict], workers: int | None) -> tuple[int, dict]:
+    """How many actors and what each asks for, from the resources of the cluster's nodes.
 
-    With GPUs: one actor per GPU (``workers`` may ask for fewer), each ``num_gpus=1``. Without: a
-    stated number of CPU actors (default 1), each ``num_cpus=1``. Asking for more than the cluster
-    has is refused (the actors would wait for resources forever).
+    With GPUs: one actor per GPU (``workers`` may ask for fewer), each ``num_gpus=1`` and its share of
+    its node's CPUs (the fewest CPUs per GPU of any GPU node). Without: a stated number of CPU actors
+    (default 1); on one node each takes an equal share of its CPUs, on several nodes one CPU each.
+    Ray sets a worker's thread count (``OMP_NUM_THREADS``) from its CPUs, so an actor that takes
+    one CPU of a node of 16 would run torch's CPU work on one thread. Asking for more actors than the
+    cluster can hold is refused (they would wait for resources forever).
     """
-    gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 0))
+    gpu_nodes = [n for n in nodes if n.get("GPU", 0) >= 1]
+    gpus = sum(int(n["GPU"]) for n in gpu_nodes)
+    cpus = sum(int(n.get("CPU", 0)) for n in nodes)
     if workers is not None and workers < 1:
         raise InputError(f"--ray-workers {workers}: give at least 1")
     if gpus:
@@ -102,12 +106,13 @@ def plan_workers(resources: dict, workers: int | None) -> tuple[int, dict]:
         if count > gpus:
             raise InputError(f"--ray-workers {count}: the Ray cluster has {gpus} GPU(s), one actor per GPU; "
                              f"give at most {gpus} or add GPU nodes")
-        return count, {"num_gpus": 1, "num_cpus": 1 if cpus >= count else 0}
+        share = min(int(n.get("CPU", 0)) // int(n["GPU"]) for n in gpu_nodes)
+        return count, {"num_gpus": 1, "num_cpus": share}
     count = 1 if workers is None else workers
     if count > cpus:
-        raise InputError(f"--ray-workers {count}: the Ray cluster has no GPU and {cpus} CPU(s), one CPU per "
-                         f"actor; give at most {cpus}")
-    return count, {"num_gpus": 0, "num_cpus": 1}
+        raise InputError(f"--ray-workers {count}: the Ray cluster has no GPU and {cpus} CPU(s), at least one CPU "
+                         f"per actor; give at most {cpus}")
+    return count, {"num_gpus": 0, "num_cpus": cpus // count if len(nodes) == 1 else 1}
 
 
 class JobActor:
@@ -219,7 +224,7 @@ def _drive(ray, queue: deque, jobs: list[dict], result: BatchResult, say, *, run
     """The scheduling loop: idle actors take the next job; ends when every job has ended."""
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-    count, resources = plan_workers(ray.cluster_resources(), workers)
+    count, resources = plan_workers([n["Resources"] for n in ray.nodes() if n.get("Alive")], workers)
     remote_class = ray.remote(max_restarts=0, max_task_retries=0, **resources)(JobActor)
     protected_ref = ray.put(protected)  # one copy in the object store, not one per actor
     total = len(queue)
