@@ -76,13 +76,13 @@ def one_run(browser, points, colors, mesh) -> dict:
         shots = []
         try:
             opened = time.perf_counter()
-            page.goto(view.url, wait_until="commit")
+            page.goto(view.url, wait_until="commit", timeout=300_000)
             connect_s = paint_s = None
-            while time.perf_counter() - opened < 120:
+            while time.perf_counter() - opened < 600:
                 if connect_s is None and view.server.get_clients():
                     connect_s = time.perf_counter() - opened
                 shot_start = time.perf_counter()
-                coverage = covered(page.screenshot(clip=PROBE))
+                coverage = covered(page.screenshot(clip=PROBE, timeout=300_000))
                 shots.append(time.perf_counter() - shot_start)
                 if coverage >= PAINTED:
                     paint_s = time.perf_counter() - opened

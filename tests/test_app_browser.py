@@ -137,7 +137,9 @@ def flow(app, shots):
         centre = dict((f, -p[:3, :3].T @ p[:3, 3]) for f, p in view.keyframes())[4]
         assert np.allclose(centre[0], 0.3)
         _hide_webgl_notice(page)
-        view.set_frame(2)      # as the page's timeline does (its slider sends set_frame on release)
+        page.fill("#frame_slider input[type=number]", "2")     # the page's timeline...
+        page.locator("#frame_slider input[type=number]").blur()  # ...tells the 3D view on release
+        wait_for(lambda: view._frame == 2, what="the timeline to reach the 3D view")
         frame.get_by_role("button", name="Add keyframe at frame").click()
         page.wait_for_selector("#keyframes [data-testid=cell-3-0]")   # a fourth row, via the page's poll
         assert [k.frame for k in session.path.keyframes] == [0, 2, 4, 8]
@@ -150,6 +152,8 @@ def flow(app, shots):
         page.wait_for_selector("#preview_color video[src]")
         page.wait_for_selector("#preview_mask video[src]")
         page.wait_for_function("document.querySelector('#preview_warning').innerText.trim().length > 0")
+        for video in ("#preview_color video", "#preview_mask video"):   # the browser itself decodes them
+            page.wait_for_function(f"document.querySelector('{video}').readyState >= 2")
         assert _error(page) == ""
         _shot(page, shots, "preview")
         color_src = page.get_attribute("#preview_color video", "src")

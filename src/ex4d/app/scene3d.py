@@ -218,6 +218,7 @@ class SceneView:
             if self._selected not in keys:
                 self._selected = None
             self._frame = min(self._frame, len(path) - 1)
+            self._place_initial_camera()
             self._redraw_cameras()
 
     def on_keyframes_edited(self, callback: Callable[[Keyframes], None]) -> None:
@@ -403,6 +404,9 @@ class SceneView:
         camera.position = (0.0, -0.4 * self._scale, -0.8 * self._scale)
         camera.look_at = (0.0, 0.0, self._scale)
         camera.up = (0.0, -1.0, 0.0)
+        # Twice the source camera's field of view (within 30-75 degrees): a narrow source still fills
+        # a good part of the view, and the path beside it stays in sight.
+        camera.fov = float(np.clip(2.0 * vertical_fov(self._K, self._size), np.radians(30.0), np.radians(75.0)))
 
     # --- the in-viewer panel ---
 
