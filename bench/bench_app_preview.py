@@ -11,8 +11,9 @@ Input: the built-in example (``spheres_moving``, exact depth; made once, not tim
 path the app's "Edit as keyframes" makes from a 60-degree reference orbit. Median of ``--runs``
 (default 3) after one warm-up; every run writes a new run folder, so nothing is reused.
 The CPU time of the process is reported too: on a shared machine (load average above the core
-count) the wall time measures the neighbours as much as the app. Goals: <= 10 s on 2 CPU cores, <= 2 s on one H100 (``--device cuda``; needs the EGL loaders of
-bench/gpu_env.sh on the lent machines, no gradio).
+count) the wall time measures the neighbours as much as the app. Goals: <= 10 s on 2 CPU cores,
+<= 2 s on one H100 (``--device cuda``; needs the EGL loaders of bench/gpu_env.sh on the lent
+machines, no gradio).
 
     python bench/bench_app_preview.py [--device cpu|cuda|auto] [--frames 49] [--size 512] [--runs 3] [--ui]
 """

@@ -75,10 +75,11 @@ def test_example_preset_keyframes_preview_export_flow(app, tmp_path):
     assert error == "" and path_info == "preset `30`"
     path_info, table, error = c.predict(0, api_name="/to_keyframes")
     rows = table["data"]
-    assert error == "" and [row[0] for row in rows] == [0, 2, 4]
-    rows[2][1] = 1.0  # the last keyframe's x, typed into the table
+    assert error == "" and [row[0] for row in rows] == [0, 1, 2, 3, 4]
+    rows[4][1] = 1.0  # the last keyframe's x, typed into the table
+    del rows[2]  # and the middle one deleted
     path_info, table, error = c.predict(_table(rows), api_name="/keyframes")
-    assert error == "" and table["data"][2][1] == 1.0 and "3 keyframe(s)" in path_info
+    assert error == "" and table["data"][3][1] == 1.0 and "4 keyframe(s) at frames [0, 1, 3, 4]" in path_info
 
     color, mask, plot, warning, files, command, error = c.predict(api_name="/preview")
     assert error == ""
@@ -145,6 +146,16 @@ def test_upload_over_the_size_limit_is_refused(app, tmp_path):
         client(url).predict(gradio_client.handle_file(str(big)), api_name="/upload_video")
 
 
+def test_missing_generation_weights_show_the_download_panel(app):
+    backend, url = app
+    c = client(url)
+    c.predict("boxes", FRAMES, api_name="/example")
+    c.predict(api_name="/preview")
+    panel, *_, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False, api_name="/generate")
+    assert panel["visible"] is True and "Wan2.1" in panel["value"] and "download with" in panel["value"]
+    assert error == "error: missing weights for generation; see the panel"
+
+
 def test_missing_depth_weights_show_the_download_panel(app):
     backend, url = app
     c = client(url)
@@ -176,8 +187,9 @@ def test_generate_with_tiny_models_through_the_queue(app, tmp_path):
     c.predict("boxes", FRAMES, api_name="/example")
     c.predict("orbit (reference)", 30, 0.5, "out", 45, 0, 1, "linear", api_name="/preset")
     c.predict(api_name="/preview")
-    video, report, files, commands, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False,
-                                                      api_name="/generate")
+    panel, video, report, files, commands, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False,
+                                                             api_name="/generate")
+    assert panel["visible"] is False
     assert error == ""
     assert read_video(video)[0].shape == (FRAMES, 16, 16, 3)
     assert "final.mp4" in {Path(f).name for f in files}

@@ -100,20 +100,23 @@ def test_exported_pose_file_gives_bit_identical_cameras_in_ex4d_recon(session, t
         if mode == "keyframes" or fmt == "npz":
             # the same file format as the preview rendered: the very same cameras, bit for bit
             assert np.array_equal(cli_cameras, _camera(preview.files["camera"])), (mode, fmt)
-            assert np.array_equal(read_mask_video(out / "mask_path.mkv"), read_mask_video(preview.files["mask_lossless"]))
+            assert np.array_equal(read_mask_video(out / "mask_path.mkv"),
+                                  read_mask_video(preview.files["mask_lossless"]))
         else:  # a preset exported as JSON: one cam_from_world keyframe per frame, same poses up to interpolation
             np.testing.assert_allclose(cli_cameras, _camera(preview.files["camera"]), atol=1e-9)
 
 
 def test_keyframe_table_edit_add_delete(session):
     session.set_preset("30")
-    keyframes = session.to_keyframes()
+    keyframes = session.to_keyframes([0, 2, 4])
     assert [k.frame for k in keyframes] == [0, 2, 4]
     assert keyframes[0].position == (0.0, 0.0, 0.0)  # frame 0: the source camera
     pivot = session.scene_geometry()["pivot"]
     # the reference orbit looks at the pivot, so every keyframe's look-at point is the pivot
     for k in keyframes:
         np.testing.assert_allclose(k.look_at, pivot, atol=2e-6)
+    assert [k.frame for k in session.to_keyframes()] == [0, 1, 2, 3, 4]  # the default: five, evenly spaced
+    session.to_keyframes([0, 2, 4])
     session.add_keyframe(3)
     assert [k.frame for k in session.path.keyframes] == [0, 2, 3, 4]
     session.delete_keyframe(2)
@@ -292,7 +295,8 @@ def test_generation_end_to_end_with_tiny_models_keeps_the_models_loaded(session,
     assert ("sampling", 2, 2) in steps
     generate = [line for line in result.commands if line.startswith("ex4d generate ")]
     assert len(generate) == 1 and " --steps 2" in generate[0] and " --size 16x16" in generate[0]
-    assert f"--models-dir {tiny_models}" in generate[0] and f"--color {session.last_preview.files['color']}" in generate[0]
+    assert f"--models-dir {tiny_models}" in generate[0]
+    assert f"--color {session.last_preview.files['color']}" in generate[0]
     assert result.eval_summary is not None or result.eval_error  # the eval report, or its one-line reason
     pipe = session.app.generator_cache["generate_pipe"]
 

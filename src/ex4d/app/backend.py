@@ -45,6 +45,8 @@ LOW_VISIBLE_FRACTION = 0.3
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 #: Points of frame 0 sent to the 3D view at most (a browser draws 100k points at once without effort).
 MAX_SCENE_POINTS = 100_000
+#: Keyframes that "Edit as keyframes" makes from a preset (evenly spaced over the clip).
+DEFAULT_KEYFRAMES = 5
 #: Size (H, W) of the built-in examples (ex4d.synthetic; exact depth, no weights).
 EXAMPLE_SIZE = (512, 512)
 
@@ -295,12 +297,19 @@ class Session:
     # ---------------------------------------------------------------- depth
     def missing_depth_weights(self, estimator: str) -> list[str]:
         """Every download ``estimator`` lacks here, each with its download command ([] when all are present)."""
+        return self._missing(depth=estimator)
+
+    def missing_generation_weights(self) -> list[str]:
+        """Every download generation lacks here (Wan2.1-I2V-14B, the EX-4D adapter), with its command."""
+        return self._missing(generation=True)
+
+    def _missing(self, **needs) -> list[str]:
         from ex4d.weights_common import hub_unreachable
         from ex4d.weights_preflight import SUGGESTED_MODELS_DIR, _dedupe, missing_weights
 
-        items = _dedupe(missing_weights(depth=estimator, models_dir=self.app.models_dir))
+        items = _dedupe(missing_weights(models_dir=self.app.models_dir, **needs))
         if items and all(item.auto for item in items) and hub_unreachable() is None:
-            return []  # downloaded by the estimator itself
+            return []  # downloaded by the stage itself
         lines = [item.describe() for item in items]
         if lines and self.app.models_dir is None:
             lines.append(f"after downloading, start the app with --models-dir {SUGGESTED_MODELS_DIR}")
@@ -403,11 +412,16 @@ class Session:
                                K=geometry["K"], depth0=geometry["depth0"])
 
     def to_keyframes(self, frames: list[int] | None = None) -> list[Keyframe]:
-        """Turn the current path into editable keyframes at ``frames`` (default: first, middle, last)."""
+        """Turn the current path into editable keyframes at ``frames`` (default: five, evenly spaced).
+
+        Between keyframes the camera moves in a straight line (docs/trajectories.md), so an orbit becomes
+        chords: with five keyframes over 90 degrees the middle of a chord is 1.9 % of r nearer the pivot.
+        """
         trajectory = self.trajectory()
         pivot = self.scene_geometry()["pivot"]
         last = trajectory.num_frames - 1
-        frames = sorted(set(frames if frames is not None else [0, last // 2, last]))
+        default = np.round(np.linspace(0, last, min(DEFAULT_KEYFRAMES, last + 1))).astype(int).tolist()
+        frames = sorted(set(frames if frames is not None else default))
         source_focal = float(self.scene_geometry()["K"][0, 0])
         keyframes = []
         for frame in frames:

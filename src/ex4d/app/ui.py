@@ -75,12 +75,21 @@ def _info_markdown(info: dict) -> str:
             f"{info['size']} (H x W, resize {info['resize']}), {info['fps']:g} fps. Depth: {info['depth']}.")
 
 
-def _scene_html(session: Session) -> str:
+def _scene_html(session: Session, request: gr.Request | None = None) -> str:
+    """The 3D view's iframe, addressed by the host name the browser used for the page (so that it also
+    works when the app listens on another interface than 127.0.0.1), or a note saying why there is none."""
+    import html
+    from urllib.parse import urlsplit
+
     view = session.scene_view()
     if view is None:
-        return (f"<div id='scene3d_unavailable'>{session.scene_error or '3D view unavailable'}; the keyframe table "
-                f"and the preview still work.</div>")
-    return (f"<iframe id='scene3d_frame' src='{view.url}' style='width:100%;height:520px;border:0'"
+        note = html.escape(session.scene_error or "3D view unavailable")
+        return f"<div id='scene3d_unavailable'>{note}; the keyframe table and the preview still work.</div>"
+    url = urlsplit(view.url)
+    page_host = (getattr(request, "headers", None) or {}).get("host", "") if request is not None else ""
+    hostname = urlsplit(f"//{page_host}").hostname if page_host else None
+    src = f"{url.scheme}://{hostname or url.hostname}:{url.port}" if url.port else view.url
+    return (f"<iframe id='scene3d_frame' src='{html.escape(src)}' style='width:100%;height:520px;border:0'"
             f" title='3D view'></iframe>")
 
 
@@ -88,6 +97,16 @@ def _visible_frame(visible):
     import pandas as pd
 
     return pd.DataFrame({"frame": list(range(len(visible))), "visible fraction": visible})
+
+
+#: The preset selected when the page opens.
+DEFAULT_PRESET = "orbit (reference)"
+#: The preset sliders, in the order of the preset handler's inputs.
+PRESET_PARAMS = ("angle", "travel", "direction", "yaw", "pitch", "radius", "ease")
+
+
+def _shown(param: str, preset: str = DEFAULT_PRESET) -> bool:
+    return param in PRESETS.get(preset, ())
 
 
 def build_app(backend: AppBackend) -> gr.Blocks:
@@ -135,17 +154,23 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         with gr.Tab("3. Camera", elem_id="tab_camera"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    preset = gr.Dropdown(list(PRESETS), value="orbit (reference)", label="Preset",
+                    preset = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Preset",
                                          elem_id="preset")
-                    angle = gr.Slider(-90, 90, value=90, step=1, label="Orbit angle (degrees)", elem_id="angle")
-                    travel = gr.Slider(0.05, 0.9, value=0.5, step=0.05, label="Travel (zooms)", elem_id="travel")
+                    angle = gr.Slider(-90, 90, value=90, step=1, label="Orbit angle (degrees)", elem_id="angle",
+                                      visible=_shown("angle"))
+                    travel = gr.Slider(0.05, 1.0, value=0.5, step=0.05, elem_id="travel", visible=_shown("travel"),
+                                       label="Travel: fraction of the nearest depth (zoom_in, dolly_zoom in; at most "
+                                             "0.9) or of the pivot distance (zoom_out, dolly_zoom out)")
                     direction = gr.Radio(["out", "in"], value="out", label="Dolly-zoom direction",
-                                         elem_id="direction")
-                    yaw = gr.Slider(-180, 180, value=45, step=1, label="Yaw (degrees)", elem_id="yaw")
-                    pitch = gr.Slider(-60, 60, value=0, step=1, label="Pitch (degrees)", elem_id="pitch")
+                                         elem_id="direction", visible=_shown("direction"))
+                    yaw = gr.Slider(-180, 180, value=45, step=1, label="Yaw (degrees)", elem_id="yaw",
+                                    visible=_shown("yaw"))
+                    pitch = gr.Slider(-60, 60, value=0, step=1, label="Pitch (degrees; + raises the camera)",
+                                      elem_id="pitch", visible=_shown("pitch"))
                     radius = gr.Slider(0.25, 3, value=1, step=0.05, label="Orbit radius (x pivot distance)",
-                                       elem_id="radius")
-                    ease = gr.Radio(["linear", "smooth"], value="linear", label="Ease", elem_id="ease")
+                                       elem_id="radius", visible=_shown("radius"))
+                    ease = gr.Radio(["linear", "smooth"], value="linear", label="Ease", elem_id="ease",
+                                    visible=_shown("ease"))
                     preset_button = gr.Button("Use preset", elem_id="preset_button", variant="primary")
                     path_info = gr.Markdown("Path: preset `90`", elem_id="path_info")
                 with gr.Column(scale=2):
@@ -200,6 +225,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             with gr.Row():
                 generate_button = gr.Button("Generate", elem_id="generate_button", variant="primary")
                 abort_button = gr.Button("Abort", elem_id="abort_button", variant="stop")
+            gen_weights_panel = gr.Markdown(visible=False, elem_id="gen_weights_panel")
             final_video = gr.Video(label="Generated video", interactive=False, elem_id="final_video")
             eval_report = gr.Markdown("", elem_id="eval_report")
 
@@ -214,10 +240,10 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         shown_version = gr.State(-1)
 
         # ------------------------------------------------------------------ handlers
-        def after_input(session: Session, info: dict):
+        def after_input(session: Session, info: dict, request: gr.Request):
             session.update_scene_safely()
             return (_info_markdown(info), str(session.video), gr.update(maximum=max(info["frames"] - 1, 1), value=0),
-                    _scene_html(session), session.path.describe())
+                    _scene_html(session, request), session.path.describe())
 
         input_outputs = [input_info, input_video, frame_slider, scene3d, path_info, error_box]
 
@@ -225,19 +251,19 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         def on_example(scene, frames, request: gr.Request, progress=gr.Progress()):
             session = _session(backend, request)
             return after_input(session, session.load_example(scene, num_frames=int(frames or 49),
-                                                             progress=_reporter(progress)))
+                                                             progress=_reporter(progress)), request)
 
         @_safe(len(input_outputs))
         def on_upload(upload, request: gr.Request):
             if upload is None:
                 raise_skip()
             session = _session(backend, request)
-            return after_input(session, session.set_video(upload))
+            return after_input(session, session.set_video(upload), request)
 
         @_safe(len(input_outputs))
         def on_clip(frames, resize_value, request: gr.Request):
             session = _session(backend, request)
-            return after_input(session, session.set_clip_settings(int(frames), resize_value))
+            return after_input(session, session.set_clip_settings(int(frames), resize_value), request)
 
         @_safe(4)
         def on_depth(source, upload, request: gr.Request, progress=gr.Progress()):
@@ -252,7 +278,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                 return WithError((gr.update(value=panel, visible=True), gr.skip(), gr.skip(),
                                   f"error: missing weights for {source}; see the panel"))
             session.update_scene_safely()
-            return gr.update(visible=False), str(result.preview), _scene_html(session)
+            return gr.update(visible=False), str(result.preview), _scene_html(session, request)
 
         @_safe(4)
         def on_preset(name, angle_v, travel_v, direction_v, yaw_v, pitch_v, radius_v, ease_v, request: gr.Request):
@@ -320,7 +346,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                     result.warning or f"Lowest visible fraction: {100 * min(result.visible):.1f}%.",
                     files, "\n".join(result.commands))
 
-        @_safe(5)
+        @_safe(6)
         def on_generate(steps, seed, cfg, size, low_vram, vram_budget, cpu_offload, fp8, compile_,
                         request: gr.Request, progress=gr.Progress()):
             from ex4d.pipeline import GenerateOptions
@@ -329,9 +355,17 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             options = GenerateOptions(seed=int(seed), steps=int(steps), cfg=float(cfg), size=str(size).strip(),
                                       low_vram=bool(low_vram), vram_budget=float(vram_budget) if vram_budget else None,
                                       cpu_offload=bool(cpu_offload), fp8=bool(fp8), compile=bool(compile_))
-            result = session.generate(options, progress=_reporter(progress))
+            try:
+                result = session.generate(options, progress=_reporter(progress))
+            except MissingWeightsError:
+                lines = session.missing_generation_weights()
+                panel = "### Missing weights for generation\n\n" + "\n".join(f"- {line}" for line in lines)
+                gr.Warning("missing weights for generation: see the panel")
+                return WithError((gr.update(value=panel, visible=True), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                                  "error: missing weights for generation; see the panel"))
             files = [str(p) for p in list(session.last_preview.files.values()) + list(result.files.values())]
-            return str(result.video), eval_markdown(result), files, "\n".join(result.commands)
+            return (gr.update(visible=False), str(result.video), eval_markdown(result), files,
+                    "\n".join(result.commands))
 
         @_safe(1)
         def on_abort(request: gr.Request):
@@ -345,6 +379,12 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         depth_button.click(on_depth, [depth_source, depth_file], [weights_panel, depth_preview, scene3d, error_box],
                            api_name="depth")
         preset_outputs = [path_info, keyframes, shown_version, error_box]
+
+        def on_preset_choice(name):
+            return tuple(gr.update(visible=_shown(param, name)) for param in PRESET_PARAMS)
+
+        preset.change(on_preset_choice, [preset], [angle, travel, direction, yaw, pitch, radius, ease], api_name=False,
+                      queue=False, show_progress="hidden")
         preset_button.click(on_preset, [preset, angle, travel, direction, yaw, pitch, radius, ease], preset_outputs,
                             api_name="preset")
         keyframes.input(on_keyframes_edited, [keyframes], preset_outputs, api_name="keyframes")
@@ -365,7 +405,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                                                 output_files, cli_command, error_box], api_name="preview")
         generate_button.click(on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget,
                                             gen_cpu_offload, gen_fp8, gen_compile],
-                              [final_video, eval_report, output_files, cli_command, error_box], api_name="generate",
+                              [gen_weights_panel, final_video, eval_report, output_files, cli_command, error_box],
+                              api_name="generate",
                               concurrency_limit=1, concurrency_id="generate")
         abort_button.click(on_abort, None, [error_box], api_name="abort", queue=False)
 
@@ -392,17 +433,22 @@ def _rows(value) -> list[list]:
     return [list(row) for row in value]
 
 
+#: Sections of ex4d eval's summary shown on the page (docs/eval.md), in order.
+EVAL_SECTIONS = ("camera_following", "kept_what_was_seen", "temporal_stability", "learned_consistency")
+
+
 def eval_markdown(result) -> str:
-    """The eval report's main figures (docs/eval.md) as a short table, or the reason there is none."""
+    """The eval report's figures (docs/eval.md) as a short table, or the reason there is none."""
     if result.eval_summary is None:
         return f"Evaluation not available: {result.eval_error}" if result.eval_error else ""
-    summary = result.eval_summary
-    lines = ["| figure | value |", "|---|---|"]
-    for key, value in summary.items():
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-            lines.append(f"| {key} | {shown} |")
-    return "**Evaluation** (`ex4d eval`; report.html in the run's files)\n\n" + "\n".join(lines)
+    lines = ["| section | figure | value |", "|---|---|---|"]
+    for section in EVAL_SECTIONS:
+        values = result.eval_summary.get(section) or {}
+        for key, value in values.items():
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool) and key != "depth_file":
+                shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+                lines.append(f"| {section.replace('_', ' ')} | {key} | {shown} |")
+    return "**Evaluation** (`ex4d eval`; report.html is among the run's files)\n\n" + "\n".join(lines)
 
 
 def launch(backend: AppBackend, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
