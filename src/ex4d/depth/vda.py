@@ -147,71 +147,69 @@ def window_inputs(items: Iterable, num_frames: int) -> Iterator[list]:
         previous = slots
 
 
-def fit_scale_shift(prediction: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+def fit_scale_shift(prediction, target) -> tuple[float, float]:
     """Least squares (a, b) with a * prediction + b ~= target over all pixels, by the 2x2 normal
-    equations as the reference; (1, 0) when the system is singular.
+    equations as the reference; (1, 0) when the system is singular. Arrays or tensors (on any device).
 
     The sums are taken in float64, where the reference uses float32: in float32 the determinant
     cancels badly and the fit error compounds from window to window (on a synthetic video with exact
     per-window affine maps: 0.17 % of the disparity range after 100 frames, 1.6 % after 200; in float64
     under 3e-6, tests/test_vda.py).
     """
-    p = np.asarray(prediction, dtype=np.float64)
-    t = np.asarray(target, dtype=np.float64)
-    a00 = np.sum(p * p)
-    a01 = np.sum(p)
-    a11 = float(p.size)
-    b0 = np.sum(p * t)
-    b1 = np.sum(t)
+    p = torch.as_tensor(prediction).double()
+    t = torch.as_tensor(target).to(p.device).double()
+    a00, a01, b0, b1 = (float(v) for v in torch.stack([(p * p).sum(), p.sum(), (p * t).sum(), t.sum()]).cpu())
+    a11 = float(p.numel())
     det = a00 * a11 - a01 * a01
     if det == 0:
         return 1.0, 0.0
-    return float((a11 * b0 - a01 * b1) / det), float((-a01 * b0 + a00 * b1) / det)
+    return (a11 * b0 - a01 * b1) / det, (-a01 * b0 + a00 * b1) / det
 
 
 class WindowStitcher:
     """Stitch window outputs (32, H, W) into frames, keeping only what the next window needs.
 
-    ``push(window_output)`` returns the frames that are final (n, H, W) float32; ``finish()`` the rest.
-    Only the first ``num_frames`` frames are ever returned. ``params`` lists (a, b) per window.
+    ``push(window_output)`` returns the frames that are final as a numpy (n, H, W) float32 array;
+    ``finish()`` the rest. Only the first ``num_frames`` frames are ever returned. ``params`` lists
+    (a, b) per window. The outputs may be numpy arrays or tensors: the stitching runs where they are
+    (on the GPU for the estimator), and only the final frames are copied to the CPU.
     """
 
     def __init__(self, num_frames: int, metric: bool = False):
         self.num_frames = int(num_frames)
         self.metric = bool(metric)
         self.emitted = 0
-        self.pending: np.ndarray | None = None  # the last 8 stitched frames (window k's slots 24..31)
-        self.ref: list[np.ndarray] = []
+        self.pending: torch.Tensor | None = None  # the last 8 stitched frames (window k's slots 24..31)
+        self.ref: list[torch.Tensor] = []
         self.params: list[tuple[float, float]] = []
-        # weight of the previous window: 1 -> 0 over the 8 overlap frames (reference: np.linspace(1, 0, 8))
-        self.weights = np.linspace(1, 0, INTERP_LEN, dtype=np.float32)[:, None, None]
 
-    def _emit(self, frames: np.ndarray) -> np.ndarray:
+    def _emit(self, frames: torch.Tensor) -> np.ndarray:
         frames = frames[:max(0, self.num_frames - self.emitted)]
         self.emitted += len(frames)
-        return frames
+        return frames.cpu().numpy()
 
-    def push(self, depth: np.ndarray) -> np.ndarray:
-        depth = np.asarray(depth, dtype=np.float32)
+    def push(self, depth) -> np.ndarray:
+        depth = torch.as_tensor(depth).float()
         if depth.ndim != 3 or len(depth) != WINDOW:
-            raise ValueError(f"a window output must be ({WINDOW}, H, W), got {depth.shape}")
+            raise ValueError(f"a window output must be ({WINDOW}, H, W), got {tuple(depth.shape)}")
         if self.pending is None:  # window 0: kept as predicted
-            self.ref = [depth[0].copy(), depth[KEYFRAMES[1]].copy()]
+            self.ref = [depth[0].clone(), depth[KEYFRAMES[1]].clone()]
             self.params.append((1.0, 0.0))
-            self.pending = depth[WINDOW - INTERP_LEN:].copy()
+            self.pending = depth[WINDOW - INTERP_LEN:].clone()
             return self._emit(depth[:WINDOW - INTERP_LEN])
         if self.metric:
             a, b = 1.0, 0.0
         else:
-            a, b = fit_scale_shift(depth[:ALIGN_LEN], np.stack(self.ref))
+            a, b = fit_scale_shift(depth[:ALIGN_LEN], torch.stack(self.ref))
         self.params.append((a, b))
-        aligned = np.maximum(depth * np.float32(a) + np.float32(b), np.float32(0))
-        overlap = aligned[ALIGN_LEN:OVERLAP]
-        blended = self.pending * self.weights + overlap * (1 - self.weights)
+        aligned = torch.clamp_min(depth * a + b, 0.0)
+        # weight of the previous window: 1 -> 0 over the 8 overlap frames (reference: np.linspace(1, 0, 8))
+        weights = torch.linspace(1, 0, INTERP_LEN, dtype=torch.float32, device=depth.device)[:, None, None]
+        blended = self.pending * weights + aligned[ALIGN_LEN:OVERLAP] * (1 - weights)
         # ref[0] stays window 0's raw frame 0; ref[1] is the frame the next window sees in slot 1
-        self.ref[1] = aligned[KEYFRAMES[1]].copy()
-        self.pending = aligned[WINDOW - INTERP_LEN:].copy()
-        return self._emit(np.concatenate([blended, aligned[OVERLAP:WINDOW - INTERP_LEN]]))
+        self.ref[1] = aligned[KEYFRAMES[1]].clone()
+        self.pending = aligned[WINDOW - INTERP_LEN:].clone()
+        return self._emit(torch.cat([blended, aligned[OVERLAP:WINDOW - INTERP_LEN]]))
 
     def finish(self) -> np.ndarray:
         if self.pending is None:
@@ -357,8 +355,9 @@ class VideoDepthAnything:
                    input_size=DEFAULT_INPUT_SIZE if input_size is None else input_size)
 
     @torch.no_grad()
-    def infer_window(self, slots: Sequence[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
-        """32 preprocessed frames (3, h, w) on the device -> depth (32, H, W) float32 at the frame size ``size``.
+    def infer_window(self, slots: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """32 preprocessed frames (3, h, w) on the device -> depth (32, H, W) float32 at the frame size
+        ``size``, on the device.
 
         The network output (in the autocast dtype, as the reference) is cast to fp32 and resized
         bilinearly with align_corners=True."""
@@ -368,7 +367,7 @@ class VideoDepthAnything:
             depth = self.model(x)[0]
         depth = torch.nn.functional.interpolate(depth[:, None].float(), size=tuple(size), mode="bilinear",
                                                 align_corners=True)[:, 0]
-        return depth.cpu().numpy().astype(np.float32, copy=False)
+        return depth
 
     def _chunks(self, source: Iterable[np.ndarray], num_frames: int, size: tuple[int, int],
                 stitcher: WindowStitcher) -> Iterator[np.ndarray]:
