@@ -134,8 +134,11 @@ def flow(app, shots):
         frame = page.frame_locator("#scene3d_frame")
         view = wait_for(lambda: session.scene, what="the session's 3D view")
         wait_for(lambda: len(view.server.get_clients()) == 1, what="the 3D view's client to connect")
-        centre = dict((f, -p[:3, :3].T @ p[:3, 3]) for f, p in view.keyframes())[4]
-        assert np.allclose(centre[0], 0.3)
+
+        def centre_x_of_frame_4():
+            return [-(p[:3, :3].T @ p[:3, 3])[0] for f, p in view.keyframes() if f == 4]
+
+        wait_for(lambda: np.allclose(centre_x_of_frame_4(), [0.3]), what="the 3D view to show the edit")
         _hide_webgl_notice(page)
         page.fill("#frame_slider input[type=number]", "2")     # the page's timeline...
         page.locator("#frame_slider input[type=number]").blur()  # ...tells the 3D view on release
