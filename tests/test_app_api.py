@@ -212,3 +212,31 @@ def test_cli_help_does_not_import_gradio():
             "parser.parse_args(['app', '--port', '8000'])\nprint('gradio' in sys.modules, 'viser' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("target", ["/etc/hostname", __file__])
+def test_a_server_path_sent_as_an_upload_is_refused(app, target):
+    """The API cannot make the app read a server file: only files uploaded through gradio are taken."""
+    import httpx
+
+    backend, url = app
+    before = {p for p in backend.workdir.rglob("*") if p.is_file()}
+    base = url.rstrip("/")
+    reply = httpx.post(f"{base}/gradio_api/call/upload_video",
+                       json={"data": [{"path": target, "meta": {"_type": "gradio.FileData"}}]}, timeout=30)
+    event = reply.json()["event_id"]
+    with httpx.stream("GET", f"{base}/gradio_api/call/upload_video/{event}", timeout=60) as stream:
+        answer = "".join(stream.iter_text())
+    assert "event: error" in answer and "event: complete" not in answer
+    after = {p for p in backend.workdir.rglob("*") if p.is_file()}
+    assert not any(p.name == Path(target).name for p in after - before)  # nothing copied in
+
+
+def test_abort_when_idle_does_not_stop_the_next_run(app):
+    backend, url = app
+    c = client(url)
+    c.predict("boxes", FRAMES, api_name="/example")
+    assert c.predict(api_name="/abort") == ""
+    assert _session_of(backend, c).abort.is_set()
+    *_, error = c.predict(api_name="/preview")  # each run clears the flag when it starts
+    assert error == ""

@@ -401,14 +401,17 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         export_npz_button.click(exporter("npz"), None, [export_file, error_box], api_name="export_npz")
         poll.tick(on_poll, [shown_version], [path_info, keyframes, shown_version], show_progress="hidden",
                   api_name=False)
-        preview_button.click(on_preview, None, [preview_color, preview_mask, visible_plot, preview_warning,
+        preview_event = preview_button.click(on_preview, None, [preview_color, preview_mask, visible_plot, preview_warning,
                                                 output_files, cli_command, error_box], api_name="preview")
-        generate_button.click(on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget,
+        generate_event = generate_button.click(on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget,
                                             gen_cpu_offload, gen_fp8, gen_compile],
                               [gen_weights_panel, final_video, eval_report, output_files, cli_command, error_box],
                               api_name="generate",
                               concurrency_limit=1, concurrency_id="generate")
-        abort_button.click(on_abort, None, [error_box], api_name="abort", queue=False)
+        # Abort sets the session's flag, which stops a running preview or generation at its next frame or
+        # sampling step (a thread cannot be killed), and cancels this page's runs still waiting in the queue.
+        abort_button.click(on_abort, None, [error_box], api_name="abort", queue=False,
+                           cancels=[preview_event, generate_event])
 
         def on_unload(request: gr.Request):
             backend.end_session(getattr(request, "session_hash", None))
