@@ -596,3 +596,25 @@ def test_memory_does_not_grow_with_frames(small_vda, tmp_path):
     for chunk in run_windows(lambda slots: np.ones((32, 64, 64), np.float32) * slots[5], range(176), 176,
                              stitcher=stitcher):
         assert stitcher.pending.shape == (8, 64, 64) and len(stitcher.ref) == 2
+
+
+@pytest.mark.slow  # about 35 s on a 2-core CPU, most of it the tiny Wan generation
+def test_ex4d_run_with_vda_end_to_end(tiny, offline, tmp_path):
+    """Done means: ``ex4d run my_video.mp4 --cam 90 --depth vda`` works with the VDA-Small file (tiny
+    random models here, Wan and the adapter too)."""
+    tiny_wan = pytest.importorskip("tiny_wan")
+    from ex4d.io.video import read_video
+
+    models = tiny_wan.write_tiny_models_dir(tmp_path / "models")
+    spec = dw.vda_file("small", False)
+    (models / spec.repo).mkdir(parents=True)
+    torch.save(tiny_state(), models / spec.repo / spec.weights[0])
+    example = tmp_path / "example"
+    assert main(["synth", "-o", str(example), "--num-frames", "5", "--size", "64x64"]) == 0
+    out = tmp_path / "out"
+    assert main(["run", str(example / "video.mp4"), "--depth", "vda", "--cam", "90", "--num-frames", "5",
+                 "--resize", "keep", "-o", str(out), "--models-dir", str(models), "--size", "16x16", "--steps", "2",
+                 "--device", "cpu"]) == 0
+    frames, _ = read_video(out / "ex4d_90.mp4")
+    assert frames.shape == (5, 16, 16, 3)
+    assert json.loads((out / "recon_90.json").read_text())["depth"]["estimator"] == "vda"
