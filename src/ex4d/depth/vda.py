@@ -13,9 +13,9 @@ follows ``shared/reference/vda-spec.md`` (sections 4 and 5):
   slots from the previous window's slots [0, 12, 24..31]: slot 0 is always video frame 0, slot 1 the
   frame the previous window had in slot 12, slots 2..9 the 8 true overlap frames, 10..31 new frames.
   The clip is padded by repeating its last frame.
-- **Stitching** (:class:`WindowStitcher`): each window's output is fitted (scale a, shift b, least squares
-  over all pixels, summed in float64 where the reference uses float32: :func:`fit_scale_shift`) on its two
-  keyframe slots against the reference pair (window 0's raw frame 0
+- **Stitching** (:class:`WindowStitcher`, on the estimator's device): each window's output is fitted
+  (scale a, shift b, least squares over all pixels, summed in float64 where the reference uses float32:
+  :func:`fit_scale_shift`) on its two keyframe slots against the reference pair (window 0's raw frame 0
   forever, and the previous window's aligned slot 12); negatives are clipped; the 8 overlap frames are
   cross-faded linearly with the previous window's. Metric models skip the fit (a = 1, b = 0) but
   blend the same way.
