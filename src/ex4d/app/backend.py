@@ -395,9 +395,10 @@ class Session:
     def keyframe_rows(self) -> list[list]:
         return [k.row() for k in self.path.keyframes]
 
-    def path_file(self, folder: Path | None = None) -> Path:
-        """Save the current path as a pose file into ``folder`` (default: the session's camera/ folder)."""
-        geometry = self.scene_geometry()
+    def path_file(self, folder: Path | None = None, geometry: dict | None = None) -> Path:
+        """Save the current path as a pose file into ``folder`` (default: the session's camera/ folder).
+        ``geometry``: :meth:`scene_geometry`, when the caller has it already."""
+        geometry = geometry if geometry is not None else self.scene_geometry()
         folder = folder if folder is not None else self.sub("camera")
         with self.lock:
             return self.path.save(folder, num_frames=geometry["clip"].num_frames, size=geometry["size"],
@@ -575,10 +576,10 @@ class Session:
         from ex4d.io.video import read_mask_video
         from ex4d.pipeline import ReconOptions, run_recon
 
-        clip = self.clip()
-        depth = self.depth_video(clip)
+        geometry = self.scene_geometry()  # the clip and depth opened once for the path and the render
+        clip, depth = geometry["clip"], geometry["depth"]
         folder = new_folder(self.sub("runs"), "preview")
-        path_file = self.path_file(folder)
+        path_file = self.path_file(folder, geometry)
         options = ReconOptions(cam=str(path_file), device=self.app.device)
         self.abort.clear()
         bars = step_bars(progress, self.abort)
