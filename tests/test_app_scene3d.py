@@ -248,6 +248,15 @@ def test_page_loads_offline_connects_and_the_panel_adds_a_keyframe(view, tmp_pat
         view.set_frame(4)
         page.get_by_role("button", name="Add keyframe at frame").click(timeout=30_000)
         wait_for(lambda: heard, what="the keyframe callback")
+        # Look through frame 16's camera: the browser's camera goes there and reports it back.
+        view.look_through(path[16], K, SIZE)
+        client = next(iter(view.server.get_clients().values()))
+        want = viewer_camera(path[16], K, SIZE, view._scale)
+        time.sleep(1.0)
+        wait_for(lambda: np.allclose(client.camera.position, want["position"], atol=1e-3)
+                 and np.allclose(client.camera.look_at, want["look_at"], atol=1e-3),
+                 what="the browser's camera at frame 16's camera")
+        assert client.camera.fov == pytest.approx(want["fov"], abs=1e-3)
         page.screenshot(path=str(tmp_path / "scene3d.png"))
         print(f"screenshot: {tmp_path / 'scene3d.png'}")
     assert _frames(heard[-1]) == [0, 4, 16] and np.allclose(heard[-1][1][1], path[4])

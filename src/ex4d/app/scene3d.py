@@ -141,7 +141,8 @@ class SceneView:
         self._size = (512, 512)
         self._path = np.eye(4)[None]
         self._source = np.eye(4)
-        self._scale = 1.0          # median scene distance: sizes frustums, gizmo and look distance
+        self._scale = 1.0          # median scene distance: where the view looks, the point size
+        self._near = 1.0           # near scene distance (10th percentile): the size of frustums and gizmo
         self._scene_node = None
         self._closed = False
 
@@ -151,7 +152,7 @@ class SceneView:
             self.server = viser.ViserServer(host=host, port=0 if port is None else port, verbose=False)
         self.url = f"http://{host}:{self.server.get_port()}"
         self.server.scene.set_up_direction("-y")
-        self.server.gui.configure_theme(show_logo=False, show_share_button=False)
+        self.server.gui.configure_theme(control_width="small", show_logo=False, show_share_button=False)
         self._place_initial_camera()
         self._build_gui()
         self._gizmo = self.server.scene.add_transform_controls(
@@ -183,7 +184,9 @@ class SceneView:
         points, colors = subsample(points[finite], colors[finite])
         with self._lock:
             if len(points):
-                self._scale = max(float(np.median(np.linalg.norm(points, axis=1))), 1e-3)
+                distance = np.linalg.norm(points, axis=1)
+                self._scale = max(float(np.median(distance)), 1e-3)
+                self._near = max(float(np.percentile(distance, 10)), 1e-3)
             if self._scene_node is not None:
                 self._scene_node.remove()
             if mesh is not None:
@@ -340,7 +343,7 @@ class SceneView:
         wxyz, position = node_pose(pose)
         return self.server.scene.add_camera_frustum(
             name, fov=vertical_fov(self._K, self._size), aspect=self._size[1] / self._size[0],
-            scale=scale * self._scale, color=color, thickness=thickness, thickness_units="screen",
+            scale=scale * self._near, color=color, thickness=thickness, thickness_units="screen",
             wxyz=wxyz, position=position)
 
     def _redraw_cameras(self) -> None:
@@ -362,7 +365,7 @@ class SceneView:
             self._redraw_keyframe(frame)
         self._current.remove()
         self._current = self._frustum("/timeline/current", self._path[self._frame], 0.08, CURRENT_COLOR, 3.0)
-        self._gizmo.scale = 0.3 * self._scale
+        self._gizmo.scale = 0.3 * self._near
         self._update_gui()
         self._redraw_selection()
 
@@ -374,7 +377,7 @@ class SceneView:
             self._key_nodes[frame] = node
         else:
             node.wxyz, node.position = node_pose(self._keys[frame])
-            node.scale = 0.1 * self._scale
+            node.scale = 0.1 * self._near
             node.fov, node.aspect = vertical_fov(self._K, self._size), self._size[1] / self._size[0]
 
     def _redraw_selection(self) -> None:
@@ -401,7 +404,7 @@ class SceneView:
     def _place_initial_camera(self) -> None:
         # Behind and a little above the source camera (above is -y), looking at the scene's middle.
         camera = self.server.initial_camera
-        camera.position = (0.0, -0.4 * self._scale, -0.8 * self._scale)
+        camera.position = (0.0, -0.6 * self._scale, -1.6 * self._scale)
         camera.look_at = (0.0, 0.0, self._scale)
         camera.up = (0.0, -1.0, 0.0)
         # Twice the source camera's field of view (within 30-75 degrees): a narrow source still fills
