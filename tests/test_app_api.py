@@ -126,16 +126,36 @@ def test_invalid_upload_is_an_error_line(app, tmp_path):
     c = client(url)
     bogus = tmp_path / "broken.mp4"
     bogus.write_bytes(os.urandom(2000))
-    *_, error = c.predict(gradio_client.handle_file(str(bogus)), api_name="/upload_video")
+    *_, error = c.predict(gradio_client.handle_file(str(bogus)), FRAMES, "reference", api_name="/upload_video")
     assert error.startswith("error: ") and "\n" not in error
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(Exception, match="Invalid file type"):  # refused by the upload box itself
-        c.predict(gradio_client.handle_file(str(text)), api_name="/upload_video")
+        c.predict(gradio_client.handle_file(str(text)), FRAMES, "reference", api_name="/upload_video")
     *_, error = c.predict(api_name="/preview")  # and the app still answers
     assert error.startswith("error: no video yet")
     # the uploads were saved inside the work folder, not in a system temporary folder
     assert any((backend.workdir / "uploads").rglob("broken.mp4"))
+
+
+def test_uploaded_video_and_depth_file_preview(app, tmp_path):
+    """A video and its depth file uploaded (here the synthetic example's, written by ex4d synth)."""
+    backend, url = app
+    assert main(["synth", "-o", str(tmp_path / "mine"), "--scene", "planes", "--num-frames", "7",
+                 "--size", "64x128"]) == 0
+    c = client(url)
+    info, *_, error = c.predict(gradio_client.handle_file(str(tmp_path / "mine" / "video.mp4")), 5, "keep",
+                                api_name="/upload_video")
+    assert error == "" and "5 of 7 frames used, 64x128" in info and "Depth: none yet" in info
+    panel, depth_preview, _, error = c.predict("file", gradio_client.handle_file(str(tmp_path / "mine" / "depth.npz")),
+                                               api_name="/depth")
+    assert error == "" and panel["visible"] is False
+    assert read_video(depth_preview)[0].shape == (5, 64, 128, 3)
+    color, *_, error = c.predict(api_name="/preview")
+    assert error == "" and read_video(color)[0].shape == (5, 64, 128, 3)
+    session = _session_of(backend, c)
+    assert session.video.read_bytes() == (tmp_path / "mine" / "video.mp4").read_bytes()
+    assert session.video.is_relative_to(session.folder / "inputs")  # a copy; the upload is not used in place
 
 
 def test_upload_over_the_size_limit_is_refused(app, tmp_path):
@@ -143,7 +163,7 @@ def test_upload_over_the_size_limit_is_refused(app, tmp_path):
     big = tmp_path / "big.mp4"
     big.write_bytes(b"\0" * (2 * 1024 * 1024))  # 2 MB against --max-upload-mb 1
     with pytest.raises(Exception, match="(?i)size|large|limit"):
-        client(url).predict(gradio_client.handle_file(str(big)), api_name="/upload_video")
+        client(url).predict(gradio_client.handle_file(str(big)), FRAMES, "reference", api_name="/upload_video")
 
 
 def test_missing_generation_weights_show_the_download_panel(app):
@@ -223,7 +243,8 @@ def test_a_server_path_sent_as_an_upload_is_refused(app, target):
     before = {p for p in backend.workdir.rglob("*") if p.is_file()}
     base = url.rstrip("/")
     reply = httpx.post(f"{base}/gradio_api/call/upload_video",
-                       json={"data": [{"path": target, "meta": {"_type": "gradio.FileData"}}]}, timeout=30)
+                       json={"data": [{"path": target, "meta": {"_type": "gradio.FileData"}}, FRAMES, "reference"]},
+                       timeout=30)
     event = reply.json()["event_id"]
     with httpx.stream("GET", f"{base}/gradio_api/call/upload_video/{event}", timeout=60) as stream:
         answer = "".join(stream.iter_text())

@@ -216,6 +216,13 @@ def test_uploads_are_copied_and_checked(session, tmp_path):
         session.preview()
 
 
+def test_frame_count_stops_at_the_cap(session):
+    from ex4d.app.backend import count_video_frames
+
+    assert count_video_frames(session.video) == (FRAMES, 15.0)
+    assert count_video_frames(session.video, cap=3) == (3, 15.0)
+
+
 def test_import_pose_file(session, tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"time_unit": "frame", "keyframes": [{"time": 0, "position": [0, 0, 0]},

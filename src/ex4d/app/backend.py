@@ -45,6 +45,8 @@ LOW_VISIBLE_FRACTION = 0.3
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 #: Points of frame 0 sent to the 3D view at most (a browser draws 100k points at once without effort).
 MAX_SCENE_POINTS = 100_000
+#: Frames of a video the app looks at, at most (the frame-count box offers up to this many).
+MAX_FRAMES = 1000
 #: Keyframes that "Edit as keyframes" makes from a preset: first, middle and last frame (few numbers to
 #: edit; add more where the path must follow a curve closely).
 DEFAULT_KEYFRAMES = 3
@@ -152,6 +154,27 @@ def copy_upload(upload: str | os.PathLike, folder: Path, what: str, suffixes: tu
     return target
 
 
+def count_video_frames(video: Path, cap: int = MAX_FRAMES) -> tuple[int, float]:
+    """(frames, up to ``cap``; fps) of a video, decoding no more than ``cap`` frames; one-line InputError
+    for a file that is not a video (the messages of :func:`ex4d.io.video.probe_video`)."""
+    import av
+
+    from ex4d.io.video import probe_video
+
+    _, _, fps = probe_video(video, 1)
+    count = 0
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        try:
+            for _ in container.decode(stream):
+                count += 1
+                if count >= cap:
+                    break
+        except Exception:  # a truncated file ends where decoding fails, as ex4d.io.video reads it
+            pass
+    return max(count, 1), fps
+
+
 @dataclass
 class DepthResult:
     depth_file: Path
@@ -232,22 +255,19 @@ class Session:
             self.depth_file, self.depth_source = depth_path, f"exact depth of the {scene} example"
         return self.info()
 
-    def set_video(self, upload: str | os.PathLike) -> dict:
-        """Take an uploaded video (copied into the session's inputs); the depth must then be made anew."""
-        from ex4d.io.video import probe_video
-
+    def set_video(self, upload: str | os.PathLike, *, num_frames: int | None = None,
+                  resize: str | None = None) -> dict:
+        """Take an uploaded video (copied into the session's inputs) with the page's frame count and
+        resize settings (default: the session's); the depth must then be made anew."""
         folder = new_folder(self.sub("inputs"), "video")
         video = copy_upload(upload, folder, "video", VIDEO_SUFFIXES)
-        probe_video(video)  # one-line InputError for a file that is not a video
         with self.lock:
-            self._set_video(video, num_frames=self.num_frames)
+            self._set_video(video, num_frames=self.num_frames if num_frames is None else int(num_frames))
             self.depth_file, self.depth_source = None, ""
-        return self.info()
+        return self.set_clip_settings(self.num_frames, resize or self.resize)
 
     def _set_video(self, video: Path, *, num_frames: int) -> None:
-        from ex4d.io.video import probe_video
-
-        count, _, fps = probe_video(video)
+        count, fps = count_video_frames(video)
         self.video, self.video_frames, self.video_fps = video, count, fps
         self.num_frames = min(int(num_frames), count)
         self.last_preview = self.last_generate = None

@@ -14,7 +14,7 @@ import os
 
 import gradio as gr
 
-from ex4d.app.backend import VIDEO_SUFFIXES, AppBackend, Session
+from ex4d.app.backend import MAX_FRAMES, VIDEO_SUFFIXES, AppBackend, Session
 from ex4d.app.camera_edit import KEYFRAME_COLUMNS, PRESETS, preset_spec
 from ex4d.errors import MissingWeightsError, UserError
 
@@ -71,7 +71,8 @@ class WithError(tuple):
 
 
 def _info_markdown(info: dict) -> str:
-    return (f"**{info['video']}**: {info['frames']} of {info['video_frames']} frames used, "
+    total = f"{info['video_frames']}+" if info["video_frames"] >= MAX_FRAMES else info["video_frames"]
+    return (f"**{info['video']}**: {info['frames']} of {total} frames used, "
             f"{info['size']} (H x W, resize {info['resize']}), {info['fps']:g} fps. Depth: {info['depth']}.")
 
 
@@ -254,11 +255,12 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                                                              progress=_reporter(progress)), request)
 
         @_safe(len(input_outputs))
-        def on_upload(upload, request: gr.Request):
+        def on_upload(upload, frames, resize_value, request: gr.Request):
             if upload is None:
                 raise_skip()
             session = _session(backend, request)
-            return after_input(session, session.set_video(upload), request)
+            return after_input(session, session.set_video(upload, num_frames=int(frames or 49), resize=resize_value),
+                               request)
 
         @_safe(len(input_outputs))
         def on_clip(frames, resize_value, request: gr.Request):
@@ -374,7 +376,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
 
         # ------------------------------------------------------------------ wiring
         example_button.click(on_example, [example_scene, num_frames], input_outputs, api_name="example")
-        upload_video.upload(on_upload, [upload_video], input_outputs, api_name="upload_video")
+        upload_video.upload(on_upload, [upload_video, num_frames, resize], input_outputs, api_name="upload_video")
         clip_button.click(on_clip, [num_frames, resize], input_outputs, api_name="clip")
         depth_button.click(on_depth, [depth_source, depth_file], [weights_panel, depth_preview, scene3d, error_box],
                            api_name="depth")
