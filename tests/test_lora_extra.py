@@ -322,6 +322,12 @@ def test_batch_jobs_take_lora_lists_presets_and_shift(tmp_path):
                                                             (str(tmp_path / "loras" / "style.safetensors"), 0.5)]
     options = job_generate_options(b)
     assert (options.steps, options.cfg, options.shift, options.loras) == (6, 1.0, 3.0, ())
+    from ex4d.batch import job_fingerprint, job_input_files
+
+    assert job_input_files(a)["lora_files"][0] == str(distill) and "lora_files" not in job_input_files(b)
+    before = job_fingerprint(a)
+    distill.write_bytes(distill.read_bytes()[:-1] + b" ")  # same name, other content: the job is not current
+    assert job_fingerprint(a) != before
     problems = check_jobs([a])
     assert any("LoRA file not found" in p and "style.safetensors" in p for p in problems)
     assert not any("distill.safetensors" in p for p in problems)

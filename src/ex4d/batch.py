@@ -372,7 +372,8 @@ def _model_files(kind: str, *args, fresh: bool = False) -> list[str]:
 
 def job_input_files(job: dict, *, fresh: bool = False) -> dict[str, list[str]]:
     """Every file a job reads, by part: ``video``, ``depth_file`` or ``depth_models`` (the estimator's
-    weights), ``cam_file`` (a pose file), ``generate_models`` (adapter + Wan, for ``stage: run``).
+    weights), ``cam_file`` (a pose file), ``generate_models`` (adapter + Wan, for ``stage: run``),
+    ``lora_files`` (its extra LoRAs).
 
     Weight files are the ones the loaders would pick now (models dir, then the Hugging Face cache;
     nothing is downloaded); a part whose weights are missing says so instead of naming files.
@@ -388,6 +389,10 @@ def job_input_files(job: dict, *, fresh: bool = False) -> dict[str, list[str]]:
         parts["cam_file"] = [cam]
     if job.get("stage", "run") == "run":
         parts["generate_models"] = _model_files("generate", job.get("models_dir"), job.get("adapter"), fresh=fresh)
+        if job.get("lora"):  # a LoRA file replaced under the same name reruns the job
+            from ex4d.diffusion.weights.lora import parse_lora_spec
+
+            parts["lora_files"] = [parse_lora_spec(item).path for item in job["lora"]]
     return parts
 
 
