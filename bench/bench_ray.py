@@ -89,6 +89,8 @@ def main(argv=None) -> int:
         write_tiny_models_dir(work / "models")
     cpus = os.cpu_count() or 1
     t0 = time.perf_counter()
+    # as `ex4d batch --ray` starts a local instance: workers at normal priority (Ray's default is nice 15)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=cpus, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False)
     ray_start_s = time.perf_counter() - t0
     note(f"local Ray instance up in {ray_start_s:.1f}s ({cpus} CPUs)")
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "ray": ray.__version__, "stage": args.stage,
         "shape": {"frames": args.frames, "height": args.size, "width": args.size},
         "jobs": args.jobs, "repeats": args.repeats, "ray_workers": args.workers,
-        "ray_start_s": round(ray_start_s, 2), "engines": engines,
+        "ray_start_s": round(ray_start_s, 2), "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
+        "load_average_1min": round(os.getloadavg()[0], 2), "engines": engines,
         "ratio_ray_vs_native": round(engines["ray"]["clips_per_hour"] / engines["native"]["clips_per_hour"], 3),
         "ratio_ray_vs_native_steady": round(engines["ray"]["clips_per_hour_steady"]
                                             / engines["native"]["clips_per_hour_steady"], 3),

@@ -29,7 +29,10 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test runn
 @pytest.fixture(scope="module")
 def cluster():
     """One local 2-CPU Ray instance for the whole module (starting one costs seconds)."""
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from ex4d.batch_ray import _local_worker_niceness
+
+    with _local_worker_niceness():  # as `ex4d batch --ray` starts one
+        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 

@@ -49,8 +49,8 @@ def register(subparsers) -> None:
                              "ray://HOST:PORT that cluster, no ADDRESS starts a local one (default: no Ray, one "
                              "process per GPU through torchrun); needs pip install -e \".[ray]\"")
     parser.add_argument("--ray-workers", type=int, default=None, metavar="N",
-                        help="with --ray: number of actors (default: one per GPU of the cluster; 1 on a cluster "
-                             "without GPUs, where each actor takes one CPU)")
+                        help="with --ray: number of actors (default: one per GPU of the cluster, each with its "
+                             "share of its node's CPUs; on a cluster without GPUs 1, the actors sharing the CPUs)")
     parser.set_defaults(func=main)
 
 
