@@ -158,7 +158,7 @@ def make_trajectory(spec: str, *, num_frames: int, size: tuple[int, int], K: np.
     + 0.15. It may be None only for pose files that need no pivot.
     resample: let a pose file with another pose count be interpolated to T frames.
     depth_metric: whether the depth is in metres (a depth file from a metric estimator or a scanner)
-    rather than the relative depth of DepthCrafter / Depth Anything; ``stereo:baseline=<v>m`` needs
+    rather than the relative depth of DepthCrafter / Depth Anything / vda; ``stereo:baseline=<v>m`` needs
     True and is refused with False (None: unknown, accepted, as in the checks before any work).
 
     Returns a Trajectory with cam_from_world (T, 4, 4) OpenCV, K (T, 3, 3), a filename-safe name
@@ -297,9 +297,9 @@ def _stereo_baseline(value, subject: float, depth_metric: bool | None, spec: str
     elif isinstance(value, str):  # "0.065m"
         if depth_metric is False:
             raise InputError(f"camera path {spec!r}: baseline={value} is in metres but the depth is relative "
-                             "(DepthCrafter / Depth Anything have no metric scale); give a metric depth file "
-                             "(--depth depth.npz in metres) or a fraction of the subject distance, e.g. "
-                             "baseline=0.033x")
+                             "(DepthCrafter, Depth Anything and vda have no metric scale); use --depth vda-metric, "
+                             "a metric depth file (--depth depth.npz in metres) or a fraction of the subject "
+                             "distance, e.g. baseline=0.033x")
         result = float(value[:-1])
     else:
         result = float(value)
