@@ -16,8 +16,8 @@ pytest.importorskip("viser", reason="the [app] extra (viser) is not installed")
 from browser_util import browser_page, off_host, wait_for  # noqa: E402
 
 from ex4d.app import scene3d  # noqa: E402
-from ex4d.app.scene3d import (SceneView, cam_from_world_of_node, node_pose, path_indices, subsample,  # noqa: E402
-                              vertical_fov, viewer_camera)
+from ex4d.app.scene3d import (SceneView, cam_from_world_of_node, frustum_scale, node_pose,  # noqa: E402
+                              path_indices, subsample, vertical_fov, viewer_camera)
 from ex4d.camera.poses import look_at  # noqa: E402
 from ex4d.camera.presets import orbit  # noqa: E402
 from ex4d.conventions import reference_intrinsics  # noqa: E402
@@ -99,6 +99,14 @@ def test_vertical_fov_subsample_and_path_marks():
     assert list(path_indices(49, 16)) == list(range(0, 49, 4))         # 48 is a multiple of 4
     assert list(path_indices(50, 16)) == list(range(0, 50, 4)) + [49]
     assert list(path_indices(1)) == [0]
+
+
+def test_frustum_scale_undoes_viewers_unit_volume():
+    # viser draws x = tan(fov/2) * aspect, y = tan(fov/2), z = 1, divided by cbrt(x y z / 3), times scale.
+    # fov 90 degrees and aspect 3: x y z / 3 = 1, so the scale is the depth itself.
+    assert frustum_scale(0.5, math.pi / 2, 3.0) == pytest.approx(0.5)
+    # fov 60 degrees, aspect 1: tan(30)^2 / 3 = 1/9, so depth = scale * 9 ** (1/3).
+    assert frustum_scale(2.0, math.pi / 3, 1.0) == pytest.approx(2.0 / 9 ** (1 / 3))
 
 
 # --- the server ----------------------------------------------------------------------------------------

@@ -97,6 +97,16 @@ def viewer_camera(cam_from_world: np.ndarray, K: np.ndarray, size: tuple[int, in
     }
 
 
+def frustum_scale(depth: float, fov: float, aspect: float) -> float:
+    """viser's ``scale`` that draws a camera frustum ``depth`` deep (from its apex to its image plane).
+
+    viser normalises a frustum to unit volume: with y = tan(fov / 2), x = y * aspect and z = 1 it
+    divides all three by cbrt(x * y * z / 3) before scaling, so a narrow camera would be drawn long.
+    """
+    half = math.tan(fov / 2.0)
+    return float(depth) * (half * half * aspect / 3.0) ** (1.0 / 3.0)
+
+
 def subsample(points: np.ndarray, colors: np.ndarray, cap: int = POINT_CAP) -> tuple[np.ndarray, np.ndarray]:
     """At most ``cap`` of the points (N, 3) and colours (N, 3), chosen with a fixed seed."""
     if len(points) <= cap:
@@ -341,9 +351,9 @@ class SceneView:
 
     def _frustum(self, name: str, pose: np.ndarray, scale: float, color, thickness: float):
         wxyz, position = node_pose(pose)
+        fov, aspect = vertical_fov(self._K, self._size), self._size[1] / self._size[0]
         return self.server.scene.add_camera_frustum(
-            name, fov=vertical_fov(self._K, self._size), aspect=self._size[1] / self._size[0],
-            scale=scale * self._near, color=color, thickness=thickness, thickness_units="screen",
+            name, fov=fov, aspect=aspect, scale=frustum_scale(scale * self._near, fov, aspect), color=color, thickness=thickness, thickness_units="screen",
             wxyz=wxyz, position=position)
 
     def _redraw_cameras(self) -> None:
@@ -377,8 +387,8 @@ class SceneView:
             self._key_nodes[frame] = node
         else:
             node.wxyz, node.position = node_pose(self._keys[frame])
-            node.scale = 0.1 * self._near
             node.fov, node.aspect = vertical_fov(self._K, self._size), self._size[1] / self._size[0]
+            node.scale = frustum_scale(0.1 * self._near, node.fov, node.aspect)
 
     def _redraw_selection(self) -> None:
         for frame, node in self._key_nodes.items():
