@@ -69,6 +69,7 @@ def test_example_preset_keyframes_preview_export_flow(app, tmp_path):
     assert "scene3d_frame" in scene or "scene3d_unavailable" in scene
     session = _session_of(backend, c)
     assert session.folder.is_relative_to(backend.workdir)
+    assert session.video.parent.parent == backend.workdir / "examples"  # made once, shared read-only
 
     path_info, table, error = c.predict("orbit (reference)", 30, 0.5, "out", 45, 0, 1, "linear",
                                                  api_name="/preset")
@@ -171,7 +172,7 @@ def test_missing_generation_weights_show_the_download_panel(app):
     c = client(url)
     c.predict("boxes", FRAMES, api_name="/example")
     c.predict(api_name="/preview")
-    panel, *_, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False, api_name="/generate")
+    panel, *_, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False, "full", api_name="/generate")
     assert panel["visible"] is True and "Wan2.1" in panel["value"] and "download with" in panel["value"]
     assert error == "error: missing weights for generation; see the panel"
 
@@ -194,7 +195,7 @@ def test_each_browser_session_has_its_own_folder(app):
     first.predict("boxes", FRAMES, api_name="/example")
     second.predict("planes", FRAMES, api_name="/example")
     a, b = _session_of(backend, first), _session_of(backend, second)
-    assert a.folder != b.folder and a.video.parent.parent == a.folder / "inputs"
+    assert a.folder != b.folder and a.folder.parent == b.folder.parent == backend.workdir / "sessions"
     assert "planes" in b.video.parent.name and "boxes" in a.video.parent.name
 
 
@@ -207,7 +208,7 @@ def test_generate_with_tiny_models_through_the_queue(app, tmp_path):
     c.predict("boxes", FRAMES, api_name="/example")
     c.predict("orbit (reference)", 30, 0.5, "out", 45, 0, 1, "linear", api_name="/preset")
     c.predict(api_name="/preview")
-    panel, video, report, files, commands, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False,
+    panel, video, report, files, commands, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False, "full",
                                                              api_name="/generate")
     assert panel["visible"] is False
     assert error == ""

@@ -44,13 +44,21 @@ def _camera(path: Path) -> np.ndarray:
         return data["cam_from_world"].copy()
 
 
-def test_example_gives_video_and_exact_depth_inside_the_session_folder(backend, session):
+def test_example_gives_video_and_exact_depth_made_once(backend, session):
     info = session.info()
     assert (info["frames"], info["height"], info["width"], info["fps"]) == (FRAMES, *SIZE, 15.0)
-    assert session.video.is_relative_to(backend.workdir / "sessions" / "browser-1" / "inputs")
+    assert session.video.parent == backend.workdir / "examples" / "spheres_moving-5f-64x64-15fps"
     assert session.depth_file.parent == session.video.parent and session.depth_file.name == "depth.npz"
     frames, fps = read_video(session.video)
     assert frames.shape == (FRAMES, *SIZE, 3) and fps == 15.0
+    with np.load(session.depth_file) as data:
+        assert data["depth"].shape == (FRAMES, *SIZE) and data["K"][0, 0] == 500.0  # synth's exact depth and K
+    stamp = session.video.stat().st_mtime_ns
+    other = backend.session("browser-2")
+    other.load_example("spheres_moving", num_frames=FRAMES)
+    assert other.video == session.video and session.video.stat().st_mtime_ns == stamp  # reused, not rewritten
+    with pytest.raises(InputError, match="unknown example"):
+        other.load_example("castle")
 
 
 def test_clip_settings_are_checked_like_the_cli(session):

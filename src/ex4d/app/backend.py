@@ -235,24 +235,15 @@ class Session:
     # ---------------------------------------------------------------- input
     def load_example(self, scene: str = "spheres_moving", *, num_frames: int = 49,
                      size: tuple[int, int] | None = None, fps: float = 15.0, progress: Report | None = None) -> dict:
-        """Make a synthetic example (as ``ex4d synth``): video.mp4 and its exact depth.npz, both then used."""
-        from ex4d.commands.common import MAX_SYNTH_FRAMES, check_int
-        from ex4d.io.video import to_uint8, write_video
-        from ex4d.synthetic.scenes import SCENES, make_example
+        """Use a synthetic example (as ``ex4d synth`` makes it): video.mp4 and its exact depth.npz.
 
-        if scene not in SCENES:
-            raise InputError(f"unknown example {scene!r}; choose one of {', '.join(sorted(SCENES))}")
-        num_frames = check_int(num_frames, "frames", 1, MAX_SYNTH_FRAMES, example=49)
+        Examples are made once per scene, frame count and size into the work folder's ``examples/``
+        (shared by the sessions, which only read them) and reused."""
         size = tuple(size) if size is not None else self.app.example_size
-        folder = new_folder(self.sub("inputs"), f"example-{scene}")
-        bars = step_bars(progress, None)
-        wrap = (lambda it: bars(it, total=num_frames, desc=f"example {scene}")) if progress else None
-        clip, depth = make_example(scene, num_frames=num_frames, size=size, fps=fps, progress=wrap)
-        video = write_video(folder / "video.mp4", to_uint8(clip.frames), clip.fps)
-        depth_path = depth.save(folder / "depth.npz")
+        folder = self.app.example(scene, num_frames=num_frames, size=size, fps=fps, progress=progress)
         with self.lock:
-            self._set_video(video, num_frames=num_frames)
-            self.depth_file, self.depth_source = depth_path, f"exact depth of the {scene} example"
+            self._set_video(folder / "video.mp4", num_frames=num_frames)
+            self.depth_file, self.depth_source = folder / "depth.npz", f"exact depth of the {scene} example"
         return self.info()
 
     def set_video(self, upload: str | os.PathLike, *, num_frames: int | None = None,
@@ -275,7 +266,7 @@ class Session:
 
     def set_clip_settings(self, num_frames, resize: str) -> dict:
         """The CLI's ``--num-frames`` and ``--resize`` (docs: ``ex4d recon --help``)."""
-        from ex4d.commands.common import check_int
+        from ex4d.checks import check_int
 
         if resize not in ("reference", "keep"):
             raise InputError(f"resize must be 'reference' or 'keep', got {resize!r}")
@@ -284,9 +275,13 @@ class Session:
         if num_frames > self.video_frames:
             raise InputError(f"the video has {self.video_frames} frames; choose at most {self.video_frames}")
         if resize == "keep":
-            from ex4d.commands.recon import check_frame_size
+            from ex4d.checks import MAX_RECON_PIXELS
+            from ex4d.io.video import probe_video
 
-            check_frame_size(str(self.video))
+            _, (height, width), _ = probe_video(self.video, 1)
+            if height * width > MAX_RECON_PIXELS:
+                raise InputError(f"the video is {width}x{height}; resize 'keep' takes at most "
+                                 f"{MAX_RECON_PIXELS / 1e6:.1f} megapixels (4096x2160) a frame; use 'reference'")
         with self.lock:
             changed = (num_frames, resize) != (self.num_frames, self.resize)
             self.num_frames, self.resize = num_frames, resize
@@ -737,17 +732,18 @@ def recon_command(session: Session, path_file: Path, out: Path) -> str:
 
 
 def generate_command(color: Path, mask: Path, output: Path, options) -> str:
+    """The ``ex4d generate`` line with the same settings (only those that differ from its defaults)."""
     parts = [f"ex4d generate --color {_q(color)} --mask {_q(mask)} -o {_q(output)}"]
     defaults = type(options)()
-    flags = {"seed": "--seed", "steps": "--steps", "cfg": "--cfg", "size": "--size", "models_dir": "--models-dir",
-             "adapter": "--adapter", "vram_budget": "--vram-budget", "prompt": "--prompt",
-             "negative_prompt": "--negative-prompt", "device": "--device"}
+    flags = {"preset": "--preset", "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift",
+             "size": "--size", "models_dir": "--models-dir", "adapter": "--adapter", "vram_budget": "--vram-budget",
+             "prompt": "--prompt", "negative_prompt": "--negative-prompt", "device": "--device"}
     for key, flag in flags.items():
-        value = getattr(options, key)
-        if value is not None and value != getattr(defaults, key):
+        value = getattr(options, key, None)
+        if value is not None and value != getattr(defaults, key, None):
             parts.append(f"{flag} {_q(value)}")
     switches = {"low_vram": "--low-vram", "cpu_offload": "--cpu-offload", "fp8": "--fp8", "compile": "--compile"}
-    parts += [flag for key, flag in switches.items() if getattr(options, key)]
+    parts += [flag for key, flag in switches.items() if getattr(options, key, False)]
     if not options.erode:
         parts.append("--no-erode")
     return " ".join(parts)
@@ -771,6 +767,32 @@ class AppBackend:
         self.generator_cache: dict = {}  # pipeline.cached_generator keeps the models loaded between runs
         self.gpu_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._example_lock = threading.Lock()
+
+    def example(self, scene: str, *, num_frames: int, size: tuple[int, int], fps: float = 15.0,
+                progress: Report | None = None) -> Path:
+        """The folder of a synthetic example (video.mp4 + depth.npz), made on first use (whole or not at all)."""
+        from ex4d.checks import MAX_SYNTH_FRAMES, check_fps, check_int
+        from ex4d.io.files import atomic_dir
+        from ex4d.io.video import to_uint8, write_video
+        from ex4d.synthetic.scenes import SCENES, make_example
+
+        if scene not in SCENES:
+            raise InputError(f"unknown example {scene!r}; choose one of {', '.join(sorted(SCENES))}")
+        num_frames = check_int(num_frames, "frames", 1, MAX_SYNTH_FRAMES, example=49)
+        fps = check_fps(fps)
+        height, width = (int(v) for v in size)
+        folder = self.workdir / "examples" / f"{scene}-{num_frames}f-{height}x{width}-{fps:g}fps"
+        with self._example_lock:  # two sessions asking for the same example make it once
+            if (folder / "video.mp4").is_file() and (folder / "depth.npz").is_file():
+                return folder
+            bars = step_bars(progress, None)
+            wrap = (lambda it: bars(it, total=num_frames, desc=f"example {scene}")) if progress else None
+            clip, depth = make_example(scene, num_frames=num_frames, size=(height, width), fps=fps, progress=wrap)
+            with atomic_dir(folder) as tmp:
+                write_video(tmp / "video.mp4", to_uint8(clip.frames), clip.fps)
+                depth.save(tmp / "depth.npz")
+        return folder
 
     def session(self, key: str | None) -> Session:
         """The session for a browser session's key (gradio's session hash), created on first use."""

@@ -212,9 +212,12 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             gr.Markdown("Needs the Wan2.1-I2V-14B and EX-4D weights (docs/models.md) and, in practice, a GPU. "
                         "One generation runs at a time; others wait in the queue.")
             with gr.Row():
-                gen_steps = gr.Number(value=25, precision=0, label="Steps", elem_id="gen_steps")
+                gen_preset = gr.Radio(["full", "fast"], value="full", elem_id="gen_preset",
+                                      label="Sampler preset (--preset): full = 25 steps, CFG 5; fast = 4 steps, no CFG")
+                gen_steps = gr.Number(value=None, precision=0, label="Steps (blank: the preset's)",
+                                      elem_id="gen_steps")
                 gen_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="gen_seed")
-                gen_cfg = gr.Number(value=5.0, label="CFG", elem_id="gen_cfg")
+                gen_cfg = gr.Number(value=None, label="CFG / guidance (blank: the preset's)", elem_id="gen_cfg")
                 gen_size = gr.Textbox(value="512x512", label="Size (HxW)", elem_id="gen_size")
             with gr.Row():
                 gen_low_vram = gr.Checkbox(label="--low-vram", elem_id="gen_low_vram")
@@ -349,12 +352,14 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                     files, "\n".join(result.commands))
 
         @_safe(6)
-        def on_generate(steps, seed, cfg, size, low_vram, vram_budget, cpu_offload, fp8, compile_,
+        def on_generate(steps, seed, cfg, size, low_vram, vram_budget, cpu_offload, fp8, compile_, sampler_preset,
                         request: gr.Request, progress=gr.Progress()):
             from ex4d.pipeline import GenerateOptions
 
             session = _session(backend, request)
-            options = GenerateOptions(seed=int(seed), steps=int(steps), cfg=float(cfg), size=str(size).strip(),
+            options = GenerateOptions(seed=int(seed or 0), steps=None if steps in (None, "") else int(steps),
+                                      cfg=None if cfg in (None, "") else float(cfg), size=str(size).strip(),
+                                      preset=sampler_preset or "full",
                                       low_vram=bool(low_vram), vram_budget=float(vram_budget) if vram_budget else None,
                                       cpu_offload=bool(cpu_offload), fp8=bool(fp8), compile=bool(compile_))
             try:
@@ -406,7 +411,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         preview_event = preview_button.click(on_preview, None, [preview_color, preview_mask, visible_plot, preview_warning,
                                                 output_files, cli_command, error_box], api_name="preview")
         generate_event = generate_button.click(on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget,
-                                            gen_cpu_offload, gen_fp8, gen_compile],
+                                            gen_cpu_offload, gen_fp8, gen_compile, gen_preset],
                               [gen_weights_panel, final_video, eval_report, output_files, cli_command, error_box],
                               api_name="generate",
                               concurrency_limit=1, concurrency_id="generate")
