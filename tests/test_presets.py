@@ -131,3 +131,14 @@ def test_full_sampling_runs_two_forwards_per_step_and_shift_moves_the_timesteps(
          **GenerateOptions(steps=2, shift=1.0).call_kwargs())
     assert np.allclose([t for _, t in forwards[::2]], [1000.0, 500.0], atol=1e-3)  # unshifted
     assert pipe.scheduler.config.shift == 5.0  # the pipeline's own scheduler keeps the reference's shift
+
+
+def test_multi_gpu_workers_get_the_same_sampler_and_lora_options():
+    from ex4d.commands import torchrun
+
+    parser = torchrun.build_parser()
+    args = parser.parse_args(["--color", "c.mp4", "-o", "o.mp4", "--preset", "fast", "--guidance", "2", "--shift", "3",
+                              "--lora", "a.safetensors", "--lora", "b.safetensors:0.5", "--prompt-cache", "off"])
+    again = parser.parse_args(torchrun.argv_from_args(args, parser))
+    assert vars(again) == vars(args)
+    assert again.loras == ["a.safetensors", "b.safetensors:0.5"] and (again.preset, again.cfg) == ("fast", 2.0)
