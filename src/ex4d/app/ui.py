@@ -116,7 +116,9 @@ def build_app(backend: AppBackend) -> gr.Blocks:
     from ex4d.synthetic.scenes import SCENES
 
     os.environ["GRADIO_TEMP_DIR"] = str(backend.workdir / "uploads")  # uploads stay inside the work folder
-    with gr.Blocks(title="ex4d") as demo:
+    # Gradio keeps a copy of every file it serves in its cache (inside the work folder): copies older than
+    # a day are removed every hour. The runs themselves stay in the sessions' folders.
+    with gr.Blocks(title="ex4d", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# ex4d: re-film a video along a new camera path\n"
                     "1 Input → 2 Depth → 3 Camera → 4 Preview → 5 Generate → 6 Outputs")
         error_box = gr.Textbox(label="Message", interactive=False, elem_id="error_box", lines=1)
@@ -384,7 +386,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         upload_video.upload(on_upload, [upload_video, num_frames, resize], input_outputs, api_name="upload_video")
         clip_button.click(on_clip, [num_frames, resize], input_outputs, api_name="clip")
         depth_button.click(on_depth, [depth_source, depth_file], [weights_panel, depth_preview, scene3d, error_box],
-                           api_name="depth")
+                           api_name="depth", concurrency_limit=1, concurrency_id="depth")  # one estimator in memory
         preset_outputs = [path_info, keyframes, shown_version, error_box]
 
         def on_preset_choice(name):
@@ -407,7 +409,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         export_json_button.click(exporter("json"), None, [export_file, error_box], api_name="export_json")
         export_npz_button.click(exporter("npz"), None, [export_file, error_box], api_name="export_npz")
         poll.tick(on_poll, [shown_version], [path_info, keyframes, shown_version], show_progress="hidden",
-                  api_name=False)
+                  api_name=False, queue=False)  # a cheap read every second: not through the job queue
         preview_event = preview_button.click(on_preview, None, [preview_color, preview_mask, visible_plot, preview_warning,
                                                 output_files, cli_command, error_box], api_name="preview")
         generate_event = generate_button.click(on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget,
