@@ -29,7 +29,8 @@ a cold load from disk is not measured here (that needs the 60 GB of real files o
 
 Prints ONE JSON object (commit from EX4D_COMMIT or git).
 
-  python bench/bench_e2e.py --preset full               # on an H100
+  python bench/bench_e2e.py --preset full               # on an H100 (allow ~5 min a preset: the
+                                                        # warm-up compiles DepthCrafter and the DiT)
   python bench/bench_e2e.py --preset lowvram-fp8 --vram-budget 13
   python bench/bench_e2e.py --tiny --preset full        # CPU check of the script itself (tiny models)
 """
@@ -101,15 +102,23 @@ class Stages:
         self.peaks.clear()
 
 
-def build_depth(tiny: bool, device: str):
-    """A DepthCrafter estimator of the real classes with random weights (fp16 on CUDA), resident."""
+def build_depth(tiny: bool, device: str, compile_: bool = True):
+    """A DepthCrafter estimator of the real classes with random weights (fp16 on CUDA), resident.
+
+    Its settings on CUDA: ``ex4d depth --compile --fp16-encode`` (or ``--fast-kernels --fp16-encode``)."""
     from bench_depth import build_models
 
-    from ex4d.depth.depthcrafter import COMPILE_PRESET, DepthCrafter, DepthCrafterPipeline, DepthCrafterSettings
+    from ex4d.depth.depthcrafter import (
+        COMPILE_PRESET,
+        FAST_KERNELS,
+        DepthCrafter,
+        DepthCrafterPipeline,
+        DepthCrafterSettings,
+    )
 
     cuda = device == "cuda"
     dtype = torch.float16 if cuda else torch.float32
-    settings = dict(COMPILE_PRESET, encode_dtype="model") if cuda else {}
+    settings = dict(COMPILE_PRESET if compile_ else FAST_KERNELS, encode_dtype="model") if cuda else {}
     unet, vae, clip = build_models(torch.device(device), dtype, tiny=tiny)
     pipe = DepthCrafterPipeline(unet, vae, clip, device=torch.device(device), dtype=dtype,
                                 settings=DepthCrafterSettings(**settings))
@@ -159,7 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vram-budget", type=float, default=13.0, metavar="GIB",
                         help="lowvram-fp8: the DiT's GPU budget (default 13: DepthCrafter's 3 GB stay resident "
                              "beside it)")
-    parser.add_argument("--no-compile", action="store_true", help="eager (default: compiled on CUDA)")
+    parser.add_argument("--no-compile", action="store_true", help="eager DiT and DepthCrafter (default: compiled "
+                        "on CUDA)")
     parser.add_argument("--fp8-fast-accum", action="store_true",
                         help="fp8 GEMMs with cuBLASLt fast accumulation (default: ex4d.diffusion.fp8's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
@@ -189,7 +199,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     comps = build_tiny() if args.tiny else build_full(device, dtype)
-    depth_estimator, depth_settings = build_depth(args.tiny, device)
+    depth_estimator, depth_settings = build_depth(args.tiny, device, compile_=not args.no_compile)
     build_s = time.perf_counter() - t0
     note(f"built models in {build_s:.1f}s")
 
@@ -229,9 +239,12 @@ def main(argv=None) -> int:
         clip = stages.run("read_clip", load_clip, video, num_frames=args.frames)
         depth = stages.run("depth", estimate_depth, clip, "depthcrafter", out_dir=run_dir, estimator=depth_estimator,
                            reuse=False)
+        note(f"  depth {stages.times['depth'][-1]:.1f}s")
         recon = stages.run("recon", run_recon, clip, depth, run_dir, ReconOptions(cam=args.cam, device=device))
+        note(f"  recon {stages.times['recon'][-1]:.1f}s")
         out = stages.run("generate", run_generate, recon["color"], recon.get("mask"), run_dir / f"ex4d_{args.cam}.mp4",
                          options, cache=cache, show_progress=False)
+        note(f"  generate {stages.times['generate'][-1]:.1f}s")
         stages.sync()
         total = time.perf_counter() - start
         count, size, _ = probe_video(out, args.frames)

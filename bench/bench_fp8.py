@@ -8,7 +8,8 @@ then at 512x512x49 (13312 video tokens, 512 text and 257 image tokens):
 2. with ``--baseline``: bf16 ``compile_repeated_blocks(fullgraph=True)``, CFG step timed (2 forwards);
 3. ``convert_to_fp8`` in place (the bf16 weights are freed as their fp8 copies appear);
 4. fp8 eager: one forward -> deviation from (1): relative L2 and max abs;
-5. fp8 compiled (fullgraph): deviation again, then the CFG step timed.
+5. fp8 compiled (fullgraph), for each ``--fast-accum`` variant: deviation again (this also
+   compiles), then the CFG step timed.
 
 Each timing: warm-up, then the median of ``--repeats`` CFG steps (2 forwards each, synchronised
 host clock). Peak memory is ``max_memory_allocated`` over the timed fp8 steps (DiT alone; the whole
@@ -182,18 +183,14 @@ def main(argv=None) -> int:
     note(f"fp8 eager deviation {result['fp8_eager_vs_bf16']}")
     if compile_:
         transformer.compile_repeated_blocks(fullgraph=True)
-        result["fp8_compiled_vs_bf16"] = deviations(reference, transformer, branches)  # + warm-up
-    else:
-        step(transformer, branches)
     variants = [v.strip() == "1" for v in args.fast_accum.split(",")]
     for i, fast in enumerate(variants):
         tag = "fp8_fast_accum" if fast else "fp8"
         for m in transformer.modules():
             if isinstance(m, Float8Linear):
                 m.fast_accum = fast
-        if i:
-            torch._dynamo.reset()  # the flag is baked into the compiled graphs
-            result[f"{tag}_compiled_vs_bf16"] = deviations(reference, transformer, branches)
+        torch._dynamo.reset()  # the flag is baked into the compiled graphs: recompile, untimed
+        result[f"{tag}_compiled_vs_bf16"] = deviations(reference, transformer, branches)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(transformer, branches, args.repeats, cuda)
