@@ -375,7 +375,7 @@ class SceneView:
             self._redraw_keyframe(frame)
         self._current.remove()
         self._current = self._frustum("/timeline/current", self._path[self._frame], 0.08, CURRENT_COLOR, 3.0)
-        self._gizmo.scale = 0.3 * self._near
+        self._gizmo.scale = 0.15 * self._near
         self._update_gui()
         self._redraw_selection()
 
