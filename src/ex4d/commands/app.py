@@ -79,7 +79,8 @@ def main(args) -> int:
     logging.getLogger("ex4d").setLevel(logging.INFO)
     backend = AppBackend(args.workdir, models_dir=args.models_dir, device=args.device, host=args.host)
     port = args.port if args.port is not None else free_port(args.host)
-    print(f"ex4d app: work folder {backend.workdir}; open http://{args.host}:{port} (Ctrl-C stops)", file=sys.stderr)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # where this machine's browser finds it
+    print(f"ex4d app: work folder {backend.workdir}; open http://{shown}:{port} (Ctrl-C stops)", file=sys.stderr)
     try:
         launch(backend, host=args.host, port=port, share=args.share, max_upload_mb=args.max_upload_mb, block=True)
     finally:
