@@ -62,9 +62,11 @@ def _table(rows):
 def test_example_preset_keyframes_preview_export_flow(app, tmp_path):
     backend, url = app
     c = client(url)
-    info, video, slider, scene, path_info, error = c.predict("spheres_moving", FRAMES, api_name="/example")
+    info, video, slider, scene, path_info, depth_preview, error = c.predict("spheres_moving", FRAMES,
+                                                                            api_name="/example")
     assert error == "" and f"{FRAMES} of {FRAMES} frames" in info and "64x64" in info and "15 fps" in info
     assert read_video(video)[0].shape == (FRAMES, *SIZE, 3)
+    assert read_video(depth_preview)[0].shape == (FRAMES, *SIZE, 3)
     assert slider["maximum"] == FRAMES - 1
     assert "scene3d_frame" in scene or "scene3d_unavailable" in scene
     session = _session_of(backend, c)

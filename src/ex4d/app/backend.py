@@ -218,6 +218,7 @@ class Session:
     resize: str = "reference"
     depth_file: Path | None = None
     depth_source: str = ""
+    depth_preview: Path | None = None
     path: CameraPath = field(default_factory=CameraPath)
     last_preview: PreviewResult | None = None
     last_generate: GenerateResult | None = None
@@ -244,6 +245,7 @@ class Session:
         with self.lock:
             self._set_video(folder / "video.mp4", num_frames=num_frames)
             self.depth_file, self.depth_source = folder / "depth.npz", f"exact depth of the {scene} example"
+            self.depth_preview = folder / "depth_preview.mp4"
         return self.info()
 
     def set_video(self, upload: str | os.PathLike, *, num_frames: int | None = None,
@@ -254,7 +256,7 @@ class Session:
         video = copy_upload(upload, folder, "video", VIDEO_SUFFIXES)
         with self.lock:
             self._set_video(video, num_frames=self.num_frames if num_frames is None else int(num_frames))
-            self.depth_file, self.depth_source = None, ""
+            self.depth_file, self.depth_source, self.depth_preview = None, "", None
         return self.set_clip_settings(self.num_frames, resize or self.resize)
 
     def _set_video(self, video: Path, *, num_frames: int) -> None:
@@ -358,7 +360,7 @@ class Session:
                                progress=step_bars(progress, None))
         preview = write_depth_preview(folder / "depth_preview.mp4", depth.depth, clip.fps)
         with self.lock:
-            self.depth_file = folder / "depth.npz"
+            self.depth_file, self.depth_preview = folder / "depth.npz", preview
             self.depth_source = f"uploaded {Path(spec).name}" if source == "file" else source
             self.last_preview = None
             self.path.version += 1
@@ -773,6 +775,7 @@ class AppBackend:
                 progress: Report | None = None) -> Path:
         """The folder of a synthetic example (video.mp4 + depth.npz), made on first use (whole or not at all)."""
         from ex4d.checks import MAX_SYNTH_FRAMES, check_fps, check_int
+        from ex4d.depth.preview import write_depth_preview
         from ex4d.io.files import atomic_dir
         from ex4d.io.video import to_uint8, write_video
         from ex4d.synthetic.scenes import SCENES, make_example
@@ -784,7 +787,7 @@ class AppBackend:
         height, width = (int(v) for v in size)
         folder = self.workdir / "examples" / f"{scene}-{num_frames}f-{height}x{width}-{fps:g}fps"
         with self._example_lock:  # two sessions asking for the same example make it once
-            if (folder / "video.mp4").is_file() and (folder / "depth.npz").is_file():
+            if all((folder / name).is_file() for name in ("video.mp4", "depth.npz", "depth_preview.mp4")):
                 return folder
             bars = step_bars(progress, None)
             wrap = (lambda it: bars(it, total=num_frames, desc=f"example {scene}")) if progress else None
@@ -792,6 +795,7 @@ class AppBackend:
             with atomic_dir(folder) as tmp:
                 write_video(tmp / "video.mp4", to_uint8(clip.frames), clip.fps)
                 depth.save(tmp / "depth.npz")
+                write_depth_preview(tmp / "depth_preview.mp4", depth.depth, clip.fps)
         return folder
 
     def session(self, key: str | None) -> Session:

@@ -249,9 +249,10 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         def after_input(session: Session, info: dict, request: gr.Request):
             session.update_scene_safely()
             return (_info_markdown(info), str(session.video), gr.update(maximum=max(info["frames"] - 1, 1), value=0),
-                    _scene_html(session, request), session.path.describe())
+                    _scene_html(session, request), session.path.describe(),
+                    None if session.depth_preview is None else str(session.depth_preview))
 
-        input_outputs = [input_info, input_video, frame_slider, scene3d, path_info, error_box]
+        input_outputs = [input_info, input_video, frame_slider, scene3d, path_info, depth_preview, error_box]
 
         @_safe(len(input_outputs))
         def on_example(scene, frames, request: gr.Request, progress=gr.Progress()):
@@ -290,8 +291,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         @_safe(4)
         def on_preset(name, angle_v, travel_v, direction_v, yaw_v, pitch_v, radius_v, ease_v, request: gr.Request):
             session = _session(backend, request)
-            session.set_preset(preset_spec(name, angle=angle_v, travel=travel_v, direction=direction_v,
-                                                  yaw=yaw_v, pitch=pitch_v, radius=radius_v, ease=ease_v))
+            session.set_preset(preset_spec(name, angle=angle_v, travel=travel_v, direction=direction_v, yaw=yaw_v,
+                                           pitch=pitch_v, radius=radius_v, ease=ease_v))
             session.update_scene_safely(points=False)
             return session.path.describe(), [], session.path.version
 
@@ -350,7 +351,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             result = session.preview(progress=_reporter(progress))
             files = [str(p) for p in result.files.values()]
             return (str(result.files["color"]), str(result.files["mask"]), _visible_frame(result.visible),
-                    result.warning or f"Lowest visible fraction: {100 * min(result.visible):.1f}%.",
+                    result.warning or f"Lowest visible fraction: {100 * min(result.visible):.1f}% (frame "
+                                      f"{result.visible.index(min(result.visible))}).",
                     files, "\n".join(result.commands))
 
         @_safe(6)
@@ -410,13 +412,14 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         export_npz_button.click(exporter("npz"), None, [export_file, error_box], api_name="export_npz")
         poll.tick(on_poll, [shown_version], [path_info, keyframes, shown_version], show_progress="hidden",
                   api_name=False, queue=False)  # a cheap read every second: not through the job queue
-        preview_event = preview_button.click(on_preview, None, [preview_color, preview_mask, visible_plot, preview_warning,
-                                                output_files, cli_command, error_box], api_name="preview")
-        generate_event = generate_button.click(on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget,
-                                            gen_cpu_offload, gen_fp8, gen_compile, gen_preset],
-                              [gen_weights_panel, final_video, eval_report, output_files, cli_command, error_box],
-                              api_name="generate",
-                              concurrency_limit=1, concurrency_id="generate")
+        preview_event = preview_button.click(
+            on_preview, None, [preview_color, preview_mask, visible_plot, preview_warning, output_files, cli_command,
+                               error_box], api_name="preview")
+        generate_event = generate_button.click(
+            on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget, gen_cpu_offload, gen_fp8,
+                          gen_compile, gen_preset],
+            [gen_weights_panel, final_video, eval_report, output_files, cli_command, error_box], api_name="generate",
+            concurrency_limit=1, concurrency_id="generate")  # one GPU job at a time; the queue shows positions
         # Abort sets the session's flag, which stops a running preview or generation at its next frame or
         # sampling step (a thread cannot be killed), and cancels this page's runs still waiting in the queue.
         abort_button.click(on_abort, None, [error_box], api_name="abort", queue=False,
