@@ -158,6 +158,10 @@ def flow(app, shots):
         for video in ("#preview_color video", "#preview_mask video"):   # the browser itself decodes them
             page.wait_for_function(f"document.querySelector('{video}').readyState >= 2")
         assert _error(page) == ""
+        # Show the last frames (frame 0 is the source frame, fully seen): seek both players to the end.
+        page.evaluate('''() => Promise.all([...document.querySelectorAll("#preview_color video, #preview_mask video")]
+            .map(v => new Promise(done => { v.addEventListener("seeked", done, {once: true});
+                                             v.currentTime = Math.max(v.duration - 0.05, 0); })))''')
         _shot(page, shots, "preview")
         color_src = page.get_attribute("#preview_color video", "src")
         mask_src = page.get_attribute("#preview_mask video", "src")
@@ -248,6 +252,9 @@ def test_invalid_upload_shows_one_error_line_and_the_app_keeps_serving(app, shot
         page.wait_for_function("document.querySelector('#error_box textarea').value.startsWith('error:')")
         message = _error(page)
         assert "\n" not in message.strip() and "Traceback" not in message
+        # Cosmetic, for the screenshot: let the page's pending (dimmed) components settle.
+        page.wait_for_function("document.querySelectorAll('.pending').length == 0")
+        time.sleep(1.0)
         _shot(page, shots, "upload_error")
         # Still serving: the example loads on the same page, and a fresh page opens.
         _use_example(page)
