@@ -149,12 +149,6 @@ def generate_options(preset: str, args, device: str):
     return GenerateOptions(**kwargs).validate()
 
 
-def _fast_accum() -> bool:
-    from ex4d.diffusion.fp8 import Float8Linear
-
-    return Float8Linear.FAST_ACCUM
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full", choices=list(PRESETS), help="default full")
@@ -172,6 +166,8 @@ def main(argv=None) -> int:
                         "on CUDA)")
     parser.add_argument("--fp8-fast-accum", action="store_true",
                         help="fp8 GEMMs with cuBLASLt fast accumulation (default: ex4d.diffusion.fp8's default)")
+    parser.add_argument("--fp8-bias-epilogue", action="store_true",
+                        help="fp8 GEMMs add the bias in their epilogue (default: ex4d.diffusion.fp8's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -185,10 +181,10 @@ def main(argv=None) -> int:
     from ex4d.pipeline import ReconOptions, estimate_depth, load_clip, run_generate, run_recon
 
     dlogging.set_verbosity_error()
-    if args.fp8_fast_accum:
-        from ex4d.diffusion.fp8 import Float8Linear
+    from ex4d.diffusion.fp8 import Float8Linear
 
-        Float8Linear.FAST_ACCUM = True
+    Float8Linear.FAST_ACCUM = Float8Linear.FAST_ACCUM or args.fp8_fast_accum
+    Float8Linear.BIAS_IN_GEMM = Float8Linear.BIAS_IN_GEMM or args.fp8_bias_epilogue
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
     args.frames = args.frames or (9 if args.tiny else 49)
@@ -274,7 +270,8 @@ def main(argv=None) -> int:
         bench="e2e", preset=args.preset, commit=git_commit(), device=torch.cuda.get_device_name() if cuda else "cpu",
         torch=torch.__version__, diffusers=diffusers.__version__,
         shape={"frames": args.frames, "height": args.size, "width": args.size}, cam=args.cam,
-        steps=options.steps, guidance=options.cfg, fp8=options.fp8, fp8_fast_accum=_fast_accum(), low_vram=options.low_vram,
+        steps=options.steps, guidance=options.cfg, fp8=options.fp8, fp8_fast_accum=Float8Linear.FAST_ACCUM,
+        fp8_bias_epilogue=Float8Linear.BIAS_IN_GEMM, low_vram=options.low_vram,
         vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
         depth_settings=depth_settings, runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],

@@ -8,8 +8,8 @@ then at 512x512x49 (13312 video tokens, 512 text and 257 image tokens):
 2. with ``--baseline``: bf16 ``compile_repeated_blocks(fullgraph=True)``, CFG step timed (2 forwards);
 3. ``convert_to_fp8`` in place (the bf16 weights are freed as their fp8 copies appear);
 4. fp8 eager: one forward -> deviation from (1): relative L2 and max abs;
-5. fp8 compiled (fullgraph), for each ``--fast-accum`` variant: deviation again (this also
-   compiles), then the CFG step timed.
+5. fp8 compiled (fullgraph), for each ``--variants`` entry (fast accumulation and/or the bias in
+   the GEMM epilogue): deviation again (this also compiles), then the CFG step timed.
 
 Each timing: warm-up, then the median of ``--repeats`` CFG steps (2 forwards each, synchronised
 host clock). Peak memory is ``max_memory_allocated`` over the timed fp8 steps (DiT alone; the whole
@@ -17,7 +17,8 @@ pipeline's peak with every model resident is bench_generate.py --mode fp8 and be
 
 Prints ONE JSON object.
 
-  python bench/bench_fp8.py --baseline         # on an H100 (~3 min incl. two compiles)
+  python bench/bench_fp8.py --baseline --variants exact,fast,exact-bias-epilogue,fast-bias-epilogue --profile
+                                               # on an H100 (~4 min incl. the compiles)
   python bench/bench_fp8.py --tiny             # CPU check of the script (tiny model, emulated fp8)
 """
 
@@ -40,6 +41,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bench_generate import DIT_CONFIG, git_commit, materialise, note  # noqa: E402
 
 GOAL_STEP_S = 1.10
+#: fp8 GEMM variants: name -> (cuBLASLt fast accumulation, bias in the GEMM epilogue)
+VARIANTS = {"exact": (False, False), "fast": (True, False), "exact-bias-epilogue": (False, True),
+            "fast-bias-epilogue": (True, True)}
 
 
 def build_dit(tiny: bool, device: str, dtype: torch.dtype):
@@ -136,8 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=None, help="default 49 (tiny: 5)")
     parser.add_argument("--size", type=int, default=None, help="default 512 (tiny: 32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed CFG steps (default 5)")
-    parser.add_argument("--fast-accum", default="0", help="comma list of fp8 variants to time: 0 (exact fp32 "
-                        "accumulation), 1 (cuBLASLt fast accumulation); the first is the one profiled (default 0)")
+    parser.add_argument("--variants", default="exact", help="comma list of fp8 variants to time, each "
+                        f"one of {', '.join(VARIANTS)}; the first is the one profiled (default exact)")
     parser.add_argument("--profile", action="store_true", help="kernel time by kind in one fp8 step (default off)")
     args = parser.parse_args(argv)
 
@@ -183,14 +187,21 @@ def main(argv=None) -> int:
     note(f"fp8 eager deviation {result['fp8_eager_vs_bf16']}")
     if compile_:
         transformer.compile_repeated_blocks(fullgraph=True)
-    variants = [v.strip() == "1" for v in args.fast_accum.split(",")]
-    for i, fast in enumerate(variants):
-        tag = "fp8_fast_accum" if fast else "fp8"
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+
+    def set_variant(name):
         for m in transformer.modules():
             if isinstance(m, Float8Linear):
-                m.fast_accum = fast
-        torch._dynamo.reset()  # the flag is baked into the compiled graphs: recompile, untimed
-        result[f"{tag}_compiled_vs_bf16"] = deviations(reference, transformer, branches)
+                m.fast_accum, m.bias_in_gemm = VARIANTS[name]
+
+    for i, name in enumerate(variants):
+        tag = f"fp8_{name}"
+        set_variant(name)
+        torch._dynamo.reset()  # the flags are baked into the compiled graphs: recompile, untimed
+        result[f"{tag}_vs_bf16"] = deviations(reference, transformer, branches)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(transformer, branches, args.repeats, cuda)
@@ -200,16 +211,14 @@ def main(argv=None) -> int:
         if cuda and not i:
             result["fp8_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if args.profile and cuda:
-        for m in transformer.modules():
-            if isinstance(m, Float8Linear):
-                m.fast_accum = variants[0]
+        set_variant(variants[0])
         torch._dynamo.reset()
         step(transformer, branches)
         result["fp8_profile_s"] = profile_step(transformer, branches)
     if cuda:
         result["fp8_weights_gib"] = round(sum(t.numel() * t.element_size() for t in
                                               list(transformer.parameters()) + list(transformer.buffers())) / 2**30, 2)
-    best = min(result.get("fp8_step_s", 1e9), result.get("fp8_fast_accum_step_s", 1e9))
+    best = min(result[f"fp8_{name}_step_s"] for name in variants)
     result["goal_step_s"] = GOAL_STEP_S
     result["goal_met"] = bool(cuda and best <= GOAL_STEP_S)
     if "bf16_step_s" in result:

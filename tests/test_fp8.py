@@ -112,6 +112,22 @@ def test_float8_linear_matches_linear(emulate):
     assert set(sd) == {"weight", "weight_scale", "bias"} and sd["weight"].dtype == FP8_DTYPE
 
 
+@pytest.mark.parametrize("emulate", [True, pytest.param(False, marks=pytest.mark.skipif(
+    not native_scaled_mm("cpu"), reason="no CPU fp8 _scaled_mm"))])
+def test_bias_placement_and_fast_accum_flags_compute_the_same_layer(emulate):
+    """The bias in the GEMM epilogue or after it, fast accumulation on or off: the same y up to bf16 rounding."""
+    g = torch.Generator().manual_seed(4)
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.bias.copy_(torch.randn(48, generator=g) * 3)  # large enough that a dropped bias shows
+    x = torch.randn(7, 64, generator=g)
+    outs = [Float8Linear.from_linear(linear, emulate=emulate, fast_accum=fast, bias_in_gemm=in_gemm)(x)
+            for fast in (False, True) for in_gemm in (False, True)]
+    for y in outs[1:]:
+        assert torch.allclose(y, outs[0], atol=0.05, rtol=0.02)
+    assert velocity_deviation(linear(x), outs[0])["rel_l2"] < 0.03
+
+
 def test_conversion_covers_the_block_linears_only():
     transformer = make_tiny_components(0)["transformer"]
     all_linears = {n for n, m in transformer.named_modules() if type(m) is nn.Linear}

@@ -12,8 +12,8 @@ The maths, for a linear ``y = x W^T + b`` with x: (M, K), W: (N, K):
   and ``W8 = fp8(W / s_w)``;
 * activations, on the fly in every forward: per token (row of x) ``s_x[m] = max_k |x[m, k]| / 448``
   and ``x8 = fp8(x / s_x)``;
-* ``y = (x8 W8^T) * s_x s_w^T + b``, accumulated inside the GEMM (scales and bias applied in its
-  epilogue), written in bf16.
+* ``y = (x8 W8^T) * s_x s_w^T + b``, accumulated inside the GEMM (the scales applied in its
+  epilogue), written in bf16; the bias is added after it (fused by inductor into the next kernel).
 
 Row-wise scales keep one outlier token or channel from crushing the precision of the others (a
 tensor-wise scale would). 448 is float8_e4m3fn's largest finite value.
@@ -110,11 +110,16 @@ class Float8Linear(nn.Module):
     The output has the input's dtype (bf16 in the pipeline; fp32 inputs are rounded through bf16).
     """
 
-    #: Default of ``fast_accum`` for new layers (see :func:`scaled_mm_rowwise`).
+    #: Defaults for new layers. FAST_ACCUM: cuBLASLt fast accumulation (see :func:`scaled_mm_rowwise`);
+    #: measured 1.19 s against 1.31 s per compiled CFG step on an H100, but its deviation from bf16 is
+    #: not yet measured, so it is off. BIAS_IN_GEMM: add the bias in the GEMM's epilogue rather than
+    #: after it (where inductor fuses it into the next kernel); the GEMM with the bias epilogue
+    #: measured slower (1.31 s against 1.25 s per step, two H100 sessions), so off.
     FAST_ACCUM = False
+    BIAS_IN_GEMM = False
 
     def __init__(self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 *, emulate: bool = False, fast_accum: bool | None = None):
+                 *, emulate: bool = False, fast_accum: bool | None = None, bias_in_gemm: bool | None = None):
         super().__init__()
         self.out_features, self.in_features = weight8.shape
         self.register_buffer("weight", weight8)
@@ -122,15 +127,17 @@ class Float8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.emulate = emulate
         self.fast_accum = self.FAST_ACCUM if fast_accum is None else fast_accum
+        self.bias_in_gemm = self.BIAS_IN_GEMM if bias_in_gemm is None else bias_in_gemm
 
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, *, compute_device: torch.device | str | None = None,
-                    emulate: bool | None = None) -> "Float8Linear":
+                    emulate: bool | None = None, **flags) -> "Float8Linear":
         """Quantise ``linear`` (its weight read once). The fp8 weight lands where the original weight was.
 
         compute_device: where to compute the scales (a CPU-resident layer quantised on the GPU is
-        ~100x faster than on a few CPU cores); None: where the weight is.
+        ~100x faster than on a few CPU cores); None: where the weight is. flags: ``fast_accum``,
+        ``bias_in_gemm`` (None or absent: the class defaults).
         """
         home = linear.weight.device
         w = linear.weight.detach().to(compute_device) if compute_device is not None else linear.weight.detach()
@@ -138,13 +145,16 @@ class Float8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         if emulate is None:  # decided by where the layer will compute
             emulate = not native_scaled_mm(w.device.type)
-        return cls(w8.to(home), scale.to(home), bias, emulate=emulate)
+        return cls(w8.to(home), scale.to(home), bias, emulate=emulate, **flags)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x8, x_scale = quantize_rowwise(x.reshape(-1, shape[-1]))
-        y = scaled_mm_rowwise(x8, x_scale, self.weight, self.weight_scale, self.bias, emulate=self.emulate,
-                              fast_accum=self.fast_accum)
+        in_gemm = self.bias is not None and self.bias_in_gemm
+        y = scaled_mm_rowwise(x8, x_scale, self.weight, self.weight_scale, self.bias if in_gemm else None,
+                              emulate=self.emulate, fast_accum=self.fast_accum)
+        if self.bias is not None and not in_gemm:
+            y = y + self.bias.to(y.dtype)  # inductor fuses this into the kernel that reads y next
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -153,7 +163,8 @@ class Float8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, fp8=e4m3 row-wise{', emulated' if self.emulate else ''}")
+                f"bias={self.bias is not None}, fp8=e4m3 row-wise{', emulated' if self.emulate else ''}"
+                f"{', fast accumulation' if self.fast_accum else ''}")
 
 
 def fp8_linear_names(transformer: nn.Module, multiple: int = 16) -> list[str]:
