@@ -147,7 +147,8 @@ def kill_worker_runner(job, cache):
 
 def test_killed_worker_loses_only_its_job(cluster, tmp_path):
     """SIGKILL of the actor mid-write: the job goes to a fresh actor, the dead process's temporaries
-    are removed, the other jobs are untouched; a job that kills every worker is recorded as failed."""
+    are removed, the other jobs are untouched; a job that kills every worker is recorded as failed
+    (here after its second death: max_worker_deaths=1)."""
     inputs(tmp_path)
     jobs = load_jobs(jobs_yaml(tmp_path, "jobs.yaml", "out", ["video: clip.mp4, cam: 30",
                                                               "video: clip.mp4, cam: 60", "video: clip.mp4, cam: 90"]))
@@ -159,7 +160,7 @@ def test_killed_worker_loses_only_its_job(cluster, tmp_path):
     assert "job 2 (b): its worker" in text and "1 temporaries removed; retrying it on another actor" in text
     assert is_finished(jobs[1]) and read_record(jobs[1])["outputs"]["color"].endswith("color_60.mp4")
     failed = read_record(jobs[2])
-    assert failed["status"] == "failed" and "its Ray worker died 2 times" in failed["error"]
+    assert failed["status"] == "failed" and "its Ray worker died 2 times while" in failed["error"]
     assert not [p for p in (tmp_path / "out").rglob("*") if ".partial" in p.name]
     counts = json.loads((tmp_path / "m.json").read_text())["counts"]
     assert counts == {"done": 2, "failed": 1, "running": 0, "pending": 0}
@@ -223,6 +224,17 @@ def test_without_ray_one_line_with_the_install_command(tmp_path, capsys, monkeyp
     assert not (tmp_path / "out" / "a" / RECORD_NAME).exists()
     assert main(["batch", str(jobs_file), "--ray-workers", "2"]) == 1
     assert "add --ray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address, expect", [("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1"),
+                                             ("ray://127.0.0.1:1", "cannot reach the Ray cluster at ray://"),
+                                             ("headnode", "give auto, HOST:PORT")])
+def test_unreachable_address_is_one_line(address, expect):
+    """Ray would retry an unreachable head for minutes; ex4d checks it first and says so in one line."""
+    from ex4d.batch_ray import _check_reachable
+
+    with pytest.raises(InputError, match=expect):
+        _check_reachable(address, timeout_s=2)
 
 
 def test_plan_workers():

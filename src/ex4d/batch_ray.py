@@ -74,6 +74,8 @@ def connect(address: str | None):
     if ray.is_initialized():
         return ray, False
     kwargs = {"include_dashboard": False, "log_to_driver": True}
+    if address and address != "auto":
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -86,6 +88,21 @@ def connect(address: str | None):
                          f"'ray start --head' or pass its address (--ray auto, --ray HOST:6379, "
                          f"--ray ray://HOST:10001)") from None
     return ray, True
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """One TCP connection to ``[ray://]host:port`` first: Ray itself retries an unreachable address for
+    minutes before it gives up."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InputError(f"--ray {address}: give auto, HOST:PORT (e.g. head-node:6379) or ray://HOST:PORT "
+                         f"(e.g. ray://head-node:10001), or nothing to start a local instance")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InputError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; is the head node "
+                         f"running ('ray start --head') and the address right?") from None
 
 
 @contextlib.contextmanager
@@ -294,7 +311,8 @@ def _drive(ray, queue: deque, jobs: list[dict], result: BatchResult, say, *, run
                     host = where.get("host", "?")
                     reason = _one_line(exc)
                     if deaths[job["index"]] > max_worker_deaths:
-                        error = (f"its Ray worker died {deaths[job['index']]} times while running it "
+                        times = deaths[job["index"]]
+                        error = (f"its Ray worker died {times} time{'s' if times > 1 else ''} while running it "
                                  f"(last on host {host}: {reason})")
                         _record_failure(job, error, worker["slot"])
                         result.failed.append(job["index"])
