@@ -8,8 +8,9 @@ the documented rounding of merged LoRA, fused projections and fp8 weight storage
 2. Fused self-attention QKV: one 5120 -> 15360 GEMM instead of three (needs the merged LoRA). Off
    by default: measured 1.4 % slower per step compiled on an H100 (the chunked q/k/v views are
    strided for the norms and RoPE that follow).
-3. fp8 weight storage (``enable_layerwise_casting``, float8_e4m3fn storage, bf16 compute): halves
-   the DiT's weight memory; the norms, patch and condition embeddings stay in their dtype.
+3. fp8 compute (:mod:`ex4d.diffusion.fp8`): the blocks' linear layers become row-wise scaled
+   float8_e4m3fn GEMMs (``torch._scaled_mm``); halves the DiT's weight memory; attention, norms,
+   patch and condition embeddings and the head stay in their dtype. After the LoRA merge.
 4. Placement: everything on the GPU; or the low-VRAM mode (:func:`enable_low_vram`): as many DiT
    blocks as the VRAM budget allows stay on the GPU and the rest stream from pinned CPU memory,
    one block at a time with the next prefetched on a side stream (:class:`BlockStreamer`); the
@@ -22,7 +23,7 @@ the documented rounding of merged LoRA, fused projections and fp8 weight storage
    call, then ~1.25x faster). fullgraph when no offload/casting hooks sit inside the blocks.
 Measured on one H100 80GB (random full-size weights, 512x512x49, 25 steps; bench/bench_generate.py):
 compiled bf16 1.52 s per CFG step, 40.7 s per generation excluding loading, 47.7 GiB peak (T5, CLIP
-and VAE resident too); eager 2.07 s; fp8 storage + compile 1.60 s (batched) at 32.7 GiB; low-VRAM
+and VAE resident too); eager 2.07 s; fp8 compute + compile 1.245 s at 32.6 GiB (bench/bench_fp8.py, bench_generate.py); low-VRAM
 with a 24 GiB budget + compile 1.59 s per step, 42.8 s per generation, 22.7 GiB peak (21 of 40
 blocks resident). Profiled compiled step (bench/profile_dit.py): GEMMs 0.85 s at ~775 TFLOP/s,
 cuDNN attention 0.52 s (~560 TFLOP/s), everything else 0.14 s.
