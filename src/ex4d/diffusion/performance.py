@@ -1,7 +1,7 @@
 """Speed and memory options for :class:`ex4d.diffusion.pipeline.EX4DPipeline`, applied in the one safe order.
 
 Every option is a diffusers/torch facility; nothing here changes what the model computes beyond
-the documented rounding of merged LoRA, fused projections and fp8 weight storage:
+the documented rounding of merged LoRA, fused projections and fp8 compute:
 
 1. LoRA merged into the base weights (:func:`ex4d.diffusion.adapter.apply_adapter`, ``merge=True``):
    the unmerged peft layers cost ~18 % per step (reference: 2.64 s vs 2.23 s per CFG step).
@@ -23,7 +23,8 @@ the documented rounding of merged LoRA, fused projections and fp8 weight storage
    call, then ~1.25x faster). fullgraph when no offload/casting hooks sit inside the blocks.
 Measured on one H100 80GB (random full-size weights, 512x512x49, 25 steps; bench/bench_generate.py):
 compiled bf16 1.52 s per CFG step, 40.7 s per generation excluding loading, 47.7 GiB peak (T5, CLIP
-and VAE resident too); eager 2.07 s; fp8 compute + compile 1.245 s at 32.6 GiB (bench/bench_fp8.py, bench_generate.py); low-VRAM
+and VAE resident too); eager 2.07 s; fp8 compute + compile 1.245 s at 32.6 GiB (bench/bench_fp8.py,
+bench_generate.py); low-VRAM
 with a 24 GiB budget + compile 1.59 s per step, 42.8 s per generation, 22.7 GiB peak (21 of 40
 blocks resident). Profiled compiled step (bench/profile_dit.py): GEMMs 0.85 s at ~775 TFLOP/s,
 cuDNN attention 0.52 s (~560 TFLOP/s), everything else 0.14 s.
