@@ -412,14 +412,15 @@ class SceneView:
             self._gui_frame.value = self._frame
 
     def _place_initial_camera(self) -> None:
-        # Behind and a little above the source camera (above is -y), looking at the scene's middle.
+        # Behind and above the source camera (above is -y), looking at the nearest surfaces, where the
+        # paths go: the back wall of a scene can lie many times further and would shrink the cameras.
         camera = self.server.initial_camera
-        camera.position = (0.0, -0.6 * self._scale, -1.6 * self._scale)
-        camera.look_at = (0.0, 0.0, self._scale)
+        camera.position = (0.0, -0.6 * self._near, -1.5 * self._near)
+        camera.look_at = (0.0, 0.0, self._near)
         camera.up = (0.0, -1.0, 0.0)
-        # Twice the source camera's field of view (within 30-75 degrees): a narrow source still fills
-        # a good part of the view, and the path beside it stays in sight.
-        camera.fov = float(np.clip(2.0 * vertical_fov(self._K, self._size), np.radians(30.0), np.radians(75.0)))
+        # Wider than the source camera (within 30-60 degrees): a narrow source still fills a good part
+        # of the view, and the path beside it stays in sight.
+        camera.fov = float(np.clip(1.5 * vertical_fov(self._K, self._size), np.radians(30.0), np.radians(60.0)))
 
     # --- the in-viewer panel ---
 
