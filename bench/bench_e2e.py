@@ -20,6 +20,10 @@ Presets (one process each; attention backends and compile caches are process-glo
   lowvram-fp8  full with --fp8 --low-vram --vram-budget GIB, compiled       goal <= 16 GiB peak, <= 1.2x full-fp8
 ``--preset`` with ``--steps``/``--guidance`` overrides the sampler numbers.
 
+Depth: DepthCrafter with ``ex4d depth --fast-kernels --fp16-encode``'s settings (``--depth-compile``:
+``--compile --fp16-encode``, whose first call compiles for minutes). lowvram-fp8 keeps DepthCrafter
+resident beside the generation's ``--vram-budget`` (default 11.5 GiB + its 4.1 GiB of weights).
+
 Warm: the models are resident and compiled (one untimed warm-up run of the whole chain first),
 as in ``ex4d batch`` and the app. Per stage: median seconds over ``--runs`` runs and the peak GPU
 memory of that stage (``max_memory_allocated``, weights included; reset before each stage).
@@ -29,9 +33,9 @@ a cold load from disk is not measured here (that needs the 60 GB of real files o
 
 Prints ONE JSON object (commit from EX4D_COMMIT or git).
 
-  python bench/bench_e2e.py --preset full               # on an H100 (allow ~5 min a preset: the
-                                                        # warm-up compiles DepthCrafter and the DiT)
-  python bench/bench_e2e.py --preset lowvram-fp8 --vram-budget 13
+  python bench/bench_e2e.py --preset full               # on an H100 (~3 min with 3 runs; the warm-up
+                                                        # compiles the DiT)
+  python bench/bench_e2e.py --preset lowvram-fp8 --vram-budget 11.5
   python bench/bench_e2e.py --tiny --preset full        # CPU check of the script itself (tiny models)
 """
 
@@ -102,7 +106,7 @@ class Stages:
         self.peaks.clear()
 
 
-def build_depth(tiny: bool, device: str, compile_: bool = True):
+def build_depth(tiny: bool, device: str, compile_: bool = False):
     """A DepthCrafter estimator of the real classes with random weights (fp16 on CUDA), resident.
 
     Its settings on CUDA: ``ex4d depth --compile --fp16-encode`` (or ``--fast-kernels --fp16-encode``)."""
@@ -159,11 +163,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps (default: preset's)")
     parser.add_argument("--guidance", type=float, default=None, help="override the preset's guidance (default: "
                         "preset's)")
-    parser.add_argument("--vram-budget", type=float, default=13.0, metavar="GIB",
-                        help="lowvram-fp8: the DiT's GPU budget (default 13: DepthCrafter's 3 GB stay resident "
-                             "beside it)")
-    parser.add_argument("--no-compile", action="store_true", help="eager DiT and DepthCrafter (default: compiled "
-                        "on CUDA)")
+    parser.add_argument("--vram-budget", type=float, default=11.5, metavar="GIB",
+                        help="lowvram-fp8: the generation's GPU budget (default 11.5: DepthCrafter's 4.1 GiB of "
+                             "fp16 weights stay resident beside it, for a 16 GiB total)")
+    parser.add_argument("--depth-compile", action="store_true",
+                        help="torch.compile DepthCrafter too (ex4d depth --compile; minutes of compilation in "
+                             "the warm-up; default: its fast kernels without compile)")
+    parser.add_argument("--no-compile", action="store_true", help="eager DiT (default: compiled on CUDA)")
     parser.add_argument("--fp8-fast-accum", action="store_true",
                         help="fp8 GEMMs with cuBLASLt fast accumulation (default: ex4d.diffusion.fp8's default)")
     parser.add_argument("--fp8-bias-epilogue", action="store_true",
@@ -195,7 +201,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     comps = build_tiny() if args.tiny else build_full(device, dtype)
-    depth_estimator, depth_settings = build_depth(args.tiny, device, compile_=not args.no_compile)
+    depth_estimator, depth_settings = build_depth(args.tiny, device, compile_=args.depth_compile)
     build_s = time.perf_counter() - t0
     note(f"built models in {build_s:.1f}s")
 

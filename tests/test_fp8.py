@@ -198,6 +198,26 @@ def test_tiny_transformer_velocity_deviation(emulate):
     assert 1e-4 < dev["rel_l2"] < 0.05, dev  # fp8 rounding shows, and stays at the per-GEMM level
 
 
+@pytest.mark.parametrize("emulate", [True, pytest.param(False, marks=pytest.mark.skipif(
+    not native_scaled_mm("cpu"), reason="no CPU fp8 _scaled_mm"))])
+def test_converted_blocks_compile_as_one_full_graph(emulate):
+    """torch.compile(fullgraph=True) traces the fp8 blocks without a graph break, as apply_performance does."""
+    from torch._dynamo.utils import counters
+
+    transformer = _tiny_wide_transformer()
+    convert_to_fp8(transformer, emulate=emulate)
+    eager = _velocity(transformer)
+    torch._dynamo.reset()
+    counters.clear()
+    transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    try:
+        compiled = _velocity(transformer)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(eager, compiled)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
 def test_pipeline_fp8_after_merged_lora_and_low_vram_streaming(tmp_path):
     """build_pipeline merges the LoRA first, then quantises (the fp8 weight is of W + s B A, not W);
     the tiny pipeline's latents stay close to full precision; the low-VRAM streamer moves the fp8
