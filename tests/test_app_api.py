@@ -256,6 +256,15 @@ def test_a_server_path_sent_as_an_upload_is_refused(app, target):
     assert not any(p.name == Path(target).name for p in after - before)  # nothing copied in
 
 
+@pytest.mark.parametrize("target", ["/etc/hostname", __file__, "README.md"])
+def test_files_outside_the_work_folder_are_not_served(app, target):
+    import httpx
+
+    _, url = app
+    reply = httpx.get(f"{url.rstrip('/')}/gradio_api/file={target}", timeout=30)
+    assert reply.status_code == 403
+
+
 def test_abort_when_idle_does_not_stop_the_next_run(app):
     backend, url = app
     c = client(url)

@@ -136,6 +136,7 @@ def test_keyframe_table_edit_add_delete(session):
 
 @pytest.mark.parametrize("rows, message", [
     ([[0, 0, 0, 0, 0, 0, "", None]], "row 1, column look_z is empty"),
+    ([[0, float("nan"), 0, 0, 0, 0, 1, None]], "row 1, column x is empty"),
     ([[0, 0, 0, 0, 0, 0, "far", None]], "row 1, column look_z is 'far', not a number"),
     ([[7, 0, 0, 0, 0, 0, 1, None]], "frame 7 must be a whole number from 0 to 4"),
     ([[1.5, 0, 0, 0, 0, 0, 1, None]], "frame 1.5 must be a whole number"),

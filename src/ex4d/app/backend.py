@@ -4,9 +4,10 @@ Every page event maps onto one method of :class:`Session`; the UI module only tu
 components. All files live under the app's work folder::
 
     WORKDIR/
-      uploads/                    gradio's upload and file cache (set by ex4d app)
+      uploads/                    gradio's upload and file cache (set by ex4d app; pruned daily)
+      examples/<scene>-<T>f-<H>x<W>-<fps>fps/   built-in examples, made once, read by every session
       sessions/<session>/
-        inputs/<stamp>-<what>/    an example (video.mp4 + depth.npz), an uploaded video, depth or pose file
+        inputs/<stamp>-<what>/    an uploaded video, depth or pose file (a copy)
         depth/<stamp>/            depth.npz and depth_preview.mp4 of one depth run
         camera/                   path.json / path.npz: the current path, as shown in the 3D view
         exports/<stamp>/          exported pose files

@@ -86,8 +86,9 @@ class Keyframe:
 
 
 def _cell(value, where: str, *, optional: bool = False) -> float | None:
+    # A cleared cell arrives as None, "" or NaN depending on the table widget.
     if value is None or (isinstance(value, str) and not value.strip()) or \
-            (isinstance(value, float) and math.isnan(value) and optional):
+            (isinstance(value, float) and math.isnan(value)):
         if optional:
             return None
         raise InputError(f"{where} is empty; type a number")
