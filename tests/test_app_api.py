@@ -76,6 +76,8 @@ def test_example_preset_keyframes_preview_export_flow(app, tmp_path):
     path_info, table, error = c.predict("orbit (reference)", 30, 0.5, "out", 45, 0, 1, "linear",
                                                  api_name="/preset")
     assert error == "" and path_info == "preset `30`"
+    assert c.predict("mesh", api_name="/scene_kind") == ""  # frame 0's DW-Mesh in the 3D view
+    assert session.scene_kind == "mesh" and not session.scene_error
     path_info, table, error = c.predict(0, api_name="/to_keyframes")
     rows = table["data"]
     assert error == "" and [row[0] for row in rows] == [0, 2, 4]

@@ -324,3 +324,65 @@ def test_generation_end_to_end_with_tiny_models_keeps_the_models_loaded(session,
         session.generate(GenerateOptions(size="16x16", steps=2), progress=abort_on_first_step)
     assert set((session.folder / "runs").iterdir()) == runs  # nothing kept
     assert session.app.generator_cache["generate_pipe"] is pipe  # the models stayed loaded
+
+
+class RecordingView:
+    """Stands in for ex4d.app.scene3d.SceneView (tested on its own): records what the app sends."""
+
+    url = "http://127.0.0.1:1"
+
+    def __init__(self):
+        self.calls, self.callback = [], None
+
+    def on_keyframes_edited(self, callback):
+        self.callback = callback
+
+    def set_scene(self, points, colors, *, mesh=None):
+        self.calls.append(("scene", points, colors, mesh))
+
+    def set_cameras(self, K, size, source, path, keyframes):
+        self.calls.append(("cameras", K, size, source, path, keyframes))
+
+    def set_frame(self, frame):
+        self.calls.append(("frame", frame))
+
+    def look_through(self, cam_from_world, K, size):
+        self.calls.append(("look", cam_from_world, K, size))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_the_3d_view_gets_scene_path_keyframes_and_edits_come_back(session):
+    view = session.scene = RecordingView()
+    view.on_keyframes_edited(session._on_3d_edit)
+    session.set_preset("30")
+    session.to_keyframes()
+    session.update_scene()
+    kind, points, colors, mesh = view.calls[-2]
+    assert kind == "scene" and mesh is None and points.shape[1] == 3 and colors.dtype == np.uint8
+    _, K, size, source, path, keyframes = view.calls[-1]
+    assert size == SIZE and np.array_equal(source, np.eye(4)) and path.shape == (FRAMES, 4, 4)
+    assert [frame for frame, _ in keyframes] == [0, 2, 4]
+    np.testing.assert_array_equal(path, session.trajectory().cam_from_world)
+    # a keyframe dragged in the 3D view: 0.5 to the right at frame 4, plus a new one at frame 3
+    before = session.path.keyframes[2]
+    moved = path[4].copy()
+    moved[:3, 3] -= moved[:3, :3] @ np.array([0.5, 0.0, 0.0])  # the camera centre moves by (0.5, 0, 0)
+    version = session.path.version
+    view.callback([(0, path[0]), (2, path[2]), (3, path[3]), (4, moved)])
+    assert session.path.version > version and [k.frame for k in session.path.keyframes] == [0, 2, 3, 4]
+    np.testing.assert_allclose(session.path.keyframes[3].position, np.add(before.position, [0.5, 0, 0]), atol=2e-6)
+    assert view.calls[-1][0] == "cameras"  # the view is told the new path at once
+    session.set_scene_kind("mesh")
+    _, _, _, mesh = [c for c in view.calls if c[0] == "scene"][-1]
+    vertices, faces, vertex_colors = mesh
+    assert vertices.shape == (SIZE[0] * SIZE[1], 3) and faces.shape[1] == 3 and vertex_colors.shape == vertices.shape
+    assert 0 < len(faces) < 2 * (SIZE[0] - 1) * (SIZE[1] - 1)  # the flagged faces (the border ring at least) left out
+    with pytest.raises(InputError, match="draws points or mesh"):
+        session.set_scene_kind("voxels")
+    session.look_through(2)
+    _, pose, K_look, size_look = view.calls[-1]
+    np.testing.assert_array_equal(pose, session.trajectory().cam_from_world[2])
+    session.close()
+    assert view.calls[-1] == ("close",) and session.scene is None

@@ -15,7 +15,8 @@ the last action succeeded; ``error: ...`` otherwise, also shown as a toast).
    when weights are missing: every missing file and its download command), ``#depth_preview``.
 3. Camera (``#tab_camera``): ``#preset`` (dropdown), sliders ``#angle``, ``#travel``, ``#direction``,
    ``#yaw``, ``#pitch``, ``#radius``, ``#ease``; ``#preset_button``; ``#path_info`` (what the path is);
-   ``#scene3d`` (holds the 3D view's ``<iframe id="scene3d_frame">``, or ``#scene3d_unavailable``);
+   ``#scene_kind`` (radio: frame 0 drawn as points or as its DW-Mesh), ``#scene3d`` (holds the 3D
+   view's ``<iframe id="scene3d_frame">``, or ``#scene3d_unavailable``);
    ``#frame_slider`` (timeline), ``#look_button``, ``#to_keyframes_button`` (preset -> editable
    keyframes at the first, middle and last frame), ``#add_keyframe_button`` and
    ``#delete_keyframe_button`` (at the slider's frame); ``#keyframes`` (table: frame, x, y, z,
@@ -41,7 +42,7 @@ Typical flow: example -> preset -> keyframe edit -> preview -> export::
 
 The same events are API endpoints for ``gradio_client`` (``api_name``): ``/example``,
 ``/upload_video``, ``/clip``, ``/depth``, ``/preset``, ``/keyframes``, ``/to_keyframes``,
-``/add_keyframe``, ``/delete_keyframe``, ``/look_through``, ``/set_frame``, ``/import_path``,
+``/add_keyframe``, ``/delete_keyframe``, ``/look_through``, ``/scene_kind``, ``/set_frame``, ``/import_path``,
 ``/export_json``, ``/export_npz``, ``/preview``, ``/generate``, ``/abort``.
 
 Modules: :mod:`ex4d.app.backend` (no gradio: sessions, work folder, depth, preview, generation),

@@ -46,6 +46,8 @@ LOW_VISIBLE_FRACTION = 0.3
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 #: Points of frame 0 sent to the 3D view at most (a browser draws 100k points at once without effort).
 MAX_SCENE_POINTS = 100_000
+#: What the 3D view can draw of frame 0.
+SCENE_KINDS = ("points", "mesh")
 #: Frames of a video the app looks at, at most (the frame-count box offers up to this many).
 MAX_FRAMES = 1000
 #: Keyframes that "Edit as keyframes" makes from a preset: first, middle and last frame (few numbers to
@@ -225,6 +227,7 @@ class Session:
     last_generate: GenerateResult | None = None
     scene: object | None = None
     scene_error: str = ""
+    scene_kind: str = "points"  # what the 3D view draws of frame 0: "points" or "mesh" (its DW-Mesh)
     abort: threading.Event = field(default_factory=threading.Event)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -422,12 +425,12 @@ class Session:
             return self.path.save(folder, num_frames=geometry["clip"].num_frames, size=geometry["size"],
                                   K_src=geometry["K"], depth0=geometry["depth0"])
 
-    def trajectory(self, path_file: Path | None = None):
+    def trajectory(self, path_file: Path | None = None, geometry: dict | None = None):
         """The cameras of the current path exactly as ``ex4d recon --cam FILE`` builds them."""
         from ex4d.camera.trajectory import make_trajectory
 
-        geometry = self.scene_geometry()
-        path_file = path_file if path_file is not None else self.path_file()
+        geometry = geometry if geometry is not None else self.scene_geometry()
+        path_file = path_file if path_file is not None else self.path_file(geometry=geometry)
         return make_trajectory(str(path_file), num_frames=geometry["clip"].num_frames, size=geometry["size"],
                                K=geometry["K"], depth0=geometry["depth0"])
 
@@ -557,13 +560,21 @@ class Session:
         geometry = self.scene_geometry()
         if points:
             xyz, rgb = frame0_points(geometry["clip"], geometry["depth0"], geometry["K"])
-            view.set_scene(xyz, rgb)
-        trajectory = self.trajectory()
+            view.set_scene(xyz, rgb, mesh=frame0_mesh(geometry["clip"], geometry["depth0"], geometry["K"])
+                           if self.scene_kind == "mesh" else None)
+        trajectory = self.trajectory(geometry=geometry)
         if self.path.mode == "keyframes":
             keyframes = [(k.frame, trajectory.cam_from_world[k.frame]) for k in self.path.keyframes]
         else:
             keyframes = []
         view.set_cameras(geometry["K"], geometry["size"], np.eye(4), trajectory.cam_from_world, keyframes)
+
+    def set_scene_kind(self, kind: str) -> None:
+        """Draw frame 0 as ``points`` or as its DW-``mesh`` in the 3D view."""
+        if kind not in SCENE_KINDS:
+            raise InputError(f"the 3D view draws {' or '.join(SCENE_KINDS)}, not {kind!r}")
+        self.scene_kind = kind
+        self.update_scene_safely(points=True)
 
     def update_scene_safely(self, *, points: bool = True) -> None:
         """:meth:`update_scene`, logging instead of raising: the page works without the 3D view."""
@@ -722,6 +733,19 @@ def frame0_points(clip, depth0: np.ndarray, K: np.ndarray, max_points: int = MAX
     colors = to_uint8(frame[rows, cols]).reshape(-1, 3)
     keep = np.isfinite(points).all(axis=1)
     return points[keep], colors[keep]
+
+
+def frame0_mesh(clip, depth0: np.ndarray, K: np.ndarray):
+    """Frame 0's DW-Mesh for the 3D view: (vertices (V,3) float32, faces (F,3) of the unflagged faces,
+    vertex colours (V,3) uint8). The flagged faces (occlusion edges, the border ring at z = 100) are
+    left out: they are what generation fills in, and would hide the scene behind black walls."""
+    from ex4d.mesh.dwmesh import build_dw_mesh
+
+    frame = next(iter(clip.iter_frames()))
+    mesh = build_dw_mesh(np.asarray(depth0, np.float32), np.asarray(frame, np.float32), np.asarray(K, np.float64))
+    faces = mesh.faces[mesh.face_valid].cpu().numpy()
+    colors = np.round(mesh.colors[:, :3].cpu().numpy() * 255).astype(np.uint8)
+    return mesh.vertices.cpu().numpy().astype(np.float32), faces, colors
 
 
 def _q(path) -> str:

@@ -177,6 +177,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                     preset_button = gr.Button("Use preset", elem_id="preset_button", variant="primary")
                     path_info = gr.Markdown("Path: preset `90`", elem_id="path_info")
                 with gr.Column(scale=2):
+                    scene_kind = gr.Radio([("points", "points"), ("DW-Mesh", "mesh")], value="points",
+                                          label="Frame 0 in 3D as", elem_id="scene_kind")
                     scene3d = gr.HTML("<div>Pick an input to see the scene.</div>", elem_id="scene3d")
                     frame_slider = gr.Slider(0, 48, value=0, step=1, label="Frame (timeline)",
                                              elem_id="frame_slider")
@@ -314,6 +316,10 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             return handler
 
         @_safe(1)
+        def on_scene_kind(kind, request: gr.Request):
+            _session(backend, request).set_scene_kind(kind)
+
+        @_safe(1)
         def on_look(frame, request: gr.Request):
             _session(backend, request).look_through(int(frame))
 
@@ -406,6 +412,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         delete_keyframe_button.click(keyframe_action(lambda s, f: s.delete_keyframe(f)), [frame_slider],
                                      preset_outputs, api_name="delete_keyframe")
         look_button.click(on_look, [frame_slider], [error_box], api_name="look_through")
+        scene_kind.input(on_scene_kind, [scene_kind], [error_box], api_name="scene_kind")
         frame_slider.release(on_frame, [frame_slider], [error_box], api_name="set_frame")
         import_path.upload(on_import, [import_path], preset_outputs, api_name="import_path")
         export_json_button.click(exporter("json"), None, [export_file, error_box], api_name="export_json")
