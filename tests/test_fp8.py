@@ -256,6 +256,15 @@ def test_pipeline_fp8_after_merged_lora_and_low_vram_streaming(tmp_path):
     assert torch.equal(resident, streamed)
 
 
+def test_fused_qkv_is_converted_too():
+    """--fuse (one 5120 -> 15360 QKV linear) then fp8: the fused projection computes in fp8, once."""
+    pipe = build_pipeline(make_tiny_components(0), None,
+                          PerformanceOptions(fuse_qkv=True, fp8=True, fp8_emulate=True), "cpu")
+    attn = pipe.transformer.blocks[0].attn1
+    assert isinstance(attn.to_qkv, Float8Linear) and not hasattr(attn, "to_q")
+    assert attn.to_qkv.out_features == 3 * attn.to_qkv.in_features
+
+
 def test_fp8_refuses_devices_without_fp8_tensor_cores():
     with pytest.raises(InputError) as info:
         check_fp8_device("cpu")
