@@ -10,7 +10,7 @@ Modes (one process each; ``set_attention_backend`` is process-global):
   default  bf16, merged LoRA, two CFG forwards (--fuse, --batch-cfg opt in), compile_repeated_blocks(fullgraph)
   eager    the same without torch.compile
   lowvram  resident DiT blocks within --vram-budget, the rest and the T5 streamed per block, batched CFG
-  fp8      float8_e4m3fn weight storage (layerwise casting), bf16 compute, batched CFG, compile
+  fp8      fp8 compute for the DiT's linear layers (row-wise scaled float8 GEMMs, ex4d.diffusion.fp8), batched CFG, compile
   unmerged the reference's setup: peft LoRA unmerged, two CFG forwards, eager
   cpuoffload  whole-model CPU offload (each model on the GPU only while it runs), batched CFG, compile
 
