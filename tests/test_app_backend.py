@@ -69,6 +69,19 @@ def test_clip_settings_are_checked_like_the_cli(session):
         session.set_clip_settings(3, "bigger")
 
 
+def test_the_shown_recon_command_renders_the_same_preview(session, tmp_path, monkeypatch):
+    import shlex
+
+    session.set_preset("orbit:yaw=-30,pitch=5")
+    preview = session.preview()
+    [line] = preview.commands
+    monkeypatch.chdir(tmp_path)
+    assert main(shlex.split(line)[1:]) == 0
+    out = tmp_path / "ex4d_out" / preview.folder.name  # never the app's run folder
+    assert np.array_equal(_camera(out / "camera_path.npz"), _camera(preview.files["camera"]))
+    assert np.array_equal(read_mask_video(out / "mask_path.mkv"), read_mask_video(preview.files["mask_lossless"]))
+
+
 def test_preview_renders_a_preset_into_a_new_run_folder(session):
     session.set_preset(preset_spec("orbit (reference)", angle=30))
     first = session.preview()
@@ -311,7 +324,8 @@ def test_generation_end_to_end_with_tiny_models_keeps_the_models_loaded(session,
     generate = [line for line in result.commands if line.startswith("ex4d generate ")]
     assert len(generate) == 1 and " --steps 2" in generate[0] and " --size 16x16" in generate[0]
     assert f"--models-dir {tiny_models}" in generate[0]
-    assert f"--color {session.last_preview.files['color']}" in generate[0]
+    assert f"--color ex4d_out/{session.last_preview.folder.name}/color_path.mp4" in generate[0]
+    assert f" -o ex4d_out/{result.folder.name}/final.mp4" in generate[0]
     assert result.eval_summary is not None or result.eval_error  # the eval report, or its one-line reason
     pipe = session.app.generator_cache["generate_pipe"]
 

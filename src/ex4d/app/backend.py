@@ -621,7 +621,7 @@ class Session:
         files["path"] = path_file
         visible = [float(m.mean()) for m in read_mask_video(files["mask_lossless"])]
         warning = visibility_warning(visible)
-        commands = [recon_command(self, path_file, folder)]
+        commands = [recon_command(self, path_file, cli_folder(folder))]
         settings = self._settings("preview", path_file=path_file, visible=visible, commands=commands)
         files["settings"] = _write_settings(folder, settings)
         result = PreviewResult(folder, files, visible, warning, commands, path_file)
@@ -666,7 +666,9 @@ class Session:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
         files = {"final": output, "record": output.with_suffix(".json")}
-        commands = preview.commands + [generate_command(color, mask, output, options)]
+        cli_preview, cli_output = cli_folder(preview.folder), cli_folder(folder) / output.name
+        commands = preview.commands + [generate_command(cli_preview / color.name, cli_preview / mask.name, cli_output,
+                                                        options)]
         result = GenerateResult(folder, output, files, commands)
         try:
             from ex4d.eval.evaluate import evaluate_video, write_report
@@ -676,9 +678,14 @@ class Session:
             report = write_report(folder / "eval", summary, arrays)
             files.update({f"eval_{name.split('.')[0]}": path for name, path in report.items()})
             result.eval_summary = summary
-            result.commands.append(eval_command(output, preview.files["camera"], color, mask, folder / "eval"))
+            result.commands.append(eval_command(cli_output, cli_preview / preview.files["camera"].name,
+                                                cli_preview / color.name, cli_preview / mask.name,
+                                                cli_folder(folder) / "eval"))
         except UserError as exc:
             result.eval_error = str(exc)
+        except Exception as exc:  # the video is made; a failing report must not lose it
+            log.exception("ex4d eval failed on %s", output)
+            result.eval_error = f"internal error in ex4d eval: {type(exc).__name__}: {exc} (logged)"
         settings = self._settings("generate", preview=preview.folder, options=options.record(),
                                   commands=result.commands)
         files["settings"] = _write_settings(folder, settings)
@@ -750,6 +757,16 @@ def frame0_mesh(clip, depth0: np.ndarray, K: np.ndarray):
 
 def _q(path) -> str:
     return shlex.quote(str(path))
+
+
+#: Where the command lines shown on the page write (relative to where the user runs them), so that
+#: running them never touches the app's own run folders.
+CLI_OUTPUT_ROOT = Path("ex4d_out")
+
+
+def cli_folder(run_folder: Path) -> Path:
+    """The output folder the shown command lines use for a run: ``ex4d_out/<run folder's name>``."""
+    return CLI_OUTPUT_ROOT / Path(run_folder).name
 
 
 def recon_command(session: Session, path_file: Path, out: Path) -> str:

@@ -467,7 +467,8 @@ def eval_markdown(result) -> str:
     for section in EVAL_SECTIONS:
         values = result.eval_summary.get(section) or {}
         for key, value in values.items():
-            if isinstance(value, (int, float, str)) and not isinstance(value, bool) and key != "depth_file":
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool) and key != "depth_file" \
+                    and len(str(value)) <= 60:  # figures, not the summary's explanatory sentences
                 shown = f"{value:.4g}" if isinstance(value, float) else str(value)
                 lines.append(f"| {section.replace('_', ' ')} | {key} | {shown} |")
     return "**Evaluation** (`ex4d eval`; report.html is among the run's files)\n\n" + "\n".join(lines)
