@@ -7,7 +7,7 @@ the scene. Timed per run, in a fresh page of one headless chromium (software Web
 without a GPU):
 
 * ``set_scene_s``: the server side, ``set_scene`` (subsampling, encoding) in Python;
-* ``connect_s``: page open -> viser's client connected (``server.get_clients()``);
+* ``connect_s``: page open -> viser's client connected (its connect callback);
 * ``first_paint_s``: page open -> the first screenshot in which scene pixels cover at least
   ``PAINTED`` of a probe rectangle in the middle of the view (polled; a screenshot takes about
   ``screenshot_s``, which bounds the resolution).
@@ -73,14 +73,13 @@ def one_run(browser, points, colors, mesh) -> dict:
         view.set_scene(points, colors, mesh=mesh)
         set_scene_s = time.perf_counter() - start
         page = browser.new_page(viewport={"width": 800, "height": 600})
-        shots = []
+        shots, connected = [], []
+        view.server.on_client_connect(lambda client: connected.append(time.perf_counter()))
         try:
             opened = time.perf_counter()
             page.goto(view.url, wait_until="commit", timeout=300_000)
-            connect_s = paint_s = None
+            paint_s = None
             while time.perf_counter() - opened < 600:
-                if connect_s is None and view.server.get_clients():
-                    connect_s = time.perf_counter() - opened
                 shot_start = time.perf_counter()
                 coverage = covered(page.screenshot(clip=PROBE, timeout=300_000))
                 shots.append(time.perf_counter() - shot_start)
@@ -89,6 +88,7 @@ def one_run(browser, points, colors, mesh) -> dict:
                     break
             if paint_s is None:
                 raise RuntimeError(f"the scene never covered {PAINTED:.0%} of the probe (last {coverage:.1%})")
+            connect_s = connected[0] - opened
         finally:
             page.close()
         return {"set_scene_s": set_scene_s, "connect_s": connect_s, "first_paint_s": paint_s,
