@@ -642,15 +642,16 @@ class Session:
         then evaluate the result (``ex4d eval``). ``options``: :class:`ex4d.pipeline.GenerateOptions`."""
         from ex4d.pipeline import run_generate
 
-        preview = self.last_preview
-        if preview is None:
-            raise InputError("preview the path first: generation fills in that preview's colour and mask")
+        from ex4d.weights_preflight import check_weights
+
         options.models_dir = options.models_dir if options.models_dir is not None else self.app.models_dir
         options.device = self.app.device if options.device == "auto" else options.device
         options.validate()
-        from ex4d.weights_preflight import check_weights
-
+        # Missing weights first: a person should learn that before making a preview for nothing.
         check_weights(generation=True, models_dir=options.models_dir, adapter=options.adapter)
+        preview = self.last_preview
+        if preview is None:
+            raise InputError("preview the path first: generation fills in that preview's colour and mask")
         self.abort.clear()
         folder = new_folder(self.sub("runs"), "generate")
         output = folder / "final.mp4"

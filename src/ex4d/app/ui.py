@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 #: Depth sources besides the estimators: an uploaded depth file.
 DEPTH_FILE = "file"
+#: Height in pixels of the single video players (input, depth, generated), so a tab fits a screen.
+VIDEO_HEIGHT = 420
 
 
 def _session(backend: AppBackend, request: gr.Request | None) -> Session:
@@ -139,7 +141,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                                   elem_id="resize")
                 clip_button = gr.Button("Apply frames and resize", elem_id="clip_button")
             input_info = gr.Markdown("No video yet.", elem_id="input_info")
-            input_video = gr.Video(label="Input", interactive=False, elem_id="input_video")
+            input_video = gr.Video(label="Input", interactive=False, elem_id="input_video", height=VIDEO_HEIGHT)
 
         # ------------------------------------------------------------------ 2. depth
         with gr.Tab("2. Depth", elem_id="tab_depth"):
@@ -151,7 +153,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                 depth_button = gr.Button("Make depth", elem_id="depth_button", variant="primary")
             weights_panel = gr.Markdown(visible=False, elem_id="weights_panel")
             depth_preview = gr.Video(label="Depth preview (near = bright)", interactive=False,
-                                     elem_id="depth_preview")
+                                     elem_id="depth_preview", height=VIDEO_HEIGHT)
 
         # ------------------------------------------------------------------ 3. camera
         with gr.Tab("3. Camera", elem_id="tab_camera"):
@@ -234,7 +236,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                 generate_button = gr.Button("Generate", elem_id="generate_button", variant="primary")
                 abort_button = gr.Button("Abort", elem_id="abort_button", variant="stop")
             gen_weights_panel = gr.Markdown(visible=False, elem_id="gen_weights_panel")
-            final_video = gr.Video(label="Generated video", interactive=False, elem_id="final_video")
+            final_video = gr.Video(label="Generated video", interactive=False, elem_id="final_video",
+                                   height=VIDEO_HEIGHT)
             eval_report = gr.Markdown("", elem_id="eval_report")
 
         # ------------------------------------------------------------------ 6. outputs
