@@ -212,8 +212,8 @@ def test_generate_with_tiny_models_through_the_queue(app, tmp_path):
     c.predict("boxes", FRAMES, api_name="/example")
     c.predict("orbit (reference)", 30, 0.5, "out", 45, 0, 1, "linear", api_name="/preset")
     c.predict(api_name="/preview")
-    panel, video, report, files, commands, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False, "full",
-                                                             api_name="/generate")
+    panel, video, report, files, commands, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False,
+                                                             "full", api_name="/generate")
     assert panel["visible"] is False
     assert error == ""
     assert read_video(video)[0].shape == (FRAMES, 16, 16, 3)

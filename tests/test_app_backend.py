@@ -278,6 +278,13 @@ def test_depth_from_an_uploaded_file_writes_a_preview(session, tmp_path):
     assert frames.shape == (FRAMES, *SIZE, 3)
     with pytest.raises(InputError, match="unknown depth source"):
         session.estimate_depth("midas")
+    short = tmp_path / "short.npy"
+    np.save(short, np.full((2, *SIZE), 3.0, np.float32))  # 2 frames for a 5-frame clip
+    folders = set((session.folder / "depth").iterdir())
+    with pytest.raises(InputError):
+        session.estimate_depth("file", short)
+    assert set((session.folder / "depth").iterdir()) == folders  # no half-made depth folder left
+    assert session.depth_file == result.depth_file  # the previous depth stays in use
 
 
 def test_abort_stops_at_the_next_step_and_keeps_nothing(session):

@@ -28,7 +28,7 @@ the last action succeeded; ``error: ...`` otherwise, also shown as a toast).
 5. Generate (``#tab_generate``): ``#gen_preset`` (full / fast), ``#gen_steps`` and ``#gen_cfg``
    (blank: the preset's), ``#gen_seed``, ``#gen_size``, ``#gen_low_vram``, ``#gen_vram_budget``,
    ``#gen_cpu_offload``, ``#gen_fp8``, ``#gen_compile``, ``#generate_button``, ``#abort_button``
-   (stops a running preview or generation at its next step), ``#gen_weights_panel`` (visible only when
+   (stops a running depth estimate, preview or generation at its next step), ``#gen_weights_panel`` (visible only when
    generation weights are missing), ``#final_video``, ``#eval_report``.
 6. Outputs (``#tab_outputs``): ``#output_files`` (every file of the last run), ``#cli_command``.
 

@@ -360,9 +360,14 @@ class Session:
         else:
             raise InputError(f"unknown depth source {source!r}; use {', '.join(ESTIMATORS)} or file")
         folder = new_folder(self.sub("depth"), _safe_name(Path(spec).stem if source == "file" else source))
-        depth = estimate_depth(clip, spec, out_dir=folder, models_dir=self.app.models_dir, device=self.app.device,
-                               progress=step_bars(progress, None))
-        preview = write_depth_preview(folder / "depth_preview.mp4", depth.depth, clip.fps)
+        self.abort.clear()
+        try:
+            depth = estimate_depth(clip, spec, out_dir=folder, models_dir=self.app.models_dir, device=self.app.device,
+                                   progress=step_bars(progress, self.abort))
+            preview = write_depth_preview(folder / "depth_preview.mp4", depth.depth, clip.fps)
+        except BaseException:  # aborted or failed: no half-made depth folder is left for anyone to pick up
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         with self.lock:
             self.depth_file, self.depth_preview = folder / "depth.npz", preview
             self.depth_source = f"uploaded {Path(spec).name}" if source == "file" else source

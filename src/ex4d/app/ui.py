@@ -396,8 +396,9 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         example_button.click(on_example, [example_scene, num_frames], input_outputs, api_name="example")
         upload_video.upload(on_upload, [upload_video, num_frames, resize], input_outputs, api_name="upload_video")
         clip_button.click(on_clip, [num_frames, resize], input_outputs, api_name="clip")
-        depth_button.click(on_depth, [depth_source, depth_file], [weights_panel, depth_preview, scene3d, error_box],
-                           api_name="depth", concurrency_limit=1, concurrency_id="depth")  # one estimator in memory
+        depth_event = depth_button.click(
+            on_depth, [depth_source, depth_file], [weights_panel, depth_preview, scene3d, error_box], api_name="depth",
+            concurrency_limit=1, concurrency_id="depth")  # one estimator in memory at a time
         preset_outputs = [path_info, keyframes, shown_version, error_box]
 
         def on_preset_choice(name):
@@ -426,14 +427,14 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             on_preview, None, [preview_color, preview_mask, visible_plot, preview_warning, output_files, cli_command,
                                error_box], api_name="preview")
         generate_event = generate_button.click(
-            on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget, gen_cpu_offload, gen_fp8,
-                          gen_compile, gen_preset],
+            on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget, gen_cpu_offload,
+                          gen_fp8, gen_compile, gen_preset],
             [gen_weights_panel, final_video, eval_report, output_files, cli_command, error_box], api_name="generate",
             concurrency_limit=1, concurrency_id="generate")  # one GPU job at a time; the queue shows positions
-        # Abort sets the session's flag, which stops a running preview or generation at its next frame or
+        # Abort sets the session's flag, which stops a running depth, preview or generation at its next frame or
         # sampling step (a thread cannot be killed), and cancels this page's runs still waiting in the queue.
         abort_button.click(on_abort, None, [error_box], api_name="abort", queue=False,
-                           cancels=[preview_event, generate_event])
+                           cancels=[depth_event, preview_event, generate_event])
 
         def on_unload(request: gr.Request):
             backend.end_session(getattr(request, "session_hash", None))
