@@ -283,8 +283,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             session = _session(backend, request)
             try:
                 result = session.estimate_depth(source, upload, progress=_reporter(progress))
-            except MissingWeightsError:
-                lines = session.missing_depth_weights(source)
+            except MissingWeightsError as exc:
+                lines = session.missing_depth_weights(source) or [str(exc)]
                 panel = "### Missing weights for " + source + "\n\nEverything else works with a depth file.\n\n" + \
                     "\n".join(f"- {line}" for line in lines)
                 gr.Warning(f"missing weights for {source}: see the panel")
@@ -377,8 +377,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                                       cpu_offload=bool(cpu_offload), fp8=bool(fp8), compile=bool(compile_))
             try:
                 result = session.generate(options, progress=_reporter(progress))
-            except MissingWeightsError:
-                lines = session.missing_generation_weights()
+            except MissingWeightsError as exc:
+                lines = session.missing_generation_weights() or [str(exc)]
                 panel = "### Missing weights for generation\n\n" + "\n".join(f"- {line}" for line in lines)
                 gr.Warning("missing weights for generation: see the panel")
                 return WithError((gr.update(value=panel, visible=True), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
