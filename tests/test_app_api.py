@@ -275,3 +275,13 @@ def test_abort_when_idle_does_not_stop_the_next_run(app):
     assert _session_of(backend, c).abort.is_set()
     *_, error = c.predict(api_name="/preview")  # each run clears the flag when it starts
     assert error == ""
+
+
+def test_a_port_in_use_is_one_line_exit_1(app, capsys, tmp_path):
+    _, url = app
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    assert main(["app", "--port", str(port), "--workdir", str(tmp_path / "work")]) == 1
+    assert not (tmp_path / "work").exists()  # refused before anything is made
+    err = capsys.readouterr().err
+    assert err == f"error: port {port} on 127.0.0.1 is in use; choose another --port, or leave it out to take the " \
+                  f"next free one from 7860\n"

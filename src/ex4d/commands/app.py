@@ -44,16 +44,27 @@ def register(subparsers) -> None:
     parser.set_defaults(func=main)
 
 
-def free_port(host: str, start: int = DEFAULT_PORT, tries: int = 100) -> int:
-    """The first port from ``start`` on that nothing listens on at ``host``."""
+def port_is_free(host: str, port: int) -> bool:
+    """True if nothing listens on ``port`` at ``host`` (a bind succeeds)."""
     import socket
 
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except socket.gaierror:  # not an address of this machine's
+            from ex4d.errors import InputError
+
+            raise InputError(f"--host {host} is not an address this machine can listen on; use 127.0.0.1 (the "
+                             f"default) or 0.0.0.0") from None
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str, start: int = DEFAULT_PORT, tries: int = 100) -> int:
+    """The first port from ``start`` on that nothing listens on at ``host``."""
     for port in range(start, start + tries):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
+        if port_is_free(host, port):
             return port
     from ex4d.errors import InputError
 
@@ -61,9 +72,9 @@ def free_port(host: str, start: int = DEFAULT_PORT, tries: int = 100) -> int:
 
 
 def main(args) -> int:
-    from ex4d.errors import InputError
-
     import importlib.util
+
+    from ex4d.errors import InputError
 
     if importlib.util.find_spec("gradio") is None:  # the 3D view (viser) is optional: the page says so
         raise InputError(f"the web app needs its optional extra; install it with: {INSTALL_HINT}")
@@ -71,6 +82,9 @@ def main(args) -> int:
         raise InputError(f"--max-upload-mb must be from 0 to 100000, got {args.max_upload_mb:g}")
     if args.port is not None and not 0 < args.port < 65536:
         raise InputError(f"--port must be from 1 to 65535, got {args.port}")
+    if args.port is not None and not port_is_free(args.host, args.port):
+        raise InputError(f"port {args.port} on {args.host} is in use; choose another --port, or leave it out to take "
+                         f"the next free one from {DEFAULT_PORT}")
     import logging
 
     from ex4d.app.backend import AppBackend
