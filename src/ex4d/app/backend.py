@@ -519,7 +519,11 @@ class Session:
 
     def export_path(self, fmt: str) -> Path:
         """The current path as a downloadable pose file: ``json`` (keyframes; a preset or npz path as one
-        ``cam_from_world`` keyframe per frame) or ``npz`` (the cameras, as ``camera_<name>.npz``)."""
+        ``cam_from_world`` keyframe per frame) or ``npz`` (the cameras, as ``camera_<name>.npz``).
+
+        The file the preview renders (keyframes: JSON; preset: npz) is exported as is, so ``ex4d recon
+        --cam`` gives bit-identical cameras from it; a preset exported as JSON goes through the JSON
+        keyframe interpolation and agrees to about 1e-15 (a rounding step of the SLERP)."""
         folder = new_folder(self.sub("exports"), fmt)
         if fmt == "json":
             if self.path.mode == "keyframes" or (self.path.mode == "file" and self.path.file.suffix == ".json"):

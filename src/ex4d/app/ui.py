@@ -201,6 +201,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                 export_json_button = gr.Button("Export JSON", elem_id="export_json_button")
                 export_npz_button = gr.Button("Export npz", elem_id="export_npz_button")
                 export_file = gr.File(label="Exported pose file", interactive=False, elem_id="export_file")
+            gr.Markdown("The preview renders keyframes from JSON and presets from npz: export that format for "
+                        "bit-identical cameras in `ex4d recon --cam FILE` (a preset as JSON agrees to about 1e-15).")
 
         # ------------------------------------------------------------------ 4. preview
         with gr.Tab("4. Preview", elem_id="tab_preview"):
