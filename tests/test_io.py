@@ -76,3 +76,30 @@ def test_prepare_output_dir_rejects_unwritable(tmp_path):
     blocker.write_text("x")
     with pytest.raises(InputError, match="cannot create output folder"):
         prepare_output_dir(blocker / "sub")
+
+
+_ENCODE_SCRIPT = """
+import hashlib, os, sys
+import numpy as np
+from ex4d.io.video import write_video
+os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(',')})
+rng = np.random.default_rng(0)
+frames = (np.clip(rng.random((1, 256, 256, 3)) + 0.02 * np.arange(17)[:, None, None, None], 0, 1) * 255)
+write_video(sys.argv[1], frames.astype(np.uint8), fps=24)
+print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs at least 2 CPUs to compare encodes under different CPU counts")
+def test_h264_bytes_do_not_depend_on_the_cpus_available(tmp_path):
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))
+    digests = set()
+    for name, allowed in (("one", cpus[:1]), ("all", cpus)):
+        out = subprocess.run([sys.executable, "-c", _ENCODE_SCRIPT, str(tmp_path / f"{name}.mp4"),
+                              ",".join(map(str, allowed))], capture_output=True, text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1

@@ -111,6 +111,14 @@ def count_frames(path: str | os.PathLike) -> int:
     return probe_video(path)[0]
 
 
+
+#: libx264's thread count, fixed: x264's output depends on its thread count, which by default follows
+#: the CPUs this process may use, so the same frames gave different bytes on different machines (and
+#: under different CPU affinities). A fixed count makes the colour video, the generator's input,
+#: reproducible everywhere; 4 threads keep encoding fast on small and large machines alike.
+H264_THREADS = 4
+
+
 class VideoWriter:
     """Write a video one frame at a time, atomically (the file appears only when the block succeeds).
 
@@ -145,7 +153,7 @@ class VideoWriter:
                 raise InputError(f"H.264 needs even sizes, got {height}x{width} for {self.path}")
             stream = self._container.add_stream("libx264", rate=rate)
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(self.crf), "preset": "medium"}
+            stream.options = {"crf": str(self.crf), "preset": "medium", "threads": str(H264_THREADS)}
             self._fmt = "rgb24"
         else:
             stream = self._container.add_stream("ffv1", rate=rate)
