@@ -51,7 +51,7 @@ PROGRESS_EVERY_S = 60.0
 
 # The input parts a worker must be able to read itself (weights are checked by their loaders, which
 # name the missing file and its download command).
-_READ_PARTS = {"video": "video", "depth_file": "depth file", "cam_file": "pose file"}
+_READ_PARTS = {"video": "video", "depth_file": "depth file", "cam_file": "pose file", "lora_files": "LoRA file"}
 
 
 def import_ray():
