@@ -253,11 +253,16 @@ def test_import_pose_file(session, tmp_path):
     assert session.path.mode == "file" and session.path.file.is_relative_to(session.folder / "inputs")
     preview = session.preview()
     assert preview.path_file.name == "path.json" and preview.path_file.read_text() == path.read_text()
+    npz_preview = session.preview()
+    assert session.import_pose_file(npz_preview.files["camera"]) == "camera_path.npz"  # an ex4d camera file
+    again = session.preview()
+    assert np.array_equal(_camera(again.files["camera"]), _camera(npz_preview.files["camera"]))
+    assert np.array_equal(_camera(session.export_path("npz")), _camera(npz_preview.files["camera"]))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"keyframes": [{"time": 0, "roll": 5}]}))
     with pytest.raises(InputError, match="unknown key"):
         session.import_pose_file(bad)
-    assert session.path.file.name == "mine.json"  # a refused file leaves the path as it was
+    assert session.path.file.name == "camera_path.npz"  # a refused file leaves the path as it was
 
 
 def test_missing_depth_weights_list_every_download(session, tmp_path):
@@ -407,3 +412,16 @@ def test_the_3d_view_gets_scene_path_keyframes_and_edits_come_back(session):
     np.testing.assert_array_equal(pose, session.trajectory().cam_from_world[2])
     session.close()
     assert view.calls[-1] == ("close",) and session.scene is None
+
+
+def test_exported_keyframes_give_the_same_cameras_in_a_batch_job(session, tmp_path):
+    session.set_preset("30")
+    session.to_keyframes()
+    preview = session.preview()
+    exported = session.export_path("json")
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(json.dumps({"jobs": [{"video": str(session.video), "depth": str(session.depth_file),
+                                          "cam": str(exported), "output": str(tmp_path / "batch"), "stage": "recon",
+                                          "num_frames": FRAMES, "device": "cpu", "save_mesh": "none"}]}))
+    assert main(["batch", str(jobs)]) == 0
+    assert np.array_equal(_camera(tmp_path / "batch" / "camera_path.npz"), _camera(preview.files["camera"]))
