@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ex4d.app.backend import (LOW_VISIBLE_FRACTION, Aborted, AppBackend, StepBar, copy_upload, frame0_points,
-                              visibility_warning)
+from ex4d.app.backend import AppBackend, copy_upload, frame0_points
+from ex4d.app.outputs import LOW_VISIBLE_FRACTION, visibility_warning
+from ex4d.app.progress import Aborted, StepBar
 from ex4d.app.camera_edit import (Keyframe, keyframe_from_pose, keyframes_from_rows, keyframes_json, preset_spec)
 from ex4d.camera.poses import look_at
 from ex4d.cli import main

@@ -46,6 +46,7 @@ The same events are API endpoints for ``gradio_client`` (``api_name``): ``/examp
 ``/export_json``, ``/export_npz``, ``/preview``, ``/generate``, ``/abort``.
 
 Modules: :mod:`ex4d.app.backend` (no gradio: sessions, work folder, depth, preview, generation),
-:mod:`ex4d.app.camera_edit` (presets and keyframes as pose files), :mod:`ex4d.app.ui` (the page),
-:mod:`ex4d.app.scene3d` (the viser 3D view embedded as an iframe).
+:mod:`ex4d.app.camera_edit` (presets and keyframes as pose files), :mod:`ex4d.app.progress` (progress
+and Abort), :mod:`ex4d.app.outputs` (settings, warnings, the equivalent command lines),
+:mod:`ex4d.app.ui` (the page), :mod:`ex4d.app.scene3d` (the viser 3D view embedded as an iframe).
 """

@@ -20,28 +20,26 @@ typed by a user: uploads arrive as files gradio saved, and are copied into ``inp
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import secrets
-import shlex
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ex4d.app.camera_edit import CameraPath, Keyframe, keyframe_from_pose, keyframes_from_rows, poses_json, write_json
+from ex4d.app.outputs import (cli_folder, eval_command, generate_command, recon_command, visibility_warning,
+                              write_settings)
+from ex4d.app.progress import Aborted, Report, step_bars
 from ex4d.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
-#: Below this fraction of pixels seen by the source camera a preview frame earns a warning.
-LOW_VISIBLE_FRACTION = 0.3
 #: Video files the upload accepts (PyAV reads more; these are what people have).
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 #: Points of frame 0 sent to the 3D view at most (a browser draws 100k points at once without effort).
@@ -55,70 +53,6 @@ MAX_FRAMES = 1000
 DEFAULT_KEYFRAMES = 3
 #: Size (H, W) of the built-in examples (ex4d.synthetic; exact depth, no weights).
 EXAMPLE_SIZE = (512, 512)
-
-#: ``report(done, total, desc)``: how the page learns of progress (gradio's progress bar).
-Report = Callable[[int, "int | None", str], None]
-
-
-class Aborted(UserError):
-    """The user pressed Abort; the run stopped at the next step and kept nothing."""
-
-
-class StepBar:
-    """A tqdm-like bar for the library's ``progress`` hooks: iterated (``bar(iterable)``), or used as
-    ``with bar(total=n) as b: b.update()`` as the sampler does. Each step reports to the page and checks
-    the session's abort flag, so Abort stops a run at its next frame or sampling step."""
-
-    def __init__(self, iterable=None, total=None, desc: str = "", report: Report | None = None,
-                 abort: threading.Event | None = None):
-        self.iterable, self.desc, self.n = iterable, desc, 0
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)
-        self.total, self._report, self._abort = total, report, abort
-        self._check()
-
-    def _check(self) -> None:
-        if self._abort is not None and self._abort.is_set():
-            raise Aborted("aborted; nothing of this run was kept")
-        if self._report is not None:
-            self._report(self.n, self.total, self.desc)
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update()
-
-    def __len__(self) -> int:
-        return int(self.total or 0)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self._check()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
-
-    def set_description(self, desc=None, refresh=True) -> None:
-        self.desc = desc or self.desc
-
-    def close(self) -> None:
-        pass
-
-
-def step_bars(report: Report | None, abort: threading.Event | None):
-    """The ``progress`` callable the pipeline functions take, built on :class:`StepBar`."""
-
-    def bars(iterable=None, total=None, desc: str = "", unit: str = "it", **kwargs):
-        return StepBar(iterable, total=total, desc=desc, report=report, abort=abort)
-
-    return bars
-
 
 def _safe_name(text: str, default: str = "file") -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(text)).name).strip("._")
@@ -630,9 +564,10 @@ class Session:
         files["path"] = path_file
         visible = [float(m.mean()) for m in read_mask_video(files["mask_lossless"])]
         warning = visibility_warning(visible)
-        commands = [recon_command(self, path_file, cli_folder(folder))]
+        commands = [recon_command(self.video, self.depth_file, path_file, self.num_frames, self.resize,
+                                  cli_folder(folder))]
         settings = self._settings("preview", path_file=path_file, visible=visible, commands=commands)
-        files["settings"] = _write_settings(folder, settings)
+        files["settings"] = write_settings(folder, settings)
         result = PreviewResult(folder, files, visible, warning, commands, path_file)
         self.last_preview = result
         return result
@@ -698,7 +633,7 @@ class Session:
             result.eval_error = f"internal error in ex4d eval: {type(exc).__name__}: {exc} (logged)"
         settings = self._settings("generate", preview=preview.folder, options=options.record(),
                                   commands=result.commands)
-        files["settings"] = _write_settings(folder, settings)
+        files["settings"] = write_settings(folder, settings)
         self.last_generate = result
         return result
 
@@ -712,27 +647,6 @@ class Session:
             except Exception:
                 log.exception("closing the 3D view failed")
             self.scene = None
-
-
-def _write_settings(folder: Path, settings: dict) -> Path:
-    from ex4d.io.files import atomic_path
-
-    path = folder / "settings.json"
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(settings, indent=2, default=str) + "\n")
-    return path
-
-
-def visibility_warning(visible: list[float], threshold: float = LOW_VISIBLE_FRACTION) -> str:
-    """A one-line warning when some frame keeps less than ``threshold`` of its pixels visible, else ""."""
-    if not visible:
-        return ""
-    worst = int(np.argmin(visible))
-    if visible[worst] >= threshold:
-        return ""
-    return (f"warning: little of the scene stays visible along this path: at frame {worst} only "
-            f"{100 * visible[worst]:.1f}% of the view was seen by the source camera (the rest must be "
-            f"generated); a smaller angle or a shorter move keeps more")
 
 
 def frame0_points(clip, depth0: np.ndarray, K: np.ndarray, max_points: int = MAX_SCENE_POINTS):
@@ -763,48 +677,6 @@ def frame0_mesh(clip, depth0: np.ndarray, K: np.ndarray):
     faces = mesh.faces[mesh.face_valid].cpu().numpy()
     colors = np.round(mesh.colors[:, :3].cpu().numpy() * 255).astype(np.uint8)
     return mesh.vertices.cpu().numpy().astype(np.float32), faces, colors
-
-
-def _q(path) -> str:
-    return shlex.quote(str(path))
-
-
-#: Where the command lines shown on the page write (relative to where the user runs them), so that
-#: running them never touches the app's own run folders.
-CLI_OUTPUT_ROOT = Path("ex4d_out")
-
-
-def cli_folder(run_folder: Path) -> Path:
-    """The output folder the shown command lines use for a run: ``ex4d_out/<run folder's name>``."""
-    return CLI_OUTPUT_ROOT / Path(run_folder).name
-
-
-def recon_command(session: Session, path_file: Path, out: Path) -> str:
-    """The ``ex4d recon`` line that renders the same colour and mask as the app's preview."""
-    return (f"ex4d recon {_q(session.video)} --depth {_q(session.depth_file)} --cam {_q(path_file)} "
-            f"--num-frames {session.num_frames} --resize {session.resize} -o {_q(out)}")
-
-
-def generate_command(color: Path, mask: Path, output: Path, options) -> str:
-    """The ``ex4d generate`` line with the same settings (only those that differ from its defaults)."""
-    parts = [f"ex4d generate --color {_q(color)} --mask {_q(mask)} -o {_q(output)}"]
-    defaults = type(options)()
-    flags = {"preset": "--preset", "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift",
-             "size": "--size", "models_dir": "--models-dir", "adapter": "--adapter", "vram_budget": "--vram-budget",
-             "prompt": "--prompt", "negative_prompt": "--negative-prompt", "device": "--device"}
-    for key, flag in flags.items():
-        value = getattr(options, key, None)
-        if value is not None and value != getattr(defaults, key, None):
-            parts.append(f"{flag} {_q(value)}")
-    switches = {"low_vram": "--low-vram", "cpu_offload": "--cpu-offload", "fp8": "--fp8", "compile": "--compile"}
-    parts += [flag for key, flag in switches.items() if getattr(options, key, False)]
-    if not options.erode:
-        parts.append("--no-erode")
-    return " ".join(parts)
-
-
-def eval_command(video: Path, camera: Path, color: Path, mask: Path, out: Path) -> str:
-    return f"ex4d eval {_q(video)} --camera {_q(camera)} --condition {_q(color)} --mask {_q(mask)} -o {_q(out)}"
 
 
 class AppBackend:

@@ -1,0 +1,79 @@
+"""What a run leaves for the person: its settings file, the visibility warning, and the command lines
+that give the same result. No gradio here.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+#: Below this fraction of pixels seen by the source camera a preview frame earns a warning.
+LOW_VISIBLE_FRACTION = 0.3
+
+
+def write_settings(folder: Path, settings: dict) -> Path:
+    """``settings.json`` of a run: what the app ran, with the command lines (atomic, in the ledger)."""
+    from ex4d.io.files import atomic_path
+
+    path = folder / "settings.json"
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    return path
+
+
+def visibility_warning(visible: list[float], threshold: float = LOW_VISIBLE_FRACTION) -> str:
+    """A one-line warning when some frame keeps less than ``threshold`` of its pixels visible, else ""."""
+    if not visible:
+        return ""
+    worst = int(np.argmin(visible))
+    if visible[worst] >= threshold:
+        return ""
+    return (f"warning: little of the scene stays visible along this path: at frame {worst} only "
+            f"{100 * visible[worst]:.1f}% of the view was seen by the source camera (the rest must be "
+            f"generated); a smaller angle or a shorter move keeps more")
+
+
+def _q(path) -> str:
+    return shlex.quote(str(path))
+
+
+#: Where the command lines shown on the page write (relative to where the user runs them), so that
+#: running them never touches the app's own run folders.
+CLI_OUTPUT_ROOT = Path("ex4d_out")
+
+
+def cli_folder(run_folder: Path) -> Path:
+    """The output folder the shown command lines use for a run: ``ex4d_out/<run folder's name>``."""
+    return CLI_OUTPUT_ROOT / Path(run_folder).name
+
+
+def recon_command(video: Path, depth: Path, path_file: Path, num_frames: int, resize: str, out: Path) -> str:
+    """The ``ex4d recon`` line that renders the same colour and mask as the app's preview."""
+    return (f"ex4d recon {_q(video)} --depth {_q(depth)} --cam {_q(path_file)} --num-frames {num_frames} "
+            f"--resize {resize} -o {_q(out)}")
+
+
+def generate_command(color: Path, mask: Path, output: Path, options) -> str:
+    """The ``ex4d generate`` line with the same settings (only those that differ from its defaults)."""
+    parts = [f"ex4d generate --color {_q(color)} --mask {_q(mask)} -o {_q(output)}"]
+    defaults = type(options)()
+    flags = {"preset": "--preset", "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift",
+             "size": "--size", "models_dir": "--models-dir", "adapter": "--adapter", "vram_budget": "--vram-budget",
+             "prompt": "--prompt", "negative_prompt": "--negative-prompt", "device": "--device"}
+    for key, flag in flags.items():
+        value = getattr(options, key, None)
+        if value is not None and value != getattr(defaults, key, None):
+            parts.append(f"{flag} {_q(value)}")
+    switches = {"low_vram": "--low-vram", "cpu_offload": "--cpu-offload", "fp8": "--fp8", "compile": "--compile"}
+    parts += [flag for key, flag in switches.items() if getattr(options, key, False)]
+    if not options.erode:
+        parts.append("--no-erode")
+    return " ".join(parts)
+
+
+def eval_command(video: Path, camera: Path, color: Path, mask: Path, out: Path) -> str:
+    """The ``ex4d eval`` line that writes the same report."""
+    return f"ex4d eval {_q(video)} --camera {_q(camera)} --condition {_q(color)} --mask {_q(mask)} -o {_q(out)}"
