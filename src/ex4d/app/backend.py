@@ -380,12 +380,13 @@ class Session:
         chords: with three keyframes over 90 degrees the middle of a chord is 7.6 % of r nearer the pivot
         (1.9 % with five); "Add keyframe" puts more on the path where it must follow the arc closely.
         """
-        trajectory = self.trajectory()
-        pivot = self.scene_geometry()["pivot"]
+        geometry = self.scene_geometry()
+        trajectory = self.trajectory(geometry=geometry)
+        pivot = geometry["pivot"]
         last = trajectory.num_frames - 1
         default = np.round(np.linspace(0, last, min(DEFAULT_KEYFRAMES, last + 1))).astype(int).tolist()
         frames = sorted(set(frames if frames is not None else default))
-        source_focal = float(self.scene_geometry()["K"][0, 0])
+        source_focal = float(geometry["K"][0, 0])
         keyframes = []
         for frame in frames:
             focal = float(trajectory.K[frame, 0, 0])
@@ -403,8 +404,9 @@ class Session:
             raise InputError(f"frame {frame} is outside the clip (0 to {self.num_frames - 1})")
         if self.path.mode != "keyframes":
             self.to_keyframes()
-        trajectory = self.trajectory()
-        pivot = self.scene_geometry()["pivot"]
+        geometry = self.scene_geometry()
+        trajectory = self.trajectory(geometry=geometry)
+        pivot = geometry["pivot"]
         existing = [k for k in self.path.keyframes if k.frame != frame]
         added = keyframe_from_pose(frame, trajectory.cam_from_world[frame], pivot)
         with self.lock:
@@ -462,9 +464,10 @@ class Session:
         if fmt == "json":
             if self.path.mode == "keyframes" or (self.path.mode == "file" and self.path.file.suffix == ".json"):
                 return self.path_file(folder)
-            trajectory = self.trajectory()
+            geometry = self.scene_geometry()
+            trajectory = self.trajectory(geometry=geometry)
             return write_json(folder / "path.json", poses_json(trajectory.cam_from_world, trajectory.K,
-                                                                self.scene_geometry()["K"]))
+                                                                geometry["K"]))
         if fmt == "npz":
             trajectory = self.trajectory()
             trajectory.name = "path"
@@ -533,9 +536,10 @@ class Session:
         view = self.scene_view()
         if view is None:
             raise InputError(self.scene_error or "the 3D view is not running")
-        trajectory = self.trajectory()
+        geometry = self.scene_geometry()
+        trajectory = self.trajectory(geometry=geometry)
         frame = int(np.clip(int(frame), 0, trajectory.num_frames - 1))
-        view.look_through(trajectory.cam_from_world[frame], trajectory.K[frame], self.scene_geometry()["size"])
+        view.look_through(trajectory.cam_from_world[frame], trajectory.K[frame], geometry["size"])
 
     def set_frame(self, frame: int) -> None:
         view = self.scene_view()
