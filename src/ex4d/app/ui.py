@@ -217,8 +217,9 @@ def build_app(backend: AppBackend) -> gr.Blocks:
 
         # ------------------------------------------------------------------ 5. generate
         with gr.Tab("5. Generate", elem_id="tab_generate"):
-            gr.Markdown("Needs the Wan2.1-I2V-14B and EX-4D weights (docs/models.md) and, in practice, a GPU. "
-                        "One generation runs at a time; others wait in the queue.")
+            gr.Markdown("Fills in what the last preview's mask marks as unseen. Needs the Wan2.1-I2V-14B and EX-4D "
+                        "weights (docs/models.md) and, in practice, a GPU; the models stay loaded between runs. One "
+                        "generation runs at a time; others wait in the queue, which shows their position.")
             with gr.Row():
                 gen_preset = gr.Radio(["full", "fast"], value="full", elem_id="gen_preset",
                                       label="Sampler preset (--preset): full = 25 steps, CFG 5; fast = 4 steps, no CFG")
