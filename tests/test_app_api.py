@@ -35,6 +35,7 @@ def app(tmp_path_factory):
     from ex4d.app.ui import launch
 
     demo = launch(backend, port=free_port("127.0.0.1", 7900), block=False, max_upload_mb=1)
+    assert demo.analytics_enabled is False  # no telemetry, no version check: the app calls nobody
     try:
         yield backend, demo.local_url
     finally:

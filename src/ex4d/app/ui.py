@@ -120,7 +120,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
     os.environ["GRADIO_TEMP_DIR"] = str(backend.workdir / "uploads")  # uploads stay inside the work folder
     # Gradio keeps a copy of every file it serves in its cache (inside the work folder): copies older than
     # a day are removed every hour. The runs themselves stay in the sessions' folders.
-    with gr.Blocks(title="ex4d", delete_cache=(3600, 86400)) as demo:
+    # analytics_enabled=False: no telemetry and no version check; the app works offline and calls nobody.
+    with gr.Blocks(title="ex4d", delete_cache=(3600, 86400), analytics_enabled=False) as demo:
         gr.Markdown("# ex4d: re-film a video along a new camera path\n"
                     "1 Input → 2 Depth → 3 Camera → 4 Preview → 5 Generate → 6 Outputs")
         error_box = gr.Textbox(label="Message", interactive=False, elem_id="error_box", lines=1)
