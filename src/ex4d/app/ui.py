@@ -272,7 +272,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         @_safe(len(input_outputs))
         def on_upload(upload, frames, resize_value, request: gr.Request):
             if upload is None:
-                raise_skip()
+                _nothing_uploaded()
             session = _session(backend, request)
             return after_input(session, session.set_video(upload, num_frames=int(frames or 49), resize=resize_value),
                                request)
@@ -337,7 +337,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
         @_safe(4)
         def on_import(upload, request: gr.Request):
             if upload is None:
-                raise_skip()
+                _nothing_uploaded()
             session = _session(backend, request)
             session.import_pose_file(upload)
             session.update_scene_safely(points=False)
@@ -447,9 +447,9 @@ def build_app(backend: AppBackend) -> gr.Blocks:
     return demo
 
 
-def raise_skip():
-    """An upload box that was cleared: nothing to do."""
-    raise UserError("nothing was uploaded")
+def _nothing_uploaded():
+    """An upload event without a file (a cleared box): one line, nothing else happens."""
+    raise UserError("nothing was uploaded; choose a file")
 
 
 def _rows(value) -> list[list]:
