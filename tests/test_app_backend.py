@@ -311,6 +311,11 @@ def test_abort_stops_at_the_next_step_and_keeps_nothing(session):
     with pytest.raises(Aborted):
         session.preview(progress=report)
     assert set((session.folder / "runs").glob("*")) == runs_before  # the aborted run's folder is gone
+    session.set_preset("zoom_in:travel=0.9")
+    session.path.spec = "zoom_in:travel=5"  # a path that fails only when built for this scene
+    with pytest.raises(InputError):
+        session.preview()
+    assert set((session.folder / "runs").glob("*")) == runs_before  # a failed run leaves no folder either
 
 
 @pytest.fixture()

@@ -35,7 +35,7 @@ import numpy as np
 from ex4d.app.camera_edit import CameraPath, Keyframe, keyframe_from_pose, keyframes_from_rows, poses_json, write_json
 from ex4d.app.outputs import (cli_folder, eval_command, generate_command, recon_command, visibility_warning,
                               write_settings)
-from ex4d.app.progress import Aborted, Report, step_bars
+from ex4d.app.progress import Report, step_bars
 from ex4d.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
@@ -554,15 +554,15 @@ class Session:
 
         geometry = self.scene_geometry()  # the clip and depth opened once for the path and the render
         clip, depth = geometry["clip"], geometry["depth"]
-        folder = new_folder(self.sub("runs"), "preview")
-        path_file = self.path_file(folder, geometry)
-        options = ReconOptions(cam=str(path_file), device=self.app.device)
         self.abort.clear()
         bars = step_bars(progress, self.abort)
+        folder = new_folder(self.sub("runs"), "preview")
         try:
+            path_file = self.path_file(folder, geometry)
+            options = ReconOptions(cam=str(path_file), device=self.app.device)
             files = dict(run_recon(clip, depth, folder, options,
                                    progress=lambda it, **kw: bars(it, **{**kw, "desc": "render"})))
-        except Aborted:
+        except BaseException:  # aborted or failed: no half-made run folder is left
             shutil.rmtree(folder, ignore_errors=True)
             raise
         files["path"] = path_file
@@ -609,9 +609,12 @@ class Session:
         color = preview.files["color"]
         mask = preview.files["mask_lossless"]
         with self.app.gpu_lock:  # one generation at a time, whatever the page's queue does
+            if progress is not None:  # loading 40 GB takes a while: say so before the first step
+                loaded = self.app.generator_cache.get("generate_key") == options.pipeline_key()
+                progress(0, None, "starting" if loaded else "loading the models (the first run only)")
             try:
                 run_generate(color, mask, output, options, cache=self.app.generator_cache, progress=bar)
-            except Aborted:
+            except BaseException:  # aborted or failed: nothing of this run is kept
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
         files = {"final": output, "record": output.with_suffix(".json")}
