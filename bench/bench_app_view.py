@@ -1,9 +1,9 @@
 """Benchmark the app's 3D view: time from opening the page to the first paint of a 512x512 scene.
 
 Scene: frame 0 of the synthetic ``boxes`` example at 512x512 (exact depth), sent to a fresh
-:class:`ex4d.app.scene3d.SceneView` either as its point cloud (262,144 pixels, capped to
-``POINT_CAP``) or as its DW-Mesh (262,144 vertices, 522,242 faces, vertex colours). Not timed: making
-the scene. Timed per run, in a fresh page of one headless chromium (software WebGL, as on a machine
+:class:`ex4d.app.scene3d.SceneView` as the app sends it (``ex4d.app.backend.frame0_points`` /
+``frame0_mesh``): either its point cloud on the app's grid, or its DW-Mesh without the flagged faces,
+with vertex colours. Not timed: making the scene. Timed per run, in a fresh page of one headless chromium (software WebGL, as on a machine
 without a GPU):
 
 * ``set_scene_s``: the server side, ``set_scene`` (subsampling, encoding) in Python;
@@ -39,20 +39,14 @@ CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no
 
 
 def make_scene(size: int = 512):
-    """Frame 0 of the ``boxes`` example: points (N,3), colours (N,3) uint8, mesh (V,3),(F,3),(V,3)."""
-    import numpy as np
-
-    from ex4d.conventions import pixel_rays
-    from ex4d.mesh.dwmesh import build_dw_mesh
+    """Frame 0 of the ``boxes`` example as the app sends it: points (N,3) and colours (N,3) uint8 on the
+    app's grid, and the DW-Mesh without its flagged faces: (V,3), (F,3), (V,3) uint8."""
+    from ex4d.app.backend import frame0_mesh, frame0_points
     from ex4d.synthetic.scenes import make_example
 
     clip, depth = make_example("boxes", num_frames=1, size=(size, size))
-    rgb, z = clip.frames[0], depth.depth[0]
-    points = (pixel_rays(size, size, depth.K) * z[..., None]).reshape(-1, 3).astype(np.float32)
-    colors = np.round(rgb.reshape(-1, 3) * 255).astype(np.uint8)
-    mesh = build_dw_mesh(z, rgb, depth.K)
-    mesh_colors = np.round(mesh.colors[:, :3].numpy() * 255).astype(np.uint8)
-    return points, colors, (mesh.vertices.numpy(), mesh.faces.numpy(), mesh_colors)
+    points, colors = frame0_points(clip, depth.depth[0], depth.K)
+    return points, colors, frame0_mesh(clip, depth.depth[0], depth.K)
 
 
 def covered(png: bytes) -> float:
