@@ -249,7 +249,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             output_files = gr.File(label="Files of the last run", file_count="multiple", interactive=False,
                                    elem_id="output_files")
             cli_command = gr.Code(label="The same result from the command line", language="shell",
-                                  interactive=False, elem_id="cli_command")
+                                  interactive=False, elem_id="cli_command", wrap_lines=True)
 
         poll = gr.Timer(1.0)  # polls for keyframes edited in the 3D view
         shown_version = gr.State(-1)
