@@ -149,6 +149,12 @@ def flow(app, shots):
         assert page.locator("#keyframes [data-testid=cell-1-0]").inner_text().strip() == "2"
         time.sleep(1.0)        # let the 3D view draw the new keyframe before the screenshot
         _shot(page, shots, "camera")
+        # Frame 0 as its DW-Mesh instead of points: the view swaps the scene and keeps the keyframes.
+        page.locator("#scene_kind").get_by_label("DW-Mesh", exact=True).check()
+        wait_for(lambda: type(view._scene_node).__name__ == "GlbHandle", what="the 3D view to show the mesh")
+        assert [f for f, _ in view.keyframes()] == [0, 2, 4, 8]
+        time.sleep(1.0)
+        _shot(page, shots, "camera_mesh")
 
         page.get_by_role("tab", name="4. Preview").click()
         page.click("#preview_button")
