@@ -37,8 +37,6 @@ from ex4d.eval.metrics import align_scale, rotation_error_deg
 
 #: Fewer RANSAC inliers than this and a frame counts as unregistered.
 MIN_INLIERS = 15
-#: Lowe's ratio test threshold.
-RATIO = 0.8
 #: Reprojection tolerance (px) of a new 3-D point in the track's previous frame.
 MID_TOL = 1.0
 #: Minimum angle (deg) between a new 3-D point's rays from its track's first and current frames. Small
@@ -65,17 +63,6 @@ def _features(gray: np.ndarray, detector):
     return points, descriptors
 
 
-def _match(desc_a, desc_b, matcher) -> np.ndarray:
-    """(M, 2) index pairs (a, b) passing the ratio test."""
-    if desc_a is None or desc_b is None or len(desc_a) < 2 or len(desc_b) < 2:
-        return np.zeros((0, 2), int)
-    pairs = []
-    for m in matcher.knnMatch(desc_a, desc_b, k=2):
-        if len(m) == 2 and m[0].distance < RATIO * m[1].distance:
-            pairs.append((m[0].queryIdx, m[0].trainIdx))
-    return np.array(pairs, int).reshape(-1, 2)
-
-
 def _gray(frame: np.ndarray) -> np.ndarray:
     import cv2
 
@@ -98,7 +85,6 @@ def register_frames(frames, K: np.ndarray, depth0: np.ndarray | None = None,
 
     K = np.asarray(K, np.float64)
     detector = cv2.SIFT_create(nfeatures=max_features, contrastThreshold=0.01)
-    matcher = cv2.BFMatcher(cv2.NORM_L2)
     method = "pnp" if depth0 is not None else "essential"
     poses, registered, inliers = [], [], []
     # last: (points (N, 2), descriptors, xyz (N, 3) with nan, cam_from_cam0 (4, 4), track origins: the
