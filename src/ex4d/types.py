@@ -248,8 +248,7 @@ class ConditionWriter:
         writer.write(color, mask)   # float32 (H, W, 3) in [0, 1] (already masked), bool (H, W)
 
     The three videos appear only when the block succeeds; ``paths`` maps roles to them. (The lossless
-    ``.mkv`` is the exact mask; libx264 with its default threads does not always give the same bytes
-    for the same frames, so compare decoded lossless masks, not H.264 bytes.)
+    ``.mkv`` is the exact mask; the ``.mp4`` mask is H.264, lossy, for viewing.)
     """
 
     def __init__(self, out_dir: str | os.PathLike, name: str, fps: float):

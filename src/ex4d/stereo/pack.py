@@ -35,6 +35,7 @@ import numpy as np
 
 from ex4d.errors import InputError
 from ex4d.io.files import atomic_path, check_outputs, require_file
+from ex4d.io.video import H264_THREADS
 
 LAYOUTS = ("sbs", "sbs-half", "tb", "anaglyph")
 CONTAINERS = ("mkv", "mp4")
@@ -126,7 +127,7 @@ class _StereoWriter:
         self.container = av.open(str(tmp), mode="w")
         stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.pix_fmt = "yuv420p"
-        options = {"crf": str(crf), "preset": "medium"}
+        options = {"crf": str(crf), "preset": "medium", "threads": str(H264_THREADS)}  # reproducible bytes
         if layout in X264_FRAME_PACKING:
             options["x264-params"] = f"frame-packing={X264_FRAME_PACKING[layout]}"
             if tmp.suffix.lower() == ".mkv":
