@@ -114,8 +114,9 @@ def count_frames(path: str | os.PathLike) -> int:
 
 #: libx264's thread count, fixed: x264's output depends on its thread count, which by default follows
 #: the CPUs this process may use, so the same frames gave different bytes on different machines (and
-#: under different CPU affinities). A fixed count makes the colour video, the generator's input,
-#: reproducible everywhere; 4 threads keep encoding fast on small and large machines alike.
+#: under different CPU affinities); 4 threads keep encoding fast on small and large machines alike.
+#: (Not yet explained: inside a recon process the same frames still sometimes encode to different
+#: bytes from run to run, also with one thread; encoded alone they do not. Compare decoded frames.)
 H264_THREADS = 4
 
 
