@@ -115,8 +115,10 @@ def count_frames(path: str | os.PathLike) -> int:
 #: libx264's thread count, fixed: x264's output depends on its thread count, which by default follows
 #: the CPUs this process may use, so the same frames gave different bytes on different machines (and
 #: under different CPU affinities); 4 threads keep encoding fast on small and large machines alike.
-#: (Not yet explained: inside a recon process the same frames still sometimes encode to different
-#: bytes from run to run, also with one thread; encoded alone they do not. Compare decoded frames.)
+#: Not fixed: PyAV allocates frame planes without padding (line size == width), and libx264 appears
+#: to read past a plane's end where the chroma width is not a multiple of 64 (seen at 64x48: the
+#: same frames gave different bytes from one process to the next, decoded up to 20 levels apart;
+#: 128x128 was stable). Compare decoded frames, not H.264 bytes, at such sizes.
 H264_THREADS = 4
 
 
