@@ -213,11 +213,13 @@ def test_a_video_generated_at_another_size_is_compared_at_its_size(recon_30, tmp
 
     out = recon_30 / "out"
     frames, fps = read_video(out / "color_30.mp4")
-    small = write_video(tmp_path / "gen_128.mp4", resize_frames(frames, (128, 96)), fps)
+    # 192x144: here the true path's mean RotErr is 0.2-0.3 deg whatever the encoder's threads; at 128x96
+    # encoding noise alone moved it between 1.6 and 4.5 deg.
+    small = write_video(tmp_path / "gen_192.mp4", resize_frames(frames, (192, 144)), fps)
     summary, arrays = evaluate_video(small, out / "camera_30.npz", out / "color_30.mp4", out / "mask_30.mkv")
     cam = summary["camera_following"]
-    assert summary["size"] == [128, 96] and arrays["condition"].shape[1:3] == (128, 96)
-    assert "scaled from the render's 256x256 to the video's 128x96" in cam["note"]
+    assert summary["size"] == [192, 144] and arrays["condition"].shape[1:3] == (192, 144)
+    assert "scaled from the render's 256x256 to the video's 192x144" in cam["note"]
     assert cam["method"] == "pnp"  # the recon's depth.npz, resized too
     assert cam["unregistered_fraction"] <= 0.1 and cam["rot_err_mean_deg"] < 3.0
     assert summary["kept_what_was_seen"]["psnr_mean"] > 25.0  # the same pictures, resampled

@@ -115,11 +115,13 @@ def count_frames(path: str | os.PathLike) -> int:
 #: libx264's thread count, fixed: x264's output depends on its thread count, which by default follows
 #: the CPUs this process may use, so the same frames gave different bytes on different machines (and
 #: under different CPU affinities); 4 threads keep encoding fast on small and large machines alike.
-#: Not fixed: PyAV allocates frame planes without padding (line size == width), and libx264 appears
-#: to read past a plane's end where the chroma width is not a multiple of 64 (seen at 64x48: the
-#: same frames gave different bytes from one process to the next, decoded up to 20 levels apart;
-#: 128x128 was stable). Compare decoded frames, not H.264 bytes, at such sizes.
 H264_THREADS = 4
+#: H.264 frames are coded this many pixels wide (a multiple of it), the extra columns repeating the
+#: last one and cropped away in the stream header (SPS cropping: decoders show the true size). PyAV
+#: allocates frame planes without padding (line size == width), and libx264 reads past a plane's end
+#: where the chroma width is not a multiple of 64: the same 64x48 frames gave different bytes from
+#: one process to the next (decoded up to 20 levels apart), while 128-wide frames were stable.
+H264_WIDTH_MULTIPLE = 128
 
 
 class VideoWriter:
@@ -140,6 +142,7 @@ class VideoWriter:
         self.frames_written = 0
         self._atomic = self._tmp = self._container = self._stream = None
         self._fmt = None
+        self._pad = 0  # extra H.264 columns (H264_WIDTH_MULTIPLE), cropped in the stream header
 
     def __enter__(self) -> "VideoWriter":
         self._atomic = atomic_path(self.path)
@@ -156,13 +159,17 @@ class VideoWriter:
                 raise InputError(f"H.264 needs even sizes, got {height}x{width} for {self.path}")
             stream = self._container.add_stream("libx264", rate=rate)
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(self.crf), "preset": "medium", "threads": str(H264_THREADS)}
+            self._pad = -width % H264_WIDTH_MULTIPLE
+            options = {"crf": str(self.crf), "preset": "medium", "threads": str(H264_THREADS)}
+            if self._pad:
+                options["x264-params"] = f"crop-rect=0,0,{self._pad},0"
+            stream.options = options
             self._fmt = "rgb24"
         else:
             stream = self._container.add_stream("ffv1", rate=rate)
             stream.pix_fmt = "gray" if grey else "bgr0"
             self._fmt = "gray" if grey else "rgb24"
-        stream.width, stream.height = width, height
+        stream.width, stream.height = width + self._pad, height
         self._stream = stream
         self._shape = (height, width, grey)
 
@@ -188,6 +195,8 @@ class VideoWriter:
             image = np.repeat(frame, 3, axis=-1)
         else:
             image = frame
+        if self._pad:
+            image = np.concatenate([image, np.repeat(image[:, -1:], self._pad, axis=1)], axis=1)
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=self._fmt)
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
