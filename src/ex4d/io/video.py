@@ -118,9 +118,10 @@ def count_frames(path: str | os.PathLike) -> int:
 H264_THREADS = 4
 #: H.264 frames are coded this many pixels wide (a multiple of it), the extra columns repeating the
 #: last one and cropped away in the stream header (SPS cropping: decoders show the true size). PyAV
-#: allocates frame planes without padding (line size == width), and libx264 reads past a plane's end
-#: where the chroma width is not a multiple of 64: the same 64x48 frames gave different bytes from
-#: one process to the next (decoded up to 20 levels apart), while 128-wide frames were stable.
+#: allocates frame planes without padding (line size == width), and libx264 most likely reads past a
+#: plane's end where the chroma width is not a multiple of 64: the same 64x48 frames gave different
+#: bytes from one process to the next (decoded up to 20 levels apart), while 128-wide frames, and
+#: 64x48 frames coded 128 wide, were stable.
 H264_WIDTH_MULTIPLE = 128
 
 
