@@ -432,6 +432,21 @@ def is_finished(job: dict, record: dict | None = None) -> bool:
     return all(Path(p).exists() for p in (record.get("outputs") or {}).values())
 
 
+SKIP_FINISHED, SKIP_FAILED = "finished earlier, skipped", "failed earlier, not retried"
+
+
+def skip_reason(job: dict, retry_failed: bool) -> str | None:
+    """Why a batch skips ``job`` (SKIP_FINISHED or SKIP_FAILED), or None to run it. Both engines (this
+    module's and ex4d.batch_ray) decide with this."""
+    record = read_record(job)
+    if is_finished(job, record):
+        return SKIP_FINISHED
+    if (not retry_failed and record and record.get("status") == "failed"
+            and record.get("fingerprint") == job_fingerprint(job)):
+        return SKIP_FAILED
+    return None
+
+
 def write_record(job: dict, record: dict) -> Path:
     path = Path(job["output"]) / RECORD_NAME
     with atomic_path(path) as tmp:
@@ -790,14 +805,10 @@ def run_batch(jobs: list[dict], *, runner: JobRunner | None = None, manifest: st
         try:
             for count, job in enumerate(mine, 1):
                 tag = f"[{count}/{len(mine)}] job {job['index'] + 1} ({job['name']})"
-                record = read_record(job)
-                if is_finished(job, record):
-                    say(f"{tag}: finished earlier, skipped")
-                    result.skipped.append(job["index"])
-                elif (not retry_failed and record and record.get("status") == "failed"
-                      and record.get("fingerprint") == job_fingerprint(job)):
-                    say(f"{tag}: failed earlier, not retried")
-                    result.skipped_failed.append(job["index"])
+                reason = skip_reason(job, retry_failed)
+                if reason is not None:
+                    say(f"{tag}: {reason}")
+                    (result.skipped if reason == SKIP_FINISHED else result.skipped_failed).append(job["index"])
                 else:
                     with write_policy(overwrite=overwrite, inputs=job_inputs(job)):
                         _run_one(job, runner, cache, worker, result, say, tag)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from ex4d.batch import (BatchResult, JobRunner, Worker, _one_line, _run_one, job_fingerprint, job_input_files,
-                        job_inputs, read_record, is_finished, write_manifest, write_record, _now)
+                        SKIP_FINISHED, job_inputs, read_record, skip_reason, write_manifest, write_record, _now)
 from ex4d.errors import InputError, UserError
 from ex4d.io.files import temporary_tag, write_policy
 
@@ -233,14 +233,10 @@ def run_batch_ray(jobs: list[dict], *, address: str | None = None, workers: int 
         queue: deque[dict] = deque()
         for job in jobs:
             tag = f"job {job['index'] + 1} ({job['name']})"
-            record = read_record(job)
-            if is_finished(job, record):
-                say(f"{tag}: finished earlier, skipped")
-                result.skipped.append(job["index"])
-            elif (not retry_failed and record and record.get("status") == "failed"
-                  and record.get("fingerprint") == job_fingerprint(job)):
-                say(f"{tag}: failed earlier, not retried")
-                result.skipped_failed.append(job["index"])
+            reason = skip_reason(job, retry_failed)
+            if reason is not None:
+                say(f"{tag}: {reason}")
+                (result.skipped if reason == SKIP_FINISHED else result.skipped_failed).append(job["index"])
             else:
                 queue.append(job)
         if queue:
