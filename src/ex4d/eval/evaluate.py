@@ -214,12 +214,11 @@ def evaluate_video(video: str | os.PathLike, camera: str | os.PathLike, conditio
 
 def check_learned_folders(dino, clip) -> None:
     """Fail before any work when an opt-in encoder folder is missing (exit 2, with the download command)."""
-    from ex4d.eval.learned import CLIP_REPO, DINO_REPO, _check_folder
+    from ex4d.eval.learned import check_folder
 
-    if dino is not None:
-        _check_folder(dino, "DINO ViT-B/16", DINO_REPO, "--dino")
-    if clip is not None:
-        _check_folder(clip, "CLIP ViT-B/32", CLIP_REPO, "--clip")
+    for kind, folder in (("dino", dino), ("clip", clip)):
+        if folder is not None:
+            check_folder(kind, folder)
 
 
 def _nanmean(values) -> float:

@@ -60,7 +60,14 @@ def consistency_score(features: np.ndarray) -> tuple[float, np.ndarray]:
     return float(per_frame[1:].mean()), per_frame
 
 
-def _check_folder(path: str | os.PathLike, what: str, repo: str, option: str) -> Path:
+#: The two encoders: (name, Hub repository, option, transformers model types accepted).
+ENCODERS = {"dino": ("DINO ViT-B/16", DINO_REPO, "--dino", ("vit", "dinov2")),
+            "clip": ("CLIP ViT-B/32", CLIP_REPO, "--clip", ("clip", "clip_vision_model"))}
+
+
+def check_folder(kind: str, path: str | os.PathLike) -> Path:
+    """The encoder folder ``path`` of ``kind`` ("dino" / "clip"), or exit 2 with its download command."""
+    what, repo, option, _ = ENCODERS[kind]
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise MissingWeightsError(
@@ -101,27 +108,21 @@ class FrameEncoder:
 
         self.kind = kind
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if kind == "dino":
-            from transformers import AutoConfig, AutoModel
+        if kind not in ENCODERS:
+            raise ValueError(f"unknown encoder kind {kind!r}")
+        from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection
 
-            folder = _check_folder(folder, "DINO ViT-B/16", DINO_REPO, "--dino")
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
-            if config.model_type not in ("vit", "dinov2"):
-                raise InputError(f"--dino {folder} holds a {config.model_type!r} model; give a DINO ViT folder "
-                                 f"({download_command(DINO_REPO, folder)})")
+        folder = check_folder(kind, folder)
+        what, repo, option, model_types = ENCODERS[kind]
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        if config.model_type not in model_types:
+            raise InputError(f"{option} {folder} holds a {config.model_type!r} model; give a {what} folder "
+                             f"({download_command(repo, folder)})")
+        if kind == "dino":
             kwargs = {"add_pooling_layer": False} if config.model_type == "vit" else {}
             self.model = AutoModel.from_pretrained(folder, local_files_only=True, **kwargs)
-        elif kind == "clip":
-            from transformers import AutoConfig, CLIPVisionModelWithProjection
-
-            folder = _check_folder(folder, "CLIP ViT-B/32", CLIP_REPO, "--clip")
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
-            if config.model_type not in ("clip", "clip_vision_model"):
-                raise InputError(f"--clip {folder} holds a {config.model_type!r} model; give a CLIP folder "
-                                 f"({download_command(CLIP_REPO, folder)})")
-            self.model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
         else:
-            raise ValueError(f"unknown encoder kind {kind!r}")
+            self.model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
         self.model.eval().to(self.device)
 
     def _prepare(self, frames: np.ndarray):
