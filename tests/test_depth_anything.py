@@ -31,13 +31,6 @@ def models_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-
-
 def test_input_size_rule():
     assert input_size(576, 1024) == (518, 924)
     h, w = input_size(512, 512)

@@ -59,13 +59,6 @@ def estimator(models_dir):
     return DepthCrafter.from_pretrained(models_dir=models_dir, device="cpu", allow_download=False)
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-
-
 def frames(T=5, H=16, W=16, seed=0):
     return np.random.default_rng(seed).random((T, H, W, 3), dtype=np.float32)
 

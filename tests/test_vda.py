@@ -25,7 +25,6 @@ from ex4d.depth.vda import (WindowStitcher, fit_scale_shift, input_size, load_vd
                             run_windows, window_inputs)
 from ex4d.depth.vda_model import CONFIGS, VDAConfig, VideoDepthAnythingNet, interpolate_pos_embed, sinusoid_table
 from ex4d.errors import CheckpointError, InputError, MissingWeightsError
-from ex4d import weights_common
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,16 +69,6 @@ def tiny(monkeypatch):
     for name in CONFIGS:
         monkeypatch.setitem(vda_model.CONFIGS, name, TINY)
     monkeypatch.setattr(vda, "DEFAULT_INPUT_SIZE", SMALL_INPUT)
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    weights_common.forget_probe()
-    yield
-    weights_common.forget_probe()
 
 
 # ---- the full-size mapping against the manifests --------------------------------------------

@@ -23,17 +23,6 @@ SIZE = 64
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    weights_common.forget_probe()
-    yield
-    weights_common.forget_probe()
-
-
-@pytest.fixture
 def hub_down(monkeypatch, tmp_path):
     """No HF_HUB_OFFLINE, an empty cache, and HF_ENDPOINT at a local port where nothing listens."""
     sock = socket.socket()
