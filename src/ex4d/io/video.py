@@ -125,6 +125,25 @@ H264_THREADS = 4
 H264_WIDTH_MULTIPLE = 128
 
 
+def h264_options(width: int, crf: int, x264_params: str = "") -> tuple[dict[str, str], int]:
+    """libx264 options for frames ``width`` wide, and how many columns to add to each frame.
+
+    Every H.264 writer of ex4d uses this, so all get the fixed thread count and the width padding
+    (H264_THREADS, H264_WIDTH_MULTIPLE). x264_params: further ``x264-params`` (``key=value:...``).
+    """
+    pad = -width % H264_WIDTH_MULTIPLE
+    params = ":".join(p for p in (x264_params, f"crop-rect=0,0,{pad},0" if pad else "") if p)
+    options = {"crf": str(crf), "preset": "medium", "threads": str(H264_THREADS)}
+    if params:
+        options["x264-params"] = params
+    return options, pad
+
+
+def pad_columns(image: np.ndarray, pad: int) -> np.ndarray:
+    """(H, W, C) -> (H, W + pad, C), the last column repeated (the columns h264_options crops away)."""
+    return np.concatenate([image, np.repeat(image[:, -1:], pad, axis=1)], axis=1) if pad else image
+
+
 class VideoWriter:
     """Write a video one frame at a time, atomically (the file appears only when the block succeeds).
 
@@ -160,11 +179,7 @@ class VideoWriter:
                 raise InputError(f"H.264 needs even sizes, got {height}x{width} for {self.path}")
             stream = self._container.add_stream("libx264", rate=rate)
             stream.pix_fmt = "yuv420p"
-            self._pad = -width % H264_WIDTH_MULTIPLE
-            options = {"crf": str(self.crf), "preset": "medium", "threads": str(H264_THREADS)}
-            if self._pad:
-                options["x264-params"] = f"crop-rect=0,0,{self._pad},0"
-            stream.options = options
+            stream.options, self._pad = h264_options(width, self.crf)
             self._fmt = "rgb24"
         else:
             stream = self._container.add_stream("ffv1", rate=rate)
@@ -196,8 +211,7 @@ class VideoWriter:
             image = np.repeat(frame, 3, axis=-1)
         else:
             image = frame
-        if self._pad:
-            image = np.concatenate([image, np.repeat(image[:, -1:], self._pad, axis=1)], axis=1)
+        image = pad_columns(image, self._pad)
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=self._fmt)
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)

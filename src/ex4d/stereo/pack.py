@@ -35,7 +35,7 @@ import numpy as np
 
 from ex4d.errors import InputError
 from ex4d.io.files import atomic_path, check_outputs, require_file
-from ex4d.io.video import H264_THREADS
+from ex4d.io.video import h264_options, pad_columns
 
 LAYOUTS = ("sbs", "sbs-half", "tb", "anaglyph")
 CONTAINERS = ("mkv", "mp4")
@@ -127,22 +127,24 @@ class _StereoWriter:
         self.container = av.open(str(tmp), mode="w")
         stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.pix_fmt = "yuv420p"
-        options = {"crf": str(crf), "preset": "medium", "threads": str(H264_THREADS)}  # reproducible bytes
-        if layout in X264_FRAME_PACKING:
-            options["x264-params"] = f"frame-packing={X264_FRAME_PACKING[layout]}"
-            if tmp.suffix.lower() == ".mkv":
-                stream.metadata["stereo_mode"] = MATROSKA_STEREO_MODE[layout]
-        stream.options = options
+        if layout in X264_FRAME_PACKING and tmp.suffix.lower() == ".mkv":
+            stream.metadata["stereo_mode"] = MATROSKA_STEREO_MODE[layout]
+        self.crf = crf
         self.stream = stream
         self.opened = False
+        self.pad = 0
 
     def write(self, frame: np.ndarray) -> None:
         import av
 
-        if not self.opened:
-            self.stream.height, self.stream.width = frame.shape[:2]
+        if not self.opened:  # the options depend on the width (ex4d.io.video.h264_options)
+            packing = X264_FRAME_PACKING.get(self.layout)
+            self.stream.options, self.pad = h264_options(
+                frame.shape[1], self.crf, f"frame-packing={packing}" if packing is not None else "")
+            self.stream.height, self.stream.width = frame.shape[0], frame.shape[1] + self.pad
             self.opened = True
-        for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+        image = np.ascontiguousarray(pad_columns(frame, self.pad))
+        for packet in self.stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
             self.container.mux(packet)
 
     def close(self, flush: bool) -> None:
