@@ -24,6 +24,10 @@ Depth: DepthCrafter with ``ex4d depth --fast-kernels --fp16-encode``'s settings 
 ``--compile --fp16-encode``, whose first call compiles for minutes). lowvram-fp8 keeps DepthCrafter
 resident beside the generation's ``--vram-budget`` (default 11.5 GiB + its 4.1 GiB of weights).
 
+``--depth vda`` takes depth from Video Depth Anything Small instead (random full-size weights, as
+bench/bench_vda.py builds it). ``--cprofile FILE`` profiles one more run (not in the medians) with
+cProfile: where the seconds outside the denoising kernels go.
+
 Warm: the models are resident and compiled (one untimed warm-up run of the whole chain first),
 as in ``ex4d batch`` and the app. Per stage: median seconds over ``--runs`` runs and the peak GPU
 memory of that stage (``max_memory_allocated``, weights included; reset before each stage).
@@ -106,10 +110,19 @@ class Stages:
         self.peaks.clear()
 
 
-def build_depth(tiny: bool, device: str, compile_: bool = False):
-    """A DepthCrafter estimator of the real classes with random weights (fp16 on CUDA), resident.
+def build_depth(tiny: bool, device: str, compile_: bool = False, kind: str = "depthcrafter"):
+    """A depth estimator of the real classes with random weights, resident: (estimator, settings).
 
-    Its settings on CUDA: ``ex4d depth --compile --fp16-encode`` (or ``--fast-kernels --fp16-encode``)."""
+    ``depthcrafter`` (fp16 on CUDA) with the settings of ``ex4d depth --compile --fp16-encode`` (or
+    ``--fast-kernels --fp16-encode``); ``vda``: Video Depth Anything Small (``ex4d depth --depth vda``,
+    fp16 autocast on CUDA), built as bench/bench_vda.py builds it."""
+    if kind == "vda":
+        from bench_vda import build_model
+
+        from ex4d.depth.vda import VideoDepthAnything
+
+        model = build_model(torch.device(device), tiny)
+        return VideoDepthAnything(model, device=device, input_size=42 if tiny else 518), {"estimator": "vda"}
     from bench_depth import build_models
 
     from ex4d.depth.depthcrafter import (
@@ -166,6 +179,11 @@ def main(argv=None) -> int:
     parser.add_argument("--vram-budget", type=float, default=11.5, metavar="GIB",
                         help="lowvram-fp8: the generation's GPU budget (default 11.5: DepthCrafter's 4.1 GiB of "
                              "fp16 weights stay resident beside it, for a 16 GiB total)")
+    parser.add_argument("--depth", default="depthcrafter", choices=["depthcrafter", "vda"],
+                        help="depth estimator (default depthcrafter, as in the paper; vda: Video Depth Anything Small)")
+    parser.add_argument("--cprofile", default=None, metavar="FILE",
+                        help="after the timed runs, one more run under cProfile, its stats saved to FILE "
+                             "(pstats; where the seconds outside the GPU kernels go); not in the medians")
     parser.add_argument("--depth-compile", action="store_true",
                         help="torch.compile DepthCrafter too (ex4d depth --compile; minutes of compilation in "
                              "the warm-up; default: its fast kernels without compile)")
@@ -204,7 +222,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     comps = build_tiny() if args.tiny else build_full(device, dtype)
-    depth_estimator, depth_settings = build_depth(args.tiny, device, compile_=args.depth_compile)
+    depth_estimator, depth_settings = build_depth(args.tiny, device, compile_=args.depth_compile, kind=args.depth)
     build_s = time.perf_counter() - t0
     note(f"built models in {build_s:.1f}s")
 
@@ -242,7 +260,7 @@ def main(argv=None) -> int:
         stages.sync()
         start = time.perf_counter()
         clip = stages.run("read_clip", load_clip, video, num_frames=args.frames)
-        depth = stages.run("depth", estimate_depth, clip, "depthcrafter", out_dir=run_dir, estimator=depth_estimator,
+        depth = stages.run("depth", estimate_depth, clip, args.depth, out_dir=run_dir, estimator=depth_estimator,
                            reuse=False)
         note(f"  depth {stages.times['depth'][-1]:.1f}s")
         recon = stages.run("recon", run_recon, clip, depth, run_dir, ReconOptions(cam=args.cam, device=device))
@@ -266,6 +284,13 @@ def main(argv=None) -> int:
         note(f"run {i + 1}: {totals[-1]:.2f}s")
 
     med = {k: statistics.median(v) for k, v in stages.times.items()}
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.runcall(whole, work / "profiled")
+        profiler.dump_stats(args.cprofile)
+        note(f"cProfile stats of one more run: {args.cprofile}")
     encoders = sum(med.get(k, 0.0) for k in ("text_encoder", "image_encoder"))
     denoise = med["sampler_call"] - encoders - med.get("vae_encode", 0.0) - med.get("vae_decode", 0.0)
     stage_s = {"read_clip": med["read_clip"], "depth": med["depth"], "recon": med["recon"],
@@ -282,7 +307,7 @@ def main(argv=None) -> int:
         steps=options.steps, guidance=options.cfg, fp8=options.fp8, fp8_fast_accum=Float8Linear.FAST_ACCUM,
         fp8_bias_epilogue=Float8Linear.BIAS_IN_GEMM, low_vram=options.low_vram,
         vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
-        depth_settings=depth_settings, runs=args.runs,
+        depth=args.depth, depth_settings=depth_settings, runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
         denoise_step_s=round(denoise / options.steps, 4),
