@@ -223,6 +223,72 @@ def test_generate_with_tiny_models_through_the_queue(app, tmp_path):
     assert report.startswith("**Evaluation**") or report.startswith("Evaluation not available:")
 
 
+def test_fast_preset_without_a_lora_shows_a_warning_and_no_path_is_taken(app):
+    backend, url = app
+    c = client(url)
+    warning = c.predict("fast", [], api_name="/generate_warning")
+    assert warning.startswith("warning: the fast preset (4 steps, no CFG) is meant for a step-distillation LoRA")
+    assert "`ex4d app --lora distill.safetensors`" in warning
+    assert c.predict("full", [], api_name="/generate_warning") == ""
+    c.predict("boxes", FRAMES, api_name="/example")
+    c.predict(api_name="/preview")
+    # a server path sent as a LoRA is refused (by gradio's choices or by the app), and nothing runs
+    try:
+        *_, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False, "fast", ["/etc/hostname"],
+                              api_name="/generate")
+    except Exception as exc:  # gradio refuses a value that is not among the choices
+        error = str(exc)
+    assert "not in the list of choices" in error or "the app offers only those given at launch" in error
+    assert "hostname" not in {p.name for p in backend.workdir.rglob("*")}
+    assert not list(_session_of(backend, c).folder.glob("runs/*generate*"))
+
+
+def test_a_launch_lora_ticked_on_the_page_reaches_the_generation(tmp_path, monkeypatch):
+    from ex4d.app.backend import Session
+    from ex4d.app.ui import launch
+    from ex4d.diffusion.weights.lora import LoraSpec
+    from ex4d.errors import InputError
+
+    lora = tmp_path / "distill.safetensors"
+    lora.write_bytes(b"x")  # the launch checks only that it exists; merging is tested in test_lora_extra.py
+    seen = []
+
+    def generate(self, options, progress=None):
+        seen.append(options)
+        raise InputError("stopped by the test")
+
+    monkeypatch.setattr(Session, "generate", generate)
+    backend = AppBackend(tmp_path / "work", device="cpu", example_size=SIZE, loras=[f"{lora}:0.8"])
+    demo = launch(backend, port=free_port("127.0.0.1", 7950), block=False)
+    try:
+        c = client(demo.local_url)
+        label = "distill.safetensors (strength 0.8)"
+        assert c.predict("fast", [label], api_name="/generate_warning") == ""
+        assert "tick one under Extra LoRAs" in c.predict("fast", [], api_name="/generate_warning")
+        *_, error = c.predict(2, 0, 5.0, "16x16", False, None, False, False, False, "fast", [label],
+                              api_name="/generate")
+        assert error == "error: stopped by the test"
+        # no LoRA ticked; steps and CFG 0, as the browser sends an empty number box: the preset's
+        *_, error = c.predict(0, 0, 0, "16x16", False, None, False, False, False, "fast", api_name="/generate")
+    finally:
+        demo.close()
+        backend.close()
+    assert [options.loras for options in seen] == [(LoraSpec(str(lora.resolve()), 0.8),), ()]
+    assert (seen[0].preset, seen[0].steps, seen[0].cfg) == ("fast", 2, 5.0)
+    assert (seen[1].preset, seen[1].steps, seen[1].cfg) == ("fast", 4, 1.0)
+
+
+def test_a_missing_lora_file_is_one_line_before_anything_starts(capsys, tmp_path):
+    missing = tmp_path / "distill.safetensors"
+    assert main(["app", "--lora", str(missing), "--workdir", str(tmp_path / "work")]) == 1
+    assert not (tmp_path / "work").exists()  # refused before the work folder or the server
+    assert capsys.readouterr().err == f"error: LoRA file (--lora) not found: {missing} (check the path)\n"
+    assert main(["app", "--lora", f"{missing}:50", "--workdir", str(tmp_path / "work")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --lora {missing}: strength must be a number from -10 to 10") and \
+        err.count("\n") == 1
+
+
 def test_app_without_its_extra_is_one_line_exit_1(monkeypatch, capsys):
     import importlib.util
 

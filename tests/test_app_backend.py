@@ -358,6 +358,114 @@ def test_generation_end_to_end_with_tiny_models_keeps_the_models_loaded(session,
     assert session.app.generator_cache["generate_pipe"] is pipe  # the models stayed loaded
 
 
+def tiny_lora_file(path: Path, rank: int = 3) -> Path:
+    """A rank-``rank`` LoRA (original/LightX2V layout) on the tiny DiT's first query projection (24 -> 24)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = pytest.importorskip("tiny_wan").tiny_transformer_config()
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(1)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(rank, dim, generator=generator),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(dim, rank, generator=generator)},
+              str(path))
+    return path
+
+
+def test_a_launch_lora_ticked_on_the_page_is_merged_recorded_and_shown_as_a_command(session, tiny_models,
+                                                                                       tmp_path):
+    from ex4d.app.backend import launch_loras
+    from ex4d.pipeline import GenerateOptions
+
+    lora = tiny_lora_file(tmp_path / "distill.safetensors")
+    session.app.models_dir = str(tiny_models)
+    session.app.loras = launch_loras([f"{lora}:0.5"])
+    assert session.app.lora_labels() == ["distill.safetensors (strength 0.5)"]
+    session.set_preset("30")
+    session.preview()
+    plain = session.generate(GenerateOptions(size="16x16", steps=2))
+    key_without = session.app.generator_cache["generate_key"]
+    ticked = session.app.selected_loras(["distill.safetensors (strength 0.5)"])
+    merged = session.generate(GenerateOptions(size="16x16", steps=2, loras=ticked))
+    # the selection is part of the loaded pipeline's key: ticking the LoRA loaded a pipeline with it merged
+    assert session.app.generator_cache["generate_key"] != key_without
+    assert not np.array_equal(read_video(plain.video)[0], read_video(merged.video)[0])
+    generate = [line for line in merged.commands if line.startswith("ex4d generate ")][0]
+    assert f" --lora {lora}:0.5" in generate
+    assert "--lora" not in [line for line in plain.commands if line.startswith("ex4d generate ")][0]
+    recorded = json.loads(merged.files["settings"].read_text())["options"]["loras"]
+    assert [(item["path"], item["strength"]) for item in recorded] == [(str(lora.resolve()), 0.5)]
+    assert "loras" not in json.loads(plain.files["settings"].read_text())["options"]
+
+
+def test_launch_loras_are_checked_labelled_and_picked_in_launch_order(tmp_path):
+    from ex4d.app.backend import launch_loras
+    from ex4d.diffusion.weights.lora import LoraSpec
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for name in ("a/distill.safetensors", "b/distill.safetensors", "style.safetensors"):
+        (tmp_path / name).write_bytes(b"x")  # only their existence is checked at launch
+    with pytest.raises(InputError, match=r"LoRA file \(--lora\) not found: .*missing.safetensors"):
+        launch_loras([str(tmp_path / "style.safetensors"), str(tmp_path / "missing.safetensors")])
+    with pytest.raises(InputError, match="strength must be a number from -10 to 10"):
+        launch_loras([f"{tmp_path / 'style.safetensors'}:50"])
+    app = AppBackend(tmp_path / "work", device="cpu", loras=[
+        str(tmp_path / "a" / "distill.safetensors"), f"{tmp_path / 'b' / 'distill.safetensors'}:1",
+        f"{tmp_path / 'style.safetensors'}:0.6"])
+    assert app.lora_labels() == ["distill.safetensors (strength 1) #1", "distill.safetensors (strength 1) #2",
+                                 "style.safetensors (strength 0.6)"]
+    assert app.selected_loras([]) == app.selected_loras(None) == ()
+    picked = app.selected_loras(["style.safetensors (strength 0.6)", "distill.safetensors (strength 1) #1"])
+    assert picked == (LoraSpec(str(tmp_path / "a" / "distill.safetensors"), 1.0),
+                      LoraSpec(str(tmp_path / "style.safetensors"), 0.6))  # launch order, not click order
+    for sent in (str(tmp_path / "style.safetensors"), "/etc/hostname", "distill.safetensors"):
+        with pytest.raises(InputError, match="the app offers only those given at launch"):
+            app.selected_loras([sent])  # a path (or any other text) from the page is never taken
+    assert AppBackend(tmp_path / "work2", device="cpu").lora_labels() == []
+
+
+def test_generation_refuses_a_lora_not_given_at_launch(session, tmp_path):
+    from ex4d.pipeline import GenerateOptions
+
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"x")
+    with pytest.raises(InputError, match="was not given when the app was started"):
+        session.generate(GenerateOptions(size="16x16", steps=2, loras=(str(other),)))
+    assert not (session.folder / "runs").exists() or not any((session.folder / "runs").iterdir())
+
+
+def test_shown_generate_command_carries_the_loras_as_the_cli_reads_them(tmp_path):
+    from ex4d.app.outputs import generate_command, lora_arg
+    from ex4d.diffusion.weights.lora import LoraSpec, parse_lora_spec
+    from ex4d.pipeline import GenerateOptions
+
+    options = GenerateOptions(preset="fast", loras=(("/m/distill.safetensors", 1.0), ("/m/my style.safetensors", 0.6),
+                                                    ("/m/odd:2", 1.0)))
+    line = generate_command(Path("c.mp4"), Path("m.mkv"), Path("o.mp4"), options)
+    assert line.endswith(" --preset fast --lora /m/distill.safetensors --lora '/m/my style.safetensors:0.6' "
+                         "--lora /m/odd:2:1")
+    assert " --steps" not in line and " --cfg" not in line  # the fast preset's own 4 steps and no CFG
+    assert " --preset fast --steps 6 " in generate_command(Path("c.mp4"), Path("m.mkv"), Path("o.mp4"),
+                                                          GenerateOptions(preset="fast", steps=6)) + " "
+    for spec in options.loras:  # each --lora value reads back as the same file and strength
+        assert parse_lora_spec(lora_arg(spec)) == spec
+    assert parse_lora_spec(lora_arg(LoraSpec("/m/odd:2", 1.0))) == LoraSpec("/m/odd:2", 1.0)
+
+
+@pytest.mark.parametrize("preset, selected, offered, expected", [
+    ("full", 0, 0, ""), ("fast", 1, 1, ""), ("fast", 0, 0, "start the app with `ex4d app --lora distill.safetensors`"),
+    ("fast", 0, 2, "tick one under Extra LoRAs, or start the app with `ex4d app --lora distill.safetensors`")])
+def test_fast_preset_without_a_lora_is_a_warning(preset, selected, offered, expected):
+    from ex4d.app.outputs import fast_preset_warning
+
+    line = fast_preset_warning(preset, selected, offered)
+    if not expected:
+        assert line == ""
+    else:
+        assert line.startswith("warning: the fast preset (4 steps, no CFG) is meant for a step-distillation LoRA")
+        assert expected in line and "generation still runs" in line and "\n" not in line
+
+
 class RecordingView:
     """Stands in for ex4d.app.scene3d.SceneView (tested on its own): records what the app sends."""
 

@@ -26,8 +26,11 @@ the last action succeeded; ``error: ...`` otherwise, also shown as a toast).
    or a warning with the frame), ``#preview_color`` and ``#preview_mask`` (videos side by side),
    ``#visible_plot``.
 5. Generate (``#tab_generate``): ``#gen_preset`` (full / fast), ``#gen_steps`` and ``#gen_cfg``
-   (blank: the preset's), ``#gen_seed``, ``#gen_size``, ``#gen_low_vram``, ``#gen_vram_budget``,
-   ``#gen_cpu_offload``, ``#gen_fp8``, ``#gen_compile``, ``#generate_button``, ``#abort_button``
+   (0 or blank: the preset's), ``#gen_seed``, ``#gen_size``, ``#gen_low_vram``, ``#gen_vram_budget``,
+   ``#gen_cpu_offload``, ``#gen_fp8``, ``#gen_compile``, ``#gen_loras`` (tick boxes: the extra LoRAs given
+   at launch, ``ex4d app --lora FILE[:STRENGTH]``, by file name and strength; hidden when there are none),
+   ``#gen_lora_hint`` (shown instead: how to start the app with one), ``#gen_lora_warning`` (the fast
+   preset without a LoRA: a warning line, generation still runs), ``#generate_button``, ``#abort_button``
    (stops a running depth estimate, preview or generation at its next step), ``#gen_weights_panel`` (visible only when
    generation weights are missing), ``#final_video``, ``#eval_report``.
 6. Outputs (``#tab_outputs``): ``#output_files`` (every file of the last run), ``#cli_command``.
@@ -43,7 +46,8 @@ Typical flow: example -> preset -> keyframe edit -> preview -> export::
 The same events are API endpoints for ``gradio_client`` (``api_name``): ``/example``,
 ``/upload_video``, ``/clip``, ``/depth``, ``/preset``, ``/keyframes``, ``/to_keyframes``,
 ``/add_keyframe``, ``/delete_keyframe``, ``/look_through``, ``/scene_kind``, ``/set_frame``, ``/import_path``,
-``/export_json``, ``/export_npz``, ``/preview``, ``/generate``, ``/abort``.
+``/export_json``, ``/export_npz``, ``/preview``, ``/generate`` (its last input: the ticked LoRA labels),
+``/generate_warning`` (the fast-preset warning for a preset and ticked labels), ``/abort``.
 
 Modules: :mod:`ex4d.app.backend` (no gradio: sessions, work folder, depth, preview, generation),
 :mod:`ex4d.app.camera_edit` (presets and keyframes as pose files), :mod:`ex4d.app.progress` (progress

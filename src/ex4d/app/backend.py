@@ -15,7 +15,9 @@ components. All files live under the app's work folder::
 
 A session only ever writes into new folders of its own, so it cannot overwrite another session's
 finished run; writes go through :mod:`ex4d.io.files` (atomic, ledger). The app never opens a path
-typed by a user: uploads arrive as files gradio saved, and are copied into ``inputs/``.
+typed by a user: uploads arrive as files gradio saved, and are copied into ``inputs/``. Extra Wan LoRAs
+come only from whoever starts the app (``ex4d app --lora FILE[:STRENGTH]``); the page picks among them
+by label.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from ex4d.app.camera_edit import CameraPath, Keyframe, keyframe_from_pose, keyframes_from_rows, poses_json, write_json
-from ex4d.app.outputs import (cli_folder, eval_command, generate_command, recon_command, visibility_warning,
-                              write_settings)
+from ex4d.app.outputs import (cli_folder, eval_command, generate_command, lora_labels, recon_command,
+                              visibility_warning, write_settings)
 from ex4d.app.progress import Report, step_bars
 from ex4d.errors import InputError, UserError
 
@@ -53,6 +55,19 @@ MAX_FRAMES = 1000
 DEFAULT_KEYFRAMES = 3
 #: Size (H, W) of the built-in examples (ex4d.synthetic; exact depth, no weights).
 EXAMPLE_SIZE = (512, 512)
+
+
+def launch_loras(values) -> tuple:
+    """The app's ``--lora FILE[:STRENGTH]`` values as :class:`~ex4d.diffusion.weights.lora.LoraSpec`s with
+    absolute paths (so the command lines shown on the page work from any folder), in the order given.
+
+    Raises a one-line InputError for a bad strength or a missing file, before anything is started."""
+    from ex4d.diffusion.weights.lora import LoraSpec, check_lora_files, parse_lora_specs
+
+    specs = parse_lora_specs(values)
+    check_lora_files(specs)
+    return tuple(LoraSpec(str(Path(spec.path).expanduser().resolve()), spec.strength) for spec in specs)
+
 
 def _safe_name(text: str, default: str = "file") -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(text)).name).strip("._")
@@ -594,6 +609,10 @@ class Session:
 
         options.models_dir = options.models_dir if options.models_dir is not None else self.app.models_dir
         options.device = self.app.device if options.device == "auto" else options.device
+        stray = [spec for spec in options.loras if spec not in self.app.loras]
+        if stray:  # the app merges only what its owner gave at launch, never a path from the page
+            raise InputError(f"LoRA {stray[0].path} was not given when the app was started; the app uses only "
+                             f"the files of `ex4d app --lora FILE[:STRENGTH]`")
         options.validate()
         # Missing weights first: a person should learn that before making a preview for nothing.
         check_weights(generation=True, models_dir=options.models_dir, adapter=options.adapter)
@@ -690,9 +709,11 @@ class AppBackend:
     """The app's shared state: the work folder, the sessions, the loaded generator and the GPU lock."""
 
     def __init__(self, workdir: str | os.PathLike, *, models_dir: str | None = None, device: str = "auto",
-                 host: str = "127.0.0.1", example_size: tuple[int, int] = EXAMPLE_SIZE):
+                 host: str = "127.0.0.1", example_size: tuple[int, int] = EXAMPLE_SIZE, loras=()):
         from ex4d.io.files import prepare_output_dir
 
+        #: The extra Wan LoRAs given at launch (``ex4d app --lora``): the only ones a generation may use.
+        self.loras = launch_loras(loras)
         self.workdir = prepare_output_dir(Path(workdir).expanduser()).resolve()
         self.models_dir, self.device, self.host = models_dir, device, host
         self.example_size = tuple(example_size)  # (H, W) of the built-in examples
@@ -701,6 +722,23 @@ class AppBackend:
         self.gpu_lock = threading.Lock()
         self._lock = threading.Lock()
         self._example_lock = threading.Lock()
+
+    def lora_labels(self) -> list[str]:
+        """The page's label for each launch LoRA (file name and strength), in launch order."""
+        return lora_labels(self.loras)
+
+    def selected_loras(self, labels) -> tuple:
+        """The launch LoRAs whose labels the page ticked, in launch order (the merge order does not
+        depend on the order of the clicks, so neither does the loaded pipeline). ``labels``: a list of
+        :meth:`lora_labels` entries (None or [] for none); anything else is a one-line InputError."""
+        by_label = dict(zip(self.lora_labels(), self.loras))
+        chosen = set()
+        for label in labels or ():
+            if label not in by_label:
+                offered = ", ".join(by_label) or "none (start the app with --lora FILE)"
+                raise InputError(f"unknown LoRA {label!r}; the app offers only those given at launch: {offered}")
+            chosen.add(label)
+        return tuple(spec for label, spec in by_label.items() if label in chosen)
 
     def example(self, scene: str, *, num_frames: int, size: tuple[int, int], fps: float = 15.0,
                 progress: Report | None = None) -> Path:

@@ -59,19 +59,59 @@ def recon_command(video: Path, depth: Path, path_file: Path, num_frames: int, re
 def generate_command(color: Path, mask: Path, output: Path, options) -> str:
     """The ``ex4d generate`` line with the same settings (only those that differ from its defaults)."""
     parts = [f"ex4d generate --color {_q(color)} --mask {_q(mask)} -o {_q(output)}"]
-    defaults = type(options)()
-    flags = {"preset": "--preset", "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift",
+    # Steps, CFG and shift are compared with the chosen preset's own values (--preset fast alone gives 4 steps).
+    defaults, preset_defaults = type(options)(), type(options)(preset=options.preset)
+    if options.preset != defaults.preset:
+        parts.append(f"--preset {_q(options.preset)}")
+    flags = { "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift",
              "size": "--size", "models_dir": "--models-dir", "adapter": "--adapter", "vram_budget": "--vram-budget",
              "prompt": "--prompt", "negative_prompt": "--negative-prompt", "device": "--device"}
     for key, flag in flags.items():
         value = getattr(options, key, None)
-        if value is not None and value != getattr(defaults, key, None):
+        if value is not None and value != getattr(preset_defaults, key, None):
             parts.append(f"{flag} {_q(value)}")
+    parts += [f"--lora {_q(lora_arg(spec))}" for spec in options.loras]
     switches = {"low_vram": "--low-vram", "cpu_offload": "--cpu-offload", "fp8": "--fp8", "compile": "--compile"}
     parts += [flag for key, flag in switches.items() if getattr(options, key, False)]
     if not options.erode:
         parts.append("--no-erode")
     return " ".join(parts)
+
+
+def lora_arg(spec) -> str:
+    """``FILE[:STRENGTH]`` for a :class:`~ex4d.diffusion.weights.lora.LoraSpec`, as ``--lora`` reads it back:
+    the strength is left out when it is 1, unless the path itself ends in ``:<number>`` (which would be
+    read as a strength)."""
+    from ex4d.diffusion.weights.lora import LoraSpec, parse_lora_spec
+
+    if spec.strength == 1.0 and parse_lora_spec(spec.path) == LoraSpec(spec.path, 1.0):
+        return spec.path
+    return f"{spec.path}:{spec.strength:g}"
+
+
+def lora_labels(specs) -> list[str]:
+    """What the page shows for each launch LoRA: ``<file name> (strength S)``, one label per LoRA (a
+    ``#N`` is added where two would read the same). The page sends these labels back, never a path."""
+    labels = [f"{Path(spec.path).name} (strength {spec.strength:g})" for spec in specs]
+    return [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
+#: How to start the app with a LoRA (the page shows it when none was given at launch).
+LORA_LAUNCH_HINT = "ex4d app --lora distill.safetensors"
+
+
+def fast_preset_warning(preset: str, selected: int, offered: int) -> str:
+    """A one-line warning when the ``fast`` sampler preset would run without any extra LoRA, else "".
+
+    ``selected``: LoRAs ticked for this generation; ``offered``: LoRAs given at launch. Not an error:
+    the generation still runs (the base model at 4 steps), as ``ex4d generate --preset fast`` does."""
+    if str(preset).strip().lower() != "fast" or selected:
+        return ""
+    how = (f"tick one under Extra LoRAs, or start the app with `{LORA_LAUNCH_HINT}`" if offered
+           else f"start the app with `{LORA_LAUNCH_HINT}` (FILE[:STRENGTH], repeatable) and tick it here")
+    return (f"warning: the fast preset (4 steps, no CFG) is meant for a step-distillation LoRA, and none is "
+            f"selected: generation still runs, but as the base model at 4 steps, which is not what the preset "
+            f"is for. To add one, {how}.")
 
 
 def eval_command(video: Path, camera: Path, color: Path, mask: Path, out: Path) -> str:

@@ -16,6 +16,7 @@ import gradio as gr
 
 from ex4d.app.backend import MAX_FRAMES, VIDEO_SUFFIXES, AppBackend, Session
 from ex4d.app.camera_edit import KEYFRAME_COLUMNS, PRESETS, preset_spec
+from ex4d.app.outputs import LORA_LAUNCH_HINT, fast_preset_warning
 from ex4d.errors import MissingWeightsError, UserError
 
 log = logging.getLogger(__name__)
@@ -224,10 +225,11 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             with gr.Row():
                 gen_preset = gr.Radio(["full", "fast"], value="full", elem_id="gen_preset",
                                       label="Sampler preset (--preset): full = 25 steps, CFG 5; fast = 4 steps, no CFG")
-                gen_steps = gr.Number(value=None, precision=0, label="Steps (blank: the preset's)",
+                # The browser shows an empty Number as 0 and sends 0: 0 (never a valid value) means "the preset's".
+                gen_steps = gr.Number(value=None, precision=0, label="Steps (0 or blank: the preset's)",
                                       elem_id="gen_steps")
                 gen_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="gen_seed")
-                gen_cfg = gr.Number(value=None, label="CFG / guidance (blank: the preset's)", elem_id="gen_cfg")
+                gen_cfg = gr.Number(value=None, label="CFG / guidance (0 or blank: the preset's)", elem_id="gen_cfg")
                 gen_size = gr.Textbox(value="512x512", label="Size (HxW)", elem_id="gen_size")
             with gr.Row():
                 gen_low_vram = gr.Checkbox(label="--low-vram", elem_id="gen_low_vram")
@@ -236,6 +238,17 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                 gen_cpu_offload = gr.Checkbox(label="--cpu-offload", elem_id="gen_cpu_offload")
                 gen_fp8 = gr.Checkbox(label="--fp8", elem_id="gen_fp8")
                 gen_compile = gr.Checkbox(label="--compile", elem_id="gen_compile")
+            # Extra LoRAs: only those given at launch (ex4d app --lora), ticked by label; the page never takes a path.
+            launch_labels = backend.lora_labels()
+            gen_loras = gr.CheckboxGroup(launch_labels, value=[], elem_id="gen_loras", visible=bool(launch_labels),
+                                         label="Extra LoRAs (--lora; given when the app was started), merged in the "
+                                               "order listed")
+            gen_lora_hint = gr.Markdown(
+                "" if launch_labels else f"No extra LoRAs. To use one (e.g. a step-distillation LoRA for the fast "
+                                         f"preset), start the app with `ex4d app --lora FILE[:STRENGTH]` (repeatable), "
+                                         f"e.g. `{LORA_LAUNCH_HINT}`.",
+                elem_id="gen_lora_hint", visible=not launch_labels)
+            gen_lora_warning = gr.Markdown("", elem_id="gen_lora_warning")
             with gr.Row():
                 generate_button = gr.Button("Generate", elem_id="generate_button", variant="primary")
                 abort_button = gr.Button("Abort", elem_id="abort_button", variant="stop")
@@ -368,15 +381,18 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                                       f"{result.visible.index(min(result.visible))}).",
                     files, "\n".join(result.commands))
 
+        def on_lora_choice(sampler_preset, selected):
+            return fast_preset_warning(sampler_preset, len(selected or ()), len(launch_labels))
+
         @_safe(6)
         def on_generate(steps, seed, cfg, size, low_vram, vram_budget, cpu_offload, fp8, compile_, sampler_preset,
-                        request: gr.Request, progress=gr.Progress()):
+                        loras, request: gr.Request, progress=gr.Progress()):
             from ex4d.pipeline import GenerateOptions
 
             session = _session(backend, request)
-            options = GenerateOptions(seed=int(seed or 0), steps=None if steps in (None, "") else int(steps),
-                                      cfg=None if cfg in (None, "") else float(cfg), size=str(size).strip(),
-                                      preset=sampler_preset or "full",
+            options = GenerateOptions(seed=int(seed or 0), steps=int(steps) if steps else None,
+                                      cfg=float(cfg) if cfg else None, size=str(size).strip(),
+                                      preset=sampler_preset or "full", loras=backend.selected_loras(loras),
                                       low_vram=bool(low_vram), vram_budget=float(vram_budget) if vram_budget else None,
                                       cpu_offload=bool(cpu_offload), fp8=bool(fp8), compile=bool(compile_))
             try:
@@ -432,9 +448,13 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                                error_box], api_name="preview")
         generate_event = generate_button.click(
             on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget, gen_cpu_offload,
-                          gen_fp8, gen_compile, gen_preset],
+                          gen_fp8, gen_compile, gen_preset, gen_loras],
             [gen_weights_panel, final_video, eval_report, output_files, cli_command, error_box], api_name="generate",
             concurrency_limit=1, concurrency_id="generate")  # one GPU job at a time; the queue shows positions
+        # The fast preset's warning follows the preset and the ticked LoRAs (a page-local read: no queue).
+        for control in (gen_preset, gen_loras):
+            control.change(on_lora_choice, [gen_preset, gen_loras], [gen_lora_warning], queue=False,
+                           show_progress="hidden", api_name="generate_warning" if control is gen_preset else False)
         # Abort sets the session's flag, which stops a running depth, preview or generation at its next frame or
         # sampling step (a thread cannot be killed), and cancels this page's runs still waiting in the queue.
         abort_button.click(on_abort, None, [error_box], api_name="abort", queue=False,

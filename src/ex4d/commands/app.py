@@ -14,6 +14,7 @@ EPILOG = """examples:
   ex4d app                                   # http://127.0.0.1:7860 (or the next free port)
   ex4d app --models-dir models --port 8000   # with downloaded weights (depth estimators, generation)
   ex4d app --host 0.0.0.0                    # reachable from other machines: only on a network you trust
+  ex4d app --models-dir models --lora distill.safetensors   # a LoRA the Generate tab can tick (preset fast)
 """
 
 
@@ -40,6 +41,11 @@ def register(subparsers) -> None:
                         help="largest upload in megabytes (default 500)")
     parser.add_argument("--models-dir", default=None,
                         help="folder with downloaded weights (default: the Hugging Face cache; docs/models.md)")
+    parser.add_argument("--lora", dest="loras", action="append", default=None, metavar="FILE[:STRENGTH]",
+                        help="an extra Wan2.1-I2V-14B LoRA that the Generate tab offers as a tick box (as ex4d "
+                             "generate --lora; e.g. a step-distillation LoRA for the fast preset); repeat for "
+                             "several. The page never takes a path, so this is the only way to add one "
+                             "(default: none)")
     add_device_arg(parser)
     parser.set_defaults(func=main)
 
@@ -87,14 +93,18 @@ def main(args) -> int:
                          f"the next free one from {DEFAULT_PORT}")
     import logging
 
-    from ex4d.app.backend import AppBackend
+    from ex4d.app.backend import AppBackend, launch_loras
+
+    loras = launch_loras(args.loras)  # a bad strength or a missing file stops here, before anything is made
     from ex4d.app.ui import launch
 
     logging.getLogger("ex4d").setLevel(logging.INFO)
-    backend = AppBackend(args.workdir, models_dir=args.models_dir, device=args.device, host=args.host)
+    backend = AppBackend(args.workdir, models_dir=args.models_dir, device=args.device, host=args.host, loras=loras)
     port = args.port if args.port is not None else free_port(args.host)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # where this machine's browser finds it
-    print(f"ex4d app: work folder {backend.workdir}; open http://{shown}:{port} (Ctrl-C stops)", file=sys.stderr)
+    offered = f"; extra LoRAs: {', '.join(backend.lora_labels())}" if backend.loras else ""
+    print(f"ex4d app: work folder {backend.workdir}{offered}; open http://{shown}:{port} (Ctrl-C stops)",
+          file=sys.stderr)
     try:
         launch(backend, host=args.host, port=port, share=args.share, max_upload_mb=args.max_upload_mb, block=True)
     finally:
