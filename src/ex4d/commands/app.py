@@ -25,8 +25,8 @@ def register(subparsers) -> None:
         "app", help="the local web app: example or upload, depth, camera path in 3D, preview, generate",
         description="Start the ex4d web app: pick the built-in example or upload a video, make its depth, "
                     "direct the camera with presets or keyframes in a 3D view, preview the colour and mask "
-                    "renders, generate, and download every file with the equivalent command lines. It reads "
-                    "and writes only inside --workdir. Needs the app extra: " + INSTALL_HINT,
+                    "renders, generate, and download every file with the equivalent command lines. It writes "
+                    "only inside --workdir and reads only there, the weights and the --lora files. Needs the app extra: " + INSTALL_HINT,
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
                         help=f"work folder: uploads, one subfolder per browser session and one per run "
