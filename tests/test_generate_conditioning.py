@@ -77,6 +77,26 @@ def test_erosion_shrinks_a_square_by_half_the_kernel():
     assert out.sum() == 6 * 6 and out[7:13, 7:13].all()
 
 
+def test_erosion_equals_the_direct_k_by_k_minimum_for_every_size():
+    """The grouped, separable erosion gives what a plain k x k minimum with cv2's anchor and border gives."""
+    rng = np.random.default_rng(3)
+    masks = torch.from_numpy(rng.random((12, 23, 31)) > 0.2)
+    sizes = [0, 1, 2, 3, 4, 5, 6, 7, 8, 3, 8, 2]
+    out = erode_masks(masks, sizes)
+    for t, k in enumerate(sizes):
+        frame = masks[t].numpy()
+        if k <= 1:
+            assert np.array_equal(out[t].numpy(), frame)
+            continue
+        before, after = k // 2, k - 1 - k // 2
+        padded = np.pad(frame, ((before, after), (before, after)), constant_values=True)  # outside is visible
+        expected = np.ones_like(frame)
+        for dy in range(k):
+            for dx in range(k):
+                expected &= padded[dy:dy + frame.shape[0], dx:dx + frame.shape[1]]
+        assert np.array_equal(out[t].numpy(), expected), f"frame {t}, k={k}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 
