@@ -233,7 +233,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                 gen_size = gr.Textbox(value="512x512", label="Size (HxW)", elem_id="gen_size")
             with gr.Row():
                 gen_low_vram = gr.Checkbox(label="--low-vram", elem_id="gen_low_vram")
-                gen_vram_budget = gr.Number(value=None, label="--vram-budget GiB (blank: the GPU's)",
+                gen_vram_budget = gr.Number(value=None, label="--vram-budget GiB (0 or blank: the GPU's)",
                                             elem_id="gen_vram_budget")
                 gen_cpu_offload = gr.Checkbox(label="--cpu-offload", elem_id="gen_cpu_offload")
                 gen_fp8 = gr.Checkbox(label="--fp8", elem_id="gen_fp8")
