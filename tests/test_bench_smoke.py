@@ -1,0 +1,69 @@
+"""The GPU benchmarks' own CPU modes: each script runs end to end and prints the JSON its docs describe.
+
+Device time is scarce, so a benchmark script that breaks must fail here, on the CPU, and not after a
+GPU machine has started. These runs check the scripts, not speed: the models are the tiny ones.
+"""
+
+from __future__ import annotations
+
+import json
+import pstats
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, timeout: int = 300) -> dict:
+    """Run ``bench/<script>`` with ``args``; return the JSON object on its last stdout line."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, proc.stderr[-3000:]
+    return json.loads(lines[-1])
+
+
+def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
+    profile = tmp_path / "e2e.prof"
+    result = run_bench("bench_e2e.py", "--tiny", "--preset", "fast-fp8", "--depth", "vda", "--runs", "1",
+                       "--cprofile", str(profile), "--workdir", str(tmp_path / "work"))
+    assert result["bench"] == "e2e" and result["preset"] == "fast-fp8" and result["depth"] == "vda"
+    assert result["steps"] == 4 and result["guidance"] == 1.0 and result["fp8"] is True
+    stages = result["stages_s_median"]
+    assert set(stages) == {"read_clip", "depth", "recon", "text_and_image_encoders", "vae_encode", "denoise",
+                           "vae_decode", "generate_io"}
+    assert all(value >= 0 for value in stages.values()) and result["total_s_median"] > 0
+    assert len(result["total_s_runs"]) == 1
+    # the profiled run is an extra run: its folder exists, and its stats name the pipeline's stages
+    assert (tmp_path / "work" / "profiled" / "ex4d_90.mp4").is_file()
+    functions = {name for (_, _, name) in pstats.Stats(str(profile)).stats}
+    assert {"run_recon", "run_generate", "estimate_depth"} <= functions
+
+
+def test_bench_vda_tiny_reports_every_case():
+    result = run_bench("bench_vda.py", "--tiny", "--repeats", "1")
+    assert result["bench"] == "vda" and result["device"] == "cpu"
+    cases = {(r["case"], r["mode"]) for r in result["results"]}
+    assert cases == {(case, mode) for case in ("49@512x512", "49@576x1024", "1000@512x512")
+                     for mode in ("memory", "stream")}
+    assert not result["skipped"]
+    assert all(r["total_s"] > 0 and r["frames"] > 0 for r in result["results"])
+
+
+def test_bench_app_preview_on_the_cpu():
+    result = run_bench("bench_app_preview.py", "--device", "cpu", "--frames", "9", "--size", "64", "--runs", "1")
+    assert result["bench"] == "app_preview" and result["frames"] == 9 and result["size"] == [64, 64]
+    assert len(result["runs_s"]) == 1 and result["median_s"] > 0
+    assert {"color_path.mp4", "mask_path.mkv", "camera_path.npz", "settings.json"} <= set(result["files"])
+    assert 0.0 < result["min_visible_fraction"] <= 1.0
+
+
+def test_bench_fp8_tiny_emulated():
+    result = run_bench("bench_fp8.py", "--tiny")
+    assert result["bench"] == "bench_fp8" and result["device"] == "cpu" and result["fp8_layers"] > 0
+    deviation = result["fp8_exact_vs_bf16"]
+    # emulated fp8 really rounds (not zero) and stays close to the unquantised model
+    assert 0.0 < deviation["conditional"]["rel_l2"] < 0.1 and 0.0 < deviation["guided"]["rel_l2"] < 0.2
+    assert result["fp8_exact_step_s"] > 0
