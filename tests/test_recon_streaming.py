@@ -179,6 +179,55 @@ def test_video_writer_streams_and_leaves_nothing_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name != ".ex4d-files.json"] == ["a.mkv"]
 
 
+def test_background_video_writer_gives_the_same_bytes_and_owns_its_frames(tmp_path):
+    import threading
+
+    from ex4d.io.video import VideoWriter
+
+    frames = (np.random.default_rng(1).random((9, 48, 64, 3)) * 255).astype(np.uint8)
+    for background in (False, True):
+        buffer = np.empty_like(frames[0])  # one buffer reused for every frame, as a render loop may do
+        with VideoWriter(tmp_path / f"{background}.mp4", 10, background=background, queue_frames=2) as writer:
+            for frame in frames:
+                buffer[...] = frame
+                writer.write(buffer)
+            buffer[...] = 0  # after the last write: must not reach the file
+        with VideoWriter(tmp_path / f"{background}.mkv", 10, codec="ffv1", background=background) as writer:
+            for frame in frames:
+                writer.write(frame[..., 0])
+    assert (tmp_path / "True.mp4").read_bytes() == (tmp_path / "False.mp4").read_bytes()
+    np.testing.assert_array_equal(np.stack(list(iter_video(tmp_path / "True.mkv")))[..., 0], frames[..., 0])
+    assert not [t for t in threading.enumerate() if t.name.startswith("encode ")], "encoder threads left running"
+
+
+def test_background_video_writer_errors_leave_nothing(tmp_path):
+    import threading
+
+    from ex4d.errors import InputError
+    from ex4d.io.video import VideoWriter
+
+    frames = (np.random.default_rng(2).random((3, 16, 16, 3)) * 255).astype(np.uint8)
+    # an error in the caller's block: the queued frames are dropped with the file
+    with pytest.raises(RuntimeError, match="killed"):
+        with VideoWriter(tmp_path / "a.mp4", 10, background=True) as writer:
+            writer.write(frames[0])
+            raise RuntimeError("killed")
+    # an error inside the encoder thread: raised in the caller, no file kept
+    with pytest.raises(ValueError, match="boom"):
+        with VideoWriter(tmp_path / "b.mp4", 10, background=True) as writer:
+            def fail(frame):
+                raise ValueError("boom")
+            writer._encode = fail
+            writer.write(frames[0])
+            writer.write(frames[1])
+    # a bad frame is refused in the caller's thread, at once
+    with pytest.raises(InputError, match="even sizes"):
+        with VideoWriter(tmp_path / "c.mp4", 10, background=True) as writer:
+            writer.write(np.zeros((15, 16, 3), np.uint8))
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".ex4d-files.json"] == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("encode ")], "encoder threads left running"
+
+
 def test_memory_refusal_is_one_line(monkeypatch):
     from ex4d import pipeline
     from ex4d.errors import InputError

@@ -257,9 +257,11 @@ class ConditionWriter:
         out_dir = Path(out_dir)
         self.paths = {"color": out_dir / f"color_{name}.mp4", "mask": out_dir / f"mask_{name}.mp4",
                       "mask_lossless": out_dir / f"mask_{name}.mkv"}
-        self._writers = {"color": VideoWriter(self.paths["color"], fps),
-                         "mask": VideoWriter(self.paths["mask"], fps),
-                         "mask_lossless": VideoWriter(self.paths["mask_lossless"], fps, codec="ffv1")}
+        # Each video encodes on its own thread, so the three encode at once and while the next frame
+        # renders (on a GPU, recon's encoding took as long as its rendering).
+        self._writers = {"color": VideoWriter(self.paths["color"], fps, background=True),
+                         "mask": VideoWriter(self.paths["mask"], fps, background=True),
+                         "mask_lossless": VideoWriter(self.paths["mask_lossless"], fps, codec="ffv1", background=True)}
         self._stack = None
 
     def __enter__(self) -> "ConditionWriter":

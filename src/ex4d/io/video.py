@@ -153,16 +153,26 @@ class VideoWriter:
     ``codec`` is ``"h264"`` (lossy, yuv420p, for viewing and for the generator's colour input) or
     ``"ffv1"`` (lossless; use a ``.mkv`` path). Grey (H, W) frames are written as grey for FFV1 and
     replicated to RGB for H.264. Writing no frame at all is an error (nothing is kept).
+
+    ``background=True`` encodes on a thread of the writer's own: ``write`` checks the frame, copies
+    it into a queue of at most ``queue_frames`` frames and returns, so the caller makes the next frame
+    while this one is encoded (PyAV releases the GIL inside the encoder), and several background
+    writers encode at the same time. The bytes are the same as in the foreground. An encoding error
+    is raised by the next ``write`` or at the end of the block; the file is then not kept.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float, codec: str = "h264", crf: int = 16):
+    def __init__(self, path: str | os.PathLike, fps: float, codec: str = "h264", crf: int = 16,
+                 background: bool = False, queue_frames: int = 4):
         if codec not in ("h264", "ffv1"):
             raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'ffv1'")
         self.path, self.fps, self.codec, self.crf = Path(path), fps, codec, crf
+        self.background, self.queue_frames = background, max(1, int(queue_frames))
         self.frames_written = 0
         self._atomic = self._tmp = self._container = self._stream = None
         self._fmt = None
+        self._shape = None  # (H, W, grey) of the first frame; every frame must match it
         self._pad = 0  # extra H.264 columns (H264_WIDTH_MULTIPLE), cropped in the stream header
+        self._queue = self._thread = self._error = None
 
     def __enter__(self) -> "VideoWriter":
         self._atomic = atomic_path(self.path)
@@ -175,8 +185,6 @@ class VideoWriter:
         rate = Fraction(self.fps).limit_denominator(1001)
         self._container = av.open(str(self._tmp), mode="w")
         if self.codec == "h264":
-            if height % 2 or width % 2:
-                raise InputError(f"H.264 needs even sizes, got {height}x{width} for {self.path}")
             stream = self._container.add_stream("libx264", rate=rate)
             stream.pix_fmt = "yuv420p"
             stream.options, self._pad = h264_options(width, self.crf)
@@ -187,12 +195,9 @@ class VideoWriter:
             self._fmt = "gray" if grey else "rgb24"
         stream.width, stream.height = width + self._pad, height
         self._stream = stream
-        self._shape = (height, width, grey)
 
-    def write(self, frame: np.ndarray) -> None:
-        """Encode one uint8 frame (H, W, 3) RGB or (H, W) / (H, W, 1) grey."""
-        import av
-
+    def _checked(self, frame: np.ndarray) -> np.ndarray:
+        """The frame as uint8 (H, W, C), checked against the first one (in the caller's thread)."""
         frame = np.asarray(frame)
         if frame.dtype != np.uint8:
             raise TypeError(f"VideoWriter expects uint8 frames, got {frame.dtype}")
@@ -200,14 +205,24 @@ class VideoWriter:
             frame = frame[..., None]
         if frame.ndim != 3 or frame.shape[-1] not in (1, 3):
             raise ValueError(f"a frame must be (H,W,3) or (H,W), got {frame.shape}")
-        grey = frame.shape[-1] == 1
-        if self._container is None:
-            self._open(frame.shape[0], frame.shape[1], grey)
-        elif self._shape != (frame.shape[0], frame.shape[1], grey):
+        shape = (frame.shape[0], frame.shape[1], frame.shape[-1] == 1)
+        if self._shape is None:
+            if self.codec == "h264" and (shape[0] % 2 or shape[1] % 2):
+                raise InputError(f"H.264 needs even sizes, got {shape[0]}x{shape[1]} for {self.path}")
+            self._shape = shape
+        elif self._shape != shape:
             raise ValueError(f"frame {self.frames_written} is {frame.shape}, the first was {self._shape}")
+        return frame
+
+    def _encode(self, frame: np.ndarray) -> None:
+        """Encode one checked (H, W, C) uint8 frame and mux its packets."""
+        import av
+
+        if self._container is None:
+            self._open(*self._shape)
         if self._fmt == "gray":
             image = frame[..., 0]
-        elif grey:
+        elif frame.shape[-1] == 1:
             image = np.repeat(frame, 3, axis=-1)
         else:
             image = frame
@@ -215,17 +230,63 @@ class VideoWriter:
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=self._fmt)
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one uint8 frame (H, W, 3) RGB or (H, W) / (H, W, 1) grey."""
+        frame = self._checked(frame)
+        if not self.background:
+            self._encode(frame)
+        else:
+            self._raise_encoder_error()
+            if self._thread is None:
+                self._start_encoder()
+            self._queue.put(np.array(frame, copy=True))  # the caller may reuse its buffer
         self.frames_written += 1
+
+    def _start_encoder(self) -> None:
+        import queue
+        import threading
+
+        self._queue = queue.Queue(maxsize=self.queue_frames)
+        self._thread = threading.Thread(target=self._encode_queued, name=f"encode {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _encode_queued(self) -> None:
+        """The encoder thread: encode queued frames until None; after an error, only drain the queue."""
+        while True:
+            frame = self._queue.get()
+            if frame is None:
+                return
+            if self._error is None:
+                try:
+                    self._encode(frame)
+                except BaseException as error:  # raised again in the caller's thread
+                    self._error = error
+
+    def _raise_encoder_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _stop_encoder(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            if self._container is not None:
-                try:
-                    if exc_type is None:
-                        for packet in self._stream.encode():
-                            self._container.mux(packet)
-                finally:
-                    self._container.close()
+            self._stop_encoder()
+            try:
+                if exc_type is None:
+                    self._raise_encoder_error()
+            finally:
+                if self._container is not None:
+                    try:
+                        if exc_type is None:
+                            for packet in self._stream.encode():
+                                self._container.mux(packet)
+                    finally:
+                        self._container.close()
             if exc_type is None and not self.frames_written:
                 raise ValueError(f"no frames were written to {self.path}")
         except BaseException as error:
