@@ -77,6 +77,21 @@ def test_erosion_shrinks_a_square_by_half_the_kernel():
     assert out.sum() == 6 * 6 and out[7:13, 7:13].all()
 
 
+def test_scale_condition_is_the_reference_formula_bit_for_bit():
+    from ex4d.diffusion.conditioning import scale_condition
+
+    rng = np.random.default_rng(5)
+    color = torch.from_numpy(rng.random((5, 6, 7, 3), dtype=np.float32))
+    mask = torch.from_numpy(rng.random((5, 6, 7)) > 0.4)
+    cond, mask_scaled = scale_condition(color, mask)
+    m = mask.float()[..., None]
+    expected_cond = ((color * m) * 2.0 - 1.0).permute(3, 0, 1, 2).unsqueeze(0)
+    expected_mask = (m.expand(5, 6, 7, 3) * 2.0 - 1.0).permute(3, 0, 1, 2).unsqueeze(0)
+    assert cond.shape == mask_scaled.shape == (1, 3, 5, 6, 7)
+    assert cond.is_contiguous() and mask_scaled.is_contiguous() and cond.dtype == mask_scaled.dtype == torch.float32
+    assert torch.equal(cond, expected_cond) and torch.equal(mask_scaled, expected_mask)
+
+
 def test_erosion_equals_the_direct_k_by_k_minimum_for_every_size():
     """The grouped, separable erosion gives what a plain k x k minimum with cv2's anchor and border gives."""
     rng = np.random.default_rng(3)
