@@ -1,4 +1,4 @@
-"""Peak memory of ``ex4d depth`` with an estimator, as the frame count grows (issue 14, item 14).
+"""Peak memory of ``ex4d depth`` with an estimator, as the frame count grows.
 
 Estimators read the clip frame by frame (Depth Anything) or window by window (DepthCrafter) and spill
 their raw output to a temporary ``.npy`` for the clip-level min-max, so the peak should not grow with

@@ -1,4 +1,4 @@
-"""Peak memory of ``ex4d recon`` with a depth file as input, as the frame count grows (issue 14).
+"""Peak memory of ``ex4d recon`` with a depth file as input, as the frame count grows.
 
 One subprocess per case (a 512x512 synthetic clip, lossless, and a float32 ``.npy`` depth of the same
 length), run to completion; its peak resident memory is the kernel's high-water mark of the child's

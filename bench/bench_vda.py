@@ -12,7 +12,7 @@ times, 1 by default), peak GPU memory (``torch.cuda.max_memory_allocated``) and 
 resident memory so far. Also the network alone on one 1x32x3x518x518 window, fp16 autocast and fp32
 (the README's published setting: 7.5 / 9.1 ms per frame on an A100).
 
-Goal (issue 18): <= 0.8 s for 49 frames at 576x1024 (>= 4x faster than compiled DepthCrafter, 3.8 s;
+Goal: <= 0.8 s for 49 frames at 576x1024 (>= 4x faster than compiled DepthCrafter, 3.8 s;
 >= 12x the reference DepthCrafter, 10.12 s), and flat memory with length.
 
     source bench/gpu_env.sh && python bench/bench_vda.py [--cases 49@512x512,...] [--repeats 3]
