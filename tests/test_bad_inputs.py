@@ -46,7 +46,7 @@ class Case:
 
 
 def _foreign(relpath: str, text: str = "the user's own file\n"):
-    """setup: a file that ex4d did not write, at ``{out}/relpath``."""
+    """Setup: a file that ex4d did not write, at ``{out}/relpath``."""
 
     def setup(in_dir: Path, out_dir: Path) -> None:
         path = out_dir / relpath
@@ -57,7 +57,7 @@ def _foreign(relpath: str, text: str = "the user's own file\n"):
 
 
 def _suggests_4k1(option: str = "--num-frames"):
-    """check: the ``<option> N`` that the message suggests (its last one) is 4k+1, so that the whole
+    """Check: the ``<option> N`` that the message suggests (its last one) is 4k+1, so that the whole
     pipeline (generation included) accepts it."""
 
     def check(line: str) -> None:
@@ -77,10 +77,10 @@ DEPTH = "depth {in}/video.mp4 --depth {in}/depth.npz --num-frames 5 --device cpu
 SYNTH = "synth -o {out} --num-frames 2 --size 32x32"
 
 CASES: list[Case] = [
-    # --- issue 14 item 2: generate -o X.mp4 writes X.json beside it; never over a foreign file.
+    # --- generate -o X.mp4 writes X.json beside it; never over a foreign file.
     Case("generate-record-over-foreign-json", GEN_IO, "did not write", setup=_foreign("gen.json")),
     Case("generate-over-foreign-mp4", GEN_IO, "did not write", setup=_foreign("gen.mp4")),
-    # --- item 3: outputs that are inputs (the mask as given, the substituted .mkv, the colour, the adapter).
+    # --- Outputs that are inputs (the mask as given, the substituted .mkv, the colour, the adapter).
     Case("generate-onto-given-mask", GEN + " --color {in}/color_30.mp4 --mask {in}/mask_30.mp4 -o {in}/mask_30.mp4",
          "input"),
     Case("generate-onto-mask-mp4-beside-the-mkv-used", GEN + " --color {in}/color_30.mp4 -o {in}/mask_30.mp4",
@@ -92,7 +92,7 @@ CASES: list[Case] = [
     Case("run-record-over-foreign-json", RUN, "did not write", setup=_foreign("ex4d_30.json")),
     Case("run-video-over-foreign-mp4", RUN, "did not write", setup=_foreign("ex4d_30.mp4")),
     Case("generate-not-mp4", GEN + " --color {in}/color_30.mp4 -o {out}/gen.mkv", ".mp4"),
-    # --- item 10: numbers, checked before any work.
+    # --- Numbers, checked before any work.
     Case("generate-cfg-nan", GEN_IO + " --cfg nan", "--cfg"),
     Case("generate-cfg-inf", GEN_IO + " --cfg inf", "--cfg"),
     Case("generate-cfg-huge", GEN_IO + " --cfg 1e9", "--cfg"),
@@ -139,7 +139,7 @@ CASES: list[Case] = [
     Case("synth-fps-nan", SYNTH + " --fps nan", "--fps"),
     Case("synth-num-frames-zero", SYNTH + " --num-frames 0", "--num-frames"),
     Case("synth-num-frames-huge", SYNTH + " --num-frames 1000000", "--num-frames"),
-    # --- item 11: user errors, not "internal error".
+    # --- User errors, not "internal error".
     Case("recon-missing-depth-file", RECON.replace("{in}/depth.npz", "{in}/missing.npz"), "not found"),
     Case("run-missing-depth-file", RUN.replace("{in}/depth.npz", "{in}/missing.npz"), "not found"),
     Case("depth-missing-depth-file", DEPTH.replace("{in}/depth.npz", "{in}/missing.npz"), "not found"),
@@ -149,7 +149,7 @@ CASES: list[Case] = [
     Case("recon-pose-count", RECON.replace("--cam 30", "--cam {in}/two_poses.npz"), "--resample"),
     Case("recon-missing-pose-file", RECON.replace("--cam 30", "--cam {in}/missing.json"), "not found"),
     Case("recon-bad-cam-parameter", RECON.replace("--cam 30", "--cam zoom_in:travel=5"), "travel"),
-    # --- item 18: every suggested value is valid for the whole pipeline (4k+1 where generation follows).
+    # --- Every suggested value is valid for the whole pipeline (4k+1 where generation follows).
     Case("run-num-frames-not-4k1", RUN.replace("--num-frames 5", "--num-frames 6"), "4k+1", check=_suggests_4k1()),
     Case("run-num-frames-50", RUN.replace("--num-frames 5", "--num-frames 50"), "4k+1", check=_suggests_4k1()),
     Case("generate-colour-not-4k1", GEN + " --color {in}/color_7.mp4 -o {out}/gen.mp4", "4k+1",

@@ -1,4 +1,4 @@
-"""Batch hardening (issue 14): the manifest never lands on an input or a foreign file, resume sees every
+"""Batch hardening: the manifest never lands on an input or a foreign file, resume sees every
 input file, the manifest lock is removed, jobs files are bounded, jobs are counted from 1, --dry-run checks
 videos and cams, and a batch killed mid-job resumes cleanly."""
 
@@ -48,7 +48,7 @@ def pose_file(path, count=T):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 5: the manifest never overwrites the jobs file, a job's input, or a foreign file
+# The manifest never overwrites the jobs file, a job's input, or a foreign file
 
 
 @pytest.mark.parametrize("target", ["jobs", "video", "pose", "foreign"])
@@ -113,7 +113,7 @@ def test_each_job_runs_in_a_policy_protecting_the_batch_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 7: resume fingerprints every file a job reads
+# Resume fingerprints every file a job reads
 
 
 def _first_run(jobs):
@@ -250,7 +250,7 @@ def test_new_depth_weights_rerun_the_job_and_recompute_depth(tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 8: the manifest lock file is removed, and still excludes
+# The manifest lock file is removed, and still excludes
 
 
 def test_lock_removed_after_runs_and_taken_over_after_a_crash(tmp_path):
@@ -295,7 +295,7 @@ def test_lock_excludes_while_it_is_removed(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 13: jobs files are bounded; lists are refused
+# Jobs files are bounded; lists are refused
 
 
 BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
@@ -341,7 +341,7 @@ def test_list_values_refused(tmp_path, text, expect):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 19: one job numbering, --dry-run checks, separate manifests, plain progress lines
+# One job numbering, --dry-run checks, separate manifests, plain progress lines
 
 
 def test_jobs_counted_from_one_in_lines_summary_and_manifest(tmp_path, capsys, monkeypatch):

@@ -468,7 +468,7 @@ def test_resample_single_pose_is_repeated():
     assert K.shape == (5, 3, 3)
 
 
-# --- hostile pose files: every failure is a one-line InputError naming the file (issue 14 item 11)
+# --- hostile pose files: every failure is a one-line InputError naming the file
 
 _HOSTILE_JSON = {
     "deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),

@@ -100,7 +100,7 @@ def test_mismatched_weights(models_dir, tmp_path, offline):
 
 @pytest.mark.parametrize("damage", ["nan", "int"])
 def test_nan_or_integer_weights_are_checkpoint_errors_naming_the_tensor(models_dir, tmp_path, offline, damage):
-    """Issue 14 item 9 (transformers would load them silently)."""
+    """Refused before loading (transformers would load them silently)."""
     import shutil
 
     from safetensors.torch import load_file, save_file

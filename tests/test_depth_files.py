@@ -191,7 +191,7 @@ def test_settings_json_roundtrip(tmp_path):
     (np.full((2, 4, 4), 5e-4, np.float32), "no depth within the renderer's range"),
 ])
 def test_depth_that_can_only_render_an_empty_frame_is_refused(tmp_path, values, match):
-    """Issue 14 item 10: z-depth must lie in DEPTH_RANGE = [1e-4, 1e4] (the reference's own clip range,
+    """Z-depth must lie in DEPTH_RANGE = [1e-4, 1e4] (the reference's own clip range,
     ten times the renderer's near/far planes) and each frame needs some depth within [1e-3, 1e3]."""
     np.save(tmp_path / "z.npy", values)
     with pytest.raises(InputError, match=match) as info:

@@ -1,4 +1,4 @@
-"""Estimators work window by window (issue 14, item 14): lazy clips in, depth frames out, same numbers.
+"""Estimators work window by window: lazy clips in, depth frames out, same numbers.
 
 Tiny random models on the CPU. The oracle for DepthCrafter is the whole-clip pipeline
 (``DepthCrafterPipeline.__call__``, which the sampler tests pin to the reference), and for Depth

@@ -382,7 +382,7 @@ def test_wrong_keys_are_listed(models_dir, tmp_path, offline):
 @pytest.mark.parametrize("file", ["tencent/DepthCrafter/diffusion_pytorch_model.safetensors",
                                   "stabilityai/stable-video-diffusion-img2vid-xt/vae/diffusion_pytorch_model.fp16.safetensors"])
 def test_integer_nan_inf_tensors_and_empty_files_are_checkpoint_errors(models_dir, tmp_path, offline, damage, file):
-    """Issue 14 item 9: a damaged value is named, never loaded (a NaN weight would give a black depth)."""
+    """A damaged value is named, never loaded (a NaN weight would give a black depth)."""
     import shutil
 
     from safetensors.torch import load_file, save_file

@@ -574,8 +574,8 @@ def test_trained_peft_state_saves_and_reloads(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Issue 14 item 9: bad values, empty files, empty messages; item 11: adapter_config.json;
-# item 22: the text length
+# Bad values, empty files, empty messages; adapter_config.json;
+# The text length
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key,bad", [

@@ -1,6 +1,6 @@
-"""Recon's outputs (issue 14): refused before any work when they would overwrite inputs or foreign
-files (item 4), written as one set so that interruptions never leave a record claiming a mixed set
-(item 6), the depth range (item 10) and the pixel convention (item 21) on the command line."""
+"""Recon's outputs: refused before any work when they would overwrite inputs or foreign
+files, written as one set so that interruptions never leave a record claiming a mixed set,
+and the depth range and the pixel convention on the command line."""
 
 import json
 import os
@@ -53,7 +53,7 @@ def _leftovers(out: Path) -> list[str]:
     return [p.name for p in out.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 
 
-# ---- item 4: planned outputs checked before any work ------------------------------------------
+# ---- planned outputs checked before any work ---------------------------------------------------
 def test_foreign_depth_npz_is_refused_before_any_work(tmp_path, capsys):
     video, depth = _scene(tmp_path)
     out = tmp_path / "out"
@@ -110,7 +110,7 @@ def test_recon_plan_names_every_output(tmp_path):
                      "DW-Mesh_0000.ply", "DW-Mesh_0001.ply", "DW-Mesh_0002.ply", "recon_30.json"]
 
 
-# ---- item 6: the output set is atomic ---------------------------------------------------------
+# ---- the output set is atomic -----------------------------------------------------------------
 def test_record_holds_hashes_and_a_changed_file_is_rendered_again(tmp_path, capsys):
     video, depth = _scene(tmp_path)
     out = tmp_path / "out"
@@ -202,7 +202,7 @@ def test_interrupted_rerun_then_rerun(tmp_path, sig, capsys):
         assert (out / name).read_bytes() == (clean / name).read_bytes()
 
 
-# ---- item 10 / 21 on the command line -----------------------------------------------------------
+# ---- the depth range and the pixel convention on the command line -------------------------------
 @pytest.mark.parametrize("value", [1e30, 1e-30, 5000.0])
 def test_depth_that_renders_nothing_is_refused(tmp_path, capsys, value):
     video, _ = _scene(tmp_path)

@@ -1,4 +1,4 @@
-"""Recon streams frames (issue 14, item 14): same outputs as the in-memory code, nothing held per frame.
+"""Recon streams frames: same outputs as the in-memory code, nothing held per frame.
 
 The digests below were computed with the in-memory implementation (commit 37c8959, before streaming)
 on the scene of ``_scene`` (lossless input video): decoded lossless masks, camera files and PLY

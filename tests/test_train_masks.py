@@ -83,7 +83,7 @@ def test_settings_validate():
 
 
 def _ground_truth_supplied(scene, k, cam_from_world, K, size, K_src):
-    """bool (H, W): is each source pixel's surface point seen by the novel camera (exact ray cast)?"""
+    """Bool (H, W): is each source pixel's surface point seen by the novel camera (exact ray cast)?"""
     from ex4d.synthetic.scenes import get_scene, render_view
 
     view = render_view(scene, k, np.eye(4), K_src, size)
@@ -283,7 +283,7 @@ def _make_pairs_cli(tmp_path, videos, depths, *extra):
 
 
 def test_make_pairs_reports_failed_clips_and_retries_them_unless_skip_failed(tmp_path, tiny_clip, capsys):
-    """Issue 14 item 12: failed clips are reported (a line each and a summary) with exit 1; a rerun
+    """Failed clips are reported (a line each and a summary) with exit 1; a rerun
     retries them (exit 1 again while they still fail), --skip-failed leaves them (exit 0), and a clip
     whose input changed is retried even with --skip-failed (batch's semantics)."""
     from ex4d.io.video import to_uint8, write_video
@@ -416,7 +416,7 @@ def test_make_pairs_size_resizes_clips(tmp_path, tiny_clip):
 
 
 def test_train_on_a_folder_where_every_clip_failed_says_so(tmp_path, tiny_clip, capsys):
-    """Issue 14 item 19: not "not a pair dataset" when make-pairs ran and every clip failed."""
+    """Not "not a pair dataset" when make-pairs ran and every clip failed."""
     from ex4d.cli import main
     from ex4d.train.dataset import PairDataset
 

@@ -1,4 +1,4 @@
-"""Issue 14 for the trainer: nothing in a run folder is unpickled, its files are replaced whole (a kill
+"""The trainer's files: nothing in a run folder is unpickled, its files are replaced whole (a kill
 never leaves a half line), and a resume that cannot continue is a one-line user error."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _load_args(system):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 1: no unpickling
+# No unpickling
 
 
 def test_rng_state_round_trips_exactly_without_pickle(tmp_path):
@@ -147,7 +147,7 @@ def test_corrupt_checkpoint_files_are_checkpoint_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 11: a resume that cannot continue is a user error
+# A resume that cannot continue is a user error
 
 
 def test_resume_with_other_shapes_is_a_user_error(tmp_path):
@@ -198,7 +198,7 @@ def test_a_diverging_run_is_a_user_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 8: config.json and log.csv are written whole
+# Config.json and log.csv are written whole
 
 
 def _steps(path: Path) -> list[int]:

@@ -1,4 +1,4 @@
-"""Video Depth Anything (issue 18): full-size key mapping, strict loading of tiny models saved in the
+"""Video Depth Anything: full-size key mapping, strict loading of tiny models saved in the
 official layout (a flat ``.pth`` state dict), preprocessing sizes, windows and stitching, the CLI
 end to end, metric flags, licence notices and missing-weights errors.
 
@@ -510,7 +510,7 @@ def test_every_estimator_name_is_accepted_by_batch_checks():
 # ---- the network's structure ----------------------------------------------------------------
 
 def test_with_zero_proj_out_the_temporal_modules_are_identity_and_frames_independent():
-    """proj_out is zero-initialised in training: the temporal modules then add nothing (their residual is
+    """Proj_out is zero-initialised in training: the temporal modules then add nothing (their residual is
     the input before the GroupNorm) and every other part works per frame, so a 4-frame call equals four
     1-frame calls."""
     torch.manual_seed(0)

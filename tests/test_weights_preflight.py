@@ -1,4 +1,4 @@
-"""Issue 14, items 15-17: one preflight message for every missing weight file, before any work; a
+"""One preflight message for every missing weight file, before any work; a
 Hub that cannot be reached is detected at once (no retry storm); ``--models-dir`` help and hints."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _full_models_dir(root: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------
-# Item 15: one message, every missing file, its command and size
+# One message, every missing file, its command and size
 # ------------------------------------------------------------------------------------------
 
 def test_models_dir_missing_everything_gives_one_message_naming_all(tmp_path, offline):
@@ -232,7 +232,7 @@ def test_downloadable_weights_pass_when_the_hub_answers(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# Item 16: an unreachable Hub is one fast line, never the retry loop
+# An unreachable Hub is one fast line, never the retry loop
 # ------------------------------------------------------------------------------------------
 
 def test_unreachable_hub_is_one_line_without_retries(tmp_path, hub_down, caplog, capfd):
@@ -286,7 +286,7 @@ def test_probe_tells_reachable_from_unreachable(hub_down):
 
 
 # ------------------------------------------------------------------------------------------
-# Item 17: --models-dir is the folder above the repositories
+# --models-dir is the folder above the repositories
 # ------------------------------------------------------------------------------------------
 
 def test_depth_help_does_not_suggest_the_repository_folder(capsys):
