@@ -243,7 +243,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
             gen_loras = gr.CheckboxGroup(launch_labels, value=[], elem_id="gen_loras", visible=bool(launch_labels),
                                          label="Extra LoRAs (--lora; given when the app was started), merged in the "
                                                "order listed")
-            gen_lora_hint = gr.Markdown(
+            gr.Markdown(  # how to add LoRAs, shown only when none was given at launch
                 "" if launch_labels else f"No extra LoRAs. To use one (e.g. a step-distillation LoRA for the fast "
                                          f"preset), start the app with `ex4d app --lora FILE[:STRENGTH]` (repeatable), "
                                          f"e.g. `{LORA_LAUNCH_HINT}`.",
