@@ -22,6 +22,7 @@ object (the last line) with every result; anchors: reference 10.12 s / 18.6 GiB 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import subprocess
@@ -211,7 +212,8 @@ def main() -> None:
     parser.add_argument("--depth-anything", action="store_true")
     parser.add_argument("--plain-once", action="store_true",
                         help="time the plain variant once (it is there for the output comparison)")
-    parser.add_argument("--commit", default="", help="commit id to record (default: git HEAD)")
+    parser.add_argument("--commit", default=os.environ.get("EX4D_COMMIT") or os.environ.get("EX4D_GIT_COMMIT", ""),
+                        help="commit id to record (default: $EX4D_COMMIT, else git HEAD)")
     parser.add_argument("--tiny", action="store_true", help="toy models on the CPU: a smoke test of this script")
     parser.add_argument("--budget-s", type=float, default=420, help="skip remaining work after this long")
     args = parser.parse_args()

@@ -45,8 +45,9 @@ ANCHOR_MS = 16.6  # reference, H100, 512x512, per frame (lower end of 16.6-18.5 
 
 
 def _git_commit() -> str:
-    if os.environ.get("EX4D_GIT_COMMIT"):  # the device machine gets a copy of the tree without .git
-        return os.environ["EX4D_GIT_COMMIT"]
+    for name in ("EX4D_COMMIT", "EX4D_GIT_COMMIT"):  # the device machine's copy of the tree may lack .git
+        if os.environ.get(name):
+            return os.environ[name]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                                        text=True, stderr=subprocess.DEVNULL).strip()

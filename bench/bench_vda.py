@@ -24,6 +24,7 @@ Prints one JSON object (the last line).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import resource
 import statistics
@@ -151,7 +152,8 @@ def main() -> None:
     parser.add_argument("--cases", default="49@512x512,49@576x1024,1000@512x512")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-repeats", type=int, default=1, help="repeats of cases over 200 frames (default 1)")
-    parser.add_argument("--commit", default="", help="commit id to record (default: git HEAD)")
+    parser.add_argument("--commit", default=os.environ.get("EX4D_COMMIT") or os.environ.get("EX4D_GIT_COMMIT", ""),
+                        help="commit id to record (default: $EX4D_COMMIT, else git HEAD)")
     parser.add_argument("--tiny", action="store_true", help="toy model on the CPU: a smoke test of this script")
     parser.add_argument("--budget-s", type=float, default=480, help="skip remaining cases after this long")
     args = parser.parse_args()

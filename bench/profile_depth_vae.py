@@ -13,6 +13,7 @@ Prints ONE JSON object: commit, device, per-variant decode median and the groupe
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
                         help="eager|compiled + _cl (channels-last 2-D convs), _nchw (plain layout), _cl3d (also "
                              "the 3-D convs), _tmm (temporal convs as matmuls), _fgn (fused GroupNorm+SiLU op)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--commit", default="", help="commit id to record (default: git HEAD)")
+    parser.add_argument("--commit", default=os.environ.get("EX4D_COMMIT") or os.environ.get("EX4D_GIT_COMMIT", ""),
+                        help="commit id to record (default: $EX4D_COMMIT, else git HEAD)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_depth_vae.py needs a CUDA GPU")
