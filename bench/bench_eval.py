@@ -39,9 +39,12 @@ def main() -> None:
             summary, arrays = evaluate_video(*args)
             write_report(tmp / f"report{run}", summary, arrays)
             times.append(time.perf_counter() - start)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import cv2
     import os
+
+    import cv2
+
+    commit = os.environ.get("EX4D_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                             capture_output=True, text=True).stdout.strip()
 
     cam = summary["camera_following"]
     print(json.dumps({

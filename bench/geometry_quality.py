@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import resource
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +28,8 @@ from pathlib import Path
 
 
 def git_commit() -> str:
+    if os.environ.get("EX4D_COMMIT"):  # the device machine's copy of the tree may lack .git
+        return os.environ["EX4D_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)

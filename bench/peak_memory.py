@@ -7,6 +7,7 @@ time into a child's ``ru_maxrss``, so a bench that has just written large inputs
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -55,7 +56,9 @@ def make_clip(folder: Path, frames: int, size: int) -> Path:
 
 
 def git_commit() -> str:
-    """Short hash of the checked-out commit, or ``unknown``."""
+    """Short hash of the checked-out commit ($EX4D_COMMIT if set), or ``unknown``."""
+    if os.environ.get("EX4D_COMMIT"):  # the device machine's copy of the tree may lack .git
+        return os.environ["EX4D_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
