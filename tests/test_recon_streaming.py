@@ -228,6 +228,23 @@ def test_background_video_writer_errors_leave_nothing(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("encode ")], "encoder threads left running"
 
 
+def test_ctrl_c_while_the_encoder_thread_starts_is_still_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C between creating the encoder thread and starting it: the interrupt goes through (exit
+    130 in the CLI), not "cannot join thread before it is started" (exit 3), and nothing is kept."""
+    import threading
+
+    from ex4d.io.video import VideoWriter
+
+    def interrupted_start(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(tmp_path / "a.mp4", 10, background=True) as writer:
+            writer.write(np.zeros((16, 16, 3), np.uint8))
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".ex4d-files.json"] == []
+
+
 def test_memory_refusal_is_one_line(monkeypatch):
     from ex4d import pipeline
     from ex4d.errors import InputError

@@ -268,10 +268,12 @@ class VideoWriter:
             raise self._error
 
     def _stop_encoder(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(None)  # the end mark is queued even for a thread still starting: it ends on it
+        if thread.ident is not None:  # an interrupt (Ctrl-C) can land between creating and starting it
+            thread.join()
 
     def __exit__(self, exc_type, exc, tb):
         try:
