@@ -251,3 +251,16 @@ def test_sigterm_unwinds_like_ctrl_c_and_keeps_nothing_partial(tmp_path):
     _, err = child.communicate(timeout=60)
     assert child.returncode == 143 and "interrupted; partial outputs were not kept" in err
     assert not (tmp_path / "video.mp4").exists() and _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line_and_130(monkeypatch, capsys):
+    """Ctrl-C in the first second or two (the commands import torch) is an interrupt, not a traceback."""
+    from ex4d import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["synth", "-o", "anywhere"]) == 130
+    err = capsys.readouterr().err
+    assert err == "error: interrupted before anything was written\n"

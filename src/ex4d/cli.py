@@ -79,8 +79,12 @@ def _terminate_like_ctrl_c() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # building the parser imports every command (torch among them): a second or two of Ctrl-C window
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted before anything was written", file=sys.stderr)
+        return 130
     if args.command is None:  # bare ``ex4d``: the overview, not an error
         parser.print_help()
         return 0
