@@ -63,7 +63,7 @@ def generate_command(color: Path, mask: Path, output: Path, options) -> str:
     defaults, preset_defaults = type(options)(), type(options)(preset=options.preset)
     if options.preset != defaults.preset:
         parts.append(f"--preset {_q(options.preset)}")
-    flags = { "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift",
+    flags = {"seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift",
              "size": "--size", "models_dir": "--models-dir", "adapter": "--adapter", "vram_budget": "--vram-budget",
              "prompt": "--prompt", "negative_prompt": "--negative-prompt", "device": "--device"}
     for key, flag in flags.items():

@@ -93,13 +93,13 @@ def main(args) -> int:
                          f"the next free one from {DEFAULT_PORT}")
     import logging
 
-    from ex4d.app.backend import AppBackend, launch_loras
-
-    loras = launch_loras(args.loras)  # a bad strength or a missing file stops here, before anything is made
+    from ex4d.app.backend import AppBackend
     from ex4d.app.ui import launch
 
     logging.getLogger("ex4d").setLevel(logging.INFO)
-    backend = AppBackend(args.workdir, models_dir=args.models_dir, device=args.device, host=args.host, loras=loras)
+    # A bad --lora is refused here, before the backend makes its work folder (AppBackend checks them first).
+    backend = AppBackend(args.workdir, models_dir=args.models_dir, device=args.device, host=args.host,
+                         loras=args.loras)
     port = args.port if args.port is not None else free_port(args.host)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # where this machine's browser finds it
     offered = f"; extra LoRAs: {', '.join(backend.lora_labels())}" if backend.loras else ""
