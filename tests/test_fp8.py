@@ -40,6 +40,9 @@ from ex4d.errors import InputError  # noqa: E402
 # float8_e4m3fn has 3 mantissa bits: a round-to-nearest relative error of at most 2^-4 per element
 # in the normal range (|v| >= 2^-6 after scaling to 448).
 E4M3_REL = 2.0 ** -4
+#: Each CPU test runs the emulated maths, and the real fp8 kernels where this torch has them on the CPU.
+EMULATED_AND_NATIVE = [True, pytest.param(False, marks=pytest.mark.skipif(not native_scaled_mm("cpu"),
+                                                                         reason="no CPU fp8 _scaled_mm"))]
 
 
 def test_quantize_rowwise_scales_and_round_trip():
@@ -88,8 +91,7 @@ def test_cpu_scaled_mm_matches_the_emulation():
     assert torch.allclose(native.float(), emulated.float(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("emulate", [True, pytest.param(False, marks=pytest.mark.skipif(
-    not native_scaled_mm("cpu"), reason="no CPU fp8 _scaled_mm"))])
+@pytest.mark.parametrize("emulate", EMULATED_AND_NATIVE)
 def test_float8_linear_matches_linear(emulate):
     g = torch.Generator().manual_seed(3)
     linear = nn.Linear(64, 32)
@@ -112,8 +114,7 @@ def test_float8_linear_matches_linear(emulate):
     assert set(sd) == {"weight", "weight_scale", "bias"} and sd["weight"].dtype == FP8_DTYPE
 
 
-@pytest.mark.parametrize("emulate", [True, pytest.param(False, marks=pytest.mark.skipif(
-    not native_scaled_mm("cpu"), reason="no CPU fp8 _scaled_mm"))])
+@pytest.mark.parametrize("emulate", EMULATED_AND_NATIVE)
 def test_bias_placement_and_fast_accum_flags_compute_the_same_layer(emulate):
     """The bias in the GEMM epilogue or after it, fast accumulation on or off: the same y up to bf16 rounding."""
     g = torch.Generator().manual_seed(4)
@@ -184,8 +185,7 @@ def _velocity(transformer, seed=0):
                            return_dict=False)[0]
 
 
-@pytest.mark.parametrize("emulate", [True, pytest.param(False, marks=pytest.mark.skipif(
-    not native_scaled_mm("cpu"), reason="no CPU fp8 _scaled_mm"))])
+@pytest.mark.parametrize("emulate", EMULATED_AND_NATIVE)
 def test_tiny_transformer_velocity_deviation(emulate):
     """The velocity of the whole (16-multiple) tiny DiT in fp8 against fp32 (printed for the report)."""
     transformer = _tiny_wide_transformer()
@@ -198,8 +198,7 @@ def test_tiny_transformer_velocity_deviation(emulate):
     assert 1e-4 < dev["rel_l2"] < 0.05, dev  # fp8 rounding shows, and stays at the per-GEMM level
 
 
-@pytest.mark.parametrize("emulate", [True, pytest.param(False, marks=pytest.mark.skipif(
-    not native_scaled_mm("cpu"), reason="no CPU fp8 _scaled_mm"))])
+@pytest.mark.parametrize("emulate", EMULATED_AND_NATIVE)
 def test_converted_blocks_compile_as_one_full_graph(emulate):
     """torch.compile(fullgraph=True) traces the fp8 blocks without a graph break, as apply_performance does."""
     from torch._dynamo.utils import counters
