@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_generate import build_full, build_tiny, git_commit, note  # noqa: E402
+from bench_generate import build_full, build_tiny, emit, git_commit, note  # noqa: E402
 
 REFERENCE_CLIP_S = 65.9 + 2.7 + 6.5
 REFERENCE_CLIPS_PER_HOUR = 3600.0 / REFERENCE_CLIP_S
@@ -169,13 +169,9 @@ def main(argv=None) -> int:
     if cuda:
         out["reference_clips_per_hour"] = round(REFERENCE_CLIPS_PER_HOUR, 1)
         out["ratio_vs_reference"] = round(clips_per_hour / REFERENCE_CLIPS_PER_HOUR, 3)
-    line = json.dumps(out)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write(line + "\n")
+    emit(out, args.out)
     return 0
 
 

@@ -149,6 +149,16 @@ def note(message: str) -> None:
     print(f"[{_RANK_TAG}{time.perf_counter() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def emit(result: dict, out: str | os.PathLike | None = None) -> None:
+    """The result as one JSON line on stdout, and appended to ``out`` (a JSON-lines file) when given."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as handle:
+            handle.write(line + "\n")
+
+
 def git_commit() -> str:
     if os.environ.get("EX4D_COMMIT"):  # the GPU machine gets a copy of the tree without .git
         return os.environ["EX4D_COMMIT"]
@@ -190,11 +200,7 @@ def main(argv=None) -> int:
                         help="only compare two --save-output files (max/mean abs diff, PSNR) and exit")
     args = parser.parse_args(argv)
     if args.compare:
-        line = json.dumps(compare_outputs(*args.compare))
-        print(line)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(line + "\n")
+        emit(compare_outputs(*args.compare), args.out)
         return 0
     if args.save_output and not args.save_output.endswith(".npy"):
         parser.error(f"--save-output {args.save_output} must end in .npy")
@@ -371,11 +377,7 @@ def _bench(args, ctx) -> int:
     if args.save_output and main_rank:
         result["saved_output"] = _save_output(args.save_output, out[0], final_latents[0] if final_latents else None)
     if main_rank:
-        line = json.dumps(result)
-        print(line)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(line + "\n")
+        emit(result, args.out)
     if world > 1:
         import torch.distributed as dist
 

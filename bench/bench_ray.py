@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_batch import CAMS, make_inputs  # noqa: E402
-from bench_generate import git_commit, note  # noqa: E402
+from bench_generate import emit, git_commit, note  # noqa: E402
 
 
 def write_jobs(work: Path, name: str, video: Path, depth: Path, args, device: str) -> Path:
@@ -149,13 +149,9 @@ def main(argv=None) -> int:
         "ratio_ray_vs_native_steady": round(engines["ray"]["clips_per_hour_steady"]
                                             / engines["native"]["clips_per_hour_steady"], 3),
     }
-    line = json.dumps(out)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write(line + "\n")
+    emit(out, args.out)
     return 0
 
 
