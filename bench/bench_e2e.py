@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.cprofile and Path(args.cprofile).exists():  # now, not after minutes of GPU time
+        parser.error(f"--cprofile {args.cprofile} exists; give a new file (the profile never replaces one)")
 
     from diffusers.utils import logging as dlogging
 
@@ -287,9 +289,12 @@ def main(argv=None) -> int:
     if args.cprofile:
         import cProfile
 
+        from ex4d.io.files import atomic_path
+
         profiler = cProfile.Profile()
         profiler.runcall(whole, work / "profiled")
-        profiler.dump_stats(args.cprofile)
+        with atomic_path(args.cprofile) as tmp:  # whole or nothing
+            profiler.dump_stats(str(tmp))
         note(f"cProfile stats of one more run: {args.cprofile}")
     encoders = sum(med.get(k, 0.0) for k in ("text_encoder", "image_encoder"))
     denoise = med["sampler_call"] - encoders - med.get("vae_encode", 0.0) - med.get("vae_decode", 0.0)

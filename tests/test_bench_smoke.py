@@ -67,3 +67,12 @@ def test_bench_fp8_tiny_emulated():
     # emulated fp8 really rounds (not zero) and stays close to the unquantised model
     assert 0.0 < deviation["conditional"]["rel_l2"] < 0.1 and 0.0 < deviation["guided"]["rel_l2"] < 0.2
     assert result["fp8_exact_step_s"] > 0
+
+
+def test_bench_e2e_never_replaces_an_existing_profile_file(tmp_path):
+    existing = tmp_path / "mine.prof"
+    existing.write_text("not ex4d's")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_e2e.py"), "--tiny", "--cprofile", str(existing)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "exists; give a new file" in proc.stderr
+    assert existing.read_text() == "not ex4d's"
