@@ -111,7 +111,6 @@ def count_frames(path: str | os.PathLike) -> int:
     return probe_video(path)[0]
 
 
-
 #: libx264's thread count, fixed: x264's output depends on its thread count, which by default follows
 #: the CPUs this process may use, so the same frames gave different bytes on different machines (and
 #: under different CPU affinities); 4 threads keep encoding fast on small and large machines alike.
