@@ -5,9 +5,11 @@ the two cross-attentions (512 text keys, 257 image keys), with 40 heads of 128. 
 [1, S, H, D] tensors handed to SDPA as strided [1, H, S, D] views, the way diffusers passes them.
 
 Kernels: torch SDPA as it picks (cuDNN on Hopper), forced cuDNN, forced torch flash (FA2-class),
-and FA4 (the ``flash-attn-4`` package) both directly and through torch's flash-attention registry
-(``activate_flash_attention_impl("FA4")``, what ``--attention fa4`` uses). A kernel that is not
-installed is reported as such. Each kernel's output is compared with the cuDNN one.
+FA4 (the ``flash-attn-4`` package) both directly and through torch's flash-attention registry
+(``activate_flash_attention_impl("FA4")``, what ``--attention fa4`` uses), and ex4d's fp8 attention
+(``--attention fp8``: cuDNN's fp8 flash attention through ``nvidia-cudnn-frontend``, timed with its
+quantisation of q, k and v, eager). A kernel that is not installed is reported as such. Each
+kernel's output is compared with the cuDNN bf16 one: max |difference| and relative L2.
 
 Prints ONE JSON object: commit, device, per shape and kernel the median ms of a call and TFLOP/s.
 
@@ -27,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "src"))
 
 from bench_generate import git_commit, note  # noqa: E402
 
@@ -80,6 +83,25 @@ def kernels() -> dict:
         out["fa4_direct"] = fa4_direct
     except Exception as exc:  # report, not fail: the point is to list what exists here
         out["fa4_direct"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+    try:
+        from ex4d.diffusion.attention_fp8 import check_fp8_attention_device, fp8_attention
+
+        from ex4d.diffusion.attention_fp8 import centre_keys, quantize_tensorwise, sdpa_fp8_cudnn
+
+        check_fp8_attention_device("cuda")
+        out["cudnn_fp8"] = fp8_attention
+        quantized = {}
+
+        def kernel_only(q, k, v):  # the cuDNN call alone, on inputs quantised once
+            key = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+            if key not in quantized:
+                quantized[key] = (quantize_tensorwise(q), quantize_tensorwise(centre_keys(k)), quantize_tensorwise(v))
+            (q8, dq), (k8, dk), (v8, dv) = quantized[key]
+            return sdpa_fp8_cudnn(q8, k8, v8, dq, dk, dv)
+
+        out["cudnn_fp8_kernel_only"] = kernel_only
+    except Exception as exc:
+        out["cudnn_fp8"] = f"unavailable: {type(exc).__name__}: {exc}"[:400]
     return out
 
 
@@ -94,10 +116,13 @@ def measure(fn, q, k, v, reference: torch.Tensor) -> dict | str:
     tflop = 4 * TOKENS * k.shape[1] * HEADS * HEAD_DIM / 1e12
     try:
         ms = time_ms(lambda: fn(q, k, v))
-        diff = (fn(q, k, v).float() - reference).abs().max().item()
+        out = fn(q, k, v).float()
+        diff = (out - reference).abs().max().item()
+        rel_l2 = ((out - reference).norm() / reference.norm()).item()
     except Exception as exc:
-        return f"failed: {type(exc).__name__}: {exc}"[:300]
-    return {"ms": round(ms, 3), "tflops": round(tflop / (ms / 1000.0), 1), "max_abs_vs_cudnn": diff}
+        return f"failed: {type(exc).__name__}: {exc}"[:400]
+    return {"ms": round(ms, 3), "tflops": round(tflop / (ms / 1000.0), 1), "max_abs_vs_cudnn": diff,
+            "rel_l2_vs_cudnn": rel_l2}
 
 
 def main() -> int:

@@ -152,7 +152,7 @@ def generate_options(preset: str, args, device: str):
     fields = {f.name for f in dataclasses.fields(GenerateOptions)}
     kwargs = dict(device=device, compile=device == "cuda" and not args.no_compile, fp8=spec["fp8"],
                   low_vram=spec["low_vram"], vram_budget=args.vram_budget if spec["low_vram"] else None,
-                  size=f"{args.size}x{args.size}")
+                  size=f"{args.size}x{args.size}", attention=args.attention)
     if "preset" in fields:
         kwargs["preset"] = spec["preset"]
     else:
@@ -195,6 +195,12 @@ def main(argv=None) -> int:
     parser.add_argument("--full-gpu-total-s", type=float, default=None, metavar="S",
                         help="lowvram-fp8: the full-fp8 preset's total_s_median from the same machine; adds the "
                              "ratio and checks the <= 1.2x goal (default: not compared)")
+    parser.add_argument("--attention", default=None, metavar="NAME",
+                        help="the DiT's attention kernel, as ex4d generate --attention (default: native; fp8: "
+                             "cuDNN's fp8 self-attention)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark on (cuDNN times its convolution algorithms once per "
+                             "shape: the VAE's and DepthCrafter's); default off, as in ex4d")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -233,8 +239,9 @@ def main(argv=None) -> int:
                               batch_cfg=options.batch_cfg, low_vram=options.low_vram, cpu_offload=options.cpu_offload,
                               fp8=options.fp8, vram_budget_gib=options.vram_budget, dtype=dtype,
                               low_vram_tokens=num_video_tokens(args.frames, args.size, args.size))
-    if args.tiny and options.fp8:
+    if args.tiny and (options.fp8 or options.attention == "fp8"):
         perf.fp8_emulate = True  # the CPU has no fp8 tensor cores; the maths is emulated
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     t0 = time.perf_counter()
     pipe = build_pipeline(comps, None, perf, device)
     del comps
@@ -312,7 +319,8 @@ def main(argv=None) -> int:
         steps=options.steps, guidance=options.cfg, fp8=options.fp8, fp8_fast_accum=Float8Linear.FAST_ACCUM,
         fp8_bias_epilogue=Float8Linear.BIAS_IN_GEMM, low_vram=options.low_vram,
         vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
-        depth=args.depth, depth_settings=depth_settings, runs=args.runs,
+        depth=args.depth, depth_settings=depth_settings, attention=options.attention or "native",
+        cudnn_benchmark=args.cudnn_benchmark, runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
         denoise_step_s=round(denoise / options.steps, 4),

@@ -9,7 +9,9 @@ then at 512x512x49 (13312 video tokens, 512 text and 257 image tokens):
 3. ``convert_to_fp8`` in place (the bf16 weights are freed as their fp8 copies appear);
 4. fp8 eager: one forward -> deviation from (1): relative L2 and max abs;
 5. fp8 compiled (fullgraph), for each ``--variants`` entry (fast accumulation and/or the bias in
-   the GEMM epilogue): deviation again (this also compiles), then the CFG step timed.
+   the GEMM epilogue; a ``+fp8-attention`` suffix also puts the self-attention on cuDNN's fp8
+   attention, ex4d.diffusion.attention_fp8): deviation again (this also compiles), then the CFG
+   step timed.
 
 Each timing: warm-up, then the median of ``--repeats`` CFG steps (2 forwards each, synchronised
 host clock). Peak memory is ``max_memory_allocated`` over the timed fp8 steps (DiT alone; the whole
@@ -19,6 +21,7 @@ Prints ONE JSON object.
 
   python bench/bench_fp8.py --baseline --variants exact,fast,exact-bias-epilogue,fast-bias-epilogue --profile
                                                # on an H100 (~4 min incl. the compiles)
+  python bench/bench_fp8.py --variants exact,exact+fp8-attention,fast+fp8-attention
   python bench/bench_fp8.py --tiny             # CPU check of the script (tiny model, emulated fp8)
 """
 
@@ -188,14 +191,24 @@ def main(argv=None) -> int:
     if compile_:
         transformer.compile_repeated_blocks(fullgraph=True)
     variants = [v.strip() for v in args.variants.split(",")]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v.split("+")[0] not in VARIANTS or v.partition("+")[2] not in ("", "fp8-attention")]
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally +fp8-attention")
 
     def set_variant(name):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        from ex4d.diffusion.attention_fp8 import use_fp8_self_attention
+
+        linear, _, attention = name.partition("+")
         for m in transformer.modules():
             if isinstance(m, Float8Linear):
-                m.fast_accum, m.bias_in_gemm = VARIANTS[name]
+                m.fast_accum, m.bias_in_gemm = VARIANTS[linear]
+        if attention:
+            use_fp8_self_attention(transformer, emulate=not cuda)
+        else:
+            for block in transformer.blocks:
+                block.attn1.set_processor(WanAttnProcessor())
 
     for i, name in enumerate(variants):
         tag = f"fp8_{name}"

@@ -59,6 +59,7 @@ ATTENTION_BACKENDS = {
     "sage": "sage",                # needs sageattention
     "xformers": "xformers",
     "flex": "flex",
+    "fp8": "fp8",                  # ex4d's own: cuDNN fp8 flash attention in the self-attention (attention_fp8.py)
 }
 
 
@@ -76,7 +77,8 @@ class PerformanceOptions:
     fp8: fp8 compute for the DiT blocks' linear layers (row-wise scaled float8_e4m3fn GEMMs,
         :mod:`ex4d.diffusion.fp8`); attention, norms, embeddings and the head stay in ``dtype``.
         Needs a CUDA GPU of compute capability >= 8.9.
-    fp8_emulate: run the fp8 maths without fp8 kernels, allowed on the CPU only (tests, tiny models).
+    fp8_emulate: run the fp8 maths without fp8 kernels, allowed on the CPU only (tests, tiny models);
+        with ``attention="fp8"`` the fp8 attention is emulated too.
     dtype: compute dtype of the DiT, T5 and CLIP.
     vram_budget_gib: low-VRAM mode's GPU budget (None: the device's memory less 1.5 GiB); it
         decides how many DiT blocks stay resident instead of streaming.
@@ -108,6 +110,10 @@ class PerformanceOptions:
             check_fp8_available()  # before 40 GB of weights load, not after
         if self.low_vram and self.cpu_offload:
             raise InputError("choose one of --low-vram (block streaming) and --cpu-offload, not both")
+        if self.attention == "fp8" and not self.fp8_emulate and not torch.cuda.is_available():
+            from ex4d.diffusion.attention_fp8 import check_fp8_attention_device
+
+            check_fp8_attention_device("cpu")  # the one-line refusal, before any weights load
         if self.attention is not None and self.attention not in ATTENTION_BACKENDS \
                 and self.attention not in ATTENTION_BACKENDS.values():
             raise InputError(f"unknown attention backend {self.attention!r}; "
@@ -156,6 +162,11 @@ def activate_fa4() -> None:
 def set_attention_backend(transformer: nn.Module, name: str) -> str:
     """Select the attention kernel (process-global in diffusers; see the module notes)."""
     backend = ATTENTION_BACKENDS.get(name, name)
+    if name == "fp8":
+        from ex4d.diffusion.attention_fp8 import use_fp8_self_attention
+
+        use_fp8_self_attention(transformer)
+        return backend
     try:
         if name == "fa4":
             activate_fa4()
@@ -408,7 +419,13 @@ def apply_performance(pipe, options: PerformanceOptions, device: torch.device | 
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    if options.attention is not None:
+    if options.attention == "fp8":
+        from ex4d.diffusion.attention_fp8 import check_fp8_attention_device, use_fp8_self_attention
+
+        if not options.fp8_emulate:
+            check_fp8_attention_device(device)
+        use_fp8_self_attention(transformer, emulate=options.fp8_emulate)
+    elif options.attention is not None:
         set_attention_backend(transformer, options.attention)
     if options.compile:
         if options.low_vram:

@@ -1,0 +1,280 @@
+"""fp8 self-attention for the DiT: cuDNN's float8 flash attention (``--attention fp8``).
+
+Why: with the linear layers in fp8 (:mod:`ex4d.diffusion.fp8`), the bf16 attention over the
+13,312 video tokens is about 0.52 s of a 1.25 s CFG step on an H100. cuDNN has a flash-attention
+kernel whose two products (QK^T and PV) run on the fp8 tensor cores; it is reached through NVIDIA's
+``nvidia-cudnn-frontend`` package (``pip install "ex4d[fp8-attention]"``).
+
+What changes: only the 40 blocks' self-attention (``attn1``). Its projections, RMS norms and RoPE
+are computed as in diffusers' ``WanAttnProcessor`` (the processor here is checked against it
+bit for bit with an exact kernel in the tests); then, per call, with q, k, v: (B, S, H, D) bf16:
+
+* k is centred over the tokens (``k - mean_s k``). Every query's scores then shift by one
+  constant, which the softmax removes exactly, and the keys' range shrinks before quantisation;
+* q, k and v are each scaled as a whole so that their largest magnitude maps onto 448 (float8
+  e4m3's largest value) and rounded to float8 e4m3 (cuDNN's fp8 attention takes one scale per tensor);
+* cuDNN computes the scores in fp32, the softmax in fp32, rounds the probabilities (<= 1, scaled
+  by 448) to fp8 for the product with v, accumulates in fp32 and writes bf16 (on GPUs where cuDNN
+  only writes fp8, the output is scaled onto 448 by v's bound, written in fp8 and scaled back).
+
+The cross-attentions (512 text and 257 image keys) stay bf16: they are under 6 % of the attention
+arithmetic. Works with ``torch.compile`` (the kernel is a custom op the compiler treats as
+opaque; the quantisation around it is fused), fp8 or bf16 linears, merged LoRAs and the
+low-VRAM streaming. Not with several GPUs (the sequence-parallel attention is diffusers' own).
+
+On the CPU (tests) :func:`fp8_attention` can emulate the maths: same quantisation of q, k, v and
+of the probabilities, in fp32 otherwise; close to cuDNN's (which quantises the probabilities
+tile by tile, before the softmax's normalisation) but not bit-identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+from torch import nn
+
+from ex4d.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+#: An all-zero tensor gets this amax, so the scale stays finite and the tensor quantises to 0.
+_AMAX_FLOOR = 1e-12
+#: Scale of the softmax probabilities before their fp8 rounding (they lie in [0, 1]).
+PROBABILITY_SCALE = FP8_MAX
+INSTALL_HINT = 'pip install "ex4d[fp8-attention]" (NVIDIA\'s nvidia-cudnn-frontend)'
+
+
+def quantize_tensorwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any tensor -> (float8 e4m3 tensor of the same shape, fp32 descale of shape (1,)); t ~= q * descale."""
+    t32 = t.float()
+    descale = t32.abs().amax().clamp(min=_AMAX_FLOOR) / FP8_MAX
+    q = (t32 / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, descale.reshape(1)
+
+
+def centre_keys(k: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) -> k minus its mean over the S tokens (per batch, head and channel), in fp32.
+
+    softmax(q (k - m)^T) = softmax(q k^T - q m^T), and q m^T is the same for every key of a query:
+    the attention is unchanged, the keys' range (what the fp8 scale must cover) is smaller.
+    """
+    k32 = k.float()
+    return k32 - k32.mean(dim=1, keepdim=True)
+
+
+def emulated_sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                      descale_k: torch.Tensor, descale_v: torch.Tensor) -> torch.Tensor:
+    """fp8 attention's maths in fp32 (CPU tests): (B, S, H, D) float8 q/k/v and (1,) descales -> (B, S, H, D) bf16."""
+    q = q8.float() * descale_q
+    k = k8.float() * descale_k
+    v = v8.float() * descale_v
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    probabilities = scores.softmax(dim=-1)
+    probabilities = (probabilities * PROBABILITY_SCALE).to(FP8_DTYPE).float() / PROBABILITY_SCALE
+    return torch.einsum("bhqk,bkhd->bqhd", probabilities, v).to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# cuDNN
+
+
+def _cudnn():
+    try:
+        import cudnn
+    except ImportError as exc:
+        raise InputError(f"--attention fp8 needs NVIDIA's cuDNN frontend ({exc}): {INSTALL_HINT}, "
+                         "or use --attention native") from None
+    return cudnn
+
+
+@functools.lru_cache(maxsize=None)
+def _handle(device_index: int):
+    with torch.cuda.device(device_index):
+        return _cudnn().create_handle()
+
+
+class _Uid:
+    Q, K, V, O = 1, 2, 3, 4
+    DESCALE_Q, DESCALE_K, DESCALE_V, DESCALE_S, SCALE_S, SCALE_O = 5, 6, 7, 8, 9, 10
+    AMAX_S, AMAX_O = 11, 12
+
+
+class _Plan:
+    """One built cuDNN fp8 attention graph for one shape; ``fp8_out``: cuDNN writes O in fp8 (scaled)."""
+
+    def __init__(self, graph, fp8_out: bool, workspace_bytes: int):
+        self.graph, self.fp8_out, self.workspace_bytes = graph, fp8_out, workspace_bytes
+
+
+def _build(cudnn, handle, shape: tuple[int, int, int, int, int], fp8_out: bool) -> _Plan:
+    """Build the graph for q (B, Sq, H, D) and k/v (B, Skv, H, D), all in (B, S, H, D) memory order."""
+    b, s_q, s_kv, h, d = shape
+    graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+
+    def bshd(uid, s, data_type):  # logical (B, H, S, D) dims over (B, S, H, D) memory
+        return graph.tensor(uid=uid, dim=(b, h, s, d), stride=(s * h * d, d, h * d, 1), data_type=data_type)
+
+    def scalar(uid):
+        return graph.tensor(uid=uid, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=cudnn.data_type.FLOAT)
+
+    q = bshd(_Uid.Q, s_q, cudnn.data_type.FP8_E4M3)
+    k = bshd(_Uid.K, s_kv, cudnn.data_type.FP8_E4M3)
+    v = bshd(_Uid.V, s_kv, cudnn.data_type.FP8_E4M3)
+    o, _stats, amax_s, amax_o = graph.sdpa_fp8(
+        q=q, k=k, v=v, descale_q=scalar(_Uid.DESCALE_Q), descale_k=scalar(_Uid.DESCALE_K),
+        descale_v=scalar(_Uid.DESCALE_V), descale_s=scalar(_Uid.DESCALE_S), scale_s=scalar(_Uid.SCALE_S),
+        scale_o=scalar(_Uid.SCALE_O), generate_stats=False, attn_scale=1.0 / math.sqrt(d), use_causal_mask=False)
+    o.set_uid(_Uid.O).set_output(True).set_dim((b, h, s_q, d)).set_stride((s_q * h * d, d, h * d, 1)) \
+        .set_data_type(cudnn.data_type.FP8_E4M3 if fp8_out else cudnn.data_type.BFLOAT16)
+    for tensor, uid in ((amax_s, _Uid.AMAX_S), (amax_o, _Uid.AMAX_O)):
+        tensor.set_uid(uid).set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)) \
+            .set_data_type(cudnn.data_type.FLOAT)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return _Plan(graph, fp8_out, graph.get_workspace_size())
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def cudnn_plan(device_index: int, shape: tuple[int, int, int, int, int]) -> _Plan:
+    """The built graph for (B, Sq, Skv, H, D) on a GPU: bf16 output where cuDNN has it, else fp8 output."""
+    key = (device_index, shape)
+    plan = _PLANS.get(key)
+    if plan is None:
+        cudnn = _cudnn()
+        handle = _handle(device_index)
+        errors = []
+        with torch.cuda.device(device_index):
+            for fp8_out in (False, True):
+                try:
+                    plan = _build(cudnn, handle, shape, fp8_out)
+                    break
+                except Exception as exc:  # cudnnGraphNotSupportedError or a build failure: try the next form
+                    errors.append(f"{'fp8' if fp8_out else 'bf16'} output: {type(exc).__name__}: {exc}")
+        if plan is None:
+            name = torch.cuda.get_device_name(device_index)
+            raise InputError(f"cuDNN {cudnn.backend_version_string()} has no fp8 attention kernel for {shape} on "
+                             f"{name} ({'; '.join(errors)[:400]}): use --attention native")
+        logger.info("cuDNN fp8 attention for (B, Sq, Skv, H, D) = %s: %s output", shape,
+                    "fp8" if plan.fp8_out else "bf16")
+        _PLANS[key] = plan
+    return plan
+
+
+@torch.library.custom_op("ex4d::sdpa_fp8_cudnn", mutates_args=())
+def sdpa_fp8_cudnn(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                   descale_k: torch.Tensor, descale_v: torch.Tensor) -> torch.Tensor:
+    """cuDNN fp8 attention: (B, S, H, D) float8 e4m3 q/k/v and (1,) fp32 descales -> (B, Sq, H, D) bf16."""
+    b, s_q, h, d = q8.shape
+    s_kv = k8.shape[1]
+    q8, k8, v8 = q8.contiguous(), k8.contiguous(), v8.contiguous()
+    device_index = q8.device.index if q8.device.index is not None else torch.cuda.current_device()
+    plan = cudnn_plan(device_index, (b, s_q, s_kv, h, d))
+    cudnn = _cudnn()
+    handle = _handle(device_index)
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
+    one = torch.ones(1, dtype=torch.float32, device=q8.device)
+    scale_s = torch.full((1,), PROBABILITY_SCALE, dtype=torch.float32, device=q8.device)
+    # fp8 output: |O| <= max |v| (O is a convex combination of v's rows), so 1 / descale_v maps it into range.
+    scale_o = 1.0 / descale_v.float() if plan.fp8_out else one
+    out = torch.empty(b, s_q, h, d, dtype=FP8_DTYPE if plan.fp8_out else torch.bfloat16, device=q8.device)
+    amax = torch.empty(2, dtype=torch.float32, device=q8.device)
+    workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=q8.device)
+    plan.graph.execute({_Uid.Q: q8, _Uid.K: k8, _Uid.V: v8, _Uid.DESCALE_Q: descale_q.float(),
+                        _Uid.DESCALE_K: descale_k.float(), _Uid.DESCALE_V: descale_v.float(),
+                        _Uid.DESCALE_S: one / scale_s, _Uid.SCALE_S: scale_s, _Uid.SCALE_O: scale_o,
+                        _Uid.O: out, _Uid.AMAX_S: amax[0:1], _Uid.AMAX_O: amax[1:2]}, workspace, handle=handle)
+    if plan.fp8_out:
+        return (out.float() / scale_o).to(torch.bfloat16)
+    return out
+
+
+@sdpa_fp8_cudnn.register_fake
+def _(q8, k8, v8, descale_q, descale_k, descale_v):
+    return q8.new_empty((*q8.shape[:-1], v8.shape[-1]), dtype=torch.bfloat16)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, emulate: bool = False) -> torch.Tensor:
+    """Attention over (B, S, H, D) q, k, v with fp8 products; returns (B, Sq, H, D) bf16 (see the module notes)."""
+    q8, descale_q = quantize_tensorwise(q)
+    k8, descale_k = quantize_tensorwise(centre_keys(k))
+    v8, descale_v = quantize_tensorwise(v)
+    if emulate:
+        return emulated_sdpa_fp8(q8, k8, v8, descale_q, descale_k, descale_v)
+    return sdpa_fp8_cudnn(q8, k8, v8, descale_q, descale_k, descale_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The processor
+
+
+def rotate_pairs(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on (B, S, H, D): each channel pair (2i, 2i+1) is rotated by its angle; result in x's dtype."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class FP8SelfAttentionProcessor:
+    """Processor for a Wan block's self-attention (``attn1``) with the attention product in fp8.
+
+    Everything but the product is diffusers' ``WanAttnProcessor`` computation: q/k/v projections
+    (fused or not), RMS norms on q and k, heads split, RoPE, then the output projection.
+    hidden_states: (B, S, dim) -> (B, S, dim).
+    """
+
+    def __init__(self, emulate: bool = False):
+        self.emulate = emulate
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            raise ValueError("FP8SelfAttentionProcessor serves self-attention without a mask only")
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = rotate_pairs(query, *rotary_emb), rotate_pairs(key, *rotary_emb)
+        out = fp8_attention(query, key, value, emulate=self.emulate).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def check_fp8_attention_device(device: torch.device | str) -> None:
+    """One-line InputError unless ``device`` can run cuDNN's fp8 attention (CUDA, Hopper or newer, the package)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise InputError(f"--attention fp8 runs cuDNN's fp8 attention on a CUDA GPU (Hopper or newer), not the "
+                         f"{device.type} device: drop --attention fp8 or use --device cuda")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 9:
+        raise InputError(f"--attention fp8 needs a Hopper or newer GPU (compute capability 9.0+); "
+                         f"{torch.cuda.get_device_name(index)} is {major}.{minor}: use --attention native")
+    _cudnn()
+    cudnn_plan(index, (1, 256, 256, 40, 128))  # an unsupported cuDNN says so now, not after the weights load
+
+
+def use_fp8_self_attention(transformer: nn.Module, *, emulate: bool = False) -> int:
+    """Give every block's ``attn1`` the fp8 processor; returns how many. ``emulate``: CPU maths (tests)."""
+    blocks = getattr(transformer, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError("fp8 attention expects a Wan transformer with a `blocks` ModuleList")
+    processor = FP8SelfAttentionProcessor(emulate=emulate)
+    for block in blocks:
+        block.attn1.set_processor(processor)
+    logger.info("fp8 self-attention (cuDNN%s) in %d blocks", ", emulated" if emulate else "", len(blocks))
+    return len(blocks)
