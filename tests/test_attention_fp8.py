@@ -143,11 +143,9 @@ def test_processor_refuses_cross_attention():
 def _cudnn_ready() -> bool:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         return False
-    try:
-        import cudnn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("cudnn") is not None
 
 
 @pytest.mark.gpu
@@ -164,3 +162,15 @@ def test_cudnn_kernel_matches_the_emulation_and_compiles():
     assert relative_l2(cudnn_out, emulated) < 0.05
     compiled = torch.compile(fp8_attention, fullgraph=True)(q, k, v)
     assert relative_l2(compiled, cudnn_out) < 0.01
+
+
+def test_sequence_parallel_is_refused_with_fp8_attention():
+    """Ulysses splits the tokens over ranks; the fp8 processor would attend over one rank's share only."""
+    from types import SimpleNamespace
+
+    from ex4d.diffusion.parallel import enable_ulysses
+
+    transformer = _tiny_transformer()
+    use_fp8_self_attention(transformer, emulate=True)
+    with pytest.raises(InputError, match="--parallel cfg"):
+        enable_ulysses(transformer, SimpleNamespace(ulysses_degree=2), num_tokens=64)

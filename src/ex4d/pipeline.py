@@ -935,6 +935,9 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
                              f"one GPU per clip (ex4d batch spreads clips over GPUs)")
         tokens = num_video_tokens(condition.num_frames, *condition.size)
         if parallel.ulysses_degree > 1:
+            if options.attention == "fp8":  # before the weights load (enable_ulysses refuses it too)
+                raise InputError("--attention fp8 cannot split the sequence over GPUs (Ulysses); use --parallel cfg "
+                                 "(two GPUs, one guidance branch each) or --attention native")
             check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
 
     # Prompt embeddings all in the cache: the text encoder is not even loaded.

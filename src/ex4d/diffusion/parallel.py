@@ -233,6 +233,12 @@ def enable_ulysses(transformer: torch.nn.Module, ctx: ParallelContext, *, num_to
         return transformer
     from diffusers import ContextParallelConfig
 
+    from ex4d.diffusion.attention_fp8 import FP8SelfAttentionProcessor
+
+    if any(isinstance(block.attn1.processor, FP8SelfAttentionProcessor) for block in transformer.blocks):
+        # Its processor attends over the tokens it is given: split over ranks, that would be a different model.
+        raise InputError("--attention fp8 cannot split the sequence over GPUs (Ulysses); use --parallel cfg "
+                         "(two GPUs, one guidance branch each) or --attention native")
     check_ulysses(transformer.config.num_attention_heads, num_tokens, ctx.ulysses_degree)
     config = ContextParallelConfig(ulysses_degree=ctx.ulysses_degree, mesh=ctx.cp_mesh())
     with _cpu_device_count_fix(), _quiet("diffusers.models.modeling_utils"):
