@@ -27,13 +27,14 @@ def run_bench(script: str, *args: str, timeout: int = 300) -> dict:
 
 def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
     profile = tmp_path / "e2e.prof"
-    result = run_bench("bench_e2e.py", "--tiny", "--preset", "fast-fp8", "--depth", "vda", "--runs", "1",
-                       "--cprofile", str(profile), "--workdir", str(tmp_path / "work"))
+    result = run_bench("bench_e2e.py", "--tiny", "--preset", "fast-fp8", "--depth", "vda", "--attention", "fp8",
+                       "--runs", "1", "--cprofile", str(profile), "--workdir", str(tmp_path / "work"))
     assert result["bench"] == "e2e" and result["preset"] == "fast-fp8" and result["depth"] == "vda"
+    assert result["attention"] == "fp8"
     assert result["steps"] == 4 and result["guidance"] == 1.0 and result["fp8"] is True
     stages = result["stages_s_median"]
     assert set(stages) == {"read_clip", "depth", "recon", "text_and_image_encoders", "vae_encode", "denoise",
-                           "vae_decode", "generate_io"}
+                           "vae_decode_and_encode", "generate_io"}  # the frames stream to the encoder
     assert all(value >= 0 for value in stages.values()) and result["total_s_median"] > 0
     assert len(result["total_s_runs"]) == 1
     # the profiled run is an extra run: its folder exists, and its stats name the pipeline's stages
