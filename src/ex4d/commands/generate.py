@@ -111,8 +111,9 @@ def add_generation_args(parser: argparse.ArgumentParser, *, with_recon: bool = F
                       help="move whole models to the GPU only while they run (default off)")
     perf.add_argument("--fp8", action="store_true",
                       help="fp8 compute for the DiT's linear layers (row-wise scaled float8 GEMMs; attention stays "
-                           "bf16): 1.25 s instead of 1.52 s per CFG step compiled, 47.7 -> 32.6 GiB at 512x512x49 on "
-                           "an H100; needs an fp8 GPU (Ada, Hopper, Blackwell) (default off)")
+                           "bf16 unless --attention fp8): 1.25 s instead of 1.52 s per CFG step compiled (1.09 s "
+                           "with --attention fp8), 47.7 -> 32.6 GiB at 512x512x49 on an H100; needs an fp8 GPU (Ada, "
+                           "Hopper, Blackwell) (default off)")
     perf.add_argument("--compile", action="store_true",
                       help="torch.compile the transformer blocks (~15 s once; default off)")
     perf.add_argument("--attention", default=None,
