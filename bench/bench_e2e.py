@@ -201,9 +201,6 @@ def main(argv=None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark on (cuDNN times its convolution algorithms once per "
                              "shape: the VAE's and DepthCrafter's); default off, as in ex4d")
-    parser.add_argument("--whole-decode", action="store_true",
-                        help="decode the whole video before encoding it (as before the frames streamed to the "
-                             "encoder; the baseline for that overlap; default: streamed)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -245,10 +242,6 @@ def main(argv=None) -> int:
     if args.tiny and (options.fp8 or options.attention == "fp8"):
         perf.fp8_emulate = True  # the CPU has no fp8 tensor cores; the maths is emulated
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    if args.whole_decode:
-        from ex4d.diffusion.pipeline import EX4DPipeline
-
-        EX4DPipeline._streamable_vae = lambda self: False
     t0 = time.perf_counter()
     pipe = build_pipeline(comps, None, perf, device)
     del comps
@@ -260,8 +253,7 @@ def main(argv=None) -> int:
 
     stages = Stages(cuda)
     for method, name in (("encode_prompt", "text_encoder"), ("encode_image", "image_encoder"),
-                         ("prepare_condition", "vae_encode"), ("decode_latents", "vae_decode"),
-                         ("decode_latents_to", "vae_decode_and_encode")):
+                         ("prepare_condition", "vae_encode"), ("decode_latents", "vae_decode")):
         stages.wrap(pipe, method, name)
     pipe_class = type(pipe)
     call = pipe_class.__call__
@@ -312,16 +304,11 @@ def main(argv=None) -> int:
             profiler.dump_stats(str(tmp))
         note(f"cProfile stats of one more run: {args.cprofile}")
     encoders = sum(med.get(k, 0.0) for k in ("text_encoder", "image_encoder"))
-    # vae_decode_and_encode: the VAE decode with the final video's encoding overlapping it (ex4d generate
-    # streams the frames to the encoder); vae_decode: a whole-video decode (batches, several GPUs).
-    # (a non-streamable VAE decodes whole inside decode_latents_to: then the outer time holds both)
-    decode = med.get("vae_decode_and_encode", med.get("vae_decode", 0.0))
-    denoise = med["sampler_call"] - encoders - med.get("vae_encode", 0.0) - decode
+    denoise = med["sampler_call"] - encoders - med.get("vae_encode", 0.0) - med.get("vae_decode", 0.0)
     stage_s = {"read_clip": med["read_clip"], "depth": med["depth"], "recon": med["recon"],
                "text_and_image_encoders": encoders, "vae_encode": med.get("vae_encode", 0.0), "denoise": denoise,
-               **{k: med[k] for k in ("vae_decode", "vae_decode_and_encode") if k in med},
-               # read colour/mask; the rest of the mp4's encoding; the record
-               "generate_io": med["generate"] - med["sampler_call"]}
+               "vae_decode": med.get("vae_decode", 0.0),
+               "generate_io": med["generate"] - med["sampler_call"]}  # read colour/mask, write mp4 + record
     import diffusers
 
     total_med = statistics.median(totals)
@@ -333,7 +320,7 @@ def main(argv=None) -> int:
         fp8_bias_epilogue=Float8Linear.BIAS_IN_GEMM, low_vram=options.low_vram,
         vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
         depth=args.depth, depth_settings=depth_settings, attention=options.attention or "native",
-        cudnn_benchmark=args.cudnn_benchmark, streamed_decode=not args.whole_decode, runs=args.runs,
+        cudnn_benchmark=args.cudnn_benchmark, runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
         denoise_step_s=round(denoise / options.steps, 4),

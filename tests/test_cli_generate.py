@@ -107,26 +107,3 @@ def test_a_generation_killed_between_video_and_record_is_never_taken_for_current
     with open(out, "ab") as handle:
         handle.write(b"edited")
     assert not generation_is_current(out, color, mask, options_1)
-
-
-def test_a_generation_failing_while_its_frames_stream_leaves_no_partial_video(models, renders, monkeypatch):
-    """The final video is encoded while the VAE decodes: a failure half-way keeps the previous video as it
-    was and leaves no temporary file; its record is gone, so it is not taken for current."""
-    from ex4d.diffusion.pipeline import EX4DPipeline
-
-    out = renders / "gen.mp4"
-    assert generate(models, renders, "-o", str(out), "--seed", "1") == 0
-    before = out.read_bytes()
-    real = EX4DPipeline.decode_latents_to
-
-    def fails_after_the_first_chunk(self, latents, sink):
-        def sink_then_fail(chunk):
-            sink(chunk)
-            raise RuntimeError("decoder failed")
-        return real(self, latents, sink_then_fail)
-
-    monkeypatch.setattr(EX4DPipeline, "decode_latents_to", fails_after_the_first_chunk)
-    assert generate(models, renders, "-o", str(out), "--seed", "2") != 0
-    assert out.read_bytes() == before
-    assert not out.with_suffix(".json").exists()
-    assert sorted(p.name for p in renders.iterdir() if p.name.startswith("gen")) == ["gen.mp4"]

@@ -63,25 +63,6 @@ def test_generate_end_to_end_seeded(pipe):
     assert latents.shape == (1, 16, 2, 2, 2) and torch.isfinite(latents).all()
 
 
-def test_frame_sink_gets_the_same_frames_chunk_by_chunk(pipe, monkeypatch):
-    """The streamed decode (what ex4d generate encodes from) equals the whole-video decode, in order."""
-    cond, mask = _condition()
-    kwargs = dict(num_inference_steps=2, generator=None)
-    whole = pipe(cond, mask, **{**kwargs, "generator": torch.Generator().manual_seed(0)}).frames[0]
-    chunks = []
-    out = pipe(cond, mask, **{**kwargs, "generator": torch.Generator().manual_seed(0)}, frame_sink=chunks.append)
-    assert out.frames is None
-    assert [len(c) for c in chunks] == [1, 4]  # Wan's VAE: frame 0 alone, then 4 per latent frame
-    assert np.array_equal(np.concatenate(chunks), whole)
-    # A VAE it must not drive itself (here: tiled) is decoded whole, then handed over the same.
-    monkeypatch.setattr(pipe, "_streamable_vae", lambda: False)
-    chunks.clear()
-    pipe(cond, mask, **{**kwargs, "generator": torch.Generator().manual_seed(0)}, frame_sink=chunks.append)
-    assert len(chunks) == 1 and np.array_equal(chunks[0], whole)
-    with pytest.raises(ValueError, match="output_type='np'"):
-        pipe(cond, mask, num_inference_steps=1, output_type="pt", frame_sink=chunks.append)
-
-
 def test_geometry_condition_reaches_the_model(pipe):
     cond, mask = _condition()
     kwargs = dict(num_inference_steps=2, output_type="latent")

@@ -917,7 +917,7 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
     import torch
 
     from ex4d.diffusion.conditioning import load_condition
-    from ex4d.io.video import VideoWriter, write_video
+    from ex4d.io.video import write_video
 
     options.validate()
     color, mask, output, record_path = check_generate_paths(color, mask, output, options)
@@ -957,30 +957,19 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
 
         frames = generate_long_video(pipe, condition, window=options.window, overlap=options.overlap,
                                      seed=options.seed, progress=progress, **call_kwargs)
-    fps = options.fps if options.fps is not None else condition.fps
-    generator = torch.Generator("cpu").manual_seed(options.seed)
-    if long_clip or (parallel is not None and parallel.world_size > 1):
-        if not long_clip:
-            frames = pipe(condition.cond, condition.mask, image=condition.first_frame, generator=generator,
-                          output_type="np", **call_kwargs).frames[0]
-        if parallel is None or parallel.is_main:
-            # The record goes first and comes back last: a run killed between the two writes leaves a
-            # video with no record, which is never taken for current (generation_is_current).
-            forget_output(record_path)
-            write_video(output, np.asarray(frames), fps=fps)
-        num_frames = len(frames)
     else:
-        # One process, one window: the frames are encoded as the VAE decodes them (the writer's own
-        # thread); the file appears whole when the last frame is in, and not at all on an error.
-        forget_output(record_path)  # first, as above: a video without its record is never current
-        with VideoWriter(output, fps, background=True, queue_frames=condition.num_frames) as writer:
-            pipe(condition.cond, condition.mask, image=condition.first_frame, generator=generator, output_type="np",
-                 frame_sink=lambda chunk: [writer.write(frame) for frame in chunk], **call_kwargs)
-        num_frames = writer.frames_written
+        result = pipe(condition.cond, condition.mask, image=condition.first_frame,
+                      generator=torch.Generator("cpu").manual_seed(options.seed), output_type="np",
+                      **call_kwargs)
+        frames = result.frames[0]
     if parallel is None or parallel.is_main:
+        # The record goes first and comes back last: a run killed between the two writes leaves a video
+        # with no record, which is never taken for current (generation_is_current).
+        forget_output(record_path)
+        write_video(output, np.asarray(frames), fps=options.fps if options.fps is not None else condition.fps)
         with atomic_path(record_path) as tmp:
             tmp.write_text(json.dumps({"request": _generate_request(color, mask, options),
-                                       "frames": int(num_frames), "erosion_sizes": condition.kernel_sizes},
+                                       "frames": int(len(frames)), "erosion_sizes": condition.kernel_sizes},
                                       indent=2, default=str))
     return output
 

@@ -116,8 +116,7 @@ def encode_text(tokenizer, text_encoder, prompt: str, device: torch.device, dtyp
 
 @dataclass
 class EX4DPipelineOutput(BaseOutput):
-    """frames: uint8 (B, T, H, W, 3) ndarray ("np"), uint8 tensor ("pt"), or latents (B, 16, T', h, w);
-    None when a ``frame_sink`` took the frames."""
+    """frames: uint8 (B, T, H, W, 3) ndarray ("np"), uint8 tensor ("pt"), or latents (B, 16, T', h, w)."""
 
     frames: Any
 
@@ -289,23 +288,18 @@ class EX4DPipeline(DiffusionPipeline):
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  image_embeds: torch.Tensor | None = None, batch_cfg: bool | None = None,
                  shift: float | None = None, output_type: str = "np", return_dict: bool = True,
-                 callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None,
-                 frame_sink: Callable[[np.ndarray], None] | None = None):
+                 callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None):
         """Generate the video.
 
         cond, mask: (1, 3, T, H, W) from :func:`ex4d.diffusion.conditioning.load_condition` (cond in
         [-1, 1], mask' in {-1, +1}). image: frame 0 as uint8 (H, W, 3); default: derived from
         cond[:, :, 0] the reference's way. output_type: "np" | "pt" (uint8 (B, T, H, W, 3)) or
-        "latent". callback_on_step_end(pipe, step, t, {"latents": ...}) may return new latents. frame_sink
-        (with output_type "np"): receives the frames as uint8 (T_chunk, H, W, 3) arrays while the VAE
-        decodes (:meth:`decode_latents_to`), so that encoding them overlaps the decode; frames is then None.
+        "latent". callback_on_step_end(pipe, step, t, {"latents": ...}) may return new latents.
         shift: the flow shift of this call (default: the scheduler's, 5 as the reference). guidance_scale
         1 runs one forward per step (no CFG: the negative prompt is neither encoded nor used).
         """
         if output_type not in ("np", "pt", "latent"):
             raise InputError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
-        if frame_sink is not None and output_type != "np":
-            raise ValueError("frame_sink takes numpy frames: use output_type='np'")
         self.check_inputs(cond, mask, image, guidance_scale, num_inference_steps, prompt, prompt_embeds,
                           negative_prompt_embeds)
         device = self._execution_device
@@ -361,9 +355,6 @@ class EX4DPipeline(DiffusionPipeline):
         # 4. Decode.
         if output_type == "latent":
             frames = latents
-        elif frame_sink is not None:
-            self.decode_latents_to(latents, frame_sink)
-            frames = None
         else:
             frames = self.decode_latents(latents)
             if output_type == "np":
@@ -383,76 +374,6 @@ class EX4DPipeline(DiffusionPipeline):
         video = video.float().clamp(-1.0, 1.0)
         frames = torch.round((video + 1.0) * 127.5).to(torch.uint8)
         return frames.permute(0, 2, 3, 4, 1).contiguous()  # (B, T, H, W, 3)
-
-    def _streamable_vae(self) -> bool:
-        """Whether :meth:`decode_latents_to` may drive the VAE decoder chunk by chunk itself.
-
-        Not under an offload hook (it acts on ``vae.decode``) nor with tiling (another loop), and only
-        for the Wan2.1 VAE's layout (no patchify); otherwise the whole video is decoded first.
-        """
-        vae = self.vae
-        return (getattr(vae, "_hf_hook", None) is None and not getattr(vae, "use_tiling", False)
-                and getattr(vae.config, "patch_size", None) is None
-                and all(hasattr(vae, name) for name in ("clear_cache", "post_quant_conv", "decoder", "_feat_map")))
-
-    @torch.no_grad()
-    def decode_latents_to(self, latents: torch.Tensor, sink: Callable[[np.ndarray], None]) -> int:
-        """Normalised latents (B, 16, T', h, w) -> uint8 frames handed to ``sink`` as (T_chunk, H, W, 3) arrays.
-
-        The same values as :meth:`decode_latents`, in order. Wan's causal VAE decodes one latent frame
-        at a time (1 video frame, then 4 per latent frame) with a feature cache; here each chunk's
-        frames go to the CPU without blocking while the next chunk decodes, and ``sink`` (an encoder,
-        typically) works on them meanwhile. Batches of several videos are decoded whole, then handed
-        over video after video. Returns the number of frames.
-        """
-        if latents.shape[0] != 1 or not self._streamable_vae():
-            frames = self.decode_latents(latents)
-            for video in frames.cpu().numpy():
-                sink(video)
-            return int(frames.shape[0] * frames.shape[1])
-        vae = self.vae
-        vae_device = _module_device(vae)
-        mean = torch.tensor(vae.config.latents_mean, device=vae_device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=vae_device).view(1, -1, 1, 1, 1)
-        z = (latents.to(device=vae_device, dtype=torch.float32) * std + mean).to(vae.dtype)
-        cuda = vae_device.type == "cuda"
-        pending = None  # (host frames, copy-done event) of the previous chunk
-        count = 0
-
-        def hand_over(item) -> int:
-            host, event = item
-            if event is not None:
-                event.synchronize()
-            sink(host.numpy())
-            return int(host.shape[0])
-
-        # The loop of diffusers' AutoencoderKLWan._decode (0.42), one latent frame per call, then the
-        # clamps and the uint8 rounding of decode_latents on each chunk.
-        vae.clear_cache()
-        try:
-            x = vae.post_quant_conv(z)
-            for i in range(x.shape[2]):
-                vae._conv_idx = [0]
-                chunk = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                    first_chunk=i == 0)
-                chunk = torch.clamp(chunk, min=-1.0, max=1.0).float().clamp(-1.0, 1.0)
-                chunk = torch.round((chunk + 1.0) * 127.5).to(torch.uint8)[0].permute(1, 2, 3, 0)  # (T, H, W, 3)
-                if cuda:
-                    host = torch.empty(chunk.shape, dtype=torch.uint8, pin_memory=True)
-                    host.copy_(chunk, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                    current = (host, event)
-                else:
-                    current = (chunk.contiguous(), None)
-                if pending is not None:
-                    count += hand_over(pending)  # encoded on the CPU while this chunk decodes
-                pending = current
-            if pending is not None:
-                count += hand_over(pending)
-        finally:
-            vae.clear_cache()
-        return count
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
