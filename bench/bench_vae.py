@@ -1,0 +1,97 @@
+"""The Wan2.1 VAE's encode and decode at 512x512x49 under cuDNN settings (random full-size weights, bf16).
+
+The generator encodes three 49-frame videos (frame 0 with zeros, the colour video, the mask) and
+decodes one; together about 2.5 s of every run on an H100 (bench_e2e.py). This times one encode of
+(1, 3, 49, 512, 512) and one decode of (1, 16, 13, 64, 64) for each variant:
+
+* ``default``: what ex4d does (cuDNN's heuristic picks each convolution's algorithm);
+* ``benchmark``: ``torch.backends.cudnn.benchmark`` (cuDNN times the algorithms once per shape);
+* ``channels_last``: the convolution weights in ``channels_last_3d``;
+* ``benchmark+channels_last``.
+
+Each variant's outputs are compared with the default's (max |difference|). Median of ``--repeats``
+after two warm-ups. Prints ONE JSON object.
+
+  python bench/bench_vae.py                 # on a GPU (~1 min)
+  python bench/bench_vae.py --tiny          # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_generate import git_commit, note  # noqa: E402
+
+VARIANTS = ("default", "benchmark", "channels_last", "benchmark+channels_last")
+
+
+def timed(fn, repeats: int, cuda: bool) -> tuple[float, torch.Tensor]:
+    out = None
+    for _ in range(2):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a small VAE and video on the CPU (checks the script)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default 3)")
+    args = parser.parse_args(argv)
+    from diffusers import AutoencoderKLWan
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    config = {} if not args.tiny else dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                           attn_scales=[], temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(**config).to(device=device, dtype=dtype).eval()
+    frames, side = (49, 512) if not args.tiny else (9, 32)
+    video = torch.rand(1, 3, frames, side, side, device=device, dtype=dtype) * 2 - 1
+    latents = torch.randn(1, 16, (frames - 1) // 4 + 1, side // 8, side // 8, device=device, dtype=dtype)
+    result = dict(bench="vae", commit=git_commit(), device=torch.cuda.get_device_name() if cuda else "cpu",
+                  torch=torch.__version__, video=list(video.shape), latents=list(latents.shape), repeats=args.repeats,
+                  variants={})
+    reference = {}
+    with torch.no_grad():
+        for name in VARIANTS:
+            torch.backends.cudnn.benchmark = "benchmark" in name
+            fmt = torch.channels_last_3d if "channels_last" in name else torch.contiguous_format
+            for module in vae.modules():
+                if isinstance(module, torch.nn.Conv3d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+            encode_s, mean = timed(lambda: vae.encode(video).latent_dist.mode(), args.repeats, cuda)
+            decode_s, decoded = timed(lambda: vae.decode(latents, return_dict=False)[0], args.repeats, cuda)
+            entry = {"encode_s": round(encode_s, 4), "decode_s": round(decode_s, 4)}
+            if name == "default":
+                reference = {"encode": mean.float(), "decode": decoded.float()}
+            else:
+                entry["encode_max_abs_vs_default"] = float((mean.float() - reference["encode"]).abs().max())
+                entry["decode_max_abs_vs_default"] = float((decoded.float() - reference["decode"]).abs().max())
+            result["variants"][name] = entry
+            note(f"{name}: {entry}")
+    torch.backends.cudnn.benchmark = False
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
