@@ -270,12 +270,17 @@ def test_a_launch_lora_ticked_on_the_page_reaches_the_generation(tmp_path, monke
         assert error == "error: stopped by the test"
         # no LoRA ticked; steps and CFG 0, as the browser sends an empty number box: the preset's
         *_, error = c.predict(0, 0, 0, "16x16", False, None, False, False, False, "fast", api_name="/generate")
+        # the "--attention fp8" tick box (last, so callers that predate it keep their positions)
+        *_, error = c.predict(0, 0, 0, "16x16", False, None, False, True, True, "full", [], True,
+                              api_name="/generate")
     finally:
         demo.close()
         backend.close()
-    assert [options.loras for options in seen] == [(LoraSpec(str(lora.resolve()), 0.8),), ()]
+    assert [options.loras for options in seen] == [(LoraSpec(str(lora.resolve()), 0.8),), (), ()]
     assert (seen[0].preset, seen[0].steps, seen[0].cfg) == ("fast", 2, 5.0)
     assert (seen[1].preset, seen[1].steps, seen[1].cfg) == ("fast", 4, 1.0)
+    assert [options.attention for options in seen] == [None, None, "fp8"]
+    assert seen[2].fp8 and seen[2].compile
 
 
 def test_a_missing_lora_file_is_one_line_before_anything_starts(capsys, tmp_path):

@@ -450,6 +450,8 @@ def test_shown_generate_command_carries_the_loras_as_the_cli_reads_them(tmp_path
     for spec in options.loras:  # each --lora value reads back as the same file and strength
         assert parse_lora_spec(lora_arg(spec)) == spec
     assert parse_lora_spec(lora_arg(LoraSpec("/m/odd:2", 1.0))) == LoraSpec("/m/odd:2", 1.0)
+    fp8 = generate_command(Path("c.mp4"), Path("m.mkv"), Path("o.mp4"), GenerateOptions(fp8=True, attention="fp8"))
+    assert fp8.endswith(" --attention fp8 --fp8")  # the page's "--attention fp8" tick box
 
 
 @pytest.mark.parametrize("preset, selected, offered, expected", [

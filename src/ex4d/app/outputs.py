@@ -65,7 +65,8 @@ def generate_command(color: Path, mask: Path, output: Path, options) -> str:
         parts.append(f"--preset {_q(options.preset)}")
     flags = {"seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift",
              "size": "--size", "models_dir": "--models-dir", "adapter": "--adapter", "vram_budget": "--vram-budget",
-             "prompt": "--prompt", "negative_prompt": "--negative-prompt", "device": "--device"}
+             "prompt": "--prompt", "negative_prompt": "--negative-prompt", "device": "--device",
+             "attention": "--attention"}
     for key, flag in flags.items():
         value = getattr(options, key, None)
         if value is not None and value != getattr(preset_defaults, key, None):

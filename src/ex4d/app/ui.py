@@ -238,6 +238,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                 gen_cpu_offload = gr.Checkbox(label="--cpu-offload", elem_id="gen_cpu_offload")
                 gen_fp8 = gr.Checkbox(label="--fp8", elem_id="gen_fp8")
                 gen_compile = gr.Checkbox(label="--compile", elem_id="gen_compile")
+                gen_fp8_attention = gr.Checkbox(label="--attention fp8 (Hopper or newer)", elem_id="gen_fp8_attention")
             # Extra LoRAs: only those given at launch (ex4d app --lora), ticked by label; the page never takes a path.
             launch_labels = backend.lora_labels()
             gen_loras = gr.CheckboxGroup(launch_labels, value=[], elem_id="gen_loras", visible=bool(launch_labels),
@@ -386,7 +387,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
 
         @_safe(6)
         def on_generate(steps, seed, cfg, size, low_vram, vram_budget, cpu_offload, fp8, compile_, sampler_preset,
-                        loras, request: gr.Request, progress=gr.Progress()):
+                        loras, fp8_attention=False, request: gr.Request = None, progress=gr.Progress()):
             from ex4d.pipeline import GenerateOptions
 
             session = _session(backend, request)
@@ -394,7 +395,8 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                                       cfg=float(cfg) if cfg else None, size=str(size).strip(),
                                       preset=sampler_preset or "full", loras=backend.selected_loras(loras),
                                       low_vram=bool(low_vram), vram_budget=float(vram_budget) if vram_budget else None,
-                                      cpu_offload=bool(cpu_offload), fp8=bool(fp8), compile=bool(compile_))
+                                      cpu_offload=bool(cpu_offload), fp8=bool(fp8), compile=bool(compile_),
+                                      attention="fp8" if fp8_attention else None)
             try:
                 result = session.generate(options, progress=_reporter(progress))
             except MissingWeightsError as exc:
@@ -448,7 +450,7 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                                error_box], api_name="preview")
         generate_event = generate_button.click(
             on_generate, [gen_steps, gen_seed, gen_cfg, gen_size, gen_low_vram, gen_vram_budget, gen_cpu_offload,
-                          gen_fp8, gen_compile, gen_preset, gen_loras],
+                          gen_fp8, gen_compile, gen_preset, gen_loras, gen_fp8_attention],
             [gen_weights_panel, final_video, eval_report, output_files, cli_command, error_box], api_name="generate",
             concurrency_limit=1, concurrency_id="generate")  # one GPU job at a time; the queue shows positions
         # The fast preset's warning follows the preset and the ticked LoRAs (a page-local read: no queue).
