@@ -188,8 +188,12 @@ def main(argv=None) -> int:
                         help="torch.compile DepthCrafter too (ex4d depth --compile; minutes of compilation in "
                              "the warm-up; default: its fast kernels without compile)")
     parser.add_argument("--no-compile", action="store_true", help="eager DiT (default: compiled on CUDA)")
-    parser.add_argument("--fp8-fast-accum", action="store_true",
-                        help="fp8 GEMMs with cuBLASLt fast accumulation (default: ex4d.diffusion.fp8's default)")
+    accumulation = parser.add_mutually_exclusive_group()
+    accumulation.add_argument("--fp8-fast-accum", action="store_true",
+                              help="fp8 GEMMs with cuBLASLt fast accumulation (ex4d.diffusion.fp8's default; kept "
+                                   "for command lines that name it)")
+    accumulation.add_argument("--fp8-exact-accum", action="store_true",
+                              help="fp8 GEMMs without fast accumulation (default: ex4d.diffusion.fp8's default, fast)")
     parser.add_argument("--fp8-bias-epilogue", action="store_true",
                         help="fp8 GEMMs add the bias in their epilogue (default: ex4d.diffusion.fp8's default)")
     parser.add_argument("--full-gpu-total-s", type=float, default=None, metavar="S",
@@ -218,7 +222,7 @@ def main(argv=None) -> int:
     dlogging.set_verbosity_error()
     from ex4d.diffusion.fp8 import Float8Linear
 
-    Float8Linear.FAST_ACCUM = Float8Linear.FAST_ACCUM or args.fp8_fast_accum
+    Float8Linear.FAST_ACCUM = (Float8Linear.FAST_ACCUM or args.fp8_fast_accum) and not args.fp8_exact_accum
     Float8Linear.BIAS_IN_GEMM = Float8Linear.BIAS_IN_GEMM or args.fp8_bias_epilogue
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"

@@ -174,3 +174,21 @@ def test_sequence_parallel_is_refused_with_fp8_attention():
     use_fp8_self_attention(transformer, emulate=True)
     with pytest.raises(InputError, match="--parallel cfg"):
         enable_ulysses(transformer, SimpleNamespace(ulysses_degree=2), num_tokens=64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+@pytest.mark.parametrize("flags, named", [(["--attention", "fp8"], "--attention fp8"), (["--fp8"], "--fp8")])
+def test_run_refuses_gpu_features_before_depth_and_recon(tmp_path, capsys, flags, named):
+    """ex4d run checks --fp8 / --attention fp8 at its start, not after minutes of depth and recon."""
+    import numpy as np
+
+    from ex4d.cli import main
+    from ex4d.io.video import write_video
+
+    video = tmp_path / "clip.mp4"
+    write_video(video, np.zeros((5, 32, 32, 3), np.uint8), fps=10)
+    out = tmp_path / "out"
+    assert main(["run", str(video), "--cam", "30", "-o", str(out), *flags]) == 1
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error:") and named in message and "\n" not in message
+    assert not out.exists()

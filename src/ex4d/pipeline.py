@@ -902,6 +902,22 @@ def check_generate_paths(color: str | os.PathLike, mask: str | os.PathLike | Non
     return color, mask, output, record_path
 
 
+def check_gpu_features(options: GenerateOptions) -> None:
+    """One-line InputError unless this machine has what ``--fp8`` and ``--attention fp8`` need.
+
+    For the commands to call at their start (``ex4d run`` would otherwise refuse only after its depth
+    and recon); the device actually used is checked again when the generator is built.
+    """
+    if options.fp8:
+        from ex4d.diffusion.fp8 import check_fp8_available
+
+        check_fp8_available()
+    if options.attention == "fp8":
+        from ex4d.diffusion.attention_fp8 import check_fp8_attention_available
+
+        check_fp8_attention_available()
+
+
 def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
                  options: GenerateOptions, *, cache: dict | None = None, parallel=None,
                  progress: Progress | None = None, show_progress: bool = True) -> Path:

@@ -154,9 +154,9 @@ def parse_fps(text) -> float | None:
 
 def options_from_args(args: argparse.Namespace):
     """GenerateOptions from parsed ``generate``/``run`` arguments."""
-    from ex4d.pipeline import GenerateOptions
+    from ex4d.pipeline import GenerateOptions, check_gpu_features
 
-    return GenerateOptions(
+    options = GenerateOptions(
         seed=args.seed, steps=args.steps, cfg=args.cfg, prompt=args.prompt, negative_prompt=args.negative_prompt,
         size=args.size, num_frames=args.gen_num_frames, fps=parse_fps(args.gen_fps), erode=not args.no_erode,
         window=args.window, overlap=args.overlap, models_dir=args.models_dir, adapter=args.adapter,
@@ -164,6 +164,8 @@ def options_from_args(args: argparse.Namespace):
         batch_cfg=False if args.no_batch_cfg else None, low_vram=args.low_vram, cpu_offload=args.cpu_offload,
         fp8=args.fp8, vram_budget=args.vram_budget, shift=args.shift, preset=args.preset,
         loras=tuple(args.loras or ()), prompt_cache=args.prompt_cache).validate()  # every number, before any work
+    check_gpu_features(options)  # --fp8 / --attention fp8 on this machine: before ex4d run's depth and recon
+    return options
 
 
 def main(args: argparse.Namespace) -> int:

@@ -268,6 +268,18 @@ def check_fp8_attention_device(device: torch.device | str) -> None:
     cudnn_plan(index, (1, 256, 256, 40, 128))  # an unsupported cuDNN says so now, not after the weights load
 
 
+def check_fp8_attention_available() -> None:
+    """One-line InputError unless some visible GPU is Hopper or newer and the cuDNN frontend imports: checked
+    before any weights load (:func:`check_fp8_attention_device` checks the device used once it is known)."""
+    if not torch.cuda.is_available():
+        check_fp8_attention_device("cpu")
+    if not any(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())):
+        major, minor = torch.cuda.get_device_capability(0)
+        raise InputError(f"--attention fp8 needs a Hopper or newer GPU (compute capability 9.0+); "
+                         f"{torch.cuda.get_device_name(0)} is {major}.{minor}: use --attention native")
+    _cudnn()
+
+
 def use_fp8_self_attention(transformer: nn.Module, *, emulate: bool = False) -> int:
     """Give every block's ``attn1`` the fp8 processor; returns how many. ``emulate``: CPU maths (tests)."""
     blocks = getattr(transformer, "blocks", None)

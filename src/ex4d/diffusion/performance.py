@@ -112,10 +112,10 @@ class PerformanceOptions:
             check_fp8_available()  # before 40 GB of weights load, not after
         if self.low_vram and self.cpu_offload:
             raise InputError("choose one of --low-vram (block streaming) and --cpu-offload, not both")
-        if self.attention == "fp8" and not self.fp8_emulate and not torch.cuda.is_available():
-            from ex4d.diffusion.attention_fp8 import check_fp8_attention_device
+        if self.attention == "fp8" and not self.fp8_emulate:
+            from ex4d.diffusion.attention_fp8 import check_fp8_attention_available
 
-            check_fp8_attention_device("cpu")  # the one-line refusal, before any weights load
+            check_fp8_attention_available()  # the one-line refusal, before any weights load
         if self.attention is not None and self.attention not in ATTENTION_BACKENDS \
                 and self.attention not in ATTENTION_BACKENDS.values():
             raise InputError(f"unknown attention backend {self.attention!r}; "
