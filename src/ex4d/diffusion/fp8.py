@@ -4,7 +4,8 @@ What is converted: every ``nn.Linear`` inside the transformer blocks (self-atten
 cross-attention q/k/v/out and the image k/v, the two FFN linears): 99.6 % of the DiT's GEMM
 FLOPs. The patch and condition embeddings, the norms, the modulation tables and the output head
 stay in their dtype (they are a negligible share of the time and the most sensitive to rounding),
-and attention itself stays bf16.
+and attention itself stays bf16 here (the self-attention's fp8 kernel is :mod:`ex4d.diffusion.attention_fp8`,
+``--attention fp8``).
 
 The maths, for a linear ``y = x W^T + b`` with x: (M, K), W: (N, K):
 
