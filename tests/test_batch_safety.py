@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import ex4d.batch as batch
 from ex4d.batch import (RECORD_NAME, is_finished, load_jobs, lock_path, read_record, run_batch, write_manifest)
@@ -403,6 +404,22 @@ def test_dry_run_reports_every_video_and_cam_problem(tmp_path, capsys):
     jobs_file.write_text("\n".join(jobs_file.read_text().splitlines()[:4]) + "\n")
     assert main(["batch", str(jobs_file), "--dry-run"]) == 0
     assert "no problems found in 2 job(s)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_dry_run_reports_gpu_features_this_machine_lacks(tmp_path, capsys):
+    tiny_video(tmp_path / "clip.mp4")
+    tiny_depth(tmp_path / "depth.npz")
+    jobs_file = write_yaml(tmp_path / "jobs.yaml", (
+        f"defaults: {{stage: run, depth: depth.npz, num_frames: {T}, resize: keep}}\njobs:\n"
+        "  - {video: clip.mp4, cam: 30, output: out/plain}\n"
+        "  - {video: clip.mp4, cam: 30, output: out/fp8, fp8: true}\n"
+        "  - {video: clip.mp4, cam: 30, output: out/fp8_attention, attention: fp8}\n"))
+    assert main(["batch", str(jobs_file), "--dry-run"]) == 1
+    problems = [line for line in capsys.readouterr().err.splitlines() if line.startswith("problem: job")]
+    assert not any(p.startswith("problem: job 1 ") for p in problems), problems
+    assert any(p.startswith("problem: job 2 (fp8): --fp8 ") for p in problems), problems
+    assert any(p.startswith("problem: job 3 (fp8_attention): --attention fp8 ") for p in problems), problems
 
 
 # ---------------------------------------------------------------------------------------------
