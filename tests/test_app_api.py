@@ -357,3 +357,28 @@ def test_a_port_in_use_is_one_line_exit_1(app, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err == f"error: port {port} on 127.0.0.1 is in use; choose another --port, or leave it out to take the " \
                   f"next free one from 7860\n"
+
+
+@pytest.mark.parametrize("capabilities, cudnn_installed, expected", [
+    ([], True, ("no CUDA GPU here", "no CUDA GPU here")),
+    ([(8, 0)], True, ("no fp8 tensor cores", "needs a Hopper or newer GPU")),
+    ([(8, 9)], True, ("", "needs a Hopper or newer GPU")),
+    ([(9, 0)], False, ("", 'pip install "ex4d[fp8-attention]"')),
+    ([(8, 0), (9, 0)], True, ("", ""))])
+def test_the_generate_tab_greys_out_what_this_machine_cannot_run(monkeypatch, capabilities, cudnn_installed, expected):
+    import importlib.util
+
+    import torch
+
+    from ex4d.app.ui import gpu_feature_gaps
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(capabilities))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capabilities[i])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (real_find_spec("json") if cudnn_installed else None) if name == "cudnn"
+                        else real_find_spec(name, *a))
+    gaps = gpu_feature_gaps()
+    for gap, words in zip(gaps, expected):
+        assert (gap == "") if not words else (gap.startswith("not available: ") and words in gap), gaps

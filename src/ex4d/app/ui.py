@@ -236,9 +236,14 @@ def build_app(backend: AppBackend) -> gr.Blocks:
                 gen_vram_budget = gr.Number(value=None, label="--vram-budget GiB (0 or blank: the GPU's)",
                                             elem_id="gen_vram_budget")
                 gen_cpu_offload = gr.Checkbox(label="--cpu-offload", elem_id="gen_cpu_offload")
-                gen_fp8 = gr.Checkbox(label="--fp8", elem_id="gen_fp8")
+                # What this machine cannot run is shown greyed out with the reason, not offered and refused later.
+                fp8_missing, fp8_attention_missing = gpu_feature_gaps()
+                gen_fp8 = gr.Checkbox(label="--fp8", elem_id="gen_fp8", interactive=not fp8_missing,
+                                      info=fp8_missing or None)
                 gen_compile = gr.Checkbox(label="--compile", elem_id="gen_compile")
-                gen_fp8_attention = gr.Checkbox(label="--attention fp8 (Hopper or newer)", elem_id="gen_fp8_attention")
+                gen_fp8_attention = gr.Checkbox(label="--attention fp8 (Hopper or newer)", elem_id="gen_fp8_attention",
+                                                interactive=not fp8_attention_missing,
+                                                info=fp8_attention_missing or None)
             # Extra LoRAs: only those given at launch (ex4d app --lora), ticked by label; the page never takes a path.
             launch_labels = backend.lora_labels()
             gen_loras = gr.CheckboxGroup(launch_labels, value=[], elem_id="gen_loras", visible=bool(launch_labels),
@@ -502,6 +507,29 @@ def eval_markdown(result) -> str:
                 shown = f"{value:.4g}" if isinstance(value, float) else str(value)
                 lines.append(f"| {section.replace('_', ' ')} | {key} | {shown} |")
     return "**Evaluation** (`ex4d eval`; report.html is among the run's files)\n\n" + "\n".join(lines)
+
+
+def gpu_feature_gaps() -> tuple[str, str]:
+    """Why this machine cannot run --fp8 and --attention fp8, in a few words for the page ("" where it can).
+
+    The same conditions as ex4d.diffusion.fp8.check_fp8_available and
+    attention_fp8.check_fp8_attention_available, which give the commands' full one-line errors.
+    """
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "not available: no CUDA GPU here", "not available: no CUDA GPU here"
+    capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    fp8 = "" if any(c >= (8, 9) for c in capabilities) else "not available: this GPU has no fp8 tensor cores"
+    if not any(c[0] >= 9 for c in capabilities):
+        attention = "not available: needs a Hopper or newer GPU"
+    elif importlib.util.find_spec("cudnn") is None:
+        attention = 'not available: pip install "ex4d[fp8-attention]"'
+    else:
+        attention = ""
+    return fp8, attention
 
 
 def launch(backend: AppBackend, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
