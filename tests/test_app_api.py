@@ -363,7 +363,7 @@ def test_a_port_in_use_is_one_line_exit_1(app, capsys, tmp_path):
     ([], True, ("no CUDA GPU here", "no CUDA GPU here")),
     ([(8, 0)], True, ("no fp8 tensor cores", "needs a Hopper or newer GPU")),
     ([(8, 9)], True, ("", "needs a Hopper or newer GPU")),
-    ([(9, 0)], False, ("", 'pip install "ex4d[fp8-attention]"')),
+    ([(9, 0)], False, ("", "pip install nvidia-cudnn-frontend")),
     ([(8, 0), (9, 0)], True, ("", ""))])
 def test_the_generate_tab_greys_out_what_this_machine_cannot_run(monkeypatch, capabilities, cudnn_installed, expected):
     import importlib.util

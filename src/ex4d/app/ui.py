@@ -526,7 +526,7 @@ def gpu_feature_gaps() -> tuple[str, str]:
     if not any(c[0] >= 9 for c in capabilities):
         attention = "not available: needs a Hopper or newer GPU"
     elif importlib.util.find_spec("cudnn") is None:
-        attention = 'not available: pip install "ex4d[fp8-attention]"'
+        attention = "not available: pip install nvidia-cudnn-frontend"
     else:
         attention = ""
     return fp8, attention

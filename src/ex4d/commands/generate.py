@@ -119,7 +119,7 @@ def add_generation_args(parser: argparse.ArgumentParser, *, with_recon: bool = F
     perf.add_argument("--attention", default=None,
                       help="attention kernel: native (default), cudnn, torch-flash, efficient, flash, flash3, fa4, "
                            "sage, xformers, flex; fp8: cuDNN's fp8 attention for the self-attention (Hopper or "
-                           "newer, pip install \"ex4d[fp8-attention]\")")
+                           "newer; pip install nvidia-cudnn-frontend)")
     perf.add_argument("--no-batch-cfg", action="store_true",
                       help="never batch the two CFG branches (default: batched only with --low-vram/--cpu-offload)")
     perf.add_argument("--no-merge-lora", action="store_true",

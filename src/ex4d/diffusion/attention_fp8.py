@@ -3,7 +3,7 @@
 Why: with the linear layers in fp8 (:mod:`ex4d.diffusion.fp8`), the bf16 attention over the
 13,312 video tokens is about 0.52 s of a 1.25 s CFG step on an H100. cuDNN has a flash-attention
 kernel whose two products (QK^T and PV) run on the fp8 tensor cores; it is reached through NVIDIA's
-``nvidia-cudnn-frontend`` package (``pip install "ex4d[fp8-attention]"``).
+``nvidia-cudnn-frontend`` package (the ``fp8-attention`` extra: ``pip install -e ".[fp8-attention]"``).
 
 What changes: only the 40 blocks' self-attention (``attn1``). Its projections, RMS norms and RoPE
 are computed as in diffusers' ``WanAttnProcessor`` (the processor here is checked against it
@@ -46,7 +46,7 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 _AMAX_FLOOR = 1e-12
 #: Scale of the softmax probabilities before their fp8 rounding (they lie in [0, 1]).
 PROBABILITY_SCALE = FP8_MAX
-INSTALL_HINT = 'pip install "ex4d[fp8-attention]" (NVIDIA\'s nvidia-cudnn-frontend)'
+INSTALL_HINT = "pip install nvidia-cudnn-frontend (ex4d's fp8-attention extra)"
 
 
 def quantize_tensorwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
