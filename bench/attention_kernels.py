@@ -84,9 +84,8 @@ def kernels() -> dict:
     except Exception as exc:  # report, not fail: the point is to list what exists here
         out["fa4_direct"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
     try:
-        from ex4d.diffusion.attention_fp8 import check_fp8_attention_device, fp8_attention
-
-        from ex4d.diffusion.attention_fp8 import centre_keys, quantize_tensorwise, sdpa_fp8_cudnn
+        from ex4d.diffusion.attention_fp8 import (centre_keys, check_fp8_attention_device, fp8_attention,
+                                                  quantize_tensorwise, sdpa_fp8_cudnn)
 
         check_fp8_attention_device("cuda")
         out["cudnn_fp8"] = fp8_attention

@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     if compile_:
         transformer.compile_repeated_blocks(fullgraph=True)
     variants = [v.strip() for v in args.variants.split(",")]
-    unknown = [v for v in variants if v.split("+")[0] not in VARIANTS or v.partition("+")[2] not in ("", "fp8-attention")]
+    unknown = [v for v in variants
+               if v.partition("+")[0] not in VARIANTS or v.partition("+")[2] not in ("", "fp8-attention")]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally +fp8-attention")
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_wan import make_tiny_components  # noqa: E402
+from tiny_wan import make_tiny_components, tiny_velocity  # noqa: E402
 
 from ex4d.diffusion import attention_fp8  # noqa: E402
 from ex4d.diffusion.attention_fp8 import (  # noqa: E402
@@ -80,36 +80,25 @@ def _tiny_transformer():
     return make_tiny_components(seed=0)["transformer"].eval()
 
 
-def _forward(transformer, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    cfg = transformer.config
-    x = torch.randn(1, cfg.in_channels, 3, 8, 8, generator=g)
-    text = torch.randn(1, 512, cfg.text_dim, generator=g)
-    image = torch.randn(1, 257, cfg.image_dim, generator=g)
-    with torch.no_grad():
-        return transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
-                           encoder_hidden_states_image=image, return_dict=False)[0]
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["separate-qkv", "fused-qkv"])
 def test_processor_is_diffusers_computation_around_the_kernel(monkeypatch, fused):
     """With the fp8 product swapped for the exact one, the processor gives diffusers' output bit for bit."""
     transformer = _tiny_transformer()
     if fused:
         fuse_self_attention_qkv(transformer)
-    reference = _forward(transformer)
+    reference = tiny_velocity(transformer, seed=1)
     monkeypatch.setattr(attention_fp8, "fp8_attention", exact_attention)
     assert use_fp8_self_attention(transformer) == len(transformer.blocks)
     assert all(isinstance(b.attn1.processor, FP8SelfAttentionProcessor) for b in transformer.blocks)
     assert not any(isinstance(b.attn2.processor, FP8SelfAttentionProcessor) for b in transformer.blocks)
-    assert torch.equal(_forward(transformer), reference)
+    assert torch.equal(tiny_velocity(transformer, seed=1), reference)
 
 
 def test_fp8_attention_in_the_tiny_transformer_deviates_by_rounding_only():
     transformer = _tiny_transformer()
-    reference = _forward(transformer)
+    reference = tiny_velocity(transformer, seed=1)
     use_fp8_self_attention(transformer, emulate=True)
-    out = _forward(transformer)
+    out = tiny_velocity(transformer, seed=1)
     deviation = relative_l2(out, reference)
     assert 1e-4 < deviation < 0.05, deviation
 

@@ -18,7 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_wan import make_tiny_components  # noqa: E402
+from tiny_wan import make_tiny_components, tiny_velocity  # noqa: E402
 
 from ex4d.diffusion.fp8 import (  # noqa: E402
     FP8_DTYPE,
@@ -174,24 +174,13 @@ def test_kernel_rule_converts_every_block_linear_of_a_16_multiple_model():
     assert all(type(transformer.get_submodule(n)) is nn.Linear for n in names)
 
 
-def _velocity(transformer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = transformer.config
-    x = torch.randn(1, cfg.in_channels, 3, 8, 8, generator=g)
-    text = torch.randn(1, 512, cfg.text_dim, generator=g)
-    image = torch.randn(1, 257, cfg.image_dim, generator=g)
-    with torch.no_grad():
-        return transformer(x, torch.tensor([500.0]), text, encoder_hidden_states_image=image,
-                           return_dict=False)[0]
-
-
 @pytest.mark.parametrize("emulate", EMULATED_AND_NATIVE)
 def test_tiny_transformer_velocity_deviation(emulate):
     """The velocity of the whole (16-multiple) tiny DiT in fp8 against fp32 (printed for the report)."""
     transformer = _tiny_wide_transformer()
-    reference = _velocity(transformer)
+    reference = tiny_velocity(transformer)
     assert convert_to_fp8(transformer, emulate=emulate) == 24
-    out = _velocity(transformer)
+    out = tiny_velocity(transformer)
     dev = velocity_deviation(reference, out)
     print(f"tiny DiT fp8 ({'emulated' if emulate else 'CPU _scaled_mm'}) vs fp32 velocity: {dev}")
     assert torch.isfinite(out).all()
@@ -205,12 +194,12 @@ def test_converted_blocks_compile_as_one_full_graph(emulate):
 
     transformer = _tiny_wide_transformer()
     convert_to_fp8(transformer, emulate=emulate)
-    eager = _velocity(transformer)
+    eager = tiny_velocity(transformer)
     torch._dynamo.reset()
     counters.clear()
     transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
     try:
-        compiled = _velocity(transformer)
+        compiled = tiny_velocity(transformer)
     finally:
         torch._dynamo.reset()
     assert torch.equal(eager, compiled)

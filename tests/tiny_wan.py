@@ -98,6 +98,19 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.M
     return model
 
 
+def tiny_velocity(transformer, seed: int = 0) -> torch.Tensor:
+    """One forward of a tiny Wan DiT on seeded random inputs: a 3x8x8 latent video, 512 text tokens and
+    257 image tokens (widths from its config), timestep 500; returns the velocity (1, C, 3, 8, 8)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    x = torch.randn(1, cfg.in_channels, 3, 8, 8, generator=g)
+    text = torch.randn(1, 512, cfg.text_dim, generator=g)
+    image = torch.randn(1, 257, cfg.image_dim, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
+                           encoder_hidden_states_image=image, return_dict=False)[0]
+
+
 def make_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
     """Seeded tiny random models of the real classes, in ``load_wan_components``'s dict layout."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel

@@ -679,10 +679,10 @@ def check_jobs(jobs: list[dict], *, manifest: str | os.PathLike | None = None, j
             if job.get("stage") == "run" and job.get("adapter") and not Path(job["adapter"]).exists():
                 problems.append(f"{tag}: adapter not found: {job['adapter']} (check the path)")
             if job.get("stage") == "run" and (job.get("fp8") or job.get("attention") == "fp8"):
-                from ex4d.pipeline import check_gpu_features
+                from ex4d.diffusion.performance import check_gpu_features
 
                 try:  # this machine's GPU, as ex4d run checks at its start
-                    check_gpu_features(job_generate_options(job))
+                    check_gpu_features(fp8=bool(job.get("fp8")), attention=job.get("attention"))
                 except UserError as exc:
                     problems.append(f"{tag}: {_one_line(exc)}")
             if job.get("stage") == "run" and job.get("lora"):

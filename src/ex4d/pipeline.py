@@ -902,22 +902,6 @@ def check_generate_paths(color: str | os.PathLike, mask: str | os.PathLike | Non
     return color, mask, output, record_path
 
 
-def check_gpu_features(options: GenerateOptions) -> None:
-    """One-line InputError unless this machine has what ``--fp8`` and ``--attention fp8`` need.
-
-    For the commands to call at their start (``ex4d run`` would otherwise refuse only after its depth
-    and recon); the device actually used is checked again when the generator is built.
-    """
-    if options.fp8:
-        from ex4d.diffusion.fp8 import check_fp8_available
-
-        check_fp8_available()
-    if options.attention == "fp8":
-        from ex4d.diffusion.attention_fp8 import check_fp8_attention_available
-
-        check_fp8_attention_available()
-
-
 def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
                  options: GenerateOptions, *, cache: dict | None = None, parallel=None,
                  progress: Progress | None = None, show_progress: bool = True) -> Path:
@@ -944,7 +928,7 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
              condition.kernel_sizes)
     long_clip = condition.num_frames > options.window
     if parallel is not None and parallel.world_size > 1:
-        from ex4d.diffusion.parallel import WAN_14B_HEADS, check_ulysses, num_video_tokens
+        from ex4d.diffusion.parallel import FP8_ATTENTION_WITH_ULYSSES, WAN_14B_HEADS, check_ulysses, num_video_tokens
 
         if long_clip:
             raise InputError(f"multi-GPU generation handles up to {options.window} frames; run longer clips on "
@@ -952,8 +936,7 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
         tokens = num_video_tokens(condition.num_frames, *condition.size)
         if parallel.ulysses_degree > 1:
             if options.attention == "fp8":  # before the weights load (enable_ulysses refuses it too)
-                raise InputError("--attention fp8 cannot split the sequence over GPUs (Ulysses); use --parallel cfg "
-                                 "(two GPUs, one guidance branch each) or --attention native")
+                raise InputError(FP8_ATTENTION_WITH_ULYSSES)
             check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
 
     # Prompt embeddings all in the cache: the text encoder is not even loaded.

@@ -154,7 +154,8 @@ def parse_fps(text) -> float | None:
 
 def options_from_args(args: argparse.Namespace):
     """GenerateOptions from parsed ``generate``/``run`` arguments."""
-    from ex4d.pipeline import GenerateOptions, check_gpu_features
+    from ex4d.diffusion.performance import check_gpu_features
+    from ex4d.pipeline import GenerateOptions
 
     options = GenerateOptions(
         seed=args.seed, steps=args.steps, cfg=args.cfg, prompt=args.prompt, negative_prompt=args.negative_prompt,
@@ -164,7 +165,8 @@ def options_from_args(args: argparse.Namespace):
         batch_cfg=False if args.no_batch_cfg else None, low_vram=args.low_vram, cpu_offload=args.cpu_offload,
         fp8=args.fp8, vram_budget=args.vram_budget, shift=args.shift, preset=args.preset,
         loras=tuple(args.loras or ()), prompt_cache=args.prompt_cache).validate()  # every number, before any work
-    check_gpu_features(options)  # --fp8 / --attention fp8 on this machine: before ex4d run's depth and recon
+    # --fp8 / --attention fp8 on this machine: now, not after ex4d run's depth and recon
+    check_gpu_features(fp8=options.fp8, attention=options.attention)
     return options
 
 

@@ -36,14 +36,11 @@ import math
 import torch
 from torch import nn
 
+from ex4d.diffusion.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX
 from ex4d.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
-#: An all-zero tensor gets this amax, so the scale stays finite and the tensor quantises to 0.
-_AMAX_FLOOR = 1e-12
 #: Scale of the softmax probabilities before their fp8 rounding (they lie in [0, 1]).
 PROBABILITY_SCALE = FP8_MAX
 INSTALL_HINT = "pip install nvidia-cudnn-frontend (ex4d's fp8-attention extra)"
@@ -52,7 +49,7 @@ INSTALL_HINT = "pip install nvidia-cudnn-frontend (ex4d's fp8-attention extra)"
 def quantize_tensorwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Any tensor -> (float8 e4m3 tensor of the same shape, fp32 descale of shape (1,)); t ~= q * descale."""
     t32 = t.float()
-    descale = t32.abs().amax().clamp(min=_AMAX_FLOOR) / FP8_MAX
+    descale = t32.abs().amax().clamp(min=AMAX_FLOOR) / FP8_MAX
     q = (t32 / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, descale.reshape(1)
 
@@ -105,10 +102,17 @@ class _Uid:
 
 
 class _Plan:
-    """One built cuDNN fp8 attention graph for one shape; ``fp8_out``: cuDNN writes O in fp8 (scaled)."""
+    """One built cuDNN fp8 attention graph for one shape; ``fp8_out``: cuDNN writes O in fp8 (scaled).
 
-    def __init__(self, graph, fp8_out: bool, workspace_bytes: int):
+    ``one``, ``scale_s``, ``descale_s``: its constant (1,) fp32 inputs, made once on its GPU rather than
+    in each of the 80 calls of a CFG step.
+    """
+
+    def __init__(self, graph, fp8_out: bool, workspace_bytes: int, device: torch.device):
         self.graph, self.fp8_out, self.workspace_bytes = graph, fp8_out, workspace_bytes
+        self.one = torch.ones(1, dtype=torch.float32, device=device)
+        self.scale_s = torch.full((1,), PROBABILITY_SCALE, dtype=torch.float32, device=device)
+        self.descale_s = self.one / self.scale_s
 
 
 def _build(cudnn, handle, shape: tuple[int, int, int, int, int], fp8_out: bool) -> _Plan:
@@ -140,7 +144,7 @@ def _build(cudnn, handle, shape: tuple[int, int, int, int, int], fp8_out: bool) 
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
     graph.build_plans()
-    return _Plan(graph, fp8_out, graph.get_workspace_size())
+    return _Plan(graph, fp8_out, graph.get_workspace_size(), torch.device("cuda", torch.cuda.current_device()))
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -183,16 +187,14 @@ def sdpa_fp8_cudnn(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale
     cudnn = _cudnn()
     handle = _handle(device_index)
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
-    one = torch.ones(1, dtype=torch.float32, device=q8.device)
-    scale_s = torch.full((1,), PROBABILITY_SCALE, dtype=torch.float32, device=q8.device)
     # fp8 output: |O| <= max |v| (O is a convex combination of v's rows), so 1 / descale_v maps it into range.
-    scale_o = 1.0 / descale_v.float() if plan.fp8_out else one
+    scale_o = 1.0 / descale_v.float() if plan.fp8_out else plan.one
     out = torch.empty(b, s_q, h, d, dtype=FP8_DTYPE if plan.fp8_out else torch.bfloat16, device=q8.device)
     amax = torch.empty(2, dtype=torch.float32, device=q8.device)
     workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=q8.device)
     plan.graph.execute({_Uid.Q: q8, _Uid.K: k8, _Uid.V: v8, _Uid.DESCALE_Q: descale_q.float(),
                         _Uid.DESCALE_K: descale_k.float(), _Uid.DESCALE_V: descale_v.float(),
-                        _Uid.DESCALE_S: one / scale_s, _Uid.SCALE_S: scale_s, _Uid.SCALE_O: scale_o,
+                        _Uid.DESCALE_S: plan.descale_s, _Uid.SCALE_S: plan.scale_s, _Uid.SCALE_O: scale_o,
                         _Uid.O: out, _Uid.AMAX_S: amax[0:1], _Uid.AMAX_O: amax[1:2]}, workspace, handle=handle)
     if plan.fp8_out:
         return (out.float() / scale_o).to(torch.bfloat16)
@@ -274,9 +276,7 @@ def check_fp8_attention_available() -> None:
     if not torch.cuda.is_available():
         check_fp8_attention_device("cpu")
     if not any(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())):
-        major, minor = torch.cuda.get_device_capability(0)
-        raise InputError(f"--attention fp8 needs a Hopper or newer GPU (compute capability 9.0+); "
-                         f"{torch.cuda.get_device_name(0)} is {major}.{minor}: use --attention native")
+        check_fp8_attention_device(torch.device("cuda", 0))  # names the GPU that falls short
     _cudnn()
 
 

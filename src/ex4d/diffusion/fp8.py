@@ -47,8 +47,8 @@ logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
-#: A row of zeros gets this amax (scale ~2e-15), so the division stays finite and the row quantises to 0.
-_AMAX_FLOOR = 1e-12
+#: A row (or tensor) of zeros gets this amax (scale ~2e-15), so the division stays finite and it quantises to 0.
+AMAX_FLOOR = 1e-12
 
 
 def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The scale maps each row's largest magnitude onto 448, float8_e4m3fn's largest finite value.
     """
     t32 = t.float()
-    scale = t32.abs().amax(dim=-1, keepdim=True).clamp(min=_AMAX_FLOOR) / FP8_MAX
+    scale = t32.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_MAX
     q = (t32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 

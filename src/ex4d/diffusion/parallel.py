@@ -222,6 +222,11 @@ def _cpu_device_count_fix() -> Iterator[None]:
         torch.accelerator.device_count = original
 
 
+#: Why --attention fp8 and Ulysses exclude each other (refused before the weights load and here).
+FP8_ATTENTION_WITH_ULYSSES = ("--attention fp8 cannot split the sequence over GPUs (Ulysses); use --parallel cfg "
+                              "(two GPUs, one guidance branch each) or --attention native")
+
+
 def enable_ulysses(transformer: torch.nn.Module, ctx: ParallelContext, *, num_tokens: int | None = None):
     """Turn on diffusers' Ulysses context parallelism over ``ctx``'s ulysses ranks (in place).
 
@@ -237,8 +242,7 @@ def enable_ulysses(transformer: torch.nn.Module, ctx: ParallelContext, *, num_to
 
     if any(isinstance(block.attn1.processor, FP8SelfAttentionProcessor) for block in transformer.blocks):
         # Its processor attends over the tokens it is given: split over ranks, that would be a different model.
-        raise InputError("--attention fp8 cannot split the sequence over GPUs (Ulysses); use --parallel cfg "
-                         "(two GPUs, one guidance branch each) or --attention native")
+        raise InputError(FP8_ATTENTION_WITH_ULYSSES)
     check_ulysses(transformer.config.num_attention_heads, num_tokens, ctx.ulysses_degree)
     config = ContextParallelConfig(ulysses_degree=ctx.ulysses_degree, mesh=ctx.cp_mesh())
     with _cpu_device_count_fix(), _quiet("diffusers.models.modeling_utils"):

@@ -106,20 +106,31 @@ class PerformanceOptions:
     def validate(self) -> None:
         if self.fuse_qkv and not self.merge_lora:
             self.fuse_qkv = False  # peft layers sit on the separate q/k/v linears
-        if self.fp8 and not self.fp8_emulate:
-            from ex4d.diffusion.fp8 import check_fp8_available
-
-            check_fp8_available()  # before 40 GB of weights load, not after
+        if not self.fp8_emulate:
+            check_gpu_features(fp8=self.fp8, attention=self.attention)  # before 40 GB of weights load, not after
         if self.low_vram and self.cpu_offload:
             raise InputError("choose one of --low-vram (block streaming) and --cpu-offload, not both")
-        if self.attention == "fp8" and not self.fp8_emulate:
-            from ex4d.diffusion.attention_fp8 import check_fp8_attention_available
-
-            check_fp8_attention_available()  # the one-line refusal, before any weights load
         if self.attention is not None and self.attention not in ATTENTION_BACKENDS \
                 and self.attention not in ATTENTION_BACKENDS.values():
             raise InputError(f"unknown attention backend {self.attention!r}; "
                              f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+def check_gpu_features(*, fp8: bool, attention: str | None) -> None:
+    """One-line InputError unless some visible GPU can run ``--fp8`` and ``--attention fp8`` (as asked).
+
+    Cheap (no weights, no kernel built): the commands call it at their start, so that ``ex4d run``
+    does not refuse only after its depth and recon; :func:`apply_performance` checks the device
+    actually used again.
+    """
+    if fp8:
+        from ex4d.diffusion.fp8 import check_fp8_available
+
+        check_fp8_available()
+    if attention == "fp8":
+        from ex4d.diffusion.attention_fp8 import check_fp8_attention_available
+
+        check_fp8_attention_available()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,13 +172,16 @@ def activate_fa4() -> None:
     activate_flash_attention_impl("FA4")
 
 
-def set_attention_backend(transformer: nn.Module, name: str) -> str:
-    """Select the attention kernel (process-global in diffusers; see the module notes)."""
+def set_attention_backend(transformer: nn.Module, name: str, *, emulate: bool = False) -> str:
+    """Select the attention kernel (process-global in diffusers; see the module notes).
+
+    ``fp8`` is per model instead: the blocks' self-attention processors (``emulate``: its CPU maths).
+    """
     backend = ATTENTION_BACKENDS.get(name, name)
     if name == "fp8":
         from ex4d.diffusion.attention_fp8 import use_fp8_self_attention
 
-        use_fp8_self_attention(transformer)
+        use_fp8_self_attention(transformer, emulate=emulate)
         return backend
     try:
         if name == "fa4":
@@ -421,14 +435,12 @@ def apply_performance(pipe, options: PerformanceOptions, device: torch.device | 
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    if options.attention == "fp8":
-        from ex4d.diffusion.attention_fp8 import check_fp8_attention_device, use_fp8_self_attention
+    if options.attention == "fp8" and not options.fp8_emulate:
+        from ex4d.diffusion.attention_fp8 import check_fp8_attention_device
 
-        if not options.fp8_emulate:
-            check_fp8_attention_device(device)
-        use_fp8_self_attention(transformer, emulate=options.fp8_emulate)
-    elif options.attention is not None:
-        set_attention_backend(transformer, options.attention)
+        check_fp8_attention_device(device)
+    if options.attention is not None:
+        set_attention_backend(transformer, options.attention, emulate=options.fp8_emulate)
     if options.compile:
         if options.low_vram:
             # The streaming hooks sit on the blocks, outside their forward: compile the forward
