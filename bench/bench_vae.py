@@ -2,14 +2,16 @@
 
 The generator encodes three 49-frame videos (frame 0 with zeros, the colour video, the mask) and
 decodes one; together about 2.5 s of every run on an H100 (bench_e2e.py). This times one encode of
-(1, 3, 49, 512, 512) and one decode of (1, 16, 13, 64, 64) for each variant:
+(1, 3, 49, 512, 512), the three encodes as one batch of (3, 3, 49, 512, 512), and one decode of
+(1, 16, 13, 64, 64) for each variant:
 
 * ``default``: what ex4d does (cuDNN's heuristic picks each convolution's algorithm);
 * ``benchmark``: ``torch.backends.cudnn.benchmark`` (cuDNN times the algorithms once per shape);
 * ``channels_last``: the convolution weights in ``channels_last_3d``;
 * ``benchmark+channels_last``.
 
-Each variant's outputs are compared with the default's (max |difference|). Median of ``--repeats``
+Each variant's outputs are compared with the default's (max |difference|), and the batch's latents
+with those of three single encodes. Median of ``--repeats``
 after two warm-ups. Prints ONE JSON object.
 
   python bench/bench_vae.py                 # on a GPU (~1 min)
@@ -66,6 +68,7 @@ def main(argv=None) -> int:
     vae = AutoencoderKLWan(**config).to(device=device, dtype=dtype).eval()
     frames, side = (49, 512) if not args.tiny else (9, 32)
     video = torch.rand(1, 3, frames, side, side, device=device, dtype=dtype) * 2 - 1
+    videos = torch.cat([video, torch.rand_like(video) * 2 - 1, torch.rand_like(video).round() * 4 - 3])
     latents = torch.randn(1, 16, (frames - 1) // 4 + 1, side // 8, side // 8, device=device, dtype=dtype)
     result = dict(bench="vae", commit=git_commit(), device=torch.cuda.get_device_name() if cuda else "cpu",
                   torch=torch.__version__, video=list(video.shape), latents=list(latents.shape), repeats=args.repeats,
@@ -79,8 +82,12 @@ def main(argv=None) -> int:
                 if isinstance(module, torch.nn.Conv3d):
                     module.weight.data = module.weight.data.contiguous(memory_format=fmt)
             encode_s, mean = timed(lambda: vae.encode(video).latent_dist.mode(), args.repeats, cuda)
+            batch_s, batch_mean = timed(lambda: vae.encode(videos).latent_dist.mode(), args.repeats, cuda)
+            singles = torch.cat([vae.encode(v[None]).latent_dist.mode() for v in videos])
             decode_s, decoded = timed(lambda: vae.decode(latents, return_dict=False)[0], args.repeats, cuda)
-            entry = {"encode_s": round(encode_s, 4), "decode_s": round(decode_s, 4)}
+            entry = {"encode_s": round(encode_s, 4), "encode_batch3_s": round(batch_s, 4),
+                     "batch3_max_abs_vs_singles": float((batch_mean.float() - singles.float()).abs().max()),
+                     "decode_s": round(decode_s, 4)}
             if name == "default":
                 reference = {"encode": mean.float(), "decode": decoded.float()}
             else:
