@@ -202,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", default=None, metavar="NAME",
                         help="the DiT's attention kernel, as ex4d generate --attention (default: native; fp8: "
                              "cuDNN's fp8 self-attention)")
+    parser.add_argument("--vae-contiguous", action="store_true",
+                        help="keep the VAE's convolution weights contiguous (ex4d's default is channels_last_3d on CUDA)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark on (cuDNN times its convolution algorithms once per "
                              "shape: the VAE's and DepthCrafter's); default off, as in ex4d")
@@ -242,7 +244,8 @@ def main(argv=None) -> int:
     perf = PerformanceOptions(merge_lora=options.merge_lora, attention=options.attention, compile=options.compile,
                               batch_cfg=options.batch_cfg, low_vram=options.low_vram, cpu_offload=options.cpu_offload,
                               fp8=options.fp8, vram_budget_gib=options.vram_budget, dtype=dtype,
-                              low_vram_tokens=num_video_tokens(args.frames, args.size, args.size))
+                              low_vram_tokens=num_video_tokens(args.frames, args.size, args.size),
+                              vae_channels_last=not args.vae_contiguous)
     if args.tiny and (options.fp8 or options.attention == "fp8"):
         perf.fp8_emulate = True  # the CPU has no fp8 tensor cores; the maths is emulated
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -324,7 +327,7 @@ def main(argv=None) -> int:
         fp8_bias_epilogue=Float8Linear.BIAS_IN_GEMM, low_vram=options.low_vram,
         vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
         depth=args.depth, depth_settings=depth_settings, attention=options.attention or "native",
-        cudnn_benchmark=args.cudnn_benchmark, runs=args.runs,
+        cudnn_benchmark=args.cudnn_benchmark, vae_channels_last=not args.vae_contiguous, runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
         denoise_step_s=round(denoise / options.steps, 4),

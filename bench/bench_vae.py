@@ -85,9 +85,18 @@ def main(argv=None) -> int:
             batch_s, batch_mean = timed(lambda: vae.encode(videos).latent_dist.mode(), args.repeats, cuda)
             singles = torch.cat([vae.encode(v[None]).latent_dist.mode() for v in videos])
             decode_s, decoded = timed(lambda: vae.decode(latents, return_dict=False)[0], args.repeats, cuda)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                vae.encode(video).latent_dist.mode()
+                encode_peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                vae.decode(latents, return_dict=False)
+                decode_peak = torch.cuda.max_memory_allocated()
             entry = {"encode_s": round(encode_s, 4), "encode_batch3_s": round(batch_s, 4),
                      "batch3_max_abs_vs_singles": float((batch_mean.float() - singles.float()).abs().max()),
                      "decode_s": round(decode_s, 4)}
+            if cuda:
+                entry.update(encode_peak_gib=round(encode_peak / 2**30, 3), decode_peak_gib=round(decode_peak / 2**30, 3))
             if name == "default":
                 reference = {"encode": mean.float(), "decode": decoded.float()}
             else:

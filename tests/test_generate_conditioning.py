@@ -146,6 +146,26 @@ def test_load_condition_shapes_values_and_seed(tmp_path):
     assert (c.mask > 0).sum() > (a.mask > 0).sum(), "erosion shrinks the visible area"
 
 
+@pytest.mark.parametrize("size", [(32, 32), (16, 16)])
+def test_load_condition_equals_the_formula_on_the_decoded_files_bit_for_bit(tmp_path, size):
+    """At the file's own size (no resize, no frame pick) and resized: the same bits as the formula
+    applied step by step to the decoded videos (numpy's uint8 -> [0, 1], bilinear resize, erosion)."""
+    from ex4d.diffusion.conditioning import first_frame_uint8
+    from ex4d.io.video import read_mask_video, read_video, resize_frames, to_float01
+
+    colour_path, mask_path = _write_pair(tmp_path)
+    got = load_condition(colour_path, mask_path, size=size, seed=4)
+    colour, _ = read_video(colour_path)
+    visible = read_mask_video(mask_path) > 0
+    if size != colour.shape[1:3]:
+        colour = resize_frames(colour, size)
+        visible = resize_frames(visible[..., None].astype(np.float32), size)[..., 0] > 0.5
+    mask = erode_masks(torch.from_numpy(visible), sample_erosion_sizes(len(colour), 4))
+    cond, mask_scaled = scale_condition(torch.from_numpy(to_float01(colour)), mask)
+    assert torch.equal(got.cond, cond) and torch.equal(got.mask, mask_scaled)
+    assert np.array_equal(got.first_frame, first_frame_uint8(cond).permute(1, 2, 0).numpy().astype(np.uint8))
+
+
 def test_mask_found_beside_colour_and_mkv_preferred(tmp_path):
     colour_path, mask_path = _write_pair(tmp_path)
     assert find_mask_for(colour_path) == mask_path

@@ -276,3 +276,39 @@ def test_attention_backend_errors_name_the_fix():
     except ImportError:
         with pytest.raises(InputError, match="pip install flash-attn-4"):
             set_attention_backend(dit, "fa4")
+
+
+@torch.no_grad()
+def test_vae_channels_last_keeps_the_outputs():
+    """The VAE with channels-last convolutions computes the same latents and frames (CPU, fp32)."""
+    from ex4d.diffusion.performance import channels_last_convolutions
+
+    vae = make_tiny_components(0)["vae"].float().eval()
+    video = torch.rand(1, 3, T, H, W, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    before = vae.encode(video).latent_dist.mode()
+    decoded_before = vae.decode(before, return_dict=False)[0]
+    convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert channels_last_convolutions(vae) == len(convs) > 0
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
+    after = vae.encode(video).latent_dist.mode()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vae.decode(after, return_dict=False)[0], decoded_before, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_channels_last_only_on_cuda(pipe):
+    """On the CPU apply_performance leaves the VAE as loaded (the option is for cuDNN's kernels)."""
+    convs = [m for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(c.weight.is_contiguous() for c in convs)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_vae_channels_last_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    on = build_pipeline(make_tiny_components(0), None, PerformanceOptions(), "cuda")
+    off = build_pipeline(make_tiny_components(0), None, PerformanceOptions(vae_channels_last=False), "cuda")
+    conv = next(m for m in on.vae.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_cuda and conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    video = torch.rand(1, 3, T, H, W, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(on._vae_encode(video), off._vae_encode(video), rtol=0.05, atol=0.05)

@@ -252,8 +252,9 @@ def _read_grey_video(path: Path, what: str) -> tuple[np.ndarray, float, str]:
 def _binarise_mask_frames(grey: np.ndarray, path: Path, lossless: bool) -> np.ndarray:
     """uint8 grey (T, H, W) -> bool, refusing soft or wrong videos with a clear message."""
     if lossless:
-        values = np.unique(grey)
-        if grey.max() <= 1:  # a {0, 1} mask written without the 255 scale
+        counts = np.bincount(grey.ravel(), minlength=256)  # the values present (faster than np.unique)
+        values = np.flatnonzero(counts)
+        if values.max() <= 1:  # a {0, 1} mask written without the 255 scale
             return grey > 0
         if not np.isin(values, (0, 255)).all():
             bad = values[~np.isin(values, (0, 255))][:5].tolist()
@@ -279,7 +280,7 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
     Raises :class:`InputError` for unreadable files, colour/mask frame-count or size mismatch,
     non-binary or empty masks and frame counts that are not 4k+1.
     """
-    from ex4d.io.video import read_video, resize_frames, to_float01
+    from ex4d.io.video import read_video, resize_frames
 
     color_path = require_file(color_path, "colour video")
     mask_file = find_mask_for(color_path, mask_path)
@@ -307,16 +308,21 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
             raise InputError(f"colour video {color_path} has {total} frames but {num_frames} were asked; "
                              f"pass --num-frames {max(1, (total - 1) // 4 * 4 + 1)}")
         indices = np.linspace(0, total - 1, num_frames).astype(int)  # the reference's frame pick
-    colour, visible = colour[indices], visible[indices]
+    if len(indices) != total:  # (the identity pick copies nothing: 37 MB of colour at 49x512x512)
+        colour, visible = colour[indices], visible[indices]
     if not visible[0].all():
         logger.warning("mask frame 0 of %s is not fully visible; frame 0 should be the source view", mask_file)
 
     height, width = parse_size(size, colour.shape[1:3])
-    colour01 = torch.from_numpy(to_float01(resize_frames(colour, (height, width))))
-    # Bilinear resize of the {0, 1} mask then threshold at 0.5 equals the reference's resize of the
-    # 0/255 video, erosion and "> 0.5" (erosion is a min filter, so it commutes with thresholding).
-    mask_small = resize_frames(visible[..., None].astype(np.float32), (height, width))[..., 0] > 0.5
-    mask_t = torch.from_numpy(mask_small)
+    resized = colour.shape[1:3] != (height, width)
+    if resized:
+        colour = resize_frames(colour, (height, width))
+        # Bilinear resize of the {0, 1} mask then threshold at 0.5 equals the reference's resize of the
+        # 0/255 video, erosion and "> 0.5" (erosion is a min filter, so it commutes with thresholding).
+        visible = resize_frames(visible[..., None].astype(np.float32), (height, width))[..., 0] > 0.5
+    # uint8 -> [0, 1] float32 in torch: the same IEEE division as io.video.to_float01, on all cores.
+    colour01 = torch.from_numpy(np.ascontiguousarray(colour)).to(torch.float32).div_(255.0)
+    mask_t = torch.from_numpy(np.ascontiguousarray(visible))
     sizes = sample_erosion_sizes(len(indices), seed) if erode else [0] * len(indices)
     if erode:
         mask_t = erode_masks(mask_t, sizes)

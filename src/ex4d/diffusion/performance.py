@@ -86,6 +86,10 @@ class PerformanceOptions:
         decides how many DiT blocks stay resident instead of streaming.
     low_vram_tokens: video tokens per CFG branch the budget is planned for (512x512x49: 13312).
     resident_blocks: force the number of resident DiT blocks in the low-VRAM mode (None: planned).
+    vae_channels_last: on a CUDA device, keep the VAE's 3D convolution weights in ``channels_last_3d``
+        (cuDNN then runs the channels-last kernels: 12% faster encodes and decodes at 512x512x49 on
+        an H100, bench/bench_vae.py). The results differ from the contiguous layout's by cuDNN's
+        choice of kernel: at most one bf16 step in the latents, a few 8-bit levels in the frames.
     """
 
     merge_lora: bool = True
@@ -101,6 +105,7 @@ class PerformanceOptions:
     vram_budget_gib: float | None = None
     low_vram_tokens: int = 13312
     resident_blocks: int | None = None
+    vae_channels_last: bool = True
     compile_kwargs: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -199,6 +204,20 @@ def set_attention_backend(transformer: nn.Module, name: str, *, emulate: bool = 
 #: they plan 21 resident blocks and the measured peak is 22.7 GiB (bench/bench_generate.py).
 LOW_VRAM_BYTES_PER_TOKEN = 250_000
 LOW_VRAM_FIXED_BYTES = int(2.5 * 2**30)
+
+
+def channels_last_convolutions(module: nn.Module) -> int:
+    """Put every Conv3d weight of ``module`` in ``channels_last_3d`` (in place); returns how many.
+
+    A convolution whose weight is channels-last runs cuDNN's channels-last kernels and returns
+    channels-last activations, so the layout carries from layer to layer. ``.to(device)`` keeps it.
+    """
+    count = 0
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv3d):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            count += 1
+    return count
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -435,6 +454,8 @@ def apply_performance(pipe, options: PerformanceOptions, device: torch.device | 
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if options.vae_channels_last and device.type == "cuda" and getattr(pipe, "vae", None) is not None:
+        channels_last_convolutions(pipe.vae)
     if options.attention == "fp8" and not options.fp8_emulate:
         from ex4d.diffusion.attention_fp8 import check_fp8_attention_device
 
