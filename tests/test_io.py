@@ -120,3 +120,46 @@ def test_h264_of_a_narrow_video_decodes_to_its_own_size(tmp_path):
     assert in_place < 2.0  # lossy (1.63 measured, as without the extra columns), but the same picture
     assert np.abs(decoded[:, :, 1:] - frames[:, :, :-1]).mean() > in_place + 0.3  # one column off: worse
     assert np.abs(decoded[:, :, :-1] - frames[:, :, 1:]).mean() > in_place + 0.3
+
+
+def test_read_ahead_keeps_order_and_raises_the_sources_error_in_place():
+    from ex4d.io.arrays import read_ahead
+
+    assert list(read_ahead(range(10), ahead=3)) == list(range(10))
+
+    def source():
+        yield 1
+        yield 2
+        raise InputError("frame 3 is unreadable")
+
+    got = []
+    with pytest.raises(InputError, match="frame 3 is unreadable"):
+        for item in read_ahead(source()):
+            got.append(item)
+    assert got == [1, 2], "the items before the error arrive first"
+    with pytest.raises(ValueError, match="ahead"):
+        next(read_ahead([1], ahead=0))
+
+
+def test_read_ahead_closed_early_stops_its_thread_and_closes_the_source():
+    import threading
+
+    from ex4d.io.arrays import read_ahead
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            k = 0
+            while True:
+                yield k
+                k += 1
+        finally:
+            closed.set()
+
+    before = threading.active_count()
+    stream = read_ahead(endless(), ahead=2)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()
+    assert closed.wait(5), "the source generator was closed (its open files released)"
+    assert threading.active_count() == before, "the reading thread ended"

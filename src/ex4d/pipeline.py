@@ -396,6 +396,7 @@ def _staging_tag() -> str:
 def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory, options: ReconOptions,
                  mesh_options: dict, fps: float, device, progress, iter_frames) -> tuple[dict[str, Path], dict]:
     """Render and encode the condition, meshes and camera file into ``staging``, frame by frame."""
+    from ex4d.io.arrays import read_ahead
     from ex4d.mesh.dwmesh import export_ply
     from ex4d.render.condition import iter_condition
     from ex4d.types import ConditionWriter
@@ -417,8 +418,9 @@ def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory
 
         stats: dict = {}
         render = functools.partial(iter_stereo_condition, stats=stats)
-    stream = render(clip.iter_frames(), iter_frames(depth.depth), K_src, trajectory, size=clip.size,
-                    num_frames=clip.num_frames, **mesh_options, only_first_frame=options.only_first_frame,
+    # The video decodes and the depth reads one frame ahead, on threads, while the frame before renders.
+    stream = render(read_ahead(clip.iter_frames()), read_ahead(iter_frames(depth.depth)), K_src, trajectory,
+                    size=clip.size, num_frames=clip.num_frames, **mesh_options, only_first_frame=options.only_first_frame,
                     device=str(device), progress=progress, antialias=options.antialias,
                     pixel_convention=options.pixel_convention,
                     mesh_callback=None if options.save_mesh == "none" else save_mesh, settings=settings)

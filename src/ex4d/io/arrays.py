@@ -28,9 +28,11 @@ import struct
 import weakref
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class FrameSequence:
@@ -123,6 +125,67 @@ def iter_frames(array) -> Iterator[np.ndarray]:
     else:
         for k in range(len(array)):
             yield array[k]
+
+
+def read_ahead(items: Iterable[T], ahead: int = 2) -> Iterator[T]:
+    """Iterate ``items`` on a thread of its own, up to ``ahead`` items in advance of the consumer.
+
+    For sources that wait on something other than Python (video decoding, file reads): the wait
+    then overlaps the consumer's work. Items arrive in order; an exception raised by the source is
+    raised again, unchanged, at the point the consumer reaches it. Closing the iterator (or
+    dropping it) stops the thread within one item.
+    """
+    import queue
+    import threading
+
+    if ahead < 1:
+        raise ValueError(f"ahead must be >= 1, got {ahead}")
+    buffer: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+    done = object()
+
+    source = iter(items)
+
+    def fill() -> None:
+        try:
+            for item in source:
+                if not _put(buffer, (True, item), stop):
+                    return
+        except BaseException as error:  # handed to the consumer, raised there
+            _put(buffer, (False, error), stop)
+            return
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:  # a generator's own cleanup (an open video file) runs here, not at GC
+                close()
+        _put(buffer, (True, done), stop)
+
+    thread = threading.Thread(target=fill, name="read ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = buffer.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _put(buffer, entry, stop) -> bool:
+    """Queue ``entry`` unless ``stop`` is set first; returns whether it was queued."""
+    import queue
+
+    while not stop.is_set():
+        try:
+            buffer.put(entry, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def frames_sha1(array) -> str:
