@@ -37,6 +37,10 @@ def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
                            "vae_decode", "generate_io"}
     assert all(value >= 0 for value in stages.values()) and result["total_s_median"] > 0
     assert len(result["total_s_runs"]) == 1
+    encodes = result["final_encode_s_median"]
+    assert set(encodes) == {"generated_frames", "source_clip_frames"} and all(v > 0 for v in encodes.values())
+    swapped = result["total_s_median"] - encodes["generated_frames"] + encodes["source_clip_frames"]
+    assert abs(result["total_s_median_with_source_like_final_encode"] - swapped) <= 0.002  # rounding only
     # the profiled run is an extra run: its folder exists, and its stats name the pipeline's stages
     assert (tmp_path / "work" / "profiled" / "ex4d_90.mp4").is_file()
     functions = {name for (_, _, name) in pstats.Stats(str(profile)).stats}
@@ -77,3 +81,10 @@ def test_bench_e2e_never_replaces_an_existing_profile_file(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "exists; give a new file" in proc.stderr
     assert existing.read_text() == "not ex4d's"
+
+
+def test_bench_condition_io_small():
+    result = run_bench("bench_condition_io.py", "--frames", "5", "--size", "64", "--repeats", "1")
+    assert result["bench"] == "condition_io" and result["frames"] == 5 and result["size"] == [64, 64]
+    for key in ("load_condition_s_median", "write_video_s_median", "write_video_noise_s_median"):
+        assert result[key] > 0, key
