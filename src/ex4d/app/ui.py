@@ -512,24 +512,13 @@ def eval_markdown(result) -> str:
 def gpu_feature_gaps() -> tuple[str, str]:
     """Why this machine cannot run --fp8 and --attention fp8, in a few words for the page ("" where it can).
 
-    The same conditions as ex4d.diffusion.fp8.check_fp8_available and
-    attention_fp8.check_fp8_attention_available, which give the commands' full one-line errors.
+    The conditions are the commands' own (ex4d.diffusion.fp8.fp8_gap and attention_fp8.fp8_attention_gap,
+    which their checks use); the commands give the full one-line errors.
     """
-    import importlib.util
+    from ex4d.diffusion.attention_fp8 import fp8_attention_gap
+    from ex4d.diffusion.fp8 import fp8_gap
 
-    import torch
-
-    if not torch.cuda.is_available():
-        return "not available: no CUDA GPU here", "not available: no CUDA GPU here"
-    capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    fp8 = "" if any(c >= (8, 9) for c in capabilities) else "not available: this GPU has no fp8 tensor cores"
-    if not any(c[0] >= 9 for c in capabilities):
-        attention = "not available: needs a Hopper or newer GPU"
-    elif importlib.util.find_spec("cudnn") is None:
-        attention = "not available: pip install nvidia-cudnn-frontend"
-    else:
-        attention = ""
-    return fp8, attention
+    return tuple(f"not available: {gap}" if gap else "" for gap in (fp8_gap(), fp8_attention_gap()))
 
 
 def launch(backend: AppBackend, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,

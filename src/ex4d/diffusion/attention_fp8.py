@@ -30,6 +30,7 @@ tile by tile, before the softmax's normalisation) but not bit-identical.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 
@@ -270,13 +271,29 @@ def check_fp8_attention_device(device: torch.device | str) -> None:
     cudnn_plan(index, (1, 256, 256, 40, 128))  # an unsupported cuDNN says so now, not after the weights load
 
 
+def _hopper_gap() -> str:
+    """Why no visible GPU is Hopper or newer, in a few words; "" when one is."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here"
+    if not any(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())):
+        return "needs a Hopper or newer GPU"
+    return ""
+
+
+def fp8_attention_gap() -> str:
+    """Why this machine cannot run ``--attention fp8``, in a few words (the app shows it); "" when it can.
+    The package is only looked up, not imported."""
+    gpu = _hopper_gap()
+    if gpu:
+        return gpu
+    return "" if importlib.util.find_spec("cudnn") is not None else "pip install nvidia-cudnn-frontend"
+
+
 def check_fp8_attention_available() -> None:
     """One-line InputError unless some visible GPU is Hopper or newer and the cuDNN frontend imports: checked
     before any weights load (:func:`check_fp8_attention_device` checks the device used once it is known)."""
-    if not torch.cuda.is_available():
-        check_fp8_attention_device("cpu")
-    if not any(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())):
-        check_fp8_attention_device(torch.device("cuda", 0))  # names the GPU that falls short
+    if _hopper_gap():  # the full error names the device that falls short
+        check_fp8_attention_device(torch.device("cuda", 0) if torch.cuda.is_available() else "cpu")
     _cudnn()
 
 

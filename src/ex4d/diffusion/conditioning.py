@@ -314,8 +314,7 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
         logger.warning("mask frame 0 of %s is not fully visible; frame 0 should be the source view", mask_file)
 
     height, width = parse_size(size, colour.shape[1:3])
-    resized = colour.shape[1:3] != (height, width)
-    if resized:
+    if colour.shape[1:3] != (height, width):
         colour = resize_frames(colour, (height, width))
         # Bilinear resize of the {0, 1} mask then threshold at 0.5 equals the reference's resize of the
         # 0/255 video, erosion and "> 0.5" (erosion is a min filter, so it commutes with thresholding).

@@ -232,15 +232,20 @@ def check_fp8_device(device: torch.device | str) -> None:
                          f"{name} is {major}.{minor}: drop --fp8 (or use --low-vram to save memory)")
 
 
+def fp8_gap() -> str:
+    """Why no visible GPU can run ``--fp8``, in a few words (the app shows it); "" when one can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here"
+    if any(torch.cuda.get_device_capability(i) >= (8, 9) for i in range(torch.cuda.device_count())):
+        return ""
+    return "this GPU has no fp8 tensor cores"
+
+
 def check_fp8_available() -> None:
     """One-line InputError unless some visible CUDA GPU has fp8 tensor cores (checked before any weights load;
     :func:`check_fp8_device` checks the device actually used once it is known)."""
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            if torch.cuda.get_device_capability(index) >= (8, 9):
-                return
-        check_fp8_device(torch.device("cuda", 0))  # names the GPU that falls short
-    check_fp8_device("cpu")
+    if fp8_gap():  # the full error names the device that falls short
+        check_fp8_device(torch.device("cuda", 0) if torch.cuda.is_available() else "cpu")
 
 
 def velocity_deviation(reference: torch.Tensor, other: torch.Tensor) -> dict:
