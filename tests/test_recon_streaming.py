@@ -228,6 +228,55 @@ def test_background_video_writer_errors_leave_nothing(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("encode ")], "encoder threads left running"
 
 
+def test_background_writers_flush_on_their_threads_at_once(tmp_path):
+    """end_input starts each background writer's final flush on its own thread without waiting: the
+    ConditionWriter's three videos flush at the same time. The bytes equal a foreground encode; a
+    flush error is raised at the block's end and no file is kept; writing after end_input is refused."""
+    import threading
+
+    from ex4d.io.video import VideoWriter
+    from ex4d.types import ConditionWriter
+
+    frames = (np.random.default_rng(3).random((12, 32, 48, 3)) * 255).astype(np.uint8)
+    flushing = threading.Barrier(3, timeout=20)  # passes only if the three flushes run at the same time
+    originals = {}
+
+    def barrier_flush(writer):
+        def flush():
+            flushing.wait()
+            originals[writer.path.name]()
+        return flush
+
+    with ConditionWriter(tmp_path / "bg", "x", 10) as condition:
+        for writer in condition._writers.values():
+            originals[writer.path.name] = writer._flush
+            writer._flush = barrier_flush(writer)
+        for frame in frames:
+            condition.write(frame.astype(np.float32) / 255, frame[..., 0] > 127)
+    (tmp_path / "fg").mkdir()
+    with VideoWriter(tmp_path / "fg" / "color_x.mp4", 10) as writer:
+        for frame in frames:
+            writer.write(frame)
+    assert (tmp_path / "bg" / "color_x.mp4").read_bytes() == (tmp_path / "fg" / "color_x.mp4").read_bytes()
+
+    with pytest.raises(ValueError, match="write after end_input"):
+        with VideoWriter(tmp_path / "late.mp4", 10, background=True) as writer:
+            writer.write(frames[0])
+            writer.end_input()
+            writer.write(frames[1])
+
+    def failing_flush():
+        raise RuntimeError("flush failed")
+
+    with pytest.raises(RuntimeError, match="flush failed"):
+        with VideoWriter(tmp_path / "failed.mp4", 10, background=True) as writer:
+            writer._flush = failing_flush
+            for frame in frames:
+                writer.write(frame)
+    assert not (tmp_path / "late.mp4").exists() and not (tmp_path / "failed.mp4").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("encode ")], "encoder threads left running"
+
+
 def test_ctrl_c_while_the_encoder_thread_starts_is_still_an_interrupt(tmp_path, monkeypatch):
     """Ctrl-C between creating the encoder thread and starting it: the interrupt goes through (exit
     130 in the CLI), not "cannot join thread before it is started" (exit 3), and nothing is kept."""

@@ -285,4 +285,7 @@ class ConditionWriter:
         self._writers["mask_lossless"].write(mask_u8)
 
     def __exit__(self, *exc):
+        if exc[0] is None:
+            for writer in self._writers.values():  # the three flush at once, each on its own thread
+                writer.end_input()
         return self._stack.__exit__(*exc)

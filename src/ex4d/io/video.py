@@ -143,6 +143,9 @@ def pad_columns(image: np.ndarray, pad: int) -> np.ndarray:
     return np.concatenate([image, np.repeat(image[:, -1:], pad, axis=1)], axis=1) if pad else image
 
 
+_FLUSH = object()  # a background writer's end mark: flush the encoder, then stop
+
+
 class VideoWriter:
     """Write a video one frame at a time, atomically (the file appears only when the block succeeds).
 
@@ -157,7 +160,10 @@ class VideoWriter:
     it into a queue of at most ``queue_frames`` frames and returns, so the caller makes the next frame
     while this one is encoded (PyAV releases the GIL inside the encoder), and several background
     writers encode at the same time. The bytes are the same as in the foreground. An encoding error
-    is raised by the next ``write`` or at the end of the block; the file is then not kept.
+    is raised by the next ``write`` or at the end of the block; the file is then not kept. The
+    encoder's final flush runs on that thread too: x264 holds back its look-ahead (about 40 frames at
+    ``medium``), so most of a short clip is encoded there. ``end_input`` starts it without waiting,
+    so that several writers flush at once (:class:`ex4d.types.ConditionWriter` ends its three so).
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, codec: str = "h264", crf: int = 16,
@@ -172,6 +178,7 @@ class VideoWriter:
         self._shape = None  # (H, W, grey) of the first frame; every frame must match it
         self._pad = 0  # extra H.264 columns (H264_WIDTH_MULTIPLE), cropped in the stream header
         self._queue = self._thread = self._error = None
+        self._input_ended = False  # end_input() was called: the thread flushes and stops
 
     def __enter__(self) -> "VideoWriter":
         self._atomic = atomic_path(self.path)
@@ -230,8 +237,15 @@ class VideoWriter:
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
 
+    def _flush(self) -> None:
+        """Drain the encoder's delayed frames into the container (the end of the stream)."""
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+
     def write(self, frame: np.ndarray) -> None:
         """Encode one uint8 frame (H, W, 3) RGB or (H, W) / (H, W, 1) grey."""
+        if self._input_ended:
+            raise ValueError(f"{self.path}: write after end_input")
         frame = self._checked(frame)
         if not self.background:
             self._encode(frame)
@@ -256,6 +270,13 @@ class VideoWriter:
             frame = self._queue.get()
             if frame is None:
                 return
+            if frame is _FLUSH:
+                if self._error is None and self._container is not None:
+                    try:
+                        self._flush()
+                    except BaseException as error:
+                        self._error = error
+                return
             if self._error is None:
                 try:
                     self._encode(frame)
@@ -266,26 +287,37 @@ class VideoWriter:
         if self._error is not None:
             raise self._error
 
-    def _stop_encoder(self) -> None:
+    def end_input(self) -> None:
+        """No more frames: a background writer starts its final flush on its thread and returns at once
+        (the block's end then waits for it). Without ``background`` this does nothing until the end."""
+        if self.background and not self._input_ended and self._thread is not None:
+            self._queue.put(_FLUSH)
+        self._input_ended = True
+
+    def _stop_encoder(self, flush: bool) -> None:
+        """End the encoder thread (after its flush when ``flush``) and wait for it."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        self._queue.put(None)  # the end mark is queued even for a thread still starting: it ends on it
+        if not self._input_ended:
+            # The end mark is queued even for a thread still starting: it ends on it.
+            self._queue.put(_FLUSH if flush else None)
+            self._input_ended = True
         if thread.ident is not None:  # an interrupt (Ctrl-C) can land between creating and starting it
             thread.join()
 
     def __exit__(self, exc_type, exc, tb):
+        flushed_on_thread = self.background and self._thread is not None
         try:
-            self._stop_encoder()
+            self._stop_encoder(flush=exc_type is None)
             try:
                 if exc_type is None:
                     self._raise_encoder_error()
             finally:
                 if self._container is not None:
                     try:
-                        if exc_type is None:
-                            for packet in self._stream.encode():
-                                self._container.mux(packet)
+                        if exc_type is None and not flushed_on_thread:
+                            self._flush()
                     finally:
                         self._container.close()
             if exc_type is None and not self.frames_written:
