@@ -115,6 +115,62 @@ class Stages:
         self.peaks.clear()
 
 
+def time_recon_parts(stages: Stages) -> None:
+    """Time the parts of recon as stages ``recon.*``, on the main thread, by wrapping what it calls:
+
+    ``recon.renderer_setup`` / ``recon.renderer_release`` (the EGL context, its buffers and program),
+    ``recon.render_loop`` (time inside
+    the frame iterator: mesh, render, antialias, waiting for the read-ahead), ``recon.write`` (handing
+    frames to the encoders), ``recon.encode_finish`` (the encoders' flush at the end),
+    ``recon.depth_sha1`` (the depth's identity for reuse). The rest of ``recon`` is set-up and publishing.
+    """
+    import ex4d.io.arrays as arrays
+    import ex4d.render.condition as condition
+    import ex4d.types as types
+    from ex4d.render.rasterizer import MeshRenderer
+
+    def timed_iter(fn):
+        def wrapper(*args, **kwargs):
+            frames = fn(*args, **kwargs)
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(frames)
+                except StopIteration:
+                    return
+                finally:
+                    stages.times.setdefault("recon.render_loop_parts", []).append(time.perf_counter() - start)
+                yield item
+        return wrapper
+
+    def accumulate(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stages.times.setdefault(name, []).append(time.perf_counter() - start)
+        return wrapper
+
+    condition.iter_condition = timed_iter(condition.iter_condition)
+    MeshRenderer.__init__ = accumulate("recon.renderer_setup_parts", MeshRenderer.__init__)
+    MeshRenderer.release = accumulate("recon.renderer_release_parts", MeshRenderer.release)
+    types.ConditionWriter.write = accumulate("recon.write_parts", types.ConditionWriter.write)
+    types.ConditionWriter.__exit__ = accumulate("recon.encode_finish_parts", types.ConditionWriter.__exit__)
+    arrays.frames_sha1 = accumulate("recon.depth_sha1_parts", arrays.frames_sha1)
+
+
+def summed_parts(times: dict, runs: int) -> dict:
+    """``*_parts`` lists (one entry per call) summed per run: the whole list split into ``runs`` equal
+    runs (each run makes the same calls)."""
+    out = {}
+    for name, values in times.items():
+        if name.endswith("_parts") and runs and len(values) % runs == 0:
+            per = len(values) // runs
+            out[name[:-len("_parts")]] = statistics.median(sum(values[i * per:(i + 1) * per]) for i in range(runs))
+    return out
+
+
 def build_depth(tiny: bool, device: str, compile_: bool = False, kind: str = "depthcrafter"):
     """A depth estimator of the real classes with random weights, resident: (estimator, settings).
 
@@ -235,6 +291,8 @@ def main(argv=None) -> int:
                              "cuDNN's fp8 self-attention)")
     parser.add_argument("--vae-contiguous", action="store_true",
                         help="keep the VAE's convolution weights contiguous (ex4d's default is channels_last_3d on CUDA)")
+    parser.add_argument("--no-vae-norm-compile", action="store_true",
+                        help="leave the VAE's RMS norms eager (ex4d compiles them with --compile on CUDA)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark on (cuDNN times its convolution algorithms once per "
                              "shape: the VAE's and DepthCrafter's); default off, as in ex4d")
@@ -276,7 +334,8 @@ def main(argv=None) -> int:
                               batch_cfg=options.batch_cfg, low_vram=options.low_vram, cpu_offload=options.cpu_offload,
                               fp8=options.fp8, vram_budget_gib=options.vram_budget, dtype=dtype,
                               low_vram_tokens=num_video_tokens(args.frames, args.size, args.size),
-                              vae_channels_last=not args.vae_contiguous)
+                              vae_channels_last=not args.vae_contiguous,
+                              compile_vae_norms=not args.no_vae_norm_compile)
     if args.tiny and (options.fp8 or options.attention == "fp8"):
         perf.fp8_emulate = True  # the CPU has no fp8 tensor cores; the maths is emulated
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -293,6 +352,7 @@ def main(argv=None) -> int:
     for method, name in (("encode_prompt", "text_encoder"), ("encode_image", "image_encoder"),
                          ("prepare_condition", "vae_encode"), ("decode_latents", "vae_decode")):
         stages.wrap(pipe, method, name)
+    time_recon_parts(stages)
     pipe_class = type(pipe)
     call = pipe_class.__call__
     pipe_class.__call__ = lambda self, *a, **k: stages.run("sampler_call", call, self, *a, **k)
@@ -330,7 +390,9 @@ def main(argv=None) -> int:
         totals.append(whole(work / f"run{i}"))
         note(f"run {i + 1}: {totals[-1]:.2f}s")
 
-    med = {k: statistics.median(v) for k, v in stages.times.items()}
+    med = {k: statistics.median(v) for k, v in stages.times.items() if not k.endswith("_parts")}
+    med.update(summed_parts(stages.times, args.runs))
+    recon_parts = {k.split(".", 1)[1] + "_s": round(v, 3) for k, v in med.items() if k.startswith("recon.")}
     final_encode = time_final_encodes(work / f"run{args.runs - 1}" / f"ex4d_{args.cam}.mp4", video)
     note(f"final encode: {final_encode}")
     if args.cprofile:
@@ -360,9 +422,11 @@ def main(argv=None) -> int:
         fp8_bias_epilogue=Float8Linear.BIAS_IN_GEMM, low_vram=options.low_vram,
         vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
         depth=args.depth, depth_settings=depth_settings, attention=options.attention or "native",
-        cudnn_benchmark=args.cudnn_benchmark, vae_channels_last=not args.vae_contiguous, runs=args.runs,
+        cudnn_benchmark=args.cudnn_benchmark, vae_channels_last=not args.vae_contiguous,
+        compile_vae_norms=not args.no_vae_norm_compile, runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
+        recon_parts_s_median=recon_parts,
         denoise_step_s=round(denoise / options.steps, 4),
         peak_gib=round(max(stages.peaks.values()), 3) if cuda else None,
         stage_peak_gib={k: round(v, 2) for k, v in stages.peaks.items()} if cuda else None,

@@ -312,3 +312,53 @@ def test_vae_channels_last_on_cuda():
     assert conv.weight.is_cuda and conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
     video = torch.rand(1, 3, T, H, W, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2 - 1
     torch.testing.assert_close(on._vae_encode(video), off._vae_encode(video), rtol=0.05, atol=0.05)
+
+
+@torch.no_grad()
+def test_compiled_vae_norms_keep_the_outputs(monkeypatch):
+    """compile_vae_norms compiles every RMS norm, all of them (no silent fall-back to eager past dynamo's
+    recompile limit), and the VAE computes the same latents and frames (CPU, fp32)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from ex4d.diffusion.performance import channels_last_convolutions, compile_vae_norms
+
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    torch._dynamo.reset()
+    vae = make_tiny_components(0)["vae"].float().eval()
+    channels_last_convolutions(vae)  # as on CUDA: the norms see channels-last activations
+    video = torch.rand(1, 3, T, H, W, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    before = vae.encode(video).latent_dist.mode()
+    decoded_before = vae.decode(before, return_dict=False)[0]
+    norms = [m for m in vae.modules() if isinstance(m, WanRMS_norm)]
+    assert compile_vae_norms(vae) == len(norms) > 0
+    assert all(m._compiled_call_impl is not None for m in norms)
+    after = vae.encode(video).latent_dist.mode()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vae.decode(after, return_dict=False)[0], decoded_before, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_vae_norms_are_compiled_only_on_cuda_without_offloading():
+    """--compile on the CPU compiles the DiT's blocks but leaves the VAE's norms eager."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    pipe = build_pipeline(make_tiny_components(0), None, PerformanceOptions(compile=True), "cpu")
+    norms = [m for m in pipe.vae.modules() if isinstance(m, WanRMS_norm)]
+    assert norms and all(m._compiled_call_impl is None for m in norms)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_vae_norms_compiled_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    on = build_pipeline(make_tiny_components(0), None, PerformanceOptions(compile=True), "cuda")
+    off = build_pipeline(make_tiny_components(0), None, PerformanceOptions(compile=True, compile_vae_norms=False),
+                         "cuda")
+    assert all(m._compiled_call_impl is not None for m in on.vae.modules() if isinstance(m, WanRMS_norm))
+    assert all(m._compiled_call_impl is None for m in off.vae.modules() if isinstance(m, WanRMS_norm))
+    video = torch.rand(1, 3, T, H, W, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(on._vae_encode(video), off._vae_encode(video), rtol=0.05, atol=0.05)
