@@ -282,10 +282,19 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
     """
     from ex4d.io.video import read_video, resize_frames
 
+    from concurrent.futures import ThreadPoolExecutor
+
     color_path = require_file(color_path, "colour video")
     mask_file = find_mask_for(color_path, mask_path)
-    colour, fps = read_video(color_path)
-    grey, _, codec = _read_grey_video(mask_file, "mask video")
+    # The mask decodes on a second thread while the colour decodes here (PyAV's decoders release the GIL).
+    with ThreadPoolExecutor(1, thread_name_prefix="decode mask") as pool:
+        mask_read = pool.submit(_read_grey_video, mask_file, "mask video")
+        try:
+            colour, fps = read_video(color_path)
+        except BaseException:
+            mask_read.cancel()
+            raise
+        grey, _, codec = mask_read.result()
     if len(colour) != len(grey):
         raise InputError(f"colour video {color_path} has {len(colour)} frames but mask {mask_file} has "
                          f"{len(grey)}; give the matching color_<cam>/mask_<cam> pair from one ex4d recon run")
