@@ -87,6 +87,41 @@ def test_recon_never_holds_the_whole_clip_or_depth(tmp_path, monkeypatch, capsys
     assert code == 0, capsys.readouterr().err
 
 
+def test_meshes_export_on_a_thread_and_their_errors_fail_the_run(tmp_path, monkeypatch, capsys):
+    """The PLY export runs beside the rendering, not on the main thread; a failed export fails the run
+    with nothing of recon's published (no record, no mesh, no condition video, no staging folder)."""
+    import threading
+
+    import ex4d.mesh.dwmesh as dwmesh
+
+    video, depth = _scene(tmp_path)
+    real_export, threads = dwmesh.export_ply, []
+
+    def recording_export(mesh, path):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real_export(mesh, path)
+
+    monkeypatch.setattr(dwmesh, "export_ply", recording_export)
+    args = ["recon", str(video), "--depth", str(depth), "--cam", "30", "--num-frames", str(T), "--resize", "keep",
+            "--save-mesh", "all"]
+    assert main(args + ["-o", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
+    assert threads == [False] * T
+    assert sorted(p.name for p in (tmp_path / "ok").glob("DW-Mesh_*.ply")) == [f"DW-Mesh_{k:04d}.ply" for k in range(T)]
+
+    def failing_export(mesh, path):
+        if path.name.endswith("0003.ply"):
+            raise OSError(28, "No space left on device")
+        return real_export(mesh, path)
+
+    monkeypatch.setattr(dwmesh, "export_ply", failing_export)
+    code = main(args + ["-o", str(tmp_path / "failed")])
+    assert code not in (0, 3)  # the user's disk, not a bug of ex4d
+    assert "error: no space left on the disk" in capsys.readouterr().err
+    # depth.npz is the finished depth stage's own output (reused by the next run); nothing of recon's
+    left = [p.name for p in (tmp_path / "failed").iterdir() if p.name not in (".ex4d-files.json", "depth.npz")]
+    assert left == []
+
+
 def test_lazy_clip_frames_equal_the_stacked_resize(tmp_path):
     from ex4d.io.video import reference_size, resize_frames, to_float01
     from ex4d.pipeline import load_clip

@@ -396,19 +396,28 @@ def _staging_tag() -> str:
 def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory, options: ReconOptions,
                  mesh_options: dict, fps: float, device, progress, iter_frames) -> tuple[dict[str, Path], dict]:
     """Render and encode the condition, meshes and camera file into ``staging``, frame by frame."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ex4d.io.arrays import read_ahead
     from ex4d.mesh.dwmesh import export_ply
     from ex4d.render.condition import iter_condition
     from ex4d.types import ConditionWriter
 
     staged: dict[str, Path] = {}
+    exports: list = []  # (role, future of the written path), in frame order
 
     def save_mesh(k: int, mesh) -> None:
-        # Meshes are exported as the renderer builds them, so none is built twice.
+        # Meshes are exported as the renderer builds them, so none is built twice, and on a thread of
+        # their own while the next frames render. At most one waits: memory stays flat with "all".
         if options.save_mesh == "all":
-            staged[f"mesh_{k}"] = export_ply(mesh, staging / f"DW-Mesh_{k:04d}.ply")
+            role, name = f"mesh_{k}", f"DW-Mesh_{k:04d}.ply"
         elif options.save_mesh == "first" and k == 0:
-            staged["mesh"] = export_ply(mesh, staging / "DW-Mesh.ply")
+            role, name = "mesh", "DW-Mesh.ply"
+        else:
+            return
+        if exports:
+            exports[-1][1].result()
+        exports.append((role, exporter.submit(export_ply, mesh, staging / name)))
 
     settings: dict = {}
     render = iter_condition
@@ -424,9 +433,11 @@ def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory
                     device=str(device), progress=progress, antialias=options.antialias,
                     pixel_convention=options.pixel_convention,
                     mesh_callback=None if options.save_mesh == "none" else save_mesh, settings=settings)
-    with ConditionWriter(staging, trajectory.name, fps) as writer:
-        for color, mask in stream:
-            writer.write(color, mask)
+    with ThreadPoolExecutor(1, thread_name_prefix="export mesh") as exporter:
+        with ConditionWriter(staging, trajectory.name, fps) as writer:
+            for color, mask in stream:
+                writer.write(color, mask)
+        staged.update((role, written.result()) for role, written in exports)
     staged.update(writer.paths)
     if stereo:
         from ex4d.io.video import VideoWriter, to_uint8
