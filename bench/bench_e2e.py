@@ -123,6 +123,10 @@ def time_recon_parts(stages: Stages) -> None:
     the frame iterator: mesh, render, antialias, waiting for the read-ahead), ``recon.write`` (handing
     frames to the encoders), ``recon.encode_finish`` (the encoders' flush at the end),
     ``recon.depth_sha1`` (the depth's identity for reuse). The rest of ``recon`` is set-up and publishing.
+    Inside the render loop: ``recon.mesh_build`` (launching the DW-Mesh build), ``recon.frame_stage`` /
+    ``frame_gl`` / ``frame_antialias`` (the renderer's own split: packing the vertices to the host,
+    upload + draw + read-back, silhouettes + antialiasing), ``recon.finish_frame`` (threshold and mask),
+    ``recon.read_wait`` (waiting for the decoded source frames and the depth frames, both streams).
     """
     import ex4d.io.arrays as arrays
     import ex4d.render.condition as condition
@@ -152,8 +156,41 @@ def time_recon_parts(stages: Stages) -> None:
                 stages.times.setdefault(name, []).append(time.perf_counter() - start)
         return wrapper
 
+    def timed_items(name, fn):
+        def wrapper(*args, **kwargs):
+            items = iter(fn(*args, **kwargs))
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    stages.times.setdefault(name, []).append(time.perf_counter() - start)
+                yield item
+        return wrapper
+
+    init, render = MeshRenderer.__init__, MeshRenderer.render
+
+    def timed_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.timings = {}  # the renderer's own per-frame split (ms), read after each render
+
+    def timed_render(self, *args, **kwargs):
+        out = render(self, *args, **kwargs)
+        for key in ("stage_ms", "gl_ms", "antialias_ms"):
+            if key in self.timings:
+                stages.times.setdefault(f"recon.frame_{key[:-3]}_parts", []).append(self.timings[key] / 1000)
+        return out
+
+    import ex4d.mesh.dwmesh as dwmesh
+
     condition.iter_condition = timed_iter(condition.iter_condition)
-    MeshRenderer.__init__ = accumulate("recon.renderer_setup_parts", MeshRenderer.__init__)
+    condition.finish_frame = accumulate("recon.finish_frame_parts", condition.finish_frame)
+    dwmesh.build_dw_mesh = accumulate("recon.mesh_build_parts", dwmesh.build_dw_mesh)
+    arrays.read_ahead = timed_items("recon.read_wait_parts", arrays.read_ahead)
+    MeshRenderer.__init__ = accumulate("recon.renderer_setup_parts", timed_init)
+    MeshRenderer.render = timed_render
     MeshRenderer.release = accumulate("recon.renderer_release_parts", MeshRenderer.release)
     types.ConditionWriter.write = accumulate("recon.write_parts", types.ConditionWriter.write)
     types.ConditionWriter.__exit__ = accumulate("recon.encode_finish_parts", types.ConditionWriter.__exit__)
