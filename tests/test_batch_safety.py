@@ -422,6 +422,23 @@ def test_dry_run_reports_gpu_features_this_machine_lacks(tmp_path, capsys):
     assert any(p.startswith("problem: job 3 (fp8_attention): --attention fp8 ") for p in problems), problems
 
 
+def test_real_batch_refuses_gpu_features_this_machine_lacks_before_job_1(tmp_path, capsys):
+    """Not only --dry-run: a real batch stops before job 1 (no depth, no recon, no manifest progress)
+    when a later run job asks for fp8 that this machine cannot run, with one line naming the job."""
+    tiny_video(tmp_path / "clip.mp4")
+    tiny_depth(tmp_path / "depth.npz")
+    jobs_file = write_yaml(tmp_path / "jobs.yaml", (
+        f"defaults: {{stage: recon, depth: depth.npz, num_frames: {T}, resize: keep}}\njobs:\n"
+        "  - {video: clip.mp4, cam: 30, output: out/first}\n"
+        "  - {video: clip.mp4, cam: 30, output: out/fp8, stage: run, fp8: true}\n"))
+    code = main(["batch", str(jobs_file)])
+    err = capsys.readouterr().err
+    assert code not in (0, 3), err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: job 2 (fp8): --fp8 "), err
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Kill a real batch mid-job (SIGKILL), rerun it
 

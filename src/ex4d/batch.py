@@ -613,6 +613,20 @@ def probe_video(path: str | os.PathLike, need: int) -> tuple[int, tuple[int, int
     return count, size
 
 
+def check_jobs_gpu_features(jobs: list[dict]) -> None:
+    """One-line InputError before job 1 when an unfinished ``run`` job asks for ``fp8`` or ``attention: fp8``
+    and this machine's GPUs cannot run it (``ex4d run`` checks the same at its start), instead of
+    failing when that job's generation starts, after the jobs before it and its own depth and recon."""
+    from ex4d.diffusion.performance import check_gpu_features
+
+    for job in jobs:
+        if job.get("stage") == "run" and (job.get("fp8") or job.get("attention") == "fp8") and not is_finished(job):
+            try:
+                check_gpu_features(fp8=bool(job.get("fp8")), attention=job.get("attention"))
+            except UserError as exc:
+                raise InputError(f"job {job['index'] + 1} ({job['name']}): {_one_line(exc)}") from None
+
+
 def check_jobs(jobs: list[dict], *, manifest: str | os.PathLike | None = None, jobs_file: str = "",
                overwrite: bool = False) -> list[str]:
     """Check what running ``jobs`` would read, without running them; one line per problem found.

@@ -101,6 +101,10 @@ def main(args) -> int:
         print(" ".join(f"{k}={v}" for k, v in counts.items()) + f"  ({manifest})")
         return 0
     from ex4d.weights_preflight import check_jobs_weights
+    if args.ray is None:  # with Ray the jobs run on the cluster's GPUs: checked as each job's generation starts
+        from ex4d.batch import check_jobs_gpu_features
+
+        check_jobs_gpu_features(worker.share(jobs))
     check_jobs_weights([job for job in worker.share(jobs) if not is_finished(job)])  # all missing weights, before job 1
     if args.ray is not None:
         return _main_ray(args, jobs, jobs_file, manifest, worker)
