@@ -163,3 +163,17 @@ def test_read_ahead_closed_early_stops_its_thread_and_closes_the_source():
     stream.close()
     assert closed.wait(5), "the source generator was closed (its open files released)"
     assert threading.active_count() == before, "the reading thread ended"
+
+
+def test_to_uint8_gives_the_numpy_formula_s_bytes():
+    """The torch conversion of float frames equals clip(rint(x * 255), 0, 255) in the input's precision:
+    ties (round half to even), values outside [0, 1], float64, strided views; other dtypes go through numpy."""
+    rng = np.random.default_rng(0)
+    frames = (rng.random((3, 16, 24, 3)) * 1.4 - 0.2).astype(np.float32)
+    frames[0, 0, :12, 0] = (np.arange(12) + 0.5) / 255  # exact ties after the multiplication (or nearly)
+    for array in (frames, frames.astype(np.float64), frames[:, ::2, ::-1], frames[..., 0]):
+        expected = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+        out = to_uint8(array)
+        assert out.dtype == np.uint8 and out.shape == array.shape
+        np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(to_uint8(np.array([[0, 1]], np.int64)), np.array([[0, 255]], np.uint8))

@@ -279,7 +279,10 @@ class ConditionWriter:
     def write(self, color: np.ndarray, mask: np.ndarray) -> None:
         from ex4d.io.video import to_uint8
 
-        mask_u8 = np.asarray(mask).astype(np.uint8) * 255
+        mask = np.asarray(mask)
+        # bool -> 0/255 in one pass (a bool array viewed as uint8 is its 0/1 values)
+        mask_u8 = np.multiply(mask.view(np.uint8), 255, dtype=np.uint8) if mask.dtype == bool else \
+            mask.astype(np.uint8) * 255
         self._writers["color"].write(to_uint8(color))
         self._writers["mask"].write(mask_u8)
         self._writers["mask_lossless"].write(mask_u8)
