@@ -41,6 +41,10 @@ def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
     assert set(encodes) == {"generated_frames", "source_clip_frames"} and all(v > 0 for v in encodes.values())
     swapped = result["total_s_median"] - encodes["generated_frames"] + encodes["source_clip_frames"]
     assert abs(result["total_s_median_with_source_like_final_encode"] - swapped) <= 0.002  # rounding only
+    parts = result["recon_parts_s_median"]
+    assert {"renderer_setup_s", "render_loop_s", "mesh_build_s", "frame_gl_s", "frame_antialias_s", "read_wait_s",
+            "write_s", "encode_finish_s", "depth_sha1_s"} <= set(parts)
+    assert parts["render_loop_s"] > 0 and parts["render_loop_s"] <= stages["recon"] + 0.002
     # the profiled run is an extra run: its folder exists, and its stats name the pipeline's stages
     assert (tmp_path / "work" / "profiled" / "ex4d_90.mp4").is_file()
     functions = {name for (_, _, name) in pstats.Stats(str(profile)).stats}
@@ -88,3 +92,22 @@ def test_bench_condition_io_small():
     assert result["bench"] == "condition_io" and result["frames"] == 5 and result["size"] == [64, 64]
     for key in ("load_condition_s_median", "write_video_s_median", "write_video_noise_s_median"):
         assert result[key] > 0, key
+
+
+def test_bench_recon_stage_on_the_cpu():
+    result = run_bench("bench_recon_stage.py", "--frames", "9", "--size", "64", "--runs", "1")
+    assert result["bench"] == "recon_stage" and result["device"] == "cpu" and len(result["recon_s_runs"]) == 1
+    parts = result["parts_s_median"]
+    assert 0 < parts["render_loop_s"] <= result["recon_s_median"]
+    assert parts["frame_gl_s"] > 0 and parts["mesh_build_s"] > 0 and parts["encode_finish_s"] > 0
+
+
+def test_bench_vae_tiny_with_compiled_norms():
+    result = run_bench("bench_vae.py", "--tiny", "--repeats", "1", "--no-batch",
+                       "--variants", "default,channels_last+compiled_norms", timeout=600)
+    variants = result["variants"]
+    assert set(variants) == {"default", "channels_last+compiled_norms"}
+    assert variants["default"]["reference_for_differences"] is True
+    compiled = variants["channels_last+compiled_norms"]
+    assert compiled["encode_s"] > 0 and compiled["decode_s"] > 0
+    assert compiled["encode_max_abs_vs_default"] < 1e-4 and compiled["decode_max_abs_vs_default"] < 1e-4  # fp32
