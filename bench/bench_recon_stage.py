@@ -1,4 +1,4 @@
-"""The recon stage alone, as the pipeline runs it, split into its parts (no models, ~20 s on a GPU).
+"""The recon stage alone, as the pipeline runs it, split into its parts (no models to build).
 
 ``ex4d.pipeline.run_recon`` on a synthetic clip (a moving checkerboard, lossless) with an exact depth
 file: DW-Mesh per frame, render along ``--cam``, the three condition encodes, frame 0's PLY and the
