@@ -224,8 +224,8 @@ def channels_last_convolutions(module: nn.Module) -> int:
     return count
 
 
-#: Dynamo compiles one graph per channel count and memory layout of the VAE's norms (about ten for the
-#: Wan VAE); with its default limit of 8 recompiles per function the rest would silently stay eager.
+#: Dynamo compiles one graph per channel count and memory layout of the VAE's norms (more than 8 even
+#: for the tiny test VAE); with its default limit of 8 per function the rest would silently stay eager.
 VAE_NORM_RECOMPILE_LIMIT = 64
 
 
