@@ -280,20 +280,16 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
     Raises :class:`InputError` for unreadable files, colour/mask frame-count or size mismatch,
     non-binary or empty masks and frame counts that are not 4k+1.
     """
-    from ex4d.io.video import read_video, resize_frames
-
     from concurrent.futures import ThreadPoolExecutor
+
+    from ex4d.io.video import read_video, resize_frames
 
     color_path = require_file(color_path, "colour video")
     mask_file = find_mask_for(color_path, mask_path)
     # The mask decodes on a second thread while the colour decodes here (PyAV's decoders release the GIL).
     with ThreadPoolExecutor(1, thread_name_prefix="decode mask") as pool:
         mask_read = pool.submit(_read_grey_video, mask_file, "mask video")
-        try:
-            colour, fps = read_video(color_path)
-        except BaseException:
-            mask_read.cancel()
-            raise
+        colour, fps = read_video(color_path)
         grey, _, codec = mask_read.result()
     if len(colour) != len(grey):
         raise InputError(f"colour video {color_path} has {len(colour)} frames but mask {mask_file} has "

@@ -294,14 +294,14 @@ class VideoWriter:
             self._queue.put(_FLUSH)
         self._input_ended = True
 
-    def _stop_encoder(self, flush: bool) -> None:
-        """End the encoder thread (after its flush when ``flush``) and wait for it."""
+    def _stop_encoder(self) -> None:
+        """End the encoder thread and wait for it: after its flush if ``end_input`` came first, else at once
+        (the end mark is queued even for a thread still starting: it ends on it)."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
         if not self._input_ended:
-            # The end mark is queued even for a thread still starting: it ends on it.
-            self._queue.put(_FLUSH if flush else None)
+            self._queue.put(None)
             self._input_ended = True
         if thread.ident is not None:  # an interrupt (Ctrl-C) can land between creating and starting it
             thread.join()
@@ -309,7 +309,9 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb):
         flushed_on_thread = self.background and self._thread is not None
         try:
-            self._stop_encoder(flush=exc_type is None)
+            if exc_type is None:
+                self.end_input()
+            self._stop_encoder()
             try:
                 if exc_type is None:
                     self._raise_encoder_error()
