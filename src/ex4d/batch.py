@@ -613,18 +613,28 @@ def probe_video(path: str | os.PathLike, need: int) -> tuple[int, tuple[int, int
     return count, size
 
 
+def _gpu_feature_problem(job: dict) -> str:
+    """Why this machine's GPUs cannot run ``job``'s ``fp8`` / ``attention: fp8`` (``ex4d run``'s one-line
+    check); "" when they can or the job asks for neither."""
+    if job.get("stage") != "run" or not (job.get("fp8") or job.get("attention") == "fp8"):
+        return ""
+    from ex4d.diffusion.performance import check_gpu_features
+
+    try:
+        check_gpu_features(fp8=bool(job.get("fp8")), attention=job.get("attention"))
+    except UserError as exc:
+        return _one_line(exc)
+    return ""
+
+
 def check_jobs_gpu_features(jobs: list[dict]) -> None:
     """One-line InputError before job 1 when an unfinished ``run`` job asks for ``fp8`` or ``attention: fp8``
     and this machine's GPUs cannot run it (``ex4d run`` checks the same at its start), instead of
     failing when that job's generation starts, after the jobs before it and its own depth and recon."""
-    from ex4d.diffusion.performance import check_gpu_features
-
     for job in jobs:
-        if job.get("stage") == "run" and (job.get("fp8") or job.get("attention") == "fp8") and not is_finished(job):
-            try:
-                check_gpu_features(fp8=bool(job.get("fp8")), attention=job.get("attention"))
-            except UserError as exc:
-                raise InputError(f"job {job['index'] + 1} ({job['name']}): {_one_line(exc)}") from None
+        problem = "" if is_finished(job) else _gpu_feature_problem(job)
+        if problem:
+            raise InputError(f"job {job['index'] + 1} ({job['name']}): {problem}")
 
 
 def check_jobs(jobs: list[dict], *, manifest: str | os.PathLike | None = None, jobs_file: str = "",
@@ -692,13 +702,9 @@ def check_jobs(jobs: list[dict], *, manifest: str | os.PathLike | None = None, j
                                 f"vda, vda-metric (or vda-base/-large, non-commercial) or a .npz/.npy file")
             if job.get("stage") == "run" and job.get("adapter") and not Path(job["adapter"]).exists():
                 problems.append(f"{tag}: adapter not found: {job['adapter']} (check the path)")
-            if job.get("stage") == "run" and (job.get("fp8") or job.get("attention") == "fp8"):
-                from ex4d.diffusion.performance import check_gpu_features
-
-                try:  # this machine's GPU, as ex4d run checks at its start
-                    check_gpu_features(fp8=bool(job.get("fp8")), attention=job.get("attention"))
-                except UserError as exc:
-                    problems.append(f"{tag}: {_one_line(exc)}")
+            gpu_problem = _gpu_feature_problem(job)  # this machine's GPU, as ex4d run checks at its start
+            if gpu_problem:
+                problems.append(f"{tag}: {gpu_problem}")
             if job.get("stage") == "run" and job.get("lora"):
                 from ex4d.diffusion.weights.lora import parse_lora_spec
 
