@@ -133,20 +133,6 @@ def time_recon_parts(stages: Stages) -> None:
     import ex4d.types as types
     from ex4d.render.rasterizer import MeshRenderer
 
-    def timed_iter(fn):
-        def wrapper(*args, **kwargs):
-            frames = fn(*args, **kwargs)
-            while True:
-                start = time.perf_counter()
-                try:
-                    item = next(frames)
-                except StopIteration:
-                    return
-                finally:
-                    stages.times.setdefault("recon.render_loop_parts", []).append(time.perf_counter() - start)
-                yield item
-        return wrapper
-
     def accumulate(name, fn):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
@@ -157,6 +143,7 @@ def time_recon_parts(stages: Stages) -> None:
         return wrapper
 
     def timed_items(name, fn):
+        """Time each item the iterator ``fn`` returns takes to arrive (as ``name``)."""
         def wrapper(*args, **kwargs):
             items = iter(fn(*args, **kwargs))
             while True:
@@ -185,7 +172,7 @@ def time_recon_parts(stages: Stages) -> None:
 
     import ex4d.mesh.dwmesh as dwmesh
 
-    condition.iter_condition = timed_iter(condition.iter_condition)
+    condition.iter_condition = timed_items("recon.render_loop_parts", condition.iter_condition)
     condition.finish_frame = accumulate("recon.finish_frame_parts", condition.finish_frame)
     dwmesh.build_dw_mesh = accumulate("recon.mesh_build_parts", dwmesh.build_dw_mesh)
     arrays.read_ahead = timed_items("recon.read_wait_parts", arrays.read_ahead)
@@ -197,10 +184,11 @@ def time_recon_parts(stages: Stages) -> None:
     arrays.frames_sha1 = accumulate("recon.depth_sha1_parts", arrays.frames_sha1)
 
 
-def summed_parts(times: dict, runs: int) -> dict:
-    """``*_parts`` lists (one entry per call) summed per run: the whole list split into ``runs`` equal
-    runs (each run makes the same calls)."""
-    out = {}
+def stage_medians(times: dict, runs: int) -> dict:
+    """Median seconds per stage over ``runs`` runs. A stage timed once per run: the median of its times;
+    a ``*_parts`` list (one entry per call) under its name without ``_parts``: the median of its per-run
+    sums, the list split into ``runs`` equal runs (each run makes the same calls)."""
+    out = {name: statistics.median(values) for name, values in times.items() if not name.endswith("_parts")}
     for name, values in times.items():
         if name.endswith("_parts") and runs and len(values) % runs == 0:
             per = len(values) // runs
@@ -427,8 +415,7 @@ def main(argv=None) -> int:
         totals.append(whole(work / f"run{i}"))
         note(f"run {i + 1}: {totals[-1]:.2f}s")
 
-    med = {k: statistics.median(v) for k, v in stages.times.items() if not k.endswith("_parts")}
-    med.update(summed_parts(stages.times, args.runs))
+    med = stage_medians(stages.times, args.runs)
     recon_parts = {k.split(".", 1)[1] + "_s": round(v, 3) for k, v in med.items() if k.startswith("recon.")}
     final_encode = time_final_encodes(work / f"run{args.runs - 1}" / f"ex4d_{args.cam}.mp4", video)
     note(f"final encode: {final_encode}")

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_e2e import Stages, summed_parts, time_recon_parts  # noqa: E402
+from bench_e2e import Stages, stage_medians, time_recon_parts  # noqa: E402
 from bench_generate import git_commit, note  # noqa: E402
 from peak_memory import make_clip  # noqa: E402
 
@@ -80,9 +80,7 @@ def main(argv=None) -> int:
     for i in range(args.runs):
         stages.run("recon", run_recon, clip, depth, work / f"run{i}", options)
         note(f"run {i + 1}: {stages.times['recon'][-1]:.3f}s")
-    parts = summed_parts(stages.times, args.runs)
-    parts.update({k: statistics.median(v) for k, v in stages.times.items()
-                  if k.startswith("recon.") and not k.endswith("_parts")})
+    parts = {k: v for k, v in stage_medians(stages.times, args.runs).items() if k.startswith("recon.")}
     result = dict(
         bench="recon_stage", commit=git_commit(),
         device=torch.cuda.get_device_name() if cuda else "cpu", cpus=os.cpu_count(),

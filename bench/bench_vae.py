@@ -39,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "src"))
 
 from bench_generate import git_commit, note  # noqa: E402
 
@@ -47,17 +48,23 @@ VARIANTS = ("default", "benchmark", "channels_last", "benchmark+channels_last", 
 
 
 def compile_parts(vae, variant: str) -> list:
-    """torch.compile the parts ``variant`` names (in place); returns the compiled modules."""
+    """torch.compile the parts ``variant`` names (in place); returns the compiled modules.
+
+    The norms are compiled as ex4d compiles them (``performance.compile_vae_norms``, dynamic shapes);
+    the blocks and coders with static shapes (dynamic ones hit an inductor range error on the causal
+    padding)."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResidualBlock, WanRMS_norm
 
-    kinds = {"compiled_norms": (WanRMS_norm,), "compiled_blocks": (WanResidualBlock, WanAttentionBlock)}
+    from ex4d.diffusion.performance import compile_vae_norms
+
+    if "compiled_norms" in variant:
+        compile_vae_norms(vae)
+        return [m for m in vae.modules() if isinstance(m, WanRMS_norm)]
     if "compiled_coders" in variant:
         parts = [vae.encoder, vae.decoder]
     else:
-        wanted = next((types for key, types in kinds.items() if key in variant), ())
-        parts = [m for m in vae.modules() if isinstance(m, wanted)]
-    # Many instances and chunk shapes share each forward's code: allow the recompiles. Static shapes: a
-    # few chunk shapes per part (dynamic ones hit an inductor range error on the causal padding).
+        parts = [m for m in vae.modules() if isinstance(m, (WanResidualBlock, WanAttentionBlock))]
+    # Many instances and chunk shapes share each forward's code: allow the recompiles.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
     for part in parts:
