@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     run_recon(clip, depth, work / "warmup", options)
     note(f"warm-up run {time.perf_counter() - start:.2f}s")
+    record = json.loads(next((work / "warmup").glob("recon_*.json")).read_text())
+    renderer = record.get("render", {}).get("renderer", "unknown")
     stages.clear()
     for i in range(args.runs):
         stages.run("recon", run_recon, clip, depth, work / f"run{i}", options)
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     result = dict(
         bench="recon_stage", commit=git_commit(),
         device=torch.cuda.get_device_name() if cuda else "cpu", cpus=os.cpu_count(),
-        torch_threads=torch.get_num_threads(), frames=args.frames, size=args.size, cam=args.cam,
+        torch_threads=torch.get_num_threads(), renderer=renderer, frames=args.frames, size=args.size, cam=args.cam,
         mesh_device=args.device, runs=args.runs,
         recon_s_median=round(statistics.median(stages.times["recon"]), 3),
         recon_s_runs=[round(t, 3) for t in stages.times["recon"]],
