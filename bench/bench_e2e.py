@@ -37,8 +37,13 @@ a cold load from disk is not measured here (that needs the 60 GB of real files o
 
 Random weights generate noise-like frames, which x264 encodes several times slower than a natural
 video, so ``generate_io`` is longer than with the real weights. ``final_encode_s_median`` times the
-final encode on the last run's output and on the source clip's frames (same shape), and
-``total_s_median_with_source_like_final_encode`` swaps the one for the other (derived, not a run).
+final encode on the last run's output and on the source clip's frames (same shape). With
+``--no-streamed-decode`` (the video is encoded after the decode, not during it),
+``total_s_median_with_source_like_final_encode`` swaps the one for the other (derived, not a run);
+with the streamed decode the encode overlaps the decode, so no such swap is made (null).
+
+``--x264-lookahead N`` sets every H.264 writer's rc-lookahead, ``--loop-torch-threads N`` the torch
+CPU threads of recon's render loop, for A/B runs of those settings.
 
 Prints ONE JSON object (commit from EX4D_COMMIT or git).
 
@@ -321,6 +326,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark on (cuDNN times its convolution algorithms once per "
                              "shape: the VAE's and DepthCrafter's); default off, as in ex4d")
+    parser.add_argument("--x264-lookahead", type=int, default=None,
+                        help="libx264 rc-lookahead of every H.264 writer (default: ex4d.io.video.H264_LOOKAHEAD)")
+    parser.add_argument("--loop-torch-threads", type=int, default=None,
+                        help="torch CPU threads in recon's render loop with GPU meshes, 0 for torch's own count "
+                             "(default: ex4d.render.condition.CUDA_LOOP_TORCH_THREADS)")
+    parser.add_argument("--no-streamed-decode", action="store_true",
+                        help="decode the whole video, then encode it (ex4d encodes while the VAE decodes)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -336,7 +348,22 @@ def main(argv=None) -> int:
     from ex4d.pipeline import ReconOptions, estimate_depth, load_clip, run_generate, run_recon
 
     dlogging.set_verbosity_error()
+    import ex4d.io.video as video_io
+    import ex4d.render.condition as condition
     from ex4d.diffusion.fp8 import Float8Linear
+    from ex4d.diffusion.pipeline import EX4DPipeline
+
+    if args.x264_lookahead is not None:
+        video_io.H264_LOOKAHEAD = args.x264_lookahead
+    if args.loop_torch_threads is not None:
+        condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
+    if args.no_streamed_decode:
+        def decode_then_hand_over(self, latents, frame_sink):
+            frames = self.decode_latents(latents).cpu().numpy()
+            for frame in frames[0]:
+                frame_sink(frame)
+            return frames
+        EX4DPipeline.decode_latents_streamed = decode_then_hand_over
 
     Float8Linear.FAST_ACCUM = (Float8Linear.FAST_ACCUM or args.fp8_fast_accum) and not args.fp8_exact_accum
     Float8Linear.BIAS_IN_GEMM = Float8Linear.BIAS_IN_GEMM or args.fp8_bias_epilogue
@@ -375,7 +402,7 @@ def main(argv=None) -> int:
 
     stages = Stages(cuda)
     for method, name in (("encode_prompt", "text_encoder"), ("encode_image", "image_encoder"),
-                         ("prepare_condition", "vae_encode"), ("decode_latents", "vae_decode")):
+                         ("prepare_condition", "vae_encode"), ("_decode_video", "vae_decode")):
         stages.wrap(pipe, method, name)
     time_recon_parts(stages)
     pipe_class = type(pipe)
@@ -447,7 +474,9 @@ def main(argv=None) -> int:
         vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
         depth=args.depth, depth_settings=depth_settings, attention=options.attention or "native",
         cudnn_benchmark=args.cudnn_benchmark, vae_channels_last=not args.vae_contiguous,
-        compile_vae_norms=not args.no_vae_norm_compile, runs=args.runs,
+        compile_vae_norms=not args.no_vae_norm_compile, x264_lookahead=video_io.H264_LOOKAHEAD,
+        loop_torch_threads=condition.CUDA_LOOP_TORCH_THREADS, streamed_decode=not args.no_streamed_decode,
+        runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
         recon_parts_s_median=recon_parts,
@@ -458,7 +487,7 @@ def main(argv=None) -> int:
         cold_load_from_disk="not measured (random weights are built on the GPU, not read from files)",
         reference_sum_s=REFERENCE_SUM_S,
         final_encode_s_median=final_encode,
-        total_s_median_with_source_like_final_encode=round(
+        total_s_median_with_source_like_final_encode=None if not args.no_streamed_decode else round(
             total_med - final_encode["generated_frames"] + final_encode["source_clip_frames"], 3))
     goal = GOALS.get(args.preset.replace("-fp8", "") if args.preset != "lowvram-fp8" else args.preset)
     if goal and cuda and args.size == 512 and args.frames == 49:

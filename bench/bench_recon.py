@@ -202,7 +202,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     elif device.type == "cpu":
-        torch.set_num_threads(1)  # as render_condition does (see single_threaded_torch)
+        torch.set_num_threads(1)  # as render_condition does (see limited_torch_threads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     load_before = os.getloadavg()[0]

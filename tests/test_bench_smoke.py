@@ -39,8 +39,8 @@ def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
     assert len(result["total_s_runs"]) == 1
     encodes = result["final_encode_s_median"]
     assert set(encodes) == {"generated_frames", "source_clip_frames"} and all(v > 0 for v in encodes.values())
-    swapped = result["total_s_median"] - encodes["generated_frames"] + encodes["source_clip_frames"]
-    assert abs(result["total_s_median_with_source_like_final_encode"] - swapped) <= 0.002  # rounding only
+    assert result["streamed_decode"] is True  # the encode overlaps the decode: no swapped total
+    assert result["total_s_median_with_source_like_final_encode"] is None
     parts = result["recon_parts_s_median"]
     assert {"renderer_setup_s", "render_loop_s", "mesh_build_s", "frame_gl_s", "frame_antialias_s", "read_wait_s",
             "write_s", "encode_finish_s", "depth_sha1_s"} <= set(parts)
@@ -49,6 +49,17 @@ def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
     assert (tmp_path / "work" / "profiled" / "ex4d_90.mp4").is_file()
     functions = {name for (_, _, name) in pstats.Stats(str(profile)).stats}
     assert {"run_recon", "run_generate", "estimate_depth"} <= functions
+
+
+def test_bench_e2e_tiny_unstreamed_with_encoder_and_thread_settings(tmp_path):
+    result = run_bench("bench_e2e.py", "--tiny", "--preset", "fast", "--runs", "1", "--no-streamed-decode",
+                       "--x264-lookahead", "10", "--loop-torch-threads", "1", "--workdir", str(tmp_path))
+    assert result["streamed_decode"] is False and result["x264_lookahead"] == 10
+    assert result["loop_torch_threads"] == 1
+    assert result["stages_s_median"]["vae_decode"] > 0
+    encodes = result["final_encode_s_median"]
+    swapped = result["total_s_median"] - encodes["generated_frames"] + encodes["source_clip_frames"]
+    assert abs(result["total_s_median_with_source_like_final_encode"] - swapped) <= 0.002  # rounding only
 
 
 def test_bench_vda_tiny_reports_every_case():
@@ -95,11 +106,22 @@ def test_bench_condition_io_small():
 
 
 def test_bench_recon_stage_on_the_cpu():
-    result = run_bench("bench_recon_stage.py", "--frames", "9", "--size", "64", "--runs", "1")
+    result = run_bench("bench_recon_stage.py", "--frames", "9", "--size", "64", "--runs", "1",
+                       "--x264-lookahead", "10", "--loop-torch-threads", "2")
     assert result["bench"] == "recon_stage" and result["device"] == "cpu" and len(result["recon_s_runs"]) == 1
+    assert result["x264_lookahead"] == 10 and result["loop_torch_threads"] == 2
+    assert "llvmpipe" in result["renderer"] or "EGL" in result["renderer"]
     parts = result["parts_s_median"]
     assert 0 < parts["render_loop_s"] <= result["recon_s_median"]
     assert parts["frame_gl_s"] > 0 and parts["mesh_build_s"] > 0 and parts["encode_finish_s"] > 0
+
+
+def test_bench_x264_streamed_with_lookaheads():
+    result = run_bench("bench_x264.py", "--threads", "4", "--lookahead", "40,10", "--content", "render",
+                       "--stream-over", "0.2", "--repeats", "1")
+    cases = result["cases"]
+    assert set(cases) == {"render_40_4", "render_10_4"}
+    assert all(c["tail_s"] >= 0 and c["one_s"] > 0 and c["psnr_db"] > 30 for c in cases.values())
 
 
 def test_bench_vae_tiny_with_compiled_norms():

@@ -63,6 +63,53 @@ def test_generate_end_to_end_seeded(pipe):
     assert latents.shape == (1, 16, 2, 2, 2) and torch.isfinite(latents).all()
 
 
+def test_streamed_decode_hands_over_the_same_frames_while_decoding(pipe, monkeypatch):
+    import threading
+
+    cond, mask = _condition()
+    latents = pipe(cond, mask, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                   output_type="latent").frames
+    whole = pipe.decode_latents(latents).numpy()
+    first_frame_out = threading.Event()
+    decoder_calls = []
+    forward = type(pipe.vae.decoder).forward
+
+    def decoder_forward(self, *args, **kwargs):
+        decoder_calls.append(len(decoder_calls))
+        if len(decoder_calls) == 2:  # the second chunk only starts once the first chunk's frame is out
+            assert first_frame_out.wait(10), "the first chunk's frame was not handed over before the next chunk"
+        return forward(self, *args, **kwargs)
+
+    got = []
+
+    def sink(frame):
+        got.append(frame.copy())
+        first_frame_out.set()
+
+    monkeypatch.setattr(type(pipe.vae.decoder), "forward", decoder_forward)
+    streamed = pipe.decode_latents_streamed(latents, sink)
+    assert len(decoder_calls) == 2  # T' = 2 latent frames: 1 video frame, then 4
+    assert streamed.shape == whole.shape and np.array_equal(streamed, whole)
+    assert np.array_equal(np.stack(got), whole[0]), "every frame once, in order"
+    assert not pipe.vae.decoder._forward_hooks, "the hook is removed"
+
+
+def test_frame_sink_gets_the_pipeline_output_and_its_errors_stop_the_call(pipe):
+    cond, mask = _condition()
+    run = lambda sink: pipe(cond, mask, num_inference_steps=2,  # noqa: E731
+                            generator=torch.Generator().manual_seed(0), frame_sink=sink).frames
+    got = []
+    assert np.array_equal(run(got.append), run(None))
+    assert np.array_equal(np.stack(got), run(None)[0])
+
+    def broken(frame):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run(broken)
+    assert not pipe.vae.decoder._forward_hooks
+
+
 def test_geometry_condition_reaches_the_model(pipe):
     cond, mask = _condition()
     kwargs = dict(num_inference_steps=2, output_type="latent")
@@ -155,6 +202,34 @@ def test_cli_generates_from_tiny_weight_files(tmp_path, monkeypatch):
     assert code == 0 and out.exists()
     frames, fps = read_video(out)
     assert frames.shape == (T, 16, 16, 3) and abs(fps - 24.0) < 1e-3
+
+
+def test_cli_generation_failing_mid_decode_leaves_no_video(tmp_path, monkeypatch):
+    """The video is encoded while the VAE decodes: a failure after some frames were written keeps nothing."""
+    from ex4d.cli import main
+    from ex4d.diffusion.pipeline import EX4DPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    models = tmp_path / "models"
+    write_tiny_original_layout(models / "Wan-AI" / "Wan2.1-I2V-14B-480P", seed=0)
+    write_tiny_ex4d_ckpt(models / "yihouxiang" / "EX-4D" / "ex4d.ckpt")
+    colour, _ = _write_condition_files(tmp_path)
+    handed_over = []
+
+    def failing_decode(self, latents, frame_sink):
+        frames = self.decode_latents(latents).numpy()
+        for frame in frames[0][:3]:
+            frame_sink(frame)
+            handed_over.append(1)
+        raise MemoryError("out of memory in the decoder")
+
+    monkeypatch.setattr(EX4DPipeline, "decode_latents_streamed", failing_decode)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["generate", "--color", str(colour), "-o", str(tmp_path / "gen.mp4"), "--models-dir", str(models),
+                 "--size", "16x16", "--steps", "2", "--device", "cpu"])
+    assert code != 0 and len(handed_over) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "no video, record or temporary file is left"
 
 
 @torch.no_grad()

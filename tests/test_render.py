@@ -325,15 +325,19 @@ def test_cuda_built_mesh_renders_like_a_cpu_built_one():
     np.testing.assert_array_equal(got, want)
 
 
-def test_single_threaded_torch_restores_the_thread_count():
-    from ex4d.render.condition import single_threaded_torch
+def test_limited_torch_threads_restores_the_thread_count():
+    from ex4d.render.condition import limited_torch_threads
 
     before = torch.get_num_threads()
     with pytest.raises(KeyError):
-        with single_threaded_torch():
+        with limited_torch_threads(1):
             assert torch.get_num_threads() == 1
             raise KeyError("boom")
     assert torch.get_num_threads() == before
+    with limited_torch_threads(None):
+        assert torch.get_num_threads() == before
+    with limited_torch_threads(before + 4):  # never raises the count
+        assert torch.get_num_threads() == before
 
 
 # -- fast paths vs the plain statements they replace ----------------------------------------------

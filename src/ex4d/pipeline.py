@@ -930,7 +930,7 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
     import torch
 
     from ex4d.diffusion.conditioning import load_condition
-    from ex4d.io.video import write_video
+    from ex4d.io.video import VideoWriter, write_video
 
     options.validate()
     color, mask, output, record_path = check_generate_paths(color, mask, output, options)
@@ -964,21 +964,37 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
         from ex4d.diffusion.parallel import parallelize_pipeline
 
         parallelize_pipeline(pipe, parallel, num_tokens=tokens)
+    fps = options.fps if options.fps is not None else condition.fps
+    writes = parallel is None or parallel.is_main
+    # The record goes first and comes back last: a run killed between the two writes leaves a video
+    # with no record, which is never taken for current (generation_is_current).
     if long_clip:
         from ex4d.diffusion.long_video import generate_long_video
 
         frames = generate_long_video(pipe, condition, window=options.window, overlap=options.overlap,
                                      seed=options.seed, progress=progress, **call_kwargs)
+        if writes:
+            forget_output(record_path)
+            write_video(output, np.asarray(frames), fps=fps)
     else:
-        result = pipe(condition.cond, condition.mask, image=condition.first_frame,
-                      generator=torch.Generator("cpu").manual_seed(options.seed), output_type="np",
-                      **call_kwargs)
+        # One GPU: the video is encoded while the VAE decodes its later frames (the writer keeps it
+        # under a temporary name until it is complete; a failed run leaves nothing).
+        streamed = parallel is None or parallel.world_size == 1
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if streamed:
+                forget_output(record_path)
+                # Room for every frame: the decoder never waits for the encoder.
+                writer = stack.enter_context(VideoWriter(output, fps, background=True,
+                                                         queue_frames=condition.num_frames))
+            result = pipe(condition.cond, condition.mask, image=condition.first_frame,
+                          generator=torch.Generator("cpu").manual_seed(options.seed), output_type="np",
+                          frame_sink=writer.write if writer is not None else None, **call_kwargs)
         frames = result.frames[0]
-    if parallel is None or parallel.is_main:
-        # The record goes first and comes back last: a run killed between the two writes leaves a video
-        # with no record, which is never taken for current (generation_is_current).
-        forget_output(record_path)
-        write_video(output, np.asarray(frames), fps=options.fps if options.fps is not None else condition.fps)
+        if writes and not streamed:
+            forget_output(record_path)
+            write_video(output, np.asarray(frames), fps=fps)
+    if writes:
         with atomic_path(record_path) as tmp:
             tmp.write_text(json.dumps({"request": _generate_request(color, mask, options),
                                        "frames": int(len(frames)), "erosion_sizes": condition.kernel_sizes},

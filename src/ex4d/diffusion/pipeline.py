@@ -288,7 +288,8 @@ class EX4DPipeline(DiffusionPipeline):
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  image_embeds: torch.Tensor | None = None, batch_cfg: bool | None = None,
                  shift: float | None = None, output_type: str = "np", return_dict: bool = True,
-                 callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None):
+                 callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None,
+                 frame_sink: Callable[[np.ndarray], None] | None = None):
         """Generate the video.
 
         cond, mask: (1, 3, T, H, W) from :func:`ex4d.diffusion.conditioning.load_condition` (cond in
@@ -297,6 +298,9 @@ class EX4DPipeline(DiffusionPipeline):
         "latent". callback_on_step_end(pipe, step, t, {"latents": ...}) may return new latents.
         shift: the flow shift of this call (default: the scheduler's, 5 as the reference). guidance_scale
         1 runs one forward per step (no CFG: the negative prompt is neither encoded nor used).
+        frame_sink: with output_type "np", called with each decoded uint8 frame (H, W, 3), in order, while
+        the VAE goes on decoding the next ones (e.g. a background video writer's ``write``); see
+        :meth:`decode_latents`.
         """
         if output_type not in ("np", "pt", "latent"):
             raise InputError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
@@ -356,9 +360,12 @@ class EX4DPipeline(DiffusionPipeline):
         if output_type == "latent":
             frames = latents
         else:
-            frames = self.decode_latents(latents)
-            if output_type == "np":
-                frames = frames.cpu().numpy()
+            if frame_sink is not None and output_type == "np":
+                frames = self.decode_latents_streamed(latents, frame_sink)
+            else:
+                frames = self.decode_latents(latents)
+                if output_type == "np":
+                    frames = frames.cpu().numpy()
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
@@ -366,14 +373,75 @@ class EX4DPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, 16, T', h, w) -> uint8 frames (B, T, H, W, 3), rounded."""
+        return _to_uint8_frames(self._decode_video(latents))
+
+    def _decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, 16, T', h, w) -> the VAE's video (B, 3, T, H, W) in [-1, 1]."""
         vae_device = _module_device(self.vae)
         mean = torch.tensor(self.vae.config.latents_mean, device=vae_device).view(1, -1, 1, 1, 1)
         std = torch.tensor(self.vae.config.latents_std, device=vae_device).view(1, -1, 1, 1, 1)
         z = latents.to(device=vae_device, dtype=torch.float32) * std + mean
-        video = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        video = video.float().clamp(-1.0, 1.0)
-        frames = torch.round((video + 1.0) * 127.5).to(torch.uint8)
-        return frames.permute(0, 2, 3, 4, 1).contiguous()  # (B, T, H, W, 3)
+        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+
+    def decode_latents_streamed(self, latents: torch.Tensor, frame_sink: Callable[[np.ndarray], None]) -> np.ndarray:
+        """:meth:`decode_latents` to host memory, handing each frame to ``frame_sink`` as soon as its chunk
+        is decoded; returns the same uint8 frames (B, T, H, W, 3) as a numpy array.
+
+        The Wan decoder runs once per latent frame (1 video frame, then 4 at a time); a forward hook
+        turns each chunk into uint8 on the GPU (the same elementwise clamp and rounding as
+        :meth:`decode_latents`, so the same values), copies it to pinned host memory without waiting,
+        and a helper thread waits for the copy and calls ``frame_sink``. So a video encoder fed by the
+        sink works while the decoder computes the later chunks. Falls back to a whole decode, then
+        the sink, where chunks cannot be seen: a tiled VAE or a batch of several videos.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        vae = self.vae
+        if getattr(vae, "use_tiling", False) or latents.shape[0] != 1 or vae.config.patch_size is not None:
+            frames = self.decode_latents(latents).cpu().numpy()
+            for frame in frames[0]:
+                frame_sink(frame)
+            return frames
+        cuda = _module_device(vae).type == "cuda"
+        chunks: list[torch.Tensor] = []
+        pending: list = []
+
+        def deliver(chunk: torch.Tensor, copied) -> None:
+            if copied is not None:
+                copied.synchronize()
+            for frame in chunk[0].numpy():
+                frame_sink(frame)
+
+        def on_chunk(module, args, output) -> None:
+            # (1, 3, t, H, W) in [-1, 1] (unclamped) -> uint8 (1, t, H, W, 3) on the host.
+            frames = _to_uint8_frames(output)
+            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=cuda)
+            host.copy_(frames, non_blocking=cuda)
+            copied = None
+            if cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+            chunks.append(host)
+            pending.append(sink_thread.submit(deliver, host, copied))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="decoded frames") as sink_thread:
+            handle = vae.decoder.register_forward_hook(on_chunk)
+            try:
+                self._decode_video(latents)  # the chunks are taken by the hook
+            finally:
+                handle.remove()
+                for future in pending:  # in order; the first failure is raised (after the rest ran)
+                    future.exception()
+            for future in pending:
+                future.result()
+        return torch.cat(chunks, dim=1).numpy()
+
+
+def _to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) decoded video in [-1, 1] -> uint8 (B, T, H, W, 3), rounded (float32 arithmetic)."""
+    video = video.float().clamp(-1.0, 1.0)
+    frames = torch.round((video + 1.0) * 127.5).to(torch.uint8)
+    return frames.permute(0, 2, 3, 4, 1).contiguous()
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:

@@ -122,6 +122,9 @@ H264_THREADS = 4
 #: bytes from one process to the next (decoded up to 20 levels apart), while 128-wide frames, and
 #: 64x48 frames coded 128 wide, were stable.
 H264_WIDTH_MULTIPLE = 128
+#: libx264's rate-control look-ahead in frames; None keeps preset medium's 40. It sets how many frames
+#: the encoder holds back before coding any (the frame-type decision and MB-tree look that far ahead).
+H264_LOOKAHEAD: int | None = None
 
 
 def h264_options(width: int, crf: int, x264_params: str = "") -> tuple[dict[str, str], int]:
@@ -131,7 +134,8 @@ def h264_options(width: int, crf: int, x264_params: str = "") -> tuple[dict[str,
     (H264_THREADS, H264_WIDTH_MULTIPLE). x264_params: further ``x264-params`` (``key=value:...``).
     """
     pad = -width % H264_WIDTH_MULTIPLE
-    params = ":".join(p for p in (x264_params, f"crop-rect=0,0,{pad},0" if pad else "") if p)
+    lookahead = f"rc-lookahead={H264_LOOKAHEAD}" if H264_LOOKAHEAD is not None else ""
+    params = ":".join(p for p in (x264_params, lookahead, f"crop-rect=0,0,{pad},0" if pad else "") if p)
     options = {"crf": str(crf), "preset": "medium", "threads": str(H264_THREADS)}
     if params:
         options["x264-params"] = params

@@ -31,20 +31,28 @@ MASK_ALPHA_THRESHOLD = 125.0 / 255.0
 _THRESHOLD_F32 = float(np.float32(MASK_ALPHA_THRESHOLD))
 
 
+#: torch's CPU threads inside the render loop when the meshes are built on a GPU (None: leave torch's
+#: own count). The loop's torch CPU work is small (threshold and mask, 8-bit conversion, silhouette
+#: flags back on the host) and shares the cores with the three encoders' threads and the GL driver.
+#: None until measured on a GPU machine; see docs/generation.md.
+CUDA_LOOP_TORCH_THREADS: int | None = None
+
+
 @contextlib.contextmanager
-def single_threaded_torch(enabled: bool = True) -> Iterator[None]:
-    """Run torch's CPU ops on one thread inside the block (restored afterwards).
+def limited_torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch's CPU ops on at most ``threads`` threads inside the block (restored afterwards;
+    None: unchanged).
 
     On a CPU-only machine the per-frame loop alternates a small memory-bound torch mesh build
     with Mesa llvmpipe's rasteriser threads. torch's OpenMP workers then wait on cores that
     llvmpipe (or anything else) holds: measured on 2 shared cores, one torch thread used 3.7x
     less CPU time per 512x512 frame than two (138 vs 507 ms) and ran 4x faster.
     """
-    if not enabled:
+    previous = torch.get_num_threads()
+    if threads is None or threads >= previous:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, int(threads)))
     try:
         yield
     finally:
@@ -181,7 +189,7 @@ def iter_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarray], K_
         steps = progress(steps)
     shared_mesh = None
     with MeshRenderer(height, width, antialias=antialias, pixel_convention=pixel_convention) as renderer, \
-            single_threaded_torch(dev.type == "cpu"):
+            limited_torch_threads(1 if dev.type == "cpu" else CUDA_LOOP_TORCH_THREADS):
         gl_renderer, aa_method = renderer.gl_renderer, renderer.antialias_method
         if settings is not None:
             settings.update({"cap": cap, "filter": filter, "stretch_test": bool(stretch_test),
