@@ -177,3 +177,38 @@ def test_to_uint8_gives_the_numpy_formula_s_bytes():
         assert out.dtype == np.uint8 and out.shape == array.shape
         np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(to_uint8(np.array([[0, 1]], np.int64)), np.array([[0, 255]], np.uint8))
+
+
+def test_h264_options_carry_the_fixed_threads_and_lookahead(monkeypatch):
+    import ex4d.io.video as video
+
+    options, pad = video.h264_options(500, 16)
+    assert options["threads"] == str(video.H264_THREADS) and options["crf"] == "16" and pad == 12
+    assert "crop-rect=0,0,12,0" in options["x264-params"]
+    monkeypatch.setattr(video, "H264_LOOKAHEAD", 7)
+    options, _ = video.h264_options(512, 16)
+    assert options["x264-params"] == "rc-lookahead=7"
+    monkeypatch.setattr(video, "H264_LOOKAHEAD", None)
+    assert "x264-params" not in video.h264_options(512, 16)[0]  # the preset's own look-ahead
+
+
+def test_h264_lookahead_setting_reaches_the_encoder(tmp_path, monkeypatch):
+    """A shorter look-ahead holds back fewer frames: the first packet leaves the encoder sooner."""
+    import av
+
+    import ex4d.io.video as video
+
+    frames = np.random.default_rng(0).integers(0, 256, (30, 64, 128, 3), dtype=np.uint8)
+
+    def frames_before_first_packet(lookahead):
+        monkeypatch.setattr(video, "H264_LOOKAHEAD", lookahead)
+        options, _ = video.h264_options(128, 16)
+        with av.open(str(tmp_path / f"la{lookahead}.mp4"), mode="w") as container:
+            stream = container.add_stream("libx264", rate=30)
+            stream.pix_fmt, stream.width, stream.height, stream.options = "yuv420p", 128, 64, options
+            for k, frame in enumerate(frames):
+                if stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    return k
+        return len(frames)
+
+    assert frames_before_first_packet(2) < frames_before_first_packet(20)
