@@ -107,3 +107,33 @@ def test_a_generation_killed_between_video_and_record_is_never_taken_for_current
     with open(out, "ab") as handle:
         handle.write(b"edited")
     assert not generation_is_current(out, color, mask, options_1)
+
+
+@pytest.mark.parametrize("fails_in", ["sampler", "decode"])
+def test_a_failed_regeneration_keeps_the_previous_video(models, renders, monkeypatch, fails_in):
+    """The video is encoded while the VAE decodes. A run that fails keeps the previous video byte for byte;
+    its record stays too if the failure came before any frame was decoded, and is retracted once the new
+    frames have started to arrive (the old video is then no longer vouched for)."""
+    from ex4d.diffusion.pipeline import EX4DPipeline
+
+    out = renders / "gen.mp4"
+    assert generate(models, renders, "-o", str(out), "--seed", "1") == 0
+    video, record = out.read_bytes(), out.with_suffix(".json").read_text()
+
+    if fails_in == "sampler":
+        def broken(self, *args, **kwargs):
+            raise MemoryError("out of memory in the sampler")
+        monkeypatch.setattr(EX4DPipeline, "_predict", broken)
+    else:
+        def broken(self, latents, frame_sink):
+            frame_sink(self.decode_latents(latents).numpy()[0, 0])
+            raise MemoryError("out of memory in the decoder")
+        monkeypatch.setattr(EX4DPipeline, "decode_latents_streamed", broken)
+    assert generate(models, renders, "-o", str(out), "--seed", "2") != 0
+    assert out.read_bytes() == video
+    if fails_in == "sampler":
+        assert out.with_suffix(".json").read_text() == record
+    else:
+        assert not out.with_suffix(".json").exists()
+    ledger = ".ex4d-files.json"  # ex4d's list of the files it wrote
+    assert [p.name for p in renders.iterdir() if p.name.startswith(".") and p.name != ledger] == []

@@ -983,13 +983,17 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
         with contextlib.ExitStack() as stack:
             writer = None
             if streamed:
-                forget_output(record_path)
                 # Room for every frame: the decoder never waits for the encoder.
                 writer = stack.enter_context(VideoWriter(output, fps, background=True,
                                                          queue_frames=condition.num_frames))
+
+            def hand_over(frame: np.ndarray) -> None:
+                if not writer.frames_written:  # a run that fails before decoding keeps the old pair
+                    forget_output(record_path)
+                writer.write(frame)
             result = pipe(condition.cond, condition.mask, image=condition.first_frame,
                           generator=torch.Generator("cpu").manual_seed(options.seed), output_type="np",
-                          frame_sink=writer.write if writer is not None else None, **call_kwargs)
+                          frame_sink=hand_over if streamed else None, **call_kwargs)
         frames = result.frames[0]
         if writes and not streamed:
             forget_output(record_path)
