@@ -340,6 +340,25 @@ def test_limited_torch_threads_restores_the_thread_count():
         assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_render_loop_caps_torch_threads_and_restores_them(device):
+    """One torch thread in the loop with CPU meshes (llvmpipe needs the cores), CUDA_LOOP_TORCH_THREADS with
+    GPU meshes (the encoders' threads need them); the caller's count afterwards."""
+    import ex4d.render.condition as condition
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    n = 3
+    frames = np.random.default_rng(0).random((n, H, W, 3), dtype=np.float32)
+    depth = np.full((n, H, W), 4.0, np.float32)
+    before = torch.get_num_threads()
+    seen = []
+    condition.render_condition(frames, depth, None, _identity_trajectory(n), device=device,
+                               mesh_callback=lambda k, m: seen.append(torch.get_num_threads()))
+    want = 1 if device == "cpu" else min(before, condition.CUDA_LOOP_TORCH_THREADS or before)
+    assert seen == [want] * n and torch.get_num_threads() == before
+
+
 # -- fast paths vs the plain statements they replace ----------------------------------------------
 
 def _orbit(deg, radius):

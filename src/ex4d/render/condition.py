@@ -32,10 +32,11 @@ _THRESHOLD_F32 = float(np.float32(MASK_ALPHA_THRESHOLD))
 
 
 #: torch's CPU threads inside the render loop when the meshes are built on a GPU (None: leave torch's
-#: own count). The loop's torch CPU work is small (threshold and mask, 8-bit conversion, silhouette
-#: flags back on the host) and shares the cores with the three encoders' threads and the GL driver.
-#: None until measured on a GPU machine; see docs/generation.md.
-CUDA_LOOP_TORCH_THREADS: int | None = None
+#: own count). The loop's torch CPU work is small (threshold and mask, 8-bit conversion) and shares
+#: the cores with the three encoders' threads and the GL driver, where torch's default of one thread
+#: per core oversubscribes them: on a 16-core H100 machine, recon of 49 frames at 512x512 took 1.50 s
+#: with 4 torch threads against 1.76 s with 16 (bench/bench_recon_stage.py; docs/generation.md).
+CUDA_LOOP_TORCH_THREADS: int | None = 4
 
 
 @contextlib.contextmanager
