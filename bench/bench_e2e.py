@@ -358,12 +358,7 @@ def main(argv=None) -> int:
     if args.loop_torch_threads is not None:
         condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
     if args.no_streamed_decode:
-        def decode_then_hand_over(self, latents, frame_sink):
-            frames = self.decode_latents(latents).cpu().numpy()
-            for frame in frames[0]:
-                frame_sink(frame)
-            return frames
-        EX4DPipeline.decode_latents_streamed = decode_then_hand_over
+        EX4DPipeline.decode_latents_streamed = EX4DPipeline.decode_latents_then_hand_over
 
     Float8Linear.FAST_ACCUM = (Float8Linear.FAST_ACCUM or args.fp8_fast_accum) and not args.fp8_exact_accum
     Float8Linear.BIAS_IN_GEMM = Float8Linear.BIAS_IN_GEMM or args.fp8_bias_epilogue

@@ -966,6 +966,9 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
         parallelize_pipeline(pipe, parallel, num_tokens=tokens)
     fps = options.fps if options.fps is not None else condition.fps
     writes = parallel is None or parallel.is_main
+    # One GPU, one window: the video is encoded while the VAE decodes its later frames (the writer keeps
+    # it under a temporary name until it is complete; a failed run leaves nothing of it).
+    streamed = not long_clip and (parallel is None or parallel.world_size == 1)
     # The record goes first and comes back last: a run killed between the two writes leaves a video
     # with no record, which is never taken for current (generation_is_current).
     if long_clip:
@@ -973,19 +976,10 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
 
         frames = generate_long_video(pipe, condition, window=options.window, overlap=options.overlap,
                                      seed=options.seed, progress=progress, **call_kwargs)
-        if writes:
-            forget_output(record_path)
-            write_video(output, np.asarray(frames), fps=fps)
     else:
-        # One GPU: the video is encoded while the VAE decodes its later frames (the writer keeps it
-        # under a temporary name until it is complete; a failed run leaves nothing).
-        streamed = parallel is None or parallel.world_size == 1
-        with contextlib.ExitStack() as stack:
-            writer = None
-            if streamed:
-                # Room for every frame: the decoder never waits for the encoder.
-                writer = stack.enter_context(VideoWriter(output, fps, background=True,
-                                                         queue_frames=condition.num_frames))
+        # Room for every frame in the writer's queue: the decoder never waits for the encoder.
+        with (VideoWriter(output, fps, background=True, queue_frames=condition.num_frames) if streamed
+              else contextlib.nullcontext()) as writer:
 
             def hand_over(frame: np.ndarray) -> None:
                 if not writer.frames_written:  # a run that fails before decoding keeps the old pair
@@ -995,9 +989,9 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
                           generator=torch.Generator("cpu").manual_seed(options.seed), output_type="np",
                           frame_sink=hand_over if streamed else None, **call_kwargs)
         frames = result.frames[0]
-        if writes and not streamed:
-            forget_output(record_path)
-            write_video(output, np.asarray(frames), fps=fps)
+    if writes and not streamed:
+        forget_output(record_path)
+        write_video(output, np.asarray(frames), fps=fps)
     if writes:
         with atomic_path(record_path) as tmp:
             tmp.write_text(json.dumps({"request": _generate_request(color, mask, options),

@@ -300,7 +300,7 @@ class EX4DPipeline(DiffusionPipeline):
         1 runs one forward per step (no CFG: the negative prompt is neither encoded nor used).
         frame_sink: with output_type "np", called with each decoded uint8 frame (H, W, 3), in order, while
         the VAE goes on decoding the next ones (e.g. a background video writer's ``write``); see
-        :meth:`decode_latents`.
+        :meth:`decode_latents_streamed`.
         """
         if output_type not in ("np", "pt", "latent"):
             raise InputError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
@@ -398,10 +398,7 @@ class EX4DPipeline(DiffusionPipeline):
 
         vae = self.vae
         if getattr(vae, "use_tiling", False) or latents.shape[0] != 1 or vae.config.patch_size is not None:
-            frames = self.decode_latents(latents).cpu().numpy()
-            for frame in frames[0]:
-                frame_sink(frame)
-            return frames
+            return self.decode_latents_then_hand_over(latents, frame_sink)
         cuda = _module_device(vae).type == "cuda"
         chunks: list[torch.Tensor] = []
         pending: list = []
@@ -430,11 +427,18 @@ class EX4DPipeline(DiffusionPipeline):
                 self._decode_video(latents)  # the chunks are taken by the hook
             finally:
                 handle.remove()
-                for future in pending:  # in order; the first failure is raised (after the rest ran)
-                    future.exception()
-            for future in pending:
-                future.result()
+        for future in pending:  # all ran (the pool's exit waits); the first failure is raised
+            future.result()
         return torch.cat(chunks, dim=1).numpy()
+
+    def decode_latents_then_hand_over(self, latents: torch.Tensor,
+                                      frame_sink: Callable[[np.ndarray], None]) -> np.ndarray:
+        """:meth:`decode_latents` of the whole video to host memory, then every frame of video 0 to
+        ``frame_sink``: the unstreamed form of :meth:`decode_latents_streamed` (same result)."""
+        frames = self.decode_latents(latents).cpu().numpy()
+        for frame in frames[0]:
+            frame_sink(frame)
+        return frames
 
 
 def _to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
