@@ -189,6 +189,27 @@ def time_recon_parts(stages: Stages) -> None:
     arrays.frames_sha1 = accumulate("recon.depth_sha1_parts", arrays.frames_sha1)
 
 
+def add_recon_setting_args(parser: argparse.ArgumentParser) -> None:
+    """``--x264-lookahead`` and ``--loop-torch-threads``: recon's encoder and thread settings, for A/B runs."""
+    parser.add_argument("--x264-lookahead", type=int, default=None,
+                        help="libx264 rc-lookahead of every H.264 writer (default: ex4d.io.video.H264_LOOKAHEAD)")
+    parser.add_argument("--loop-torch-threads", type=int, default=None,
+                        help="torch CPU threads in recon's render loop with GPU meshes, 0 for torch's own count "
+                             "(default: ex4d.render.condition.CUDA_LOOP_TORCH_THREADS)")
+
+
+def apply_recon_settings(args) -> dict:
+    """Set what :func:`add_recon_setting_args` parsed; returns the settings in force (for the JSON)."""
+    import ex4d.io.video as video_io
+    import ex4d.render.condition as condition
+
+    if args.x264_lookahead is not None:
+        video_io.H264_LOOKAHEAD = args.x264_lookahead
+    if args.loop_torch_threads is not None:
+        condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
+    return {"x264_lookahead": video_io.H264_LOOKAHEAD, "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS}
+
+
 def stage_medians(times: dict, runs: int) -> dict:
     """Median seconds per stage over ``runs`` runs. A stage timed once per run: the median of its times;
     a ``*_parts`` list (one entry per call) under its name without ``_parts``: the median of its per-run
@@ -326,11 +347,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark on (cuDNN times its convolution algorithms once per "
                              "shape: the VAE's and DepthCrafter's); default off, as in ex4d")
-    parser.add_argument("--x264-lookahead", type=int, default=None,
-                        help="libx264 rc-lookahead of every H.264 writer (default: ex4d.io.video.H264_LOOKAHEAD)")
-    parser.add_argument("--loop-torch-threads", type=int, default=None,
-                        help="torch CPU threads in recon's render loop with GPU meshes, 0 for torch's own count "
-                             "(default: ex4d.render.condition.CUDA_LOOP_TORCH_THREADS)")
+    add_recon_setting_args(parser)
     parser.add_argument("--no-streamed-decode", action="store_true",
                         help="decode the whole video, then encode it (ex4d encodes while the VAE decodes)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
@@ -348,15 +365,10 @@ def main(argv=None) -> int:
     from ex4d.pipeline import ReconOptions, estimate_depth, load_clip, run_generate, run_recon
 
     dlogging.set_verbosity_error()
-    import ex4d.io.video as video_io
-    import ex4d.render.condition as condition
     from ex4d.diffusion.fp8 import Float8Linear
     from ex4d.diffusion.pipeline import EX4DPipeline
 
-    if args.x264_lookahead is not None:
-        video_io.H264_LOOKAHEAD = args.x264_lookahead
-    if args.loop_torch_threads is not None:
-        condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
+    recon_settings = apply_recon_settings(args)
     if args.no_streamed_decode:
         EX4DPipeline.decode_latents_streamed = EX4DPipeline.decode_latents_then_hand_over
 
@@ -469,8 +481,7 @@ def main(argv=None) -> int:
         vram_budget_gib=options.vram_budget, compile=options.compile, resident_dit_blocks=resident,
         depth=args.depth, depth_settings=depth_settings, attention=options.attention or "native",
         cudnn_benchmark=args.cudnn_benchmark, vae_channels_last=not args.vae_contiguous,
-        compile_vae_norms=not args.no_vae_norm_compile, x264_lookahead=video_io.H264_LOOKAHEAD,
-        loop_torch_threads=condition.CUDA_LOOP_TORCH_THREADS, streamed_decode=not args.no_streamed_decode,
+        compile_vae_norms=not args.no_vae_norm_compile, **recon_settings, streamed_decode=not args.no_streamed_decode,
         runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_e2e import Stages, stage_medians, time_recon_parts  # noqa: E402
+from bench_e2e import (Stages, add_recon_setting_args, apply_recon_settings, stage_medians,  # noqa: E402
+                       time_recon_parts)
 from bench_generate import git_commit, note  # noqa: E402
 from peak_memory import make_clip  # noqa: E402
 
@@ -61,18 +62,11 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (default 5)")
     parser.add_argument("--device", default="auto", help="where the meshes are built (default auto: CUDA if any)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--loop-torch-threads", type=int, default=None,
-                        help="torch CPU threads inside the render loop with GPU meshes (default: ex4d's)")
-    parser.add_argument("--x264-lookahead", type=int, default=None, help="libx264 rc-lookahead (default: ex4d's)")
+    add_recon_setting_args(parser)
     args = parser.parse_args(argv)
-    import ex4d.io.video as video_io
-    import ex4d.render.condition as condition
     from ex4d.pipeline import ReconOptions, estimate_depth, load_clip, run_recon
 
-    if args.loop_torch_threads is not None:
-        condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
-    if args.x264_lookahead is not None:
-        video_io.H264_LOOKAHEAD = args.x264_lookahead
+    recon_settings = apply_recon_settings(args)
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -98,8 +92,7 @@ def main(argv=None) -> int:
     result = dict(
         bench="recon_stage", commit=git_commit(),
         device=torch.cuda.get_device_name() if cuda else "cpu", cpus=os.cpu_count(),
-        torch_threads=torch.get_num_threads(), loop_torch_threads=condition.CUDA_LOOP_TORCH_THREADS,
-        x264_lookahead=video_io.H264_LOOKAHEAD, renderer=renderer, frames=args.frames, size=args.size, cam=args.cam,
+        torch_threads=torch.get_num_threads(), **recon_settings, renderer=renderer, frames=args.frames, size=args.size, cam=args.cam,
         mesh_device=args.device, runs=args.runs,
         recon_s_median=round(statistics.median(stages.times["recon"]), 3),
         recon_s_runs=[round(t, 3) for t in stages.times["recon"]],
