@@ -137,3 +137,22 @@ def test_a_failed_regeneration_keeps_the_previous_video(models, renders, monkeyp
         assert not out.with_suffix(".json").exists()
     ledger = ".ex4d-files.json"  # ex4d's list of the files it wrote
     assert [p.name for p in renders.iterdir() if p.name.startswith(".") and p.name != ledger] == []
+
+
+def test_generation_failing_mid_decode_leaves_no_video(models, renders, monkeypatch):
+    """The video is encoded while the VAE decodes: a failure after some frames were written keeps nothing."""
+    from ex4d.diffusion.pipeline import EX4DPipeline
+
+    handed_over = []
+
+    def failing_decode(self, latents, frame_sink):
+        frames = self.decode_latents(latents).numpy()
+        for frame in frames[0][:3]:
+            frame_sink(frame)
+            handed_over.append(1)
+        raise MemoryError("out of memory in the decoder")
+
+    monkeypatch.setattr(EX4DPipeline, "decode_latents_streamed", failing_decode)
+    before = sorted(p.name for p in renders.iterdir())
+    assert generate(models, renders, "-o", str(renders / "gen.mp4")) != 0 and len(handed_over) == 3
+    assert sorted(p.name for p in renders.iterdir()) == before, "no video, record or temporary file is left"
