@@ -42,8 +42,9 @@ final encode on the last run's output and on the source clip's frames (same shap
 ``total_s_median_with_source_like_final_encode`` swaps the one for the other (derived, not a run);
 with the streamed decode the encode overlaps the decode, so no such swap is made (null).
 
-``--x264-lookahead N`` sets every H.264 writer's rc-lookahead, ``--loop-torch-threads N`` the torch
-CPU threads of recon's render loop, for A/B runs of those settings.
+``--x264-lookahead N`` sets the final video's rc-lookahead, ``--condition-lookahead N`` that of recon's
+condition videos (0: preset medium's 40), ``--loop-torch-threads N`` the torch CPU threads of recon's
+render loop, for A/B runs of those settings.
 
 Prints ONE JSON object (commit from EX4D_COMMIT or git).
 
@@ -190,9 +191,13 @@ def time_recon_parts(stages: Stages) -> None:
 
 
 def add_recon_setting_args(parser: argparse.ArgumentParser) -> None:
-    """``--x264-lookahead`` and ``--loop-torch-threads``: recon's encoder and thread settings, for A/B runs."""
+    """``--x264-lookahead``, ``--condition-lookahead`` and ``--loop-torch-threads``: the encoders' and recon's
+    thread settings, for A/B runs."""
     parser.add_argument("--x264-lookahead", type=int, default=None,
-                        help="libx264 rc-lookahead of every H.264 writer (default: ex4d.io.video.H264_LOOKAHEAD)")
+                        help="libx264 rc-lookahead of the final video (default: ex4d.io.video.H264_LOOKAHEAD)")
+    parser.add_argument("--condition-lookahead", type=int, default=None,
+                        help="libx264 rc-lookahead of recon's condition videos, 0 for preset medium's 40 "
+                             "(default: ex4d.io.video.CONDITION_H264_LOOKAHEAD)")
     parser.add_argument("--loop-torch-threads", type=int, default=None,
                         help="torch CPU threads in recon's render loop with GPU meshes, 0 for torch's own count "
                              "(default: ex4d.render.condition.CUDA_LOOP_TORCH_THREADS)")
@@ -205,9 +210,12 @@ def apply_recon_settings(args) -> dict:
 
     if args.x264_lookahead is not None:
         video_io.H264_LOOKAHEAD = args.x264_lookahead
+    if args.condition_lookahead is not None:
+        video_io.CONDITION_H264_LOOKAHEAD = args.condition_lookahead or None
     if args.loop_torch_threads is not None:
         condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
-    return {"x264_lookahead": video_io.H264_LOOKAHEAD, "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS}
+    return {"x264_lookahead": video_io.H264_LOOKAHEAD, "condition_lookahead": video_io.CONDITION_H264_LOOKAHEAD,
+            "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS}
 
 
 def stage_medians(times: dict, runs: int) -> dict:

@@ -53,8 +53,10 @@ def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
 
 def test_bench_e2e_tiny_unstreamed_with_encoder_and_thread_settings(tmp_path):
     result = run_bench("bench_e2e.py", "--tiny", "--preset", "fast", "--runs", "1", "--no-streamed-decode",
-                       "--x264-lookahead", "10", "--loop-torch-threads", "1", "--workdir", str(tmp_path))
+                       "--x264-lookahead", "10", "--condition-lookahead", "0", "--loop-torch-threads", "1",
+                       "--workdir", str(tmp_path))
     assert result["streamed_decode"] is False and result["x264_lookahead"] == 10
+    assert result["condition_lookahead"] is None  # 0: preset medium's own
     assert result["loop_torch_threads"] == 1
     assert result["stages_s_median"]["vae_decode"] > 0
     encodes = result["final_encode_s_median"]
@@ -107,9 +109,10 @@ def test_bench_condition_io_small():
 
 def test_bench_recon_stage_on_the_cpu():
     result = run_bench("bench_recon_stage.py", "--frames", "9", "--size", "64", "--runs", "1",
-                       "--x264-lookahead", "10", "--loop-torch-threads", "2")
+                       "--x264-lookahead", "10", "--condition-lookahead", "5", "--loop-torch-threads", "2")
     assert result["bench"] == "recon_stage" and result["device"] == "cpu" and len(result["recon_s_runs"]) == 1
     assert result["x264_lookahead"] == 10 and result["loop_torch_threads"] == 2
+    assert result["condition_lookahead"] == 5
     assert "llvmpipe" in result["renderer"] or "EGL" in result["renderer"]
     parts = result["parts_s_median"]
     assert 0 < parts["render_loop_s"] <= result["recon_s_median"]

@@ -188,8 +188,37 @@ def test_h264_options_carry_the_fixed_threads_and_lookahead(monkeypatch):
     monkeypatch.setattr(video, "H264_LOOKAHEAD", 7)
     options, _ = video.h264_options(512, 16)
     assert options["x264-params"] == "rc-lookahead=7"
+    assert video.h264_options(512, 16, lookahead=3)[0]["x264-params"] == "rc-lookahead=3"  # a writer's own
     monkeypatch.setattr(video, "H264_LOOKAHEAD", None)
     assert "x264-params" not in video.h264_options(512, 16)[0]  # the preset's own look-ahead
+
+
+def _x264_settings(path) -> str:
+    """The settings line libx264 writes into the stream (an SEI message: ``x264 - core ... options: ...``)."""
+    data = path.read_bytes()
+    start = data.index(b"options: ")
+    return data[start:data.index(b"\x00", start)].decode("ascii", "replace")
+
+
+def test_condition_videos_use_their_own_lookahead_and_the_final_video_the_default(tmp_path, monkeypatch):
+    import ex4d.io.video as video
+    from ex4d.types import ConditionWriter
+
+    monkeypatch.setattr(video, "H264_LOOKAHEAD", None)
+    frames = np.random.default_rng(0).random((12, 32, 48, 3), dtype=np.float32)
+    with ConditionWriter(tmp_path, "t", 24.0) as writer:
+        for frame in frames:
+            writer.write(frame, frame[..., 0] > 0.5)
+    for role in ("color", "mask"):
+        assert f" rc_lookahead={video.CONDITION_H264_LOOKAHEAD} " in _x264_settings(writer.paths[role]), role
+    final = tmp_path / "final.mp4"
+    video.write_video(final, (frames * 255).astype(np.uint8), fps=24.0)
+    assert " rc_lookahead=40 " in _x264_settings(final)  # preset medium's
+    monkeypatch.setattr(video, "CONDITION_H264_LOOKAHEAD", None)  # None: the preset's, for conditions too
+    with ConditionWriter(tmp_path / "default", "t", 24.0) as writer:
+        for frame in frames:
+            writer.write(frame, frame[..., 0] > 0.5)
+    assert " rc_lookahead=40 " in _x264_settings(writer.paths["color"])
 
 
 def test_h264_lookahead_setting_reaches_the_encoder(tmp_path, monkeypatch):

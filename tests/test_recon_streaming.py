@@ -269,7 +269,7 @@ def test_background_writers_flush_on_their_threads_at_once(tmp_path):
     flush error is raised at the block's end and no file is kept; writing after end_input is refused."""
     import threading
 
-    from ex4d.io.video import VideoWriter
+    from ex4d.io.video import CONDITION_H264_LOOKAHEAD, VideoWriter
     from ex4d.types import ConditionWriter
 
     frames = (np.random.default_rng(3).random((12, 32, 48, 3)) * 255).astype(np.uint8)
@@ -289,7 +289,7 @@ def test_background_writers_flush_on_their_threads_at_once(tmp_path):
         for frame in frames:
             condition.write(frame.astype(np.float32) / 255, frame[..., 0] > 127)
     (tmp_path / "fg").mkdir()
-    with VideoWriter(tmp_path / "fg" / "color_x.mp4", 10) as writer:
+    with VideoWriter(tmp_path / "fg" / "color_x.mp4", 10, lookahead=CONDITION_H264_LOOKAHEAD) as writer:
         for frame in frames:
             writer.write(frame)
     assert (tmp_path / "bg" / "color_x.mp4").read_bytes() == (tmp_path / "fg" / "color_x.mp4").read_bytes()

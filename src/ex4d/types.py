@@ -252,15 +252,18 @@ class ConditionWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, name: str, fps: float):
-        from ex4d.io.video import VideoWriter
+        from ex4d.io import video as video_io
 
         out_dir = Path(out_dir)
         self.paths = {"color": out_dir / f"color_{name}.mp4", "mask": out_dir / f"mask_{name}.mp4",
                       "mask_lossless": out_dir / f"mask_{name}.mkv"}
         # Each video encodes on its own thread, so the three encode at once and while the next frame
-        # renders (on a GPU, recon's encoding took as long as its rendering).
-        self._writers = {"color": VideoWriter(self.paths["color"], fps, background=True),
-                         "mask": VideoWriter(self.paths["mask"], fps, background=True),
+        # renders (on a GPU, recon's encoding took as long as its rendering). A short look-ahead, so
+        # that little is left to encode once the last frame is rendered (CONDITION_H264_LOOKAHEAD).
+        lookahead = video_io.CONDITION_H264_LOOKAHEAD
+        VideoWriter = video_io.VideoWriter
+        self._writers = {"color": VideoWriter(self.paths["color"], fps, background=True, lookahead=lookahead),
+                         "mask": VideoWriter(self.paths["mask"], fps, background=True, lookahead=lookahead),
                          "mask_lossless": VideoWriter(self.paths["mask_lossless"], fps, codec="ffv1", background=True)}
         self._stack = None
 

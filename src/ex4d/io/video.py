@@ -125,16 +125,26 @@ H264_WIDTH_MULTIPLE = 128
 #: libx264's rate-control look-ahead in frames; None keeps preset medium's 40. It sets how many frames
 #: the encoder holds back before coding any (the frame-type decision and MB-tree look that far ahead).
 H264_LOOKAHEAD: int | None = None
+#: The look-ahead of the condition videos recon writes (:class:`ex4d.types.ConditionWriter`); None
+#: keeps preset medium's 40. Recon waits for their final flush, which holds back the look-ahead's
+#: frames: on 2 CPU cores the wait after the last rendered frame was 0.18 s at 40 and 0.05 s at 10
+#: (bench/bench_x264.py, render-like frames), and the colour condition of the README example lost
+#: 0.04 dB PSNR (42.62 against 42.58 dB). The final video keeps H264_LOOKAHEAD: on natural video a
+#: look-ahead of 10 cost 0.6 dB.
+CONDITION_H264_LOOKAHEAD: int | None = 10
 
 
-def h264_options(width: int, crf: int, x264_params: str = "") -> tuple[dict[str, str], int]:
+def h264_options(width: int, crf: int, x264_params: str = "",
+                 lookahead: int | None = None) -> tuple[dict[str, str], int]:
     """libx264 options for frames ``width`` wide, and how many columns to add to each frame.
 
     Every H.264 writer of ex4d uses this, so all get the fixed thread count and the width padding
     (H264_THREADS, H264_WIDTH_MULTIPLE). x264_params: further ``x264-params`` (``key=value:...``).
+    lookahead: libx264's rc-lookahead in frames; None takes H264_LOOKAHEAD.
     """
     pad = -width % H264_WIDTH_MULTIPLE
-    lookahead = f"rc-lookahead={H264_LOOKAHEAD}" if H264_LOOKAHEAD is not None else ""
+    lookahead = H264_LOOKAHEAD if lookahead is None else lookahead
+    lookahead = f"rc-lookahead={lookahead}" if lookahead is not None else ""
     params = ":".join(p for p in (x264_params, lookahead, f"crop-rect=0,0,{pad},0" if pad else "") if p)
     options = {"crf": str(crf), "preset": "medium", "threads": str(H264_THREADS)}
     if params:
@@ -168,13 +178,15 @@ class VideoWriter:
     encoder's final flush runs on that thread too: x264 holds back its look-ahead (about 40 frames at
     ``medium``), so most of a short clip is encoded there. ``end_input`` starts it without waiting,
     so that several writers flush at once (:class:`ex4d.types.ConditionWriter` ends its three so).
+    ``lookahead``: libx264's rc-lookahead for this video (None: H264_LOOKAHEAD).
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, codec: str = "h264", crf: int = 16,
-                 background: bool = False, queue_frames: int = 4):
+                 background: bool = False, queue_frames: int = 4, lookahead: int | None = None):
         if codec not in ("h264", "ffv1"):
             raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'ffv1'")
         self.path, self.fps, self.codec, self.crf = Path(path), fps, codec, crf
+        self.lookahead = lookahead
         self.background, self.queue_frames = background, max(1, int(queue_frames))
         self.frames_written = 0
         self._atomic = self._tmp = self._container = self._stream = None
@@ -197,7 +209,7 @@ class VideoWriter:
         if self.codec == "h264":
             stream = self._container.add_stream("libx264", rate=rate)
             stream.pix_fmt = "yuv420p"
-            stream.options, self._pad = h264_options(width, self.crf)
+            stream.options, self._pad = h264_options(width, self.crf, lookahead=self.lookahead)
             self._fmt = "rgb24"
         else:
             stream = self._container.add_stream("ffv1", rate=rate)
