@@ -44,7 +44,8 @@ with the streamed decode the encode overlaps the decode, so no such swap is made
 
 ``--x264-lookahead N`` sets the final video's rc-lookahead, ``--condition-lookahead N`` that of recon's
 condition videos (0: preset medium's 40), ``--loop-torch-threads N`` the torch CPU threads of recon's
-render loop, for A/B runs of those settings.
+render loop, ``--no-loop-overlap`` finishes each rendered frame in line (not on a helper thread beside
+the next frame's draw), for A/B runs of those settings.
 
 Prints ONE JSON object (commit from EX4D_COMMIT or git).
 
@@ -132,7 +133,9 @@ def time_recon_parts(stages: Stages) -> None:
     Inside the render loop: ``recon.mesh_build`` (launching the DW-Mesh build), ``recon.frame_stage`` /
     ``frame_gl`` / ``frame_antialias`` (the renderer's own split: packing the vertices to the host,
     upload + draw + read-back, silhouettes + antialiasing), ``recon.finish_frame`` (threshold and mask),
-    ``recon.read_wait`` (waiting for the decoded source frames and the depth frames, both streams).
+    ``recon.read_wait`` (waiting for the decoded source frames and the depth frames, both streams). With
+    meshes on a GPU the antialiasing's blend and ``finish_frame`` run on a helper thread beside the next
+    frame's build and draw (``CUDA_LOOP_OVERLAP``), so the parts then add up to more than the loop.
     """
     import ex4d.io.arrays as arrays
     import ex4d.render.condition as condition
@@ -163,18 +166,27 @@ def time_recon_parts(stages: Stages) -> None:
                 yield item
         return wrapper
 
-    init, render = MeshRenderer.__init__, MeshRenderer.render
+    init, render_deferred = MeshRenderer.__init__, MeshRenderer.render_deferred
 
     def timed_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.timings = {}  # the renderer's own per-frame split (ms), read after each render
 
-    def timed_render(self, *args, **kwargs):
-        out = render(self, *args, **kwargs)
-        for key in ("stage_ms", "gl_ms", "antialias_ms"):
-            if key in self.timings:
-                stages.times.setdefault(f"recon.frame_{key[:-3]}_parts", []).append(self.timings[key] / 1000)
-        return out
+    def timed_render_deferred(self, *args, **kwargs):
+        finish = render_deferred(self, *args, **kwargs)
+        timings = dict(self.timings)  # this frame's; the next render replaces them
+        for key in ("stage_ms", "gl_ms"):
+            if key in timings:
+                stages.times.setdefault(f"recon.frame_{key[:-3]}_parts", []).append(timings[key] / 1000)
+
+        def timed_finish():
+            start = time.perf_counter()
+            try:
+                return finish()
+            finally:  # the part of the antialiasing done at render time, plus the blend (maybe on a helper thread)
+                seconds = timings.get("antialias_ms", 0.0) / 1000 + time.perf_counter() - start
+                stages.times.setdefault("recon.frame_antialias_parts", []).append(seconds)
+        return timed_finish
 
     import ex4d.mesh.dwmesh as dwmesh
 
@@ -183,7 +195,7 @@ def time_recon_parts(stages: Stages) -> None:
     dwmesh.build_dw_mesh = accumulate("recon.mesh_build_parts", dwmesh.build_dw_mesh)
     arrays.read_ahead = timed_items("recon.read_wait_parts", arrays.read_ahead)
     MeshRenderer.__init__ = accumulate("recon.renderer_setup_parts", timed_init)
-    MeshRenderer.render = timed_render
+    MeshRenderer.render_deferred = timed_render_deferred
     MeshRenderer.release = accumulate("recon.renderer_release_parts", MeshRenderer.release)
     types.ConditionWriter.write = accumulate("recon.write_parts", types.ConditionWriter.write)
     types.ConditionWriter.__exit__ = accumulate("recon.encode_finish_parts", types.ConditionWriter.__exit__)
@@ -191,13 +203,16 @@ def time_recon_parts(stages: Stages) -> None:
 
 
 def add_recon_setting_args(parser: argparse.ArgumentParser) -> None:
-    """``--x264-lookahead``, ``--condition-lookahead`` and ``--loop-torch-threads``: the encoders' and recon's
-    thread settings, for A/B runs."""
+    """``--x264-lookahead``, ``--condition-lookahead``, ``--loop-torch-threads`` and ``--no-loop-overlap``: the
+    encoders' and recon's loop settings, for A/B runs."""
     parser.add_argument("--x264-lookahead", type=int, default=None,
                         help="libx264 rc-lookahead of the final video (default: ex4d.io.video.H264_LOOKAHEAD)")
     parser.add_argument("--condition-lookahead", type=int, default=None,
                         help="libx264 rc-lookahead of recon's condition videos, 0 for preset medium's 40 "
                              "(default: ex4d.io.video.CONDITION_H264_LOOKAHEAD)")
+    parser.add_argument("--no-loop-overlap", action="store_true",
+                        help="finish each rendered frame in line instead of on a helper thread beside the next "
+                             "frame's draw (ex4d.render.condition.CUDA_LOOP_OVERLAP off)")
     parser.add_argument("--loop-torch-threads", type=int, default=None,
                         help="torch CPU threads in recon's render loop with GPU meshes, 0 for torch's own count "
                              "(default: ex4d.render.condition.CUDA_LOOP_TORCH_THREADS)")
@@ -214,8 +229,10 @@ def apply_recon_settings(args) -> dict:
         video_io.CONDITION_H264_LOOKAHEAD = args.condition_lookahead or None
     if args.loop_torch_threads is not None:
         condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
+    if args.no_loop_overlap:
+        condition.CUDA_LOOP_OVERLAP = False
     return {"x264_lookahead": video_io.H264_LOOKAHEAD, "condition_lookahead": video_io.CONDITION_H264_LOOKAHEAD,
-            "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS}
+            "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS, "loop_overlap": condition.CUDA_LOOP_OVERLAP}
 
 
 def stage_medians(times: dict, runs: int) -> dict:

@@ -484,3 +484,64 @@ def test_reference_pixel_convention_shifts_by_half_a_pixel(antialias):
     np.testing.assert_allclose(a[0, 2] - b[0, 2], 1 / w) and np.testing.assert_allclose(a[1, 2] - b[1, 2], 1 / h)
     with pytest.raises(InputError, match="pixel convention"):
         MeshRenderer(h, w, pixel_convention="corners")
+
+
+def _orbit_scene(n=5, h=48, w=64):
+    """A depth-step scene seen along a short orbit: many silhouette pixels to antialias per frame."""
+    rng = np.random.default_rng(5)
+    frames = rng.random((n, h, w, 3), dtype=np.float32)
+    depth = np.full((n, h, w), 4.0, np.float32)
+    for k in range(n):
+        depth[k, 10 + k:34 + k, 18:44] = 2.0
+    poses = np.stack([_orbit(6.0 * k, 2.15) for k in range(n)])
+    Ks = np.repeat(reference_intrinsics(h, w)[None], n, axis=0)
+    return frames, depth, Trajectory(cam_from_world=poses, K=Ks, name="orbit")
+
+
+def test_deferred_render_finishes_each_frame_as_render_does():
+    """render_deferred's finishers give render's frames even when the next frame is drawn before a
+    frame is finished (each frame reads back into its own buffer)."""
+    frames, depth, trajectory = _orbit_scene()
+    h, w = frames.shape[1:3]
+    Kc = reference_intrinsics(h, w)
+    meshes = [build_dw_mesh(torch.from_numpy(depth[k]), torch.from_numpy(frames[k]), Kc) for k in range(3)]
+    with MeshRenderer(h, w, antialias="analytic") as r:
+        want = [r.render(m, trajectory.cam_from_world[k], Kc) for k, m in enumerate(meshes)]
+        finishers = [r.render_deferred(m, trajectory.cam_from_world[k], Kc) for k, m in enumerate(meshes)]
+        got = [finish() for finish in finishers]  # all three drawn before any is finished
+    for g, w_ in zip(got, want):
+        np.testing.assert_array_equal(g, w_)
+    assert any(((0 < g[..., 3]) & (g[..., 3] < 1)).any() for g in got)  # silhouettes were blended
+
+
+def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helper_thread(monkeypatch):
+    """With the loop's overlap on (CUDA meshes; forced here on the CPU), every frame is finished on the
+    helper thread while the next is drawn, and the frames equal the in-line loop's bit for bit. A loop
+    abandoned midway leaves no helper thread behind."""
+    import threading
+
+    import ex4d.render.condition as condition
+
+    frames, depth, trajectory = _orbit_scene()
+    want = condition.render_condition(frames, depth, None, trajectory)
+    finishing_threads = []
+    finish_frame = condition.finish_frame
+
+    def recording_finish_frame(*args):
+        finishing_threads.append(threading.current_thread().name)
+        finish_frame(*args)
+
+    monkeypatch.setattr(condition, "_overlap_finishing", lambda device: True)
+    monkeypatch.setattr(condition, "finish_frame", recording_finish_frame)
+    got = condition.render_condition(frames, depth, None, trajectory)
+    np.testing.assert_array_equal(got.color, want.color)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    assert len(finishing_threads) == len(frames) - 1  # frame 0 is the source frame itself
+    assert all(name.startswith("finish frame") for name in finishing_threads)
+    assert (~want.mask[1:]).any() and want.mask[1:].any()  # the views do uncover and keep pixels
+
+    stream = condition.iter_condition(iter(frames), iter(depth), None, trajectory, size=frames.shape[1:3],
+                                      num_frames=len(frames))
+    next(stream), next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("finish frame")]

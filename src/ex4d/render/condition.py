@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -37,6 +38,16 @@ _THRESHOLD_F32 = float(np.float32(MASK_ALPHA_THRESHOLD))
 #: per core oversubscribes them: on a 16-core H100 machine, recon of 49 frames at 512x512 took 1.50 s
 #: with 4 torch threads against 1.76 s with 16 (bench/bench_recon_stage.py; docs/generation.md).
 CUDA_LOOP_TORCH_THREADS: int | None = 4
+#: With meshes on a GPU, finish each frame (the analytic antialiasing's CPU blend, then threshold and
+#: mask) on a helper thread while the loop builds and draws the next one: the GPU and GL work of frame
+#: k + 1 overlaps the CPU work of frame k. The frames are the same (each is finished exactly as before,
+#: in order). With CPU meshes the finishing would compete with llvmpipe's threads for the same cores,
+#: so it stays in line there.
+CUDA_LOOP_OVERLAP: bool = True
+
+
+def _overlap_finishing(device: torch.device) -> bool:
+    return CUDA_LOOP_OVERLAP and device.type == "cuda"
 
 
 @contextlib.contextmanager
@@ -185,12 +196,24 @@ def iter_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarray], K_
                              torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32)).to(dev),
                              K_src, **mesh_options)
 
+    def finished(render_finish: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        rgba = render_finish()
+        mask = np.empty((height, width), dtype=bool)
+        color = np.empty((height, width, 3), dtype=np.float32)
+        finish_frame(rgba, mask, color)  # in place: no (H, W, 3) temporaries per frame
+        return color, mask
+
     steps: Iterable[int] = range(num_out)
     if progress is not None:
         steps = progress(steps)
     shared_mesh = None
+    # One helper thread (CUDA_LOOP_OVERLAP) finishes frame k while frame k + 1 is built and drawn; its
+    # block closes inside the renderer's, so no finisher outlives the renderer.
+    helper = ThreadPoolExecutor(1, thread_name_prefix="finish frame") if _overlap_finishing(dev) else None
+    pending: Future | tuple | None = None  # frame k - 1 (on the helper thread unless it is frame 0)
     with MeshRenderer(height, width, antialias=antialias, pixel_convention=pixel_convention) as renderer, \
-            limited_torch_threads(1 if dev.type == "cpu" else CUDA_LOOP_TORCH_THREADS):
+            limited_torch_threads(1 if dev.type == "cpu" else CUDA_LOOP_TORCH_THREADS), \
+            (helper or contextlib.nullcontext()):
         gl_renderer, aa_method = renderer.gl_renderer, renderer.antialias_method
         if settings is not None:
             settings.update({"cap": cap, "filter": filter, "stretch_test": bool(stretch_test),
@@ -220,12 +243,16 @@ def iter_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarray], K_
             if k == 0:
                 out = first
             else:
-                rgba = renderer.render(mesh, trajectory.cam_from_world[k], trajectory.K[k])
-                mask = np.empty((height, width), dtype=bool)
-                color = np.empty((height, width, 3), dtype=np.float32)
-                finish_frame(rgba, mask, color)  # in place: no (H, W, 3) temporaries per frame
-                out = (color, mask)
+                render_finish = renderer.render_deferred(mesh, trajectory.cam_from_world[k], trajectory.K[k])
+                out = helper.submit(finished, render_finish) if helper is not None else finished(render_finish)
             del mesh
-            yield out
+            if helper is None:
+                yield out
+                continue
+            if pending is not None:
+                yield pending.result() if isinstance(pending, Future) else pending
+            pending = out
+        if pending is not None:
+            yield pending.result() if isinstance(pending, Future) else pending
     logger.info("rendered %d condition frames at %dx%d with %s (%s), cap=%s, pixels=%s", num_out, height, width,
                 gl_renderer, aa_method, cap, pixel_convention)

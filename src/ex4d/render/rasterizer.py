@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -314,6 +315,18 @@ class MeshRenderer:
         modify a face array in place between calls.
         Returns (H, W, 4) float32 RGBA in [0, 1]; row 0 is the top image row; empty pixels are 0.
         """
+        return self.render_deferred(mesh, cam_from_world, K, near, far)()
+
+    def render_deferred(self, mesh, cam_from_world: np.ndarray, K: np.ndarray, near: float = REFERENCE_NEAR,
+                        far: float = REFERENCE_FAR) -> Callable[[], np.ndarray]:
+        """:meth:`render` in two parts: everything that needs the GL context now, the CPU part later.
+
+        Draws and reads back now (on the calling thread, which owns the context) and returns a
+        function that finishes the frame: the analytic antialiasing's blend, on the CPU, which needs
+        neither the context nor the mesh. It may run on another thread while this one renders the next
+        frame; call the finishers in the order of their renders (they share the antialiaser's lookup
+        table), each once. ``render`` is ``render_deferred(...)()``: the same result.
+        """
         if self.ctx is None:
             raise RuntimeError("MeshRenderer was released")
         cam_from_world = np.asarray(cam_from_world, dtype=np.float64)
@@ -330,7 +343,7 @@ class MeshRenderer:
         with self.ctx:
             return self._draw(vertices, colors, faces, cam_from_world, K, near, far, _grid_info(mesh))
 
-    def _draw(self, vertices, colors, faces, cam_from_world, K, near, far, grid) -> np.ndarray:
+    def _draw(self, vertices, colors, faces, cam_from_world, K, near, far, grid) -> Callable[[], np.ndarray]:
         ctx = self.ctx
         clip_from_world = clip_from_camera(K, self.height, self.width, near, far,
                                            self.pixel_convention) @ cam_from_world
@@ -369,15 +382,23 @@ class MeshRenderer:
         t2 = _now() if timer is not None else 0.0
         if want_sil and not on_cuda:
             sil = self._silhouettes(vertices, clip_from_world, grid)
-        if analytic and self._num_indices:
-            out = self._antialias(out, sil)
+        blend = self._antialias_blend(sil) if analytic and self._num_indices else None
         if timer is not None:
             t3 = _now()
             # Silhouette classification is booked under antialiasing although it runs mid-draw.
             timer.update(stage_ms=1000 * (t1 - t0), gl_ms=1000 * (t2 - t1 - t_sil),
                          antialias_ms=1000 * (t3 - t2 + t_sil), upload_ms=1000 * (t_up - t1),
                          draw_read_ms=1000 * (t2 - t_up - t_sil))
-        return out
+
+        def finish() -> np.ndarray:
+            if blend is None:
+                return out
+            start = _now() if timer is not None else 0.0
+            blend(out)
+            if timer is not None:
+                timer["antialias_ms"] += 1000 * (_now() - start)
+            return out
+        return finish
 
     def _silhouettes(self, vertices, clip_from_world: np.ndarray, grid):
         """The view's silhouette faces (:class:`~ex4d.render.antialias.SilhouetteSet`), computed
@@ -396,19 +417,26 @@ class MeshRenderer:
         return silhouette_set(vertices_t, faces_t, clip_from_world, self.height, self.width, grid=grid,
                               adjacency=self._adjacency)
 
-    def _antialias(self, rgba: np.ndarray, sil) -> np.ndarray:
+    def _antialias_blend(self, sil) -> Callable[[np.ndarray], None] | None:
+        """Read back the frame's (face id + 1, depth) now; return the CPU blend of an RGBA frame, in
+        place (None when there are too many faces to antialias). The buffer is new for every frame,
+        so a blend still running on another thread never sees the next frame's read-back."""
         from ex4d.render.antialias import SparseAntialiaser
 
         num_faces = self._num_indices // 3
         if sil is None:
             logger.warning("%d faces: too many for analytic antialiasing, rendering without it", num_faces)
-            return rgba
-        if self._face_info is None:
-            self._face_info = np.empty((self.height, self.width, 2), dtype=np.float32)
+            return None
+        if self._sparse_aa is None:
             self._sparse_aa = SparseAntialiaser()
-        face_info = self._face_info
+        face_info = np.empty((self.height, self.width, 2), dtype=np.float32)
         self._fbo.read_into(face_info, components=2, attachment=1, dtype="f4", alignment=1)
-        return self._sparse_aa(rgba, face_info[..., 0], face_info[..., 1], sil, num_faces)
+        self._face_info = face_info
+        antialiaser = self._sparse_aa
+
+        def blend(rgba: np.ndarray) -> None:
+            antialiaser(rgba, face_info[..., 0], face_info[..., 1], sil, num_faces)
+        return blend
 
 
 _now = time.perf_counter
