@@ -514,16 +514,23 @@ def test_deferred_render_finishes_each_frame_as_render_does():
     assert any(((0 < g[..., 3]) & (g[..., 3] < 1)).any() for g in got)  # silhouettes were blended
 
 
-def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helper_thread(monkeypatch):
-    """With the loop's overlap on (CUDA meshes; forced here on the CPU), every frame is finished on the
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helper_thread(monkeypatch, device):
+    """With the loop's overlap on (CUDA meshes; forced for CPU meshes), every frame is finished on the
     helper thread while the next is drawn, and the frames equal the in-line loop's bit for bit. A loop
     abandoned midway leaves no helper thread behind."""
     import threading
 
     import ex4d.render.condition as condition
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     frames, depth, trajectory = _orbit_scene()
-    want = condition.render_condition(frames, depth, None, trajectory)
+    monkeypatch.setattr(condition, "CUDA_LOOP_OVERLAP", False)
+    want = condition.render_condition(frames, depth, None, trajectory, device=device)
+    monkeypatch.setattr(condition, "CUDA_LOOP_OVERLAP", True)
+    if device == "cpu":
+        monkeypatch.setattr(condition, "_overlap_finishing", lambda device: True)
     finishing_threads = []
     finish_frame = condition.finish_frame
 
@@ -531,9 +538,8 @@ def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helpe
         finishing_threads.append(threading.current_thread().name)
         finish_frame(*args)
 
-    monkeypatch.setattr(condition, "_overlap_finishing", lambda device: True)
     monkeypatch.setattr(condition, "finish_frame", recording_finish_frame)
-    got = condition.render_condition(frames, depth, None, trajectory)
+    got = condition.render_condition(frames, depth, None, trajectory, device=device)
     np.testing.assert_array_equal(got.color, want.color)
     np.testing.assert_array_equal(got.mask, want.mask)
     assert len(finishing_threads) == len(frames) - 1  # frame 0 is the source frame itself
@@ -541,7 +547,7 @@ def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helpe
     assert (~want.mask[1:]).any() and want.mask[1:].any()  # the views do uncover and keep pixels
 
     stream = condition.iter_condition(iter(frames), iter(depth), None, trajectory, size=frames.shape[1:3],
-                                      num_frames=len(frames))
+                                      num_frames=len(frames), device=device)
     next(stream), next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("finish frame")]
