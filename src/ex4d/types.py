@@ -260,11 +260,11 @@ class ConditionWriter:
         # Each video encodes on its own thread, so the three encode at once and while the next frame
         # renders (on a GPU, recon's encoding took as long as its rendering). A short look-ahead, so
         # that little is left to encode once the last frame is rendered (CONDITION_H264_LOOKAHEAD).
-        lookahead = video_io.CONDITION_H264_LOOKAHEAD
-        VideoWriter = video_io.VideoWriter
-        self._writers = {"color": VideoWriter(self.paths["color"], fps, background=True, lookahead=lookahead),
-                         "mask": VideoWriter(self.paths["mask"], fps, background=True, lookahead=lookahead),
-                         "mask_lossless": VideoWriter(self.paths["mask_lossless"], fps, codec="ffv1", background=True)}
+        h264 = dict(background=True, lookahead=video_io.CONDITION_H264_LOOKAHEAD)
+        self._writers = {"color": video_io.VideoWriter(self.paths["color"], fps, **h264),
+                         "mask": video_io.VideoWriter(self.paths["mask"], fps, **h264),
+                         "mask_lossless": video_io.VideoWriter(self.paths["mask_lossless"], fps, codec="ffv1",
+                                                               background=True)}
         self._stack = None
 
     def __enter__(self) -> "ConditionWriter":

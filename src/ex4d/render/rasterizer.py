@@ -315,7 +315,12 @@ class MeshRenderer:
         modify a face array in place between calls.
         Returns (H, W, 4) float32 RGBA in [0, 1]; row 0 is the top image row; empty pixels are 0.
         """
-        return self.render_deferred(mesh, cam_from_world, K, near, far)()
+        finish = self.render_deferred(mesh, cam_from_world, K, near, far)
+        start = _now()
+        out = finish()
+        if self.timings is not None and "antialias_ms" in self.timings:
+            self.timings["antialias_ms"] += 1000 * (_now() - start)  # the blend, done in line here
+        return out
 
     def render_deferred(self, mesh, cam_from_world: np.ndarray, K: np.ndarray, near: float = REFERENCE_NEAR,
                         far: float = REFERENCE_FAR) -> Callable[[], np.ndarray]:
@@ -325,7 +330,8 @@ class MeshRenderer:
         function that finishes the frame: the analytic antialiasing's blend, on the CPU, which needs
         neither the context nor the mesh. It may run on another thread while this one renders the next
         frame; call the finishers in the order of their renders (they share the antialiaser's lookup
-        table), each once. ``render`` is ``render_deferred(...)()``: the same result.
+        table), each once. ``render`` is ``render_deferred(...)()``: the same result. ``timings``
+        (if set) then cover the render-time part only: the blend's time is the finisher's own.
         """
         if self.ctx is None:
             raise RuntimeError("MeshRenderer was released")
@@ -391,12 +397,8 @@ class MeshRenderer:
                          draw_read_ms=1000 * (t2 - t_up - t_sil))
 
         def finish() -> np.ndarray:
-            if blend is None:
-                return out
-            start = _now() if timer is not None else 0.0
-            blend(out)
-            if timer is not None:
-                timer["antialias_ms"] += 1000 * (_now() - start)
+            if blend is not None:
+                blend(out)
             return out
         return finish
 
