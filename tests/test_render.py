@@ -514,6 +514,21 @@ def test_deferred_render_finishes_each_frame_as_render_does():
     assert any(((0 < g[..., 3]) & (g[..., 3] < 1)).any() for g in got)  # silhouettes were blended
 
 
+def test_deferred_render_with_too_many_faces_to_antialias(monkeypatch):
+    """Past the analytic limit a frame is left unblended (with a warning), deferred or not."""
+    import ex4d.render.rasterizer as rasterizer
+
+    frames, depth, trajectory = _orbit_scene(n=2)
+    h, w = frames.shape[1:3]
+    Kc = reference_intrinsics(h, w)
+    mesh = build_dw_mesh(torch.from_numpy(depth[1]), torch.from_numpy(frames[1]), Kc)
+    monkeypatch.setattr(rasterizer, "_MAX_ANALYTIC_FACES", 1)
+    with MeshRenderer(h, w, antialias="analytic") as r, MeshRenderer(h, w, antialias="none") as plain:
+        got = r.render_deferred(mesh, trajectory.cam_from_world[1], Kc)()
+        np.testing.assert_array_equal(got, plain.render(mesh, trajectory.cam_from_world[1], Kc))
+        np.testing.assert_array_equal(r.render(mesh, trajectory.cam_from_world[1], Kc), got)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helper_thread(monkeypatch, device):
     """With the loop's overlap on (CUDA meshes; forced for CPU meshes), every frame is finished on the
@@ -551,3 +566,24 @@ def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helpe
     next(stream), next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("finish frame")]
+
+
+@pytest.mark.parametrize("antialias,only_first_frame", [("msaa", False), ("none", False), ("analytic", True)])
+def test_overlapped_render_loop_in_other_modes(monkeypatch, antialias, only_first_frame):
+    """The overlapped loop gives the in-line frames with other antialiasing modes (nothing to blend
+    later) and with one shared mesh (only_first_frame), and calls the mesh callback alike."""
+    import ex4d.render.condition as condition
+
+    frames, depth, trajectory = _orbit_scene()
+    runs = []
+    for overlap in (False, True):
+        monkeypatch.setattr(condition, "_overlap_finishing", lambda device, overlap=overlap: overlap)
+        meshes = []
+        runs.append((condition.render_condition(frames, depth, None, trajectory, antialias=antialias,
+                                                only_first_frame=only_first_frame,
+                                                mesh_callback=lambda k, mesh: meshes.append(k)), meshes))
+    (want, want_meshes), (got, got_meshes) = runs
+    np.testing.assert_array_equal(got.color, want.color)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    assert got_meshes == want_meshes == ([0] if only_first_frame else list(range(len(frames))))
+    assert (~want.mask[1:]).any()
