@@ -12,8 +12,9 @@ Flagged vertices (alpha 0) and empty pixels both end up with mask 0: "to be gene
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -210,7 +211,7 @@ def iter_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarray], K_
     # One helper thread (CUDA_LOOP_OVERLAP) finishes frame k while frame k + 1 is built and drawn; its
     # block closes inside the renderer's, so no finisher outlives the renderer.
     helper = ThreadPoolExecutor(1, thread_name_prefix="finish frame") if _overlap_finishing(dev) else None
-    pending: Future | tuple | None = None  # frame k - 1 (on the helper thread unless it is frame 0)
+    pending: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # gets frame k - 1 (overlap only)
     with MeshRenderer(height, width, antialias=antialias, pixel_convention=pixel_convention) as renderer, \
             limited_torch_threads(1 if dev.type == "cpu" else CUDA_LOOP_TORCH_THREADS), \
             (helper or contextlib.nullcontext()):
@@ -241,18 +242,19 @@ def iter_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarray], K_
             if mesh is not None and mesh_callback is not None and (not only_first_frame or k == 0):
                 mesh_callback(k, mesh)
             if k == 0:
-                out = first
+                get_frame = lambda: first  # noqa: E731 (first is set once, at k == 0)
             else:
                 render_finish = renderer.render_deferred(mesh, trajectory.cam_from_world[k], trajectory.K[k])
-                out = helper.submit(finished, render_finish) if helper is not None else finished(render_finish)
+                get_frame = (helper.submit(finished, render_finish).result if helper is not None
+                             else functools.partial(finished, render_finish))
             del mesh
             if helper is None:
-                yield out
+                yield get_frame()
                 continue
             if pending is not None:
-                yield pending.result() if isinstance(pending, Future) else pending
-            pending = out
+                yield pending()
+            pending = get_frame
         if pending is not None:
-            yield pending.result() if isinstance(pending, Future) else pending
+            yield pending()
     logger.info("rendered %d condition frames at %dx%d with %s (%s), cap=%s, pixels=%s", num_out, height, width,
                 gl_renderer, aa_method, cap, pixel_convention)

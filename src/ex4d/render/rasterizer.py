@@ -318,7 +318,7 @@ class MeshRenderer:
         finish = self.render_deferred(mesh, cam_from_world, K, near, far)
         start = _now()
         out = finish()
-        if self.timings is not None and "antialias_ms" in self.timings:
+        if self.timings is not None:
             self.timings["antialias_ms"] += 1000 * (_now() - start)  # the blend, done in line here
         return out
 
