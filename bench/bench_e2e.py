@@ -41,6 +41,9 @@ final encode on the last run's output and on the source clip's frames (same shap
 ``--no-streamed-decode`` (the video is encoded after the decode, not during it),
 ``total_s_median_with_source_like_final_encode`` swaps the one for the other (derived, not a run);
 with the streamed decode the encode overlaps the decode, so no such swap is made (null).
+``generate_parts_s_median`` splits ``generate_io``: reading the condition videos (``load_condition``),
+the prompt-embedding cache lookup, and closing the final video's writer (the encode's tail after the
+last decoded frame when streamed, the whole encode when not).
 
 ``--x264-lookahead N`` sets the final video's rc-lookahead, ``--condition-lookahead N`` that of recon's
 condition videos (0: preset medium's 40), ``--loop-torch-threads N`` the torch CPU threads of recon's
@@ -200,6 +203,32 @@ def time_recon_parts(stages: Stages) -> None:
     types.ConditionWriter.write = accumulate("recon.write_parts", types.ConditionWriter.write)
     types.ConditionWriter.__exit__ = accumulate("recon.encode_finish_parts", types.ConditionWriter.__exit__)
     arrays.frames_sha1 = accumulate("recon.depth_sha1_parts", arrays.frames_sha1)
+
+
+def time_generate_parts(stages: Stages, output_prefix: str) -> None:
+    """Time the parts of generate around the sampler as stages ``generate.*``: ``generate.load_condition``
+    (reading the colour and mask videos, erosion, scaling), ``generate.prompt_lookup`` (the prompt
+    embedding cache) and ``generate.writer_close`` (closing the final video's writer after the last
+    decoded frame: the streamed encode's tail, or the whole encode without streaming). The writer
+    of a file whose name starts with ``output_prefix`` is the final video's; recon's are not counted."""
+    import ex4d.diffusion.conditioning as conditioning
+    import ex4d.pipeline as pipeline
+    from ex4d.io.video import VideoWriter
+
+    def accumulate(name, fn, when=lambda *a: True):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if when(*args):
+                    stages.times.setdefault(name, []).append(time.perf_counter() - start)
+        return wrapper
+
+    conditioning.load_condition = accumulate("generate.load_condition_parts", conditioning.load_condition)
+    pipeline._cached_prompt_embeds = accumulate("generate.prompt_lookup_parts", pipeline._cached_prompt_embeds)
+    VideoWriter.__exit__ = accumulate("generate.writer_close_parts", VideoWriter.__exit__,
+                                      lambda writer, *a: writer.path.name.startswith(output_prefix))
 
 
 def add_recon_setting_args(parser: argparse.ArgumentParser) -> None:
@@ -437,6 +466,7 @@ def main(argv=None) -> int:
                          ("prepare_condition", "vae_encode"), ("_decode_video", "vae_decode")):
         stages.wrap(pipe, method, name)
     time_recon_parts(stages)
+    time_generate_parts(stages, "ex4d_")
     pipe_class = type(pipe)
     call = pipe_class.__call__
     pipe_class.__call__ = lambda self, *a, **k: stages.run("sampler_call", call, self, *a, **k)
@@ -476,6 +506,7 @@ def main(argv=None) -> int:
 
     med = stage_medians(stages.times, args.runs)
     recon_parts = {k.split(".", 1)[1] + "_s": round(v, 3) for k, v in med.items() if k.startswith("recon.")}
+    generate_parts = {k.split(".", 1)[1] + "_s": round(v, 3) for k, v in med.items() if k.startswith("generate.")}
     final_encode = time_final_encodes(work / f"run{args.runs - 1}" / f"ex4d_{args.cam}.mp4", video)
     note(f"final encode: {final_encode}")
     if args.cprofile:
@@ -511,6 +542,7 @@ def main(argv=None) -> int:
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
         recon_parts_s_median=recon_parts,
+        generate_parts_s_median=generate_parts,
         denoise_step_s=round(denoise / options.steps, 4),
         peak_gib=round(max(stages.peaks.values()), 3) if cuda else None,
         stage_peak_gib={k: round(v, 2) for k, v in stages.peaks.items()} if cuda else None,

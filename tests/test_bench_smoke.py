@@ -45,6 +45,10 @@ def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
     assert {"renderer_setup_s", "render_loop_s", "mesh_build_s", "frame_gl_s", "frame_antialias_s", "read_wait_s",
             "write_s", "encode_finish_s", "depth_sha1_s"} <= set(parts)
     assert parts["render_loop_s"] > 0 and parts["render_loop_s"] <= stages["recon"] + 0.002
+    around = result["generate_parts_s_median"]  # the parts of generate_io: each timed once per run
+    assert set(around) == {"load_condition_s", "prompt_lookup_s", "writer_close_s"}
+    assert around["load_condition_s"] > 0 and around["writer_close_s"] > 0
+    assert sum(around.values()) <= stages["generate_io"] + 0.003
     # the profiled run is an extra run: its folder exists, and its stats name the pipeline's stages
     assert (tmp_path / "work" / "profiled" / "ex4d_90.mp4").is_file()
     functions = {name for (_, _, name) in pstats.Stats(str(profile)).stats}
@@ -59,6 +63,8 @@ def test_bench_e2e_tiny_unstreamed_with_encoder_and_thread_settings(tmp_path):
     assert result["condition_lookahead"] is None  # 0: preset medium's own
     assert result["loop_torch_threads"] == 1
     assert result["stages_s_median"]["vae_decode"] > 0
+    # unstreamed, closing the final video's writer is its whole encode (the recon writers are not counted)
+    assert 0 < result["generate_parts_s_median"]["writer_close_s"] <= result["stages_s_median"]["generate_io"]
     encodes = result["final_encode_s_median"]
     swapped = result["total_s_median"] - encodes["generated_frames"] + encodes["source_clip_frames"]
     assert abs(result["total_s_median_with_source_like_final_encode"] - swapped) <= 0.002  # rounding only
