@@ -48,8 +48,7 @@ last decoded frame when streamed, the whole encode when not).
 ``--x264-lookahead N`` sets the final video's rc-lookahead, ``--condition-lookahead N`` that of recon's
 condition videos (0: preset medium's 40), ``--loop-torch-threads N`` the torch CPU threads of recon's
 render loop, ``--no-loop-overlap`` finishes each rendered frame in line (not on a helper thread beside
-the next frame's draw), ``--loop-switch-interval S`` Python's thread switch interval while that helper
-runs (0: Python's 5 ms), for A/B runs of those settings.
+the next frame's draw), for A/B runs of those settings.
 
 Prints ONE JSON object (commit from EX4D_COMMIT or git).
 
@@ -243,9 +242,6 @@ def add_recon_setting_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-loop-overlap", action="store_true",
                         help="finish each rendered frame in line instead of on a helper thread beside the next "
                              "frame's draw (ex4d.render.condition.CUDA_LOOP_OVERLAP off)")
-    parser.add_argument("--loop-switch-interval", type=float, default=None, metavar="S",
-                        help="Python's thread switch interval while recon's helper thread finishes frames, 0 for "
-                             "Python's own (default: ex4d.render.condition.CUDA_LOOP_SWITCH_INTERVAL)")
     parser.add_argument("--loop-torch-threads", type=int, default=None,
                         help="torch CPU threads in recon's render loop with GPU meshes, 0 for torch's own count "
                              "(default: ex4d.render.condition.CUDA_LOOP_TORCH_THREADS)")
@@ -264,11 +260,8 @@ def apply_recon_settings(args) -> dict:
         condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
     if args.no_loop_overlap:
         condition.CUDA_LOOP_OVERLAP = False
-    if args.loop_switch_interval is not None:
-        condition.CUDA_LOOP_SWITCH_INTERVAL = args.loop_switch_interval or None
     return {"x264_lookahead": video_io.H264_LOOKAHEAD, "condition_lookahead": video_io.CONDITION_H264_LOOKAHEAD,
-            "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS, "loop_overlap": condition.CUDA_LOOP_OVERLAP,
-            "loop_switch_interval": condition.CUDA_LOOP_SWITCH_INTERVAL}
+            "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS, "loop_overlap": condition.CUDA_LOOP_OVERLAP}
 
 
 def stage_medians(times: dict, runs: int) -> dict:

@@ -3,7 +3,6 @@ buffer reuse, projection convention, condition frame-0 and mask rules, errors.""
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -547,13 +546,11 @@ def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helpe
     monkeypatch.setattr(condition, "CUDA_LOOP_OVERLAP", True)
     if device == "cpu":
         monkeypatch.setattr(condition, "_overlap_finishing", lambda device: True)
-    finishing_threads, intervals = [], []
+    finishing_threads = []
     finish_frame = condition.finish_frame
-    before = sys.getswitchinterval()
 
     def recording_finish_frame(*args):
         finishing_threads.append(threading.current_thread().name)
-        intervals.append(sys.getswitchinterval())
         finish_frame(*args)
 
     monkeypatch.setattr(condition, "finish_frame", recording_finish_frame)
@@ -562,9 +559,6 @@ def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helpe
     np.testing.assert_array_equal(got.mask, want.mask)
     assert len(finishing_threads) == len(frames) - 1  # frame 0 is the source frame itself
     assert all(name.startswith("finish frame") for name in finishing_threads)
-    # the loop's shorter thread switch interval holds while the helper finishes, and is undone after
-    assert intervals and all(v == pytest.approx(condition.CUDA_LOOP_SWITCH_INTERVAL) for v in intervals)
-    assert sys.getswitchinterval() == before
     assert (~want.mask[1:]).any() and want.mask[1:].any()  # the views do uncover and keep pixels
 
     stream = condition.iter_condition(iter(frames), iter(depth), None, trajectory, size=frames.shape[1:3],
@@ -572,29 +566,6 @@ def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helpe
     next(stream), next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("finish frame")]
-    assert sys.getswitchinterval() == before
-
-
-def test_thread_switch_interval_is_shared_by_overlapping_blocks_and_restored_by_the_last():
-    """Two renders on two threads overlap their blocks out of order: the interval holds until the last
-    one leaves, then Python's value comes back (also after an error inside); None changes nothing."""
-    from ex4d.render.condition import thread_switch_interval
-
-    before = sys.getswitchinterval()
-    first, second = thread_switch_interval(0.001), thread_switch_interval(0.002)
-    first.__enter__()
-    assert sys.getswitchinterval() == pytest.approx(0.001)
-    second.__enter__()
-    first.__exit__(None, None, None)  # the first one out leaves the second's setting in force
-    assert sys.getswitchinterval() == pytest.approx(0.002)
-    second.__exit__(None, None, None)
-    assert sys.getswitchinterval() == before
-    with pytest.raises(RuntimeError):
-        with thread_switch_interval(0.001):
-            raise RuntimeError("inside")
-    assert sys.getswitchinterval() == before
-    with thread_switch_interval(None):
-        assert sys.getswitchinterval() == before
 
 
 @pytest.mark.parametrize("antialias,only_first_frame", [("msaa", False), ("none", False), ("analytic", True)])

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
@@ -47,41 +45,6 @@ CUDA_LOOP_TORCH_THREADS: int | None = 4
 #: in order). With CPU meshes the finishing would compete with llvmpipe's threads for the same cores,
 #: so it stays in line there.
 CUDA_LOOP_OVERLAP: bool = True
-#: Python's thread switch interval (seconds) while the helper thread of CUDA_LOOP_OVERLAP runs (None:
-#: Python's own, 5 ms). The blend is a few dozen numpy calls a frame, each of which releases the GIL
-#: and must take it back, while the loop's thread runs Python between its torch and GL calls; a
-#: thread waiting for the GIL asks for it only after the interval, so at 5 ms the blend waits in
-#: slices that are long beside its few milliseconds of work. On this project's 2-core machine, ten
-#: 512x512 blends took 0.43 s alone and 0.61 s beside a busy Python thread at 5 ms, 0.52 s at 1 ms.
-CUDA_LOOP_SWITCH_INTERVAL: float | None = 0.001
-
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_saved: float | None = None
-
-
-@contextlib.contextmanager
-def thread_switch_interval(seconds: float | None) -> Iterator[None]:
-    """Python's thread switch interval set to ``seconds`` inside the block (None: unchanged).
-
-    The interval is process-wide, so overlapping blocks (two renders on two threads) share one
-    setting: the first block in saves Python's value and the last one out restores it."""
-    global _switch_users, _switch_saved
-    if seconds is None:
-        yield
-        return
-    with _switch_lock:
-        if _switch_users == 0:
-            _switch_saved = sys.getswitchinterval()
-        _switch_users += 1
-        sys.setswitchinterval(float(seconds))
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _switch_users -= 1
-            if _switch_users == 0:
-                sys.setswitchinterval(_switch_saved)
 
 
 def _overlap_finishing(device: torch.device) -> bool:
@@ -251,7 +214,6 @@ def iter_condition(frames: Iterable[np.ndarray], depth: Iterable[np.ndarray], K_
     pending: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # gets frame k - 1 (overlap only)
     with MeshRenderer(height, width, antialias=antialias, pixel_convention=pixel_convention) as renderer, \
             limited_torch_threads(1 if dev.type == "cpu" else CUDA_LOOP_TORCH_THREADS), \
-            thread_switch_interval(CUDA_LOOP_SWITCH_INTERVAL if helper is not None else None), \
             (helper or contextlib.nullcontext()):
         gl_renderer, aa_method = renderer.gl_renderer, renderer.antialias_method
         if settings is not None:
