@@ -146,15 +146,21 @@ def test_load_condition_shapes_values_and_seed(tmp_path):
     assert (c.mask > 0).sum() > (a.mask > 0).sum(), "erosion shrinks the visible area"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("size", [(32, 32), (16, 16)])
-def test_load_condition_equals_the_formula_on_the_decoded_files_bit_for_bit(tmp_path, size):
+def test_load_condition_equals_the_formula_on_the_decoded_files_bit_for_bit(tmp_path, size, device):
     """At the file's own size (no resize, no frame pick) and resized: the same bits as the formula
-    applied step by step to the decoded videos (numpy's uint8 -> [0, 1], bilinear resize, erosion)."""
+    applied step by step to the decoded videos (numpy's uint8 -> [0, 1], bilinear resize, erosion),
+    also with the erosion and scaling on a GPU."""
     from ex4d.diffusion.conditioning import first_frame_uint8
     from ex4d.io.video import read_mask_video, read_video, resize_frames, to_float01
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     colour_path, mask_path = _write_pair(tmp_path)
-    got = load_condition(colour_path, mask_path, size=size, seed=4)
+    got = load_condition(colour_path, mask_path, size=size, seed=4, device=device)
+    assert got.cond.device.type == device and got.mask.device.type == device
+    got = got.to("cpu")
     colour, _ = read_video(colour_path)
     visible = read_mask_video(mask_path) > 0
     if size != colour.shape[1:3]:
@@ -164,6 +170,26 @@ def test_load_condition_equals_the_formula_on_the_decoded_files_bit_for_bit(tmp_
     cond, mask_scaled = scale_condition(torch.from_numpy(to_float01(colour)), mask)
     assert torch.equal(got.cond, cond) and torch.equal(got.mask, mask_scaled)
     assert np.array_equal(got.first_frame, first_frame_uint8(cond).permute(1, 2, 0).numpy().astype(np.uint8))
+
+
+@pytest.mark.gpu
+def test_load_condition_on_a_gpu_gives_the_cpu_bits_for_every_level(tmp_path):
+    """Every uint8 level (0..255) and the eroded masks of a 49-frame clip: the GPU's division by 255
+    and scaling give the CPU's bits (a divisor given as a Python number would be multiplied by its
+    reciprocal on CUDA, which can be one bit off)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    frames, side = 49, 64
+    colour = np.arange(frames * side * side * 3, dtype=np.int64).reshape(frames, side, side, 3) % 256
+    colour_path = write_video(tmp_path / "color_90.mkv", colour.astype(np.uint8), fps=30.0, codec="ffv1")
+    visible = np.ones((frames, side, side), np.uint8) * 255
+    visible[1:, :, side // 2:] = 0
+    mask_path = write_video(tmp_path / "mask_90.mkv", visible, fps=30.0, codec="ffv1")
+    on_cpu = load_condition(colour_path, mask_path, size=(side, side), seed=3)
+    on_gpu = load_condition(colour_path, mask_path, size=(side, side), seed=3, device="cuda").to("cpu")
+    assert torch.equal(on_gpu.cond, on_cpu.cond) and torch.equal(on_gpu.mask, on_cpu.mask)
+    assert np.array_equal(on_gpu.first_frame, on_cpu.first_frame)
+    assert len(torch.unique(on_cpu.cond)) > 200  # the levels did reach the division
 
 
 def test_mask_found_beside_colour_and_mkv_preferred(tmp_path):

@@ -409,3 +409,23 @@ def test_vae_norms_compiled_on_cuda():
     assert all(m._compiled_call_impl is None for m in off.vae.modules() if isinstance(m, WanRMS_norm))
     video = torch.rand(1, 3, T, H, W, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2 - 1
     torch.testing.assert_close(on._vae_encode(video), off._vae_encode(video), rtol=0.05, atol=0.05)
+
+
+def test_condition_prepared_on_the_generation_gpu_only_where_its_memory_is_not_budgeted(monkeypatch):
+    """The condition's erosion and scaling go to the generation's GPU on a plain one-GPU run, and stay on
+    the CPU with --low-vram, --cpu-offload, several GPUs or no GPU."""
+    from types import SimpleNamespace
+
+    import ex4d.pipeline as pipeline
+    from ex4d.pipeline import GenerateOptions
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(pipeline, "_generation_device", lambda options, parallel=None: (cuda, torch.bfloat16))
+    assert pipeline._condition_device(GenerateOptions()) == cuda
+    assert pipeline._condition_device(GenerateOptions(), SimpleNamespace(world_size=1)) == cuda
+    assert pipeline._condition_device(GenerateOptions(low_vram=True)) is None
+    assert pipeline._condition_device(GenerateOptions(cpu_offload=True)) is None
+    assert pipeline._condition_device(GenerateOptions(), SimpleNamespace(world_size=2)) is None
+    monkeypatch.setattr(pipeline, "_generation_device",
+                        lambda options, parallel=None: (torch.device("cpu"), torch.float32))
+    assert pipeline._condition_device(GenerateOptions()) is None
