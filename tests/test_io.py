@@ -241,3 +241,32 @@ def test_h264_lookahead_setting_reaches_the_encoder(tmp_path, monkeypatch):
         return len(frames)
 
     assert frames_before_first_packet(2) < frames_before_first_packet(20)
+
+
+def test_threaded_decoding_gives_the_single_threaded_frames(tmp_path):
+    """read_video, the mask readers and the condition's mask decode use FFmpeg's frame threads; every
+    frame equals PyAV's default single-threaded decode (H.264 with B-frames, and FFV1)."""
+    import av
+
+    from ex4d.diffusion.conditioning import _read_grey_video
+    from ex4d.io.video import read_mask_video, read_video, write_video
+
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 256, size=(1, 128, 128, 3))
+    moving = np.stack([np.roll(base[0], 3 * t, axis=1) for t in range(25)])  # motion: P- and B-frames
+    colour = write_video(tmp_path / "colour.mp4", moving.astype(np.uint8), fps=25.0)
+    mask = write_video(tmp_path / "mask.mkv", ((moving[..., 0] > 127) * 255).astype(np.uint8), fps=25.0,
+                       codec="ffv1")
+
+    def plain(path, fmt):
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            assert stream.thread_type != "AUTO"  # the default: what the threaded decode is checked against
+            return np.stack([f.to_ndarray(format=fmt) for f in container.decode(stream)])
+
+    frames, _ = read_video(colour)
+    np.testing.assert_array_equal(frames, plain(colour, "rgb24"))
+    grey = plain(mask, "gray")
+    np.testing.assert_array_equal(_read_grey_video(mask, "mask video")[0], grey)
+    np.testing.assert_array_equal(read_mask_video(mask), grey > 127)
+    assert len(frames) == 25

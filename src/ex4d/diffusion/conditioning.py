@@ -235,12 +235,15 @@ def _read_grey_video(path: Path, what: str) -> tuple[np.ndarray, float, str]:
     """Decode a video as uint8 grey (T, H, W); returns (frames, fps, codec name)."""
     import av
 
+    from ex4d.io.video import threaded_decoding
+
     path = require_file(path, what)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise InputError(f"{what} {path} has no video stream; give a video file")
             stream = container.streams.video[0]
+            threaded_decoding(stream)
             codec = stream.codec_context.name
             fps = float(stream.average_rate) if stream.average_rate else 30.0
             frames = [frame.to_ndarray(format="gray") for frame in container.decode(stream)]

@@ -30,6 +30,15 @@ def _open_video(path: Path):
         raise InputError(f"cannot read {path} as a video ({type(exc).__name__}); give an mp4/mkv/mov/avi file") from None
 
 
+def threaded_decoding(stream) -> None:
+    """Let the stream's decoder work on several frames at once (FFmpeg's frame and slice threads).
+
+    PyAV decodes on one thread by default, and ex4d's own H.264 files have one slice a frame, so
+    only frame threads run in parallel. The frames are the same: FFmpeg's threaded decoders are
+    bit-exact (tests compare them with a default decode)."""
+    stream.thread_type = "AUTO"
+
+
 def _decoded(path: Path, num_frames: int | None, convert: bool):
     """Yield (fps, frame) for the first ``num_frames`` frames (all if None): rgb24 arrays if ``convert``,
     else PyAV frames. A decode error after the first frame ends the video there (a truncated file)."""
@@ -38,6 +47,7 @@ def _decoded(path: Path, num_frames: int | None, convert: bool):
         if not container.streams.video:
             raise InputError(f"{path} has no video stream; give a video file")
         stream = container.streams.video[0]
+        threaded_decoding(stream)
         fps = float(stream.average_rate) if stream.average_rate else 30.0
         count = 0
         try:
@@ -380,6 +390,7 @@ def read_mask_video(path: str | os.PathLike) -> np.ndarray:
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
+            threaded_decoding(stream)
             masks = [f.to_ndarray(format="gray") for f in container.decode(stream)]
     except InputError:
         raise
