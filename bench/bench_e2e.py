@@ -47,8 +47,9 @@ last decoded frame when streamed, the whole encode when not).
 
 ``--x264-lookahead N`` sets the final video's rc-lookahead, ``--condition-lookahead N`` that of recon's
 condition videos (0: preset medium's 40), ``--loop-torch-threads N`` the torch CPU threads of recon's
-render loop, ``--no-loop-overlap`` finishes each rendered frame in line (not on a helper thread beside
-the next frame's draw), for A/B runs of those settings.
+render loop, ``--no-loop-overlap`` finishes each rendered frame in line (not on helper threads beside
+the next frame's draw), ``--loop-finish-threads N`` sets how many helper threads finish frames, for
+A/B runs of those settings.
 
 Prints ONE JSON object (commit from EX4D_COMMIT or git).
 
@@ -137,7 +138,7 @@ def time_recon_parts(stages: Stages) -> None:
     ``frame_gl`` / ``frame_antialias`` (the renderer's own split: packing the vertices to the host,
     upload + draw + read-back, silhouettes + antialiasing), ``recon.finish_frame`` (threshold and mask),
     ``recon.read_wait`` (waiting for the decoded source frames and the depth frames, both streams). With
-    meshes on a GPU the antialiasing's blend and ``finish_frame`` run on a helper thread beside the next
+    meshes on a GPU the antialiasing's blend and ``finish_frame`` run on helper threads beside the next
     frame's build and draw (``CUDA_LOOP_OVERLAP``), so the parts then add up to more than the loop.
     """
     import ex4d.io.arrays as arrays
@@ -242,6 +243,9 @@ def add_recon_setting_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-loop-overlap", action="store_true",
                         help="finish each rendered frame in line instead of on a helper thread beside the next "
                              "frame's draw (ex4d.render.condition.CUDA_LOOP_OVERLAP off)")
+    parser.add_argument("--loop-finish-threads", type=int, default=None, metavar="N",
+                        help="threads that finish rendered frames beside the next frame's draw (default: "
+                             "ex4d.render.condition.CUDA_LOOP_FINISH_THREADS)")
     parser.add_argument("--loop-torch-threads", type=int, default=None,
                         help="torch CPU threads in recon's render loop with GPU meshes, 0 for torch's own count "
                              "(default: ex4d.render.condition.CUDA_LOOP_TORCH_THREADS)")
@@ -260,8 +264,11 @@ def apply_recon_settings(args) -> dict:
         condition.CUDA_LOOP_TORCH_THREADS = args.loop_torch_threads or None
     if args.no_loop_overlap:
         condition.CUDA_LOOP_OVERLAP = False
+    if args.loop_finish_threads is not None:
+        condition.CUDA_LOOP_FINISH_THREADS = args.loop_finish_threads
     return {"x264_lookahead": video_io.H264_LOOKAHEAD, "condition_lookahead": video_io.CONDITION_H264_LOOKAHEAD,
-            "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS, "loop_overlap": condition.CUDA_LOOP_OVERLAP}
+            "loop_torch_threads": condition.CUDA_LOOP_TORCH_THREADS, "loop_overlap": condition.CUDA_LOOP_OVERLAP,
+            "loop_finish_threads": condition.CUDA_LOOP_FINISH_THREADS}
 
 
 def stage_medians(times: dict, runs: int) -> dict:

@@ -11,7 +11,8 @@ machine can show where recon's time goes without building the 14B model first.
 whether torch's CPU ops in the loop compete with the encoders' threads; ``--loop-torch-threads N``
 sets only the render loop's (``ex4d.render.condition.CUDA_LOOP_TORCH_THREADS``, meshes on a GPU).
 ``--no-loop-overlap`` finishes each rendered frame in line instead of on a helper thread
-(``CUDA_LOOP_OVERLAP``, meshes on a GPU).
+(``CUDA_LOOP_OVERLAP``, meshes on a GPU); ``--loop-finish-threads N`` sets how many helper threads
+finish frames (``CUDA_LOOP_FINISH_THREADS``).
 ``--condition-lookahead N`` sets libx264's rate-control look-ahead of the condition videos
 (``ex4d.io.video.CONDITION_H264_LOOKAHEAD``, 0 for preset medium's 40); ``--x264-lookahead N`` that of
 other videos (``H264_LOOKAHEAD``).

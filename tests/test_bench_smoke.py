@@ -116,9 +116,10 @@ def test_bench_condition_io_small():
 def test_bench_recon_stage_on_the_cpu():
     result = run_bench("bench_recon_stage.py", "--frames", "9", "--size", "64", "--runs", "1",
                        "--x264-lookahead", "10", "--condition-lookahead", "5", "--loop-torch-threads", "2",
-                       "--no-loop-overlap")
+                       "--no-loop-overlap", "--loop-finish-threads", "2")
     assert result["bench"] == "recon_stage" and result["device"] == "cpu" and len(result["recon_s_runs"]) == 1
     assert result["x264_lookahead"] == 10 and result["loop_torch_threads"] == 2
+    assert result["loop_finish_threads"] == 2
     assert result["condition_lookahead"] == 5 and result["loop_overlap"] is False
     assert "llvmpipe" in result["renderer"] or "EGL" in result["renderer"]
     parts = result["parts_s_median"]

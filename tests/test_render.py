@@ -514,6 +514,36 @@ def test_deferred_render_finishes_each_frame_as_render_does():
     assert any(((0 < g[..., 3]) & (g[..., 3] < 1)).any() for g in got)  # silhouettes were blended
 
 
+def test_deferred_renders_finished_on_several_threads_at_once_equal_render():
+    """Finishers of different frames blending at the same moment on three threads (a barrier lines
+    them up) give render's frames: each thread blends with its own antialiaser, whose lookup table
+    would otherwise be rewritten by another frame mid-blend."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames, depth, trajectory = _orbit_scene(n=4)
+    h, w = frames.shape[1:3]
+    Kc = reference_intrinsics(h, w)
+    meshes = [build_dw_mesh(torch.from_numpy(depth[k]), torch.from_numpy(frames[k]), Kc) for k in range(1, 4)]
+    poses = trajectory.cam_from_world[1:4]
+    with MeshRenderer(h, w, antialias="analytic") as r:
+        want = [r.render(m, pose, Kc) for m, pose in zip(meshes, poses)]
+        for _ in range(3):
+            finishers = [r.render_deferred(m, pose, Kc) for m, pose in zip(meshes, poses)]
+            together = threading.Barrier(len(finishers))
+
+            def finish_together(finish):
+                together.wait(timeout=30)
+                return finish(), threading.current_thread().name
+
+            with ThreadPoolExecutor(len(finishers)) as pool:
+                results = list(pool.map(finish_together, finishers))
+            assert len({name for _, name in results}) == len(finishers)
+            for (got, _), w_ in zip(results, want):
+                np.testing.assert_array_equal(got, w_)
+    assert all(((0 < g[..., 3]) & (g[..., 3] < 1)).any() for g in want)  # every frame has blended pixels
+
+
 def test_deferred_render_with_too_many_faces_to_antialias(monkeypatch):
     """Past the analytic limit a frame is left unblended (with a warning), deferred or not."""
     import ex4d.render.rasterizer as rasterizer
@@ -529,11 +559,13 @@ def test_deferred_render_with_too_many_faces_to_antialias(monkeypatch):
         np.testing.assert_array_equal(r.render(mesh, trajectory.cam_from_world[1], Kc), got)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helper_thread(monkeypatch, device):
-    """With the loop's overlap on (CUDA meshes; forced for CPU meshes), every frame is finished on the
-    helper thread while the next is drawn, and the frames equal the in-line loop's bit for bit. A loop
-    abandoned midway leaves no helper thread behind."""
+def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helper_thread(monkeypatch, device,
+                                                                                          threads):
+    """With the loop's overlap on (CUDA meshes; forced for CPU meshes), every frame is finished on a
+    helper thread (one or several) while the next is drawn, and the frames equal the in-line loop's bit
+    for bit, in order. A loop abandoned midway leaves no helper thread behind."""
     import threading
 
     import ex4d.render.condition as condition
@@ -544,6 +576,7 @@ def test_overlapped_render_loop_gives_the_in_line_frames_and_finishes_on_a_helpe
     monkeypatch.setattr(condition, "CUDA_LOOP_OVERLAP", False)
     want = condition.render_condition(frames, depth, None, trajectory, device=device)
     monkeypatch.setattr(condition, "CUDA_LOOP_OVERLAP", True)
+    monkeypatch.setattr(condition, "CUDA_LOOP_FINISH_THREADS", threads)
     if device == "cpu":
         monkeypatch.setattr(condition, "_overlap_finishing", lambda device: True)
     finishing_threads = []

@@ -42,6 +42,7 @@ Conventions handled here and nowhere else:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -199,7 +200,9 @@ class MeshRenderer:
         self._staging_key = None  # (V, device type) of the reused host staging buffers
         self._staging = self._staging_screen = None
         self._face_info = None  # (H, W, 2) float32 read-back buffer of (face id + 1, depth)
-        self._sparse_aa = None
+        # One SparseAntialiaser per thread that blends: it keeps a lookup table between frames, and
+        # render_deferred's finishers may run on several threads at once.
+        self._sparse_aa = threading.local()
         #: Set to a dict to receive the last frame's stage times (ms): stage (pack + device-to-host),
         #: gl (upload + draw + read back) = upload + draw_read, antialias. None (default): no timing.
         self.timings: dict | None = None
@@ -329,8 +332,8 @@ class MeshRenderer:
         Draws and reads back now (on the calling thread, which owns the context) and returns a
         function that finishes the frame: the analytic antialiasing's blend, on the CPU, which needs
         neither the context nor the mesh. It may run on another thread while this one renders the next
-        frame; call the finishers in the order of their renders (they share the antialiaser's lookup
-        table), each once. ``render`` is ``render_deferred(...)()``: the same result. ``timings``
+        frame, and several may run at once on different threads (each thread blends with its own
+        antialiaser); call each once. ``render`` is ``render_deferred(...)()``: the same result. ``timings``
         (if set) then cover the render-time part only: the blend's time is the finisher's own.
         """
         if self.ctx is None:
@@ -429,14 +432,15 @@ class MeshRenderer:
         if sil is None:
             logger.warning("%d faces: too many for analytic antialiasing, rendering without it", num_faces)
             return None
-        if self._sparse_aa is None:
-            self._sparse_aa = SparseAntialiaser()
         face_info = np.empty((self.height, self.width, 2), dtype=np.float32)
         self._fbo.read_into(face_info, components=2, attachment=1, dtype="f4", alignment=1)
         self._face_info = face_info
-        antialiaser = self._sparse_aa
+        per_thread = self._sparse_aa
 
         def blend(rgba: np.ndarray) -> None:
+            antialiaser = getattr(per_thread, "antialiaser", None)
+            if antialiaser is None:  # the first blend on this thread
+                antialiaser = per_thread.antialiaser = SparseAntialiaser()
             antialiaser(rgba, face_info[..., 0], face_info[..., 1], sil, num_faces)
         return blend
 
