@@ -40,6 +40,7 @@ def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
     encodes = result["final_encode_s_median"]
     assert set(encodes) == {"generated_frames", "source_clip_frames"} and all(v > 0 for v in encodes.values())
     assert result["streamed_decode"] is True  # the encode overlaps the decode: no swapped total
+    assert result["first_frame_ahead"] is True  # the setting (on the CPU nothing is computed ahead)
     assert result["total_s_median_with_source_like_final_encode"] is None
     parts = result["recon_parts_s_median"]
     assert {"renderer_setup_s", "render_loop_s", "mesh_build_s", "frame_gl_s", "frame_antialias_s", "read_wait_s",
@@ -57,9 +58,11 @@ def test_bench_e2e_tiny_with_vda_depth_and_a_profile(tmp_path):
 
 def test_bench_e2e_tiny_unstreamed_with_encoder_and_thread_settings(tmp_path):
     result = run_bench("bench_e2e.py", "--tiny", "--preset", "fast", "--runs", "1", "--no-streamed-decode",
+                       "--no-first-frame-ahead",
                        "--x264-lookahead", "10", "--condition-lookahead", "0", "--loop-torch-threads", "1",
                        "--workdir", str(tmp_path))
     assert result["streamed_decode"] is False and result["x264_lookahead"] == 10
+    assert result["first_frame_ahead"] is False
     assert result["condition_lookahead"] is None  # 0: preset medium's own
     assert result["loop_torch_threads"] == 1
     assert result["stages_s_median"]["vae_decode"] > 0

@@ -237,3 +237,26 @@ def test_num_frames_rule_and_size_rule():
         parse_size("500x512", (512, 512))
     with pytest.raises(InputError, match="bad --size"):
         parse_size("big", (512, 512))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (16, 32)])
+def test_first_frame_ahead_is_load_condition_s_frame_0_from_one_decoded_frame(tmp_path, size):
+    """From the colour file alone: the same (H, W, 3) uint8 frame 0 as load_condition (whose mask frame
+    0 is fully visible), at the file's size and resized, and the header's frame count; None for a file
+    it cannot read or whose header has no count (then nothing is computed ahead)."""
+    from ex4d.diffusion.conditioning import first_frame_ahead
+
+    colour_path, mask_path = _write_pair(tmp_path)
+    image, count = first_frame_ahead(colour_path, size)
+    want = load_condition(colour_path, mask_path, size=size, seed=2)
+    assert count == want.num_frames == 5
+    assert image.dtype == np.uint8 and np.array_equal(image, want.first_frame)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    assert first_frame_ahead(broken, size) is None
+    frames = (np.random.default_rng(1).random((5, 32, 32, 3)) * 255).astype(np.uint8)
+    no_count = write_video(tmp_path / "colour.mkv", frames, fps=30.0, codec="ffv1")
+    import av
+    with av.open(str(no_count)) as container:
+        header_count = container.streams.video[0].frames
+    assert (first_frame_ahead(no_count, size) is None) == (header_count == 0)

@@ -429,3 +429,28 @@ def test_condition_prepared_on_the_generation_gpu_only_where_its_memory_is_not_b
     monkeypatch.setattr(pipeline, "_generation_device",
                         lambda options, parallel=None: (torch.device("cpu"), torch.float32))
     assert pipeline._condition_device(GenerateOptions()) is None
+
+
+def test_first_frame_context_computed_ahead_gives_the_call_s_own_result(pipe, caplog):
+    """CLIP features and y computed ahead for the call's frame 0 and length give the same latents as
+    computing them in the call; a context for another frame 0 (or length) is not used, with a warning;
+    and frame 0 does matter (another one gives other latents)."""
+    from ex4d.diffusion.conditioning import first_frame_uint8
+
+    cond, mask = _condition()
+    image = first_frame_uint8(cond).permute(1, 2, 0).numpy().astype(np.uint8)
+
+    def latents(**kwargs):
+        return pipe(cond, mask, image=image, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="latent", **kwargs).frames
+
+    want = latents()
+    np.testing.assert_array_equal(latents(first_frame_context=pipe.first_frame_context(image, T)), want)
+    other = pipe.first_frame_context(255 - image, T)
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(latents(first_frame_context=other), want)
+        np.testing.assert_array_equal(latents(first_frame_context=pipe.first_frame_context(image, T + 4)), want)
+    assert sum("first-frame context" in r.message for r in caplog.records) == 2
+    moved = pipe(cond, mask, image=255 - image, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="latent", first_frame_context=other).frames
+    assert not torch.equal(moved, want)

@@ -153,3 +153,42 @@ def test_convert_precomputes_the_embeddings_that_generation_then_hits(models, re
     # Run again: the entries are current and kept.
     assert main(["convert", "--models-dir", str(models), "--only", "prompt-embeds", "--device", "cpu"]) == 0
     assert loads["t5"] == 1
+
+
+def test_warm_run_computes_frame_0_ahead_and_gives_the_same_video(models, renders, tmp_path, monkeypatch):
+    """A warm run (the pipeline in the cache) starts CLIP and the first-frame latent on a helper thread
+    while the condition loads, and the sampler takes them: the video is the one computed in the call. A
+    frame 0 that differs from the condition's (here: forced) is not used."""
+    import threading
+
+    import ex4d.pipeline as pipeline
+    from ex4d.diffusion.pipeline import EX4DPipeline
+
+    monkeypatch.setattr(pipeline, "_condition_device", lambda options, parallel=None: torch.device("cpu"))
+    options = GenerateOptions(models_dir=str(models), device="cpu", size="16x16", steps=1)
+    cache = {}
+    first = run_generate(renders, None, tmp_path / "cold.mp4", options, cache=cache, show_progress=False)
+    contexts, threads = [], []
+    call, make = EX4DPipeline.__call__, EX4DPipeline.first_frame_context
+
+    def spy_call(self, *args, **kwargs):
+        contexts.append(kwargs.get("first_frame_context"))
+        return call(self, *args, **kwargs)
+
+    def spy_make(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return make(self, *args, **kwargs)
+
+    monkeypatch.setattr(EX4DPipeline, "__call__", spy_call)
+    monkeypatch.setattr(EX4DPipeline, "first_frame_context", spy_make)
+    warm = run_generate(renders, None, tmp_path / "warm.mp4", options, cache=cache, show_progress=False)
+    assert threads and threads[0].startswith("first frame ahead")
+    assert contexts[-1] is not None and contexts[-1].num_frames == 5
+    np.testing.assert_array_equal(read_video(warm)[0], read_video(first)[0])
+
+    import ex4d.diffusion.conditioning as conditioning
+    peek = conditioning.first_frame_ahead
+    monkeypatch.setattr(conditioning, "first_frame_ahead", lambda *a, **k: (255 - peek(*a, **k)[0], 5))
+    other = run_generate(renders, None, tmp_path / "other.mp4", options, cache=cache, show_progress=False)
+    assert len(threads) == 2 and contexts[-1] is None  # computed ahead, did not match, not passed
+    np.testing.assert_array_equal(read_video(other)[0], read_video(first)[0])

@@ -349,6 +349,38 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
     return ConditionInputs(cond=cond, mask=mask_scaled, first_frame=first_frame, kernel_sizes=sizes, fps=fps)
 
 
+def first_frame_ahead(color_path: str | os.PathLike, size: str | tuple[int, int] | None = DEFAULT_SIZE
+                      ) -> tuple[np.ndarray, int] | None:
+    """Frame 0 as :func:`load_condition` will hand it to the sampler, from the colour video's first frame
+    alone, and the frame count in the video's header: ((H, W, 3) uint8, T), or None without a count.
+
+    It decodes one frame, so it is ready long before the whole condition. It equals
+    ``load_condition(...).first_frame`` when mask frame 0 is fully visible, which it is after ex4d
+    recon (frame 0 is the source view, and erosion leaves an all-visible frame unchanged): the same
+    resize, division and scaling, on one frame. Callers compare the two before using it
+    (``FirstFrameContext.matches``). None also for a file it cannot read (load_condition says why).
+    """
+    import av
+
+    from ex4d.io.video import read_video, resize_frames
+
+    path = require_file(color_path, "colour video")
+    try:
+        with av.open(str(path)) as container:
+            count = int(container.streams.video[0].frames) if container.streams.video else 0
+    except Exception:  # noqa: BLE001 (load_condition reports an unreadable file with its own message)
+        return None
+    if count < 1:
+        return None
+    frame = read_video(path, 1)[0][0]
+    height, width = parse_size(size, frame.shape[:2])
+    colour = resize_frames(frame[None], (height, width)) if frame.shape[:2] != (height, width) else frame[None]
+    colour01 = torch.from_numpy(np.ascontiguousarray(colour)).to(torch.float32)
+    colour01.div_(torch.tensor(255.0, dtype=torch.float32))  # as load_condition divides
+    cond, _ = scale_condition(colour01, torch.ones((1, height, width), dtype=torch.bool))
+    return first_frame_uint8(cond).permute(1, 2, 0).numpy().astype(np.uint8), count
+
+
 def first_frame_uint8(cond: torch.Tensor) -> torch.Tensor:
     """The I2V first frame as the reference makes it: (3, H, W) float holding integers 0..255.
 

@@ -121,6 +121,24 @@ class EX4DPipelineOutput(BaseOutput):
     frames: Any
 
 
+@dataclass
+class FirstFrameContext:
+    """What the sampler derives from frame 0 alone, computed ahead (:meth:`EX4DPipeline.first_frame_context`).
+
+    image: (H, W, 3) uint8, the frame 0 it was computed from; num_frames: the clip's T.
+    image_embeds: CLIP features (1, 257, 1280); y: (1, 20, T', h, w), the known-frame map and the
+    first-frame latent. The sampler takes it only for the same image and T.
+    """
+
+    image: np.ndarray
+    num_frames: int
+    image_embeds: torch.Tensor
+    y: torch.Tensor
+
+    def matches(self, image: np.ndarray, num_frames: int) -> bool:
+        return int(num_frames) == self.num_frames and np.array_equal(np.asarray(image), self.image)
+
+
 class EX4DPipeline(DiffusionPipeline):
     """Re-film a video from its rendered geometry condition with Wan2.1-I2V + the EX-4D adapter.
 
@@ -243,16 +261,36 @@ class EX4DPipeline(DiffusionPipeline):
             raise InputError("pass a CPU torch.Generator: the noise is drawn on the CPU for reproducibility")
         return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu").to(device)
 
-    def prepare_condition(self, cond: torch.Tensor, mask: torch.Tensor, image: torch.Tensor,
-                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y (1, 20, T', h, w), camera tokens (1, C, T', h/2, w/2)) from the scaled condition."""
-        num_frames, height, width = cond.shape[2:]
+    def first_frame_condition(self, image: torch.Tensor, num_frames: int, device: torch.device) -> torch.Tensor:
+        """y (1, 20, T', h, w): Wan I2V's known-frame map and the latent of frame 0 followed by T - 1
+        black frames. image: (1, 3, H, W) in [-1, 1]."""
         first = image.unsqueeze(2)  # (1, 3, 1, H, W)
+        height, width = first.shape[3:]
         video = torch.cat([first, first.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
         y_latent = self._vae_encode(video)
         known = first_frame_latent_mask(num_frames, y_latent.shape[3], y_latent.shape[4],
                                         self.vae_scale_factor_temporal).to(y_latent.device)
-        y = torch.cat([known, y_latent], dim=1).to(device)
+        return torch.cat([known, y_latent], dim=1).to(device)
+
+    def first_frame_context(self, image: np.ndarray, num_frames: int) -> FirstFrameContext:
+        """CLIP features and y of frame 0, ahead of the call (e.g. while the rest of the condition loads).
+
+        image: (H, W, 3) uint8, as ``__call__`` takes it; num_frames: the condition's T. Pass the result
+        as ``__call__(..., first_frame_context=)``: the same numbers as computing them in the call."""
+        device = self._execution_device
+        image = np.ascontiguousarray(image)
+        model_range = image_to_model_range(torch.from_numpy(image).permute(2, 0, 1).float())
+        embeds = self.encode_image(model_range, device)
+        return FirstFrameContext(image=image.copy(), num_frames=int(num_frames), image_embeds=embeds,
+                                 y=self.first_frame_condition(model_range, int(num_frames), device))
+
+    def prepare_condition(self, cond: torch.Tensor, mask: torch.Tensor, image: torch.Tensor,
+                          device: torch.device, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y (1, 20, T', h, w), camera tokens (1, C, T', h/2, w/2)) from the scaled condition.
+
+        y: computed ahead by :meth:`first_frame_condition` (then ``image`` is not encoded again)."""
+        if y is None:
+            y = self.first_frame_condition(image, cond.shape[2], device)
         cond_latent = self._vae_encode(cond)
         mask_latent = self._vae_encode(encoder_mask_input(mask))  # {-3, +1}: the double scaling (R)
         encoder_device = _module_device(self.camera_encoder)
@@ -289,7 +327,8 @@ class EX4DPipeline(DiffusionPipeline):
                  image_embeds: torch.Tensor | None = None, batch_cfg: bool | None = None,
                  shift: float | None = None, output_type: str = "np", return_dict: bool = True,
                  callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None,
-                 frame_sink: Callable[[np.ndarray], None] | None = None):
+                 frame_sink: Callable[[np.ndarray], None] | None = None,
+                 first_frame_context: FirstFrameContext | None = None):
         """Generate the video.
 
         cond, mask: (1, 3, T, H, W) from :func:`ex4d.diffusion.conditioning.load_condition` (cond in
@@ -300,7 +339,8 @@ class EX4DPipeline(DiffusionPipeline):
         1 runs one forward per step (no CFG: the negative prompt is neither encoded nor used).
         frame_sink: with output_type "np", called with each decoded uint8 frame (H, W, 3), in order, while
         the VAE goes on decoding the next ones (e.g. a background video writer's ``write``); see
-        :meth:`decode_latents_streamed`.
+        :meth:`decode_latents_streamed`. first_frame_context: from :meth:`first_frame_context`, used when
+        it was computed from this call's ``image`` (uint8 (H, W, 3)) and frame count, else ignored.
         """
         if output_type not in ("np", "pt", "latent"):
             raise InputError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
@@ -318,17 +358,24 @@ class EX4DPipeline(DiffusionPipeline):
             raise InputError("pass negative_prompt_embeds together with prompt_embeds when guidance_scale != 1")
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype) if do_cfg else None
+        ahead = None
+        if first_frame_context is not None and image is not None and \
+                first_frame_context.matches(image, cond.shape[2]):
+            ahead = first_frame_context
+        elif first_frame_context is not None:
+            logger.warning("the first-frame context given is for another frame 0 or length; computing it again")
         if image is None:
             image = first_frame_uint8(cond)
         else:
             image = torch.as_tensor(np.asarray(image)).permute(2, 0, 1).float()
         image = image_to_model_range(image)  # (1, 3, H, W) in [-1, 1]
         if image_embeds is None:
-            image_embeds = self.encode_image(image, device)
+            image_embeds = ahead.image_embeds if ahead is not None else self.encode_image(image, device)
         image_embeds = image_embeds.to(device=device, dtype=dtype)
 
         # 2. Geometry condition and first-frame latent.
-        y, tokens = self.prepare_condition(cond.float(), mask.float(), image, device)
+        y, tokens = self.prepare_condition(cond.float(), mask.float(), image, device,
+                                           y=ahead.y.to(device) if ahead is not None else None)
         num_frames, height, width = cond.shape[2:]
         shape = (1, self.vae.config.z_dim, (num_frames - 1) // self.vae_scale_factor_temporal + 1,
                  height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
