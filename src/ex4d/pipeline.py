@@ -778,11 +778,13 @@ def _reusable_generator(options: GenerateOptions, cache: dict, text_encoder: boo
 FIRST_FRAME_AHEAD = True
 
 
-def _first_frame_ahead(color: Path, options: GenerateOptions, cache: dict | None, parallel=None):
+def _first_frame_ahead(color: Path, options: GenerateOptions, cache: dict | None, parallel=None, *,
+                       text_encoder: bool = True):
     """Start CLIP and the first-frame latent on a helper thread while the condition loads: a Future of
     (pipeline, FirstFrameContext or None), or None.
 
-    Only where the pipeline is already loaded and will be used as is (warm runs: batch jobs, the app),
+    Only where the pipeline is already loaded and will be used as is (warm runs: batch jobs, the app;
+    ``text_encoder`` as for :func:`cached_generator`),
     on one GPU whose memory is not budgeted. About 0.4 s of GPU work (CLIP, one 49-frame VAE encode)
     then overlaps reading the colour and mask videos (0.2-0.3 s of CPU on an H100 machine). Frame 0
     is taken from the colour video alone (``first_frame_ahead``); the caller uses the result only if
@@ -794,13 +796,9 @@ def _first_frame_ahead(color: Path, options: GenerateOptions, cache: dict | None
 
     if not FIRST_FRAME_AHEAD or cache is None or _condition_device(options, parallel) is None:
         return None
-    pipe = _reusable_generator(options, cache, text_encoder=False)
+    pipe = _reusable_generator(options, cache, text_encoder)
     if pipe is None or not hasattr(pipe, "first_frame_context"):
         return None
-    if getattr(pipe, "text_encoder", True) is None:  # reused only if every prompt is in the prompt cache
-        looked_up = _cached_prompt_embeds(options, parallel)
-        if looked_up[0] is None or any(embeds is None for embeds in looked_up[2].values()):
-            return None
 
     def work():
         try:
@@ -998,7 +996,11 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
 
     options.validate()
     color, mask, output, record_path = check_generate_paths(color, mask, output, options)
-    ahead = _first_frame_ahead(color, options, cache, parallel)  # warm runs: overlaps reading the condition
+    # Prompt embeddings all in the cache: the text encoder is not even loaded.
+    looked_up = _cached_prompt_embeds(options, parallel)
+    need_text_encoder = looked_up[0] is None or any(embeds is None for embeds in looked_up[2].values())
+    # Warm runs: frame 0's CLIP features and latent are computed while the condition is read.
+    ahead = _first_frame_ahead(color, options, cache, parallel, text_encoder=need_text_encoder)
     # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
     try:
         condition = load_condition(color, mask, size=options.size, num_frames=options.num_frames,
@@ -1034,9 +1036,6 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
                 raise InputError(FP8_ATTENTION_WITH_ULYSSES)
             check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
 
-    # Prompt embeddings all in the cache: the text encoder is not even loaded.
-    looked_up = _cached_prompt_embeds(options, parallel)
-    need_text_encoder = looked_up[0] is None or any(embeds is None for embeds in looked_up[2].values())
     pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel,
                             text_encoder=need_text_encoder)
     call_kwargs = {**options.call_kwargs(), **_prompt_embeds(pipe, options, looked_up, parallel)}
