@@ -335,18 +335,28 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
         # 0/255 video, erosion and "> 0.5" (erosion is a min filter, so it commutes with thresholding).
         visible = resize_frames(visible[..., None].astype(np.float32), (height, width))[..., 0] > 0.5
     target = torch.device("cpu") if device is None else torch.device(device)
-    # uint8 -> [0, 1] float32 in torch: the same IEEE division as io.video.to_float01, on all cores or on
-    # the device. The divisor is a tensor on the target because CUDA multiplies by the reciprocal of a
-    # Python scalar divisor, which can be one bit off the division.
-    colour01 = torch.from_numpy(np.ascontiguousarray(colour)).to(target).to(torch.float32)
-    colour01.div_(torch.tensor(255.0, dtype=torch.float32, device=target))
+    colour01 = _colour01(colour, target)
     mask_t = torch.from_numpy(np.ascontiguousarray(visible)).to(target)
     sizes = sample_erosion_sizes(len(indices), seed) if erode else [0] * len(indices)
     if erode:
         mask_t = erode_masks(mask_t, sizes)
     cond, mask_scaled = scale_condition(colour01, mask_t)
-    first_frame = first_frame_uint8(cond).permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-    return ConditionInputs(cond=cond, mask=mask_scaled, first_frame=first_frame, kernel_sizes=sizes, fps=fps)
+    return ConditionInputs(cond=cond, mask=mask_scaled, first_frame=_first_frame_array(cond), kernel_sizes=sizes,
+                           fps=fps)
+
+
+def _colour01(colour: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> [0, 1] float32 on ``device``: the same IEEE division as io.video.to_float01.
+
+    The frames go up as uint8, and the divisor is a tensor on the device because CUDA multiplies by the
+    reciprocal of a Python-number divisor, which can be one bit off the division."""
+    colour01 = torch.from_numpy(np.ascontiguousarray(colour)).to(device).to(torch.float32)
+    return colour01.div_(torch.tensor(255.0, dtype=torch.float32, device=device))
+
+
+def _first_frame_array(cond: torch.Tensor) -> np.ndarray:
+    """:func:`first_frame_uint8` of the scaled condition as an (H, W, 3) uint8 array on the host."""
+    return first_frame_uint8(cond).permute(1, 2, 0).cpu().numpy().astype(np.uint8)
 
 
 def first_frame_ahead(color_path: str | os.PathLike, size: str | tuple[int, int] | None = DEFAULT_SIZE
@@ -375,10 +385,8 @@ def first_frame_ahead(color_path: str | os.PathLike, size: str | tuple[int, int]
     frame = read_video(path, 1)[0][0]
     height, width = parse_size(size, frame.shape[:2])
     colour = resize_frames(frame[None], (height, width)) if frame.shape[:2] != (height, width) else frame[None]
-    colour01 = torch.from_numpy(np.ascontiguousarray(colour)).to(torch.float32)
-    colour01.div_(torch.tensor(255.0, dtype=torch.float32))  # as load_condition divides
-    cond, _ = scale_condition(colour01, torch.ones((1, height, width), dtype=torch.bool))
-    return first_frame_uint8(cond).permute(1, 2, 0).numpy().astype(np.uint8), count
+    cond, _ = scale_condition(_colour01(colour, torch.device("cpu")), torch.ones((1, height, width), dtype=torch.bool))
+    return _first_frame_array(cond), count
 
 
 def first_frame_uint8(cond: torch.Tensor) -> torch.Tensor:
