@@ -454,3 +454,20 @@ def test_first_frame_context_computed_ahead_gives_the_call_s_own_result(pipe, ca
     moved = pipe(cond, mask, image=255 - image, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                  output_type="latent", first_frame_context=other).frames
     assert not torch.equal(moved, want)
+
+
+def test_first_frame_context_on_a_helper_thread_builds_no_autograd_graph(pipe):
+    """Grad mode is per thread: computed on a helper thread (as pipeline._first_frame_ahead does), the
+    context must still carry no autograd graph, or the VAE's activations are all kept alive (on a
+    full-size model that ran an H100 out of memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ex4d.diffusion.conditioning import first_frame_uint8
+
+    assert any(p.requires_grad for p in pipe.vae.parameters())  # else this test could not fail
+    cond, _ = _condition()
+    image = first_frame_uint8(cond).permute(1, 2, 0).numpy().astype(np.uint8)
+    with ThreadPoolExecutor(1) as pool:
+        context = pool.submit(pipe.first_frame_context, image, T).result()
+    assert context.y.grad_fn is None and not context.y.requires_grad
+    assert context.image_embeds.grad_fn is None and not context.image_embeds.requires_grad

@@ -272,11 +272,15 @@ class EX4DPipeline(DiffusionPipeline):
                                         self.vae_scale_factor_temporal).to(y_latent.device)
         return torch.cat([known, y_latent], dim=1).to(device)
 
+    @torch.no_grad()
     def first_frame_context(self, image: np.ndarray, num_frames: int) -> FirstFrameContext:
         """CLIP features and y of frame 0, ahead of the call (e.g. while the rest of the condition loads).
 
         image: (H, W, 3) uint8, as ``__call__`` takes it; num_frames: the condition's T. Pass the result
-        as ``__call__(..., first_frame_context=)``: the same numbers as computing them in the call."""
+        as ``__call__(..., first_frame_context=)``: the same numbers as computing them in the call.
+        Gradients are off here, not only in ``__call__``: grad mode is per thread, and this runs on a
+        helper thread, where autograd would otherwise keep every VAE activation (out of memory on a
+        full-size model)."""
         device = self._execution_device
         image = np.ascontiguousarray(image)
         model_range = image_to_model_range(torch.from_numpy(image).permute(2, 0, 1).float())
