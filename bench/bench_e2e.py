@@ -44,9 +44,11 @@ with the streamed decode the encode overlaps the decode, so no such swap is made
 ``generate_parts_s_median`` splits ``generate_io``: reading the condition videos (``load_condition``),
 the prompt-embedding cache lookup, and closing the final video's writer (the encode's tail after the
 last decoded frame when streamed, the whole encode when not). On a GPU, CLIP and the first-frame
-latent are computed on a helper thread while the condition loads (``ahead_first_frame_context_s``,
-not in the total, and no longer in ``text_and_image_encoders`` / ``vae_encode``);
-``--no-first-frame-ahead`` computes them in the sampler call instead.
+latent are computed on a helper thread (``ahead_first_frame_context_s``, not in the total, and no
+longer in ``text_and_image_encoders`` / ``vae_encode``), started during recon from the colour
+encoder's frame 0 as batch jobs chain the two (``ex4d.pipeline.first_frame_from_recon``);
+``--no-recon-first-frame`` starts it only while the condition loads, and ``--no-first-frame-ahead``
+computes them in the sampler call instead.
 
 ``--x264-lookahead N`` sets the final video's rc-lookahead, ``--condition-lookahead N`` that of recon's
 condition videos (0: preset medium's 40), ``--loop-torch-threads N`` the torch CPU threads of recon's
@@ -104,8 +106,10 @@ class Stages:
         self.cuda, self.times, self.peaks = cuda, {}, {}
 
     def sync(self):
+        """Wait for the calling thread's CUDA stream: work run ahead on a stream of its own (frame 0's,
+        beside recon) is not waited for by the main thread's stages, nor counted in them."""
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
 
     def run(self, name, fn, *args, **kwargs):
         """A call on another thread than the main one (work done ahead, beside a stage) is booked as
@@ -423,6 +427,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-first-frame-ahead", action="store_true",
                         help="compute CLIP and the first-frame latent in the sampler call, not beside reading the "
                              "condition (ex4d.pipeline.FIRST_FRAME_AHEAD off)")
+    parser.add_argument("--no-recon-first-frame", action="store_true",
+                        help="start frame 0's work when generation starts, not during recon from the colour "
+                             "encoder's frame 0 (ex4d.pipeline.first_frame_from_recon, as batch jobs chain it)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -506,10 +513,13 @@ def main(argv=None) -> int:
         depth = stages.run("depth", estimate_depth, clip, args.depth, out_dir=run_dir, estimator=depth_estimator,
                            reuse=False)
         note(f"  depth {stages.times['depth'][-1]:.1f}s")
-        recon = stages.run("recon", run_recon, clip, depth, run_dir, ReconOptions(cam=args.cam, device=device))
+        # As batch jobs chain them: frame 0's work starts from the colour encoder's frame 0 during recon.
+        ahead = None if args.no_recon_first_frame else pipeline.first_frame_from_recon(options, cache, args.frames)
+        recon = stages.run("recon", run_recon, clip, depth, run_dir, ReconOptions(cam=args.cam, device=device),
+                           first_color_sink=ahead.sink if ahead is not None else None)
         note(f"  recon {stages.times['recon'][-1]:.1f}s")
         out = stages.run("generate", run_generate, recon["color"], recon.get("mask"), run_dir / f"ex4d_{args.cam}.mp4",
-                         options, cache=cache, show_progress=False)
+                         options, cache=cache, show_progress=False, first_frame_ahead=ahead)
         note(f"  generate {stages.times['generate'][-1]:.1f}s")
         stages.sync()
         total = time.perf_counter() - start
@@ -564,6 +574,7 @@ def main(argv=None) -> int:
         cudnn_benchmark=args.cudnn_benchmark, vae_channels_last=not args.vae_contiguous,
         compile_vae_norms=not args.no_vae_norm_compile, **recon_settings, streamed_decode=not args.no_streamed_decode,
         first_frame_ahead=pipeline.FIRST_FRAME_AHEAD,
+        recon_first_frame=pipeline.FIRST_FRAME_AHEAD and not args.no_recon_first_frame,
         runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},

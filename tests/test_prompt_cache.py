@@ -155,19 +155,14 @@ def test_convert_precomputes_the_embeddings_that_generation_then_hits(models, re
     assert loads["t5"] == 1
 
 
-def test_warm_run_computes_frame_0_ahead_and_gives_the_same_video(models, renders, tmp_path, monkeypatch):
-    """A warm run (the pipeline in the cache) starts CLIP and the first-frame latent on a helper thread
-    while the condition loads, and the sampler takes them: the video is the one computed in the call. A
-    frame 0 that differs from the condition's (here: forced) is not used."""
+@pytest.fixture()
+def first_frame_spies(monkeypatch):
+    """(contexts, threads): the first_frame_context each pipeline call got, and the thread each frame-0
+    computation ran on."""
     import threading
 
-    import ex4d.pipeline as pipeline
     from ex4d.diffusion.pipeline import EX4DPipeline
 
-    monkeypatch.setattr(pipeline, "_condition_device", lambda options, parallel=None: torch.device("cpu"))
-    options = GenerateOptions(models_dir=str(models), device="cpu", size="16x16", steps=1)
-    cache = {}
-    first = run_generate(renders, None, tmp_path / "cold.mp4", options, cache=cache, show_progress=False)
     contexts, threads = [], []
     call, make = EX4DPipeline.__call__, EX4DPipeline.first_frame_context
 
@@ -181,6 +176,21 @@ def test_warm_run_computes_frame_0_ahead_and_gives_the_same_video(models, render
 
     monkeypatch.setattr(EX4DPipeline, "__call__", spy_call)
     monkeypatch.setattr(EX4DPipeline, "first_frame_context", spy_make)
+    return contexts, threads
+
+
+def test_warm_run_computes_frame_0_ahead_and_gives_the_same_video(models, renders, tmp_path, monkeypatch,
+                                                                  request):
+    """A warm run (the pipeline in the cache) starts CLIP and the first-frame latent on a helper thread
+    while the condition loads, and the sampler takes them: the video is the one computed in the call. A
+    frame 0 that differs from the condition's (here: forced) is not used."""
+    import ex4d.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_condition_device", lambda options, parallel=None: torch.device("cpu"))
+    options = GenerateOptions(models_dir=str(models), device="cpu", size="16x16", steps=1)
+    cache = {}
+    first = run_generate(renders, None, tmp_path / "cold.mp4", options, cache=cache, show_progress=False)
+    contexts, threads = request.getfixturevalue("first_frame_spies")  # spies from here on
     warm = run_generate(renders, None, tmp_path / "warm.mp4", options, cache=cache, show_progress=False)
     assert threads and threads[0].startswith("first frame ahead")
     assert contexts[-1] is not None and contexts[-1].num_frames == 5
@@ -192,3 +202,51 @@ def test_warm_run_computes_frame_0_ahead_and_gives_the_same_video(models, render
     other = run_generate(renders, None, tmp_path / "other.mp4", options, cache=cache, show_progress=False)
     assert len(threads) == 2 and contexts[-1] is None  # computed ahead, did not match, not passed
     np.testing.assert_array_equal(read_video(other)[0], read_video(first)[0])
+
+
+def test_recon_chain_computes_frame_0_during_recon_and_gives_the_same_video(models, tmp_path, monkeypatch, request):
+    """Chained warm as batch jobs chain them (first_frame_from_recon): recon's colour encoder hands over
+    frame 0 while recon runs, frame 0's work starts then on a helper thread, and generation takes it
+    without reading frame 0 from the file; the video is the one computed in the call. Reused recon
+    outputs hand over nothing, and generation then reads frame 0 from the file as before."""
+    import ex4d.diffusion.conditioning as conditioning
+    import ex4d.pipeline as pipeline
+
+    frames = np.stack([np.roll((np.indices((32, 32)).sum(0)[..., None] * [7, 3, 5]) % 256, 2 * t, axis=1)
+                       for t in range(5)]).astype(np.uint8)
+    video = write_video(tmp_path / "clip.mkv", frames, fps=10, codec="ffv1")
+    depth = np.full((5, 32, 32), 6.0, np.float32)
+    depth[:, 8:20, 10:24] = 3.0
+    np.savez(tmp_path / "depth.npz", depth=depth)
+    clip = pipeline.load_clip(video, num_frames=5, resize="keep")
+    depth_video = pipeline.estimate_depth(clip, str(tmp_path / "depth.npz"))
+    recon_options = pipeline.ReconOptions(cam="30", device="cpu")
+
+    monkeypatch.setattr(pipeline, "_condition_device", lambda options, parallel=None: torch.device("cpu"))
+    options = GenerateOptions(models_dir=str(models), device="cpu", size="32x32", steps=1)
+    cache = {}
+    assert pipeline.first_frame_from_recon(options, cache, 5) is None  # cold: nothing to run ahead on
+    recon = pipeline.run_recon(clip, depth_video, tmp_path / "recon", recon_options)
+    monkeypatch.setattr(pipeline, "FIRST_FRAME_AHEAD", False)
+    in_call = run_generate(recon["color"], None, tmp_path / "in_call.mp4", options, cache=cache, show_progress=False)
+    monkeypatch.setattr(pipeline, "FIRST_FRAME_AHEAD", True)
+    contexts, threads = request.getfixturevalue("first_frame_spies")  # spies from here on
+
+    def no_file_peek(*args, **kwargs):
+        raise AssertionError("frame 0 was read from the file")
+
+    monkeypatch.setattr(conditioning, "first_frame_ahead", no_file_peek)
+    ahead = pipeline.first_frame_from_recon(options, cache, clip.num_frames)
+    chained = pipeline.run_recon(clip, depth_video, tmp_path / "chained", recon_options, first_color_sink=ahead.sink)
+    assert ahead.future is not None and len(threads) == 1 and threads[0].startswith("first frame ahead")
+    out = run_generate(chained["color"], None, tmp_path / "chained.mp4", options, cache=cache, show_progress=False,
+                       first_frame_ahead=ahead)
+    assert contexts[-1] is not None and contexts[-1].num_frames == 5
+    # The same condition files as recon's first run (same frames), so the same video as computed in the call.
+    np.testing.assert_array_equal(read_video(chained["color"])[0], read_video(recon["color"])[0])
+    np.testing.assert_array_equal(read_video(out)[0], read_video(in_call)[0])
+
+    reused = pipeline.first_frame_from_recon(options, cache, clip.num_frames)
+    assert pipeline.run_recon(clip, depth_video, tmp_path / "chained", recon_options,
+                              first_color_sink=reused.sink).reused
+    assert reused.future is None  # nothing encoded, nothing handed over: run_generate reads the file

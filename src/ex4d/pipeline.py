@@ -292,7 +292,7 @@ def check_depth_outputs(video: str | os.PathLike, out_dir: str | os.PathLike, de
 
 
 def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options: ReconOptions,
-              progress: Progress | None = None) -> ReconResult:
+              progress: Progress | None = None, *, first_color_sink=None) -> ReconResult:
     """Render ``clip`` + ``depth`` along ``options.cam``; write color/mask/camera/mesh files.
 
     Files in ``out_dir`` (``<cam>`` = the trajectory's name): ``color_<cam>.mp4``,
@@ -306,6 +306,9 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     are renamed into place and the new record is written last. An interrupted run leaves either the
     old set with its record, or no record at all; never a record that calls a mixed set current.
     Reuse needs the record's request to match and every file's sha256 to match the record.
+    ``first_color_sink``: called (on an encoder thread) with the colour video's frame 0, (H, W, 3) uint8
+    as it will decode, as soon as the encoder has it (:meth:`ReconFirstFrame.sink`); not called when
+    the outputs are reused.
     """
     from ex4d.camera.trajectory import make_trajectory
     from ex4d.io.arrays import frames_sha1, iter_frames
@@ -351,7 +354,7 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     staging.mkdir(mode=0o777)
     try:
         staged, settings = _render_into(staging, clip, depth, K_src, trajectory, options, mesh_options, fps,
-                                        device, progress, iter_frames)
+                                        device, progress, iter_frames, first_color_sink)
         digests = {path.name: _sha256(path) for path in staged.values()}
         record = {
             "request": request,
@@ -394,7 +397,8 @@ def _staging_tag() -> str:
 
 
 def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory, options: ReconOptions,
-                 mesh_options: dict, fps: float, device, progress, iter_frames) -> tuple[dict[str, Path], dict]:
+                 mesh_options: dict, fps: float, device, progress, iter_frames,
+                 first_color_sink=None) -> tuple[dict[str, Path], dict]:
     """Render and encode the condition, meshes and camera file into ``staging``, frame by frame."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -434,7 +438,7 @@ def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory
                     pixel_convention=options.pixel_convention,
                     mesh_callback=None if options.save_mesh == "none" else save_mesh, settings=settings)
     with ThreadPoolExecutor(1, thread_name_prefix="export mesh") as exporter:
-        with ConditionWriter(staging, trajectory.name, fps) as writer:
+        with ConditionWriter(staging, trajectory.name, fps, first_color_sink=first_color_sink) as writer:
             for color, mask in stream:
                 writer.write(color, mask)
         staged.update((role, written.result()) for role, written in exports)
@@ -774,47 +778,120 @@ def _reusable_generator(options: GenerateOptions, cache: dict, text_encoder: boo
     return None
 
 
-#: Compute frame 0's CLIP features and latent while the condition loads, on warm runs (_first_frame_ahead).
+#: Compute frame 0's CLIP features and latent ahead on warm runs: while the condition loads
+#: (_first_frame_ahead), or while recon still renders (first_frame_from_recon).
 FIRST_FRAME_AHEAD = True
 
 
-def _first_frame_ahead(color: Path, options: GenerateOptions, cache: dict | None, parallel=None, *,
-                       text_encoder: bool = True):
-    """Start CLIP and the first-frame latent on a helper thread while the condition loads: a Future of
-    (pipeline, FirstFrameContext or None), or None.
+def _ahead_pipeline(options: GenerateOptions, cache: dict | None, parallel=None, *, text_encoder: bool = True):
+    """The pipeline frame 0's work may run on ahead of ``run_generate``, or None.
 
-    Only where the pipeline is already loaded and will be used as is (warm runs: batch jobs, the app;
-    ``text_encoder`` as for :func:`cached_generator`),
-    on one GPU whose memory is not budgeted. About 0.4 s of GPU work (CLIP, one 49-frame VAE encode)
-    then overlaps reading the colour and mask videos (0.2-0.3 s of CPU on an H100 machine). Frame 0
-    is taken from the colour video alone (``first_frame_ahead``); the caller uses the result only if
-    it equals the loaded condition's frame 0 and length.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ex4d.diffusion.conditioning import first_frame_ahead
-
+    Only where it is already loaded and will be used as is (warm runs: batch jobs, the app;
+    ``text_encoder`` as for :func:`cached_generator`), on one GPU whose memory is not budgeted."""
     if not FIRST_FRAME_AHEAD or cache is None or _condition_device(options, parallel) is None:
         return None
     pipe = _reusable_generator(options, cache, text_encoder)
-    if pipe is None or not hasattr(pipe, "first_frame_context"):
-        return None
+    return pipe if pipe is not None and hasattr(pipe, "first_frame_context") else None
+
+
+def _first_frame_context_beside(pipe, frame: np.ndarray, num_frames: int):
+    """``pipe.first_frame_context`` on a CUDA stream of its own, so that the GPU work of the thread that
+    called it elsewhere (recon's meshes, the condition) does not queue behind it. Returns once done."""
+    import torch
+
+    device = torch.device(pipe._execution_device)
+    if device.type != "cuda":
+        return pipe.first_frame_context(frame, num_frames)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        context = pipe.first_frame_context(frame, num_frames)
+    stream.synchronize()
+    for tensor in (context.image_embeds, context.y):  # later used, and freed, on the default stream
+        tensor.record_stream(torch.cuda.default_stream(device))
+    return context
+
+
+def _submit_first_frame(pipe, options: GenerateOptions, peek):
+    """Run frame 0's work on a helper thread: a Future of (pipeline, FirstFrameContext or None).
+
+    peek(): ((H, W, 3) uint8 frame 0 as the sampler takes it, the condition's frame count) or None."""
+    from concurrent.futures import ThreadPoolExecutor
 
     def work():
         try:
-            peek = first_frame_ahead(color, options.size)
+            got = peek()
         except InputError:  # load_condition reports what is wrong with the file
             return pipe, None
-        num_frames = options.num_frames or (peek[1] if peek is not None else 0)
-        if peek is None or num_frames > options.window:  # windows get no single context
+        if got is None:
             return pipe, None
-        return pipe, pipe.first_frame_context(peek[0], num_frames)
+        frame, count = got
+        num_frames = options.num_frames or count
+        if num_frames > options.window:  # windows get no single context
+            return pipe, None
+        return pipe, _first_frame_context_beside(pipe, frame, num_frames)
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="first frame ahead")
     try:
         return pool.submit(work)
     finally:
         pool.shutdown(wait=False)  # the thread ends with its one task
+
+
+def _first_frame_ahead(color: Path, options: GenerateOptions, cache: dict | None, parallel=None, *,
+                       text_encoder: bool = True):
+    """Start CLIP and the first-frame latent on a helper thread while the condition loads: a Future of
+    (pipeline, FirstFrameContext or None), or None where :func:`_ahead_pipeline` gives none.
+
+    About 0.4 s of GPU work (CLIP, one 49-frame VAE encode) then overlaps reading the colour and mask
+    videos (0.2-0.3 s of CPU on an H100 machine). Frame 0 is taken from the colour video alone
+    (``first_frame_ahead``); the caller uses the result only if it equals the loaded condition's
+    frame 0 and length.
+    """
+    from ex4d.diffusion.conditioning import first_frame_ahead
+
+    pipe = _ahead_pipeline(options, cache, parallel, text_encoder=text_encoder)
+    if pipe is None:
+        return None
+    return _submit_first_frame(pipe, options, lambda: first_frame_ahead(color, options.size))
+
+
+class ReconFirstFrame:
+    """Frame 0's CLIP features and latent computed while recon still renders, for a warm recon ->
+    generate chain (batch jobs, the benchmark); from :func:`first_frame_from_recon`.
+
+        ahead = first_frame_from_recon(options, cache, clip.num_frames)   # None where it does not apply
+        run_recon(..., first_color_sink=ahead.sink if ahead else None)
+        run_generate(..., first_frame_ahead=ahead)
+
+    The colour encoder hands over frame 0 as the finished file will decode (``VideoWriter(
+    first_frame_sink=)``) once its look-ahead is full, about 15 frames into the render loop, so the
+    0.5-0.6 s of GPU work runs beside the rest of recon (on a CUDA stream of its own) instead of
+    before generation. ``run_generate`` uses the result only if it equals the loaded condition's frame
+    0 and length, and reads frame 0 from the file itself when no frame came (recon's outputs reused).
+    """
+
+    def __init__(self, pipe, options: GenerateOptions, num_frames: int):
+        self.pipe, self.options, self.num_frames = pipe, options, int(num_frames)
+        self.future = None  # set by sink(): a Future of (pipeline, FirstFrameContext or None)
+
+    def sink(self, frame: np.ndarray) -> None:
+        """Frame 0 of the colour video, (H, W, 3) uint8 as decoded; called once, on the encoder's thread."""
+        from ex4d.diffusion.conditioning import first_frame_from_decoded
+
+        frame = np.array(frame, copy=True)
+        self.future = _submit_first_frame(self.pipe, self.options,
+                                          lambda: (first_frame_from_decoded(frame, self.options.size), self.num_frames))
+
+
+def first_frame_from_recon(options: GenerateOptions, cache: dict | None, num_frames: int,
+                           parallel=None) -> ReconFirstFrame | None:
+    """A :class:`ReconFirstFrame` for the recon whose ``num_frames``-frame condition ``run_generate`` will
+    take next with ``options`` and ``cache``, or None where frame 0's work cannot run ahead (no warm
+    pipeline, several GPUs, a GPU memory budget, FIRST_FRAME_AHEAD off)."""
+    _, need_text_encoder = _prompt_lookup(options, parallel)
+    pipe = _ahead_pipeline(options, cache, parallel, text_encoder=need_text_encoder)
+    return ReconFirstFrame(pipe, options, num_frames) if pipe is not None else None
 
 
 def cached_generator(options: GenerateOptions, cache: dict, parallel=None, *, text_encoder: bool = True):
@@ -874,6 +951,12 @@ def _cached_prompt_embeds(options: GenerateOptions, parallel=None, both: bool = 
     keys = {name: prompt_cache.cache_key(text, encoder=encoder, text_len=TEXT_LENGTH, dtype=dtype,
                                          device_type=device.type) for name, text in prompts.items()}
     return cache_dir, keys, {name: prompt_cache.load(cache_dir, key) for name, key in keys.items()}
+
+
+def _prompt_lookup(options: GenerateOptions, parallel=None):
+    """(:func:`_cached_prompt_embeds`'s result, whether the pipeline must hold the text encoder)."""
+    looked_up = _cached_prompt_embeds(options, parallel)
+    return looked_up, looked_up[0] is None or any(embeds is None for embeds in looked_up[2].values())
 
 
 def _prompt_embeds(pipe, options: GenerateOptions, looked_up, parallel=None) -> dict:
@@ -979,14 +1062,16 @@ def check_generate_paths(color: str | os.PathLike, mask: str | os.PathLike | Non
 
 def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
                  options: GenerateOptions, *, cache: dict | None = None, parallel=None,
-                 progress: Progress | None = None, show_progress: bool = True) -> Path:
+                 progress: Progress | None = None, show_progress: bool = True,
+                 first_frame_ahead: ReconFirstFrame | None = None) -> Path:
     """Generate the re-filmed video from a colour video and its mask; write ``output`` (.mp4).
 
     mask: None takes ``mask_<cam>.mkv`` (lossless) beside ``color_<cam>.mp4``. Clips longer than
     ``options.window`` frames are generated in overlapping windows (docs/scale.md). Inputs are
     checked before any weights load. ``cache``: a dict kept across calls so the models load once.
     ``parallel``: a ParallelContext under torchrun (only its main rank writes). ``show_progress``:
-    the sampler's progress bar (batch jobs have their own). Writes
+    the sampler's progress bar (batch jobs have their own). ``first_frame_ahead``: frame 0's work
+    started during recon (:func:`first_frame_from_recon`). Writes
     ``output`` and ``output.json`` (the settings and input fingerprints) atomically.
     """
     import torch
@@ -997,10 +1082,11 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
     options.validate()
     color, mask, output, record_path = check_generate_paths(color, mask, output, options)
     # Prompt embeddings all in the cache: the text encoder is not even loaded.
-    looked_up = _cached_prompt_embeds(options, parallel)
-    need_text_encoder = looked_up[0] is None or any(embeds is None for embeds in looked_up[2].values())
-    # Warm runs: frame 0's CLIP features and latent are computed while the condition is read.
-    ahead = _first_frame_ahead(color, options, cache, parallel, text_encoder=need_text_encoder)
+    looked_up, need_text_encoder = _prompt_lookup(options, parallel)
+    # Warm runs: frame 0's CLIP features and latent are computed during recon, or while the condition is read.
+    ahead = first_frame_ahead.future if first_frame_ahead is not None else None
+    if ahead is None:
+        ahead = _first_frame_ahead(color, options, cache, parallel, text_encoder=need_text_encoder)
     # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
     try:
         condition = load_condition(color, mask, size=options.size, num_frames=options.num_frames,
@@ -1036,6 +1122,9 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
                 raise InputError(FP8_ATTENTION_WITH_ULYSSES)
             check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
 
+    if first_frame_context is not None and \
+            first_frame_context[0] is not _reusable_generator(options, cache or {}, need_text_encoder):
+        first_frame_context = None  # not the pipeline used: let go of it before another one loads
     pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel,
                             text_encoder=need_text_encoder)
     call_kwargs = {**options.call_kwargs(), **_prompt_embeds(pipe, options, looked_up, parallel)}

@@ -249,9 +249,11 @@ class ConditionWriter:
 
     The three videos appear only when the block succeeds; ``paths`` maps roles to them. (The lossless
     ``.mkv`` is the exact mask; the ``.mp4`` mask is H.264, lossy, for viewing.)
+    ``first_color_sink``: gets the colour video's frame 0 as it will decode, while the rest still
+    renders (``VideoWriter(first_frame_sink=)``).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, name: str, fps: float):
+    def __init__(self, out_dir: str | os.PathLike, name: str, fps: float, first_color_sink=None):
         from ex4d.io import video as video_io
 
         out_dir = Path(out_dir)
@@ -261,7 +263,8 @@ class ConditionWriter:
         # renders (on a GPU, recon's encoding took as long as its rendering). A short look-ahead, so
         # that little is left to encode once the last frame is rendered (CONDITION_H264_LOOKAHEAD).
         h264 = dict(background=True, lookahead=video_io.CONDITION_H264_LOOKAHEAD)
-        self._writers = {"color": video_io.VideoWriter(self.paths["color"], fps, **h264),
+        self._writers = {"color": video_io.VideoWriter(self.paths["color"], fps, first_frame_sink=first_color_sink,
+                                                       **h264),
                          "mask": video_io.VideoWriter(self.paths["mask"], fps, **h264),
                          "mask_lossless": video_io.VideoWriter(self.paths["mask_lossless"], fps, codec="ffv1",
                                                                background=True)}

@@ -372,7 +372,7 @@ def first_frame_ahead(color_path: str | os.PathLike, size: str | tuple[int, int]
     """
     import av
 
-    from ex4d.io.video import read_video, resize_frames
+    from ex4d.io.video import read_video
 
     path = require_file(color_path, "colour video")
     try:
@@ -382,11 +382,19 @@ def first_frame_ahead(color_path: str | os.PathLike, size: str | tuple[int, int]
         return None
     if count < 1:
         return None
-    frame = read_video(path, 1)[0][0]
+    return first_frame_from_decoded(read_video(path, 1)[0][0], size), count
+
+
+def first_frame_from_decoded(frame: np.ndarray, size: str | tuple[int, int] | None = DEFAULT_SIZE) -> np.ndarray:
+    """Frame 0 for the sampler, (H', W', 3) uint8, from the colour video's decoded frame 0 (H, W, 3)
+    uint8: :func:`load_condition`'s resize to ``size``, division and scaling, on that one frame (with
+    frame 0 of the mask fully visible; see :func:`first_frame_ahead`)."""
+    from ex4d.io.video import resize_frames
+
     height, width = parse_size(size, frame.shape[:2])
     colour = resize_frames(frame[None], (height, width)) if frame.shape[:2] != (height, width) else frame[None]
     cond, _ = scale_condition(_colour01(colour, torch.device("cpu")), torch.ones((1, height, width), dtype=torch.bool))
-    return _first_frame_array(cond), count
+    return _first_frame_array(cond)
 
 
 def first_frame_uint8(cond: torch.Tensor) -> torch.Tensor:
