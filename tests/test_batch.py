@@ -303,10 +303,23 @@ def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
     np.savez(tiny_inputs / "long_depth.npz", depth=np.full((9, H, W), 5.0, np.float32))
     jobs[1]["video"] = str(tiny_inputs / "long.mp4")
     jobs[1]["depth"] = str(tiny_inputs / "long_depth.npz")
+    import torch
+
+    import ex4d.pipeline as pipeline
+
+    # As on one GPU: the second job, warm, starts frame 0's work from recon's colour encoder
+    # (first_frame_from_recon) and hands it to its generation.
+    monkeypatch.setattr(pipeline, "_condition_device", lambda options, parallel=None: torch.device("cpu"))
+    aheads, handed = [], []
+    make_ahead, generate = pipeline.first_frame_from_recon, pipeline.run_generate
+    monkeypatch.setattr(pipeline, "first_frame_from_recon", lambda *a, **k: aheads.append(make_ahead(*a, **k)) or aheads[-1])
+    monkeypatch.setattr(pipeline, "run_generate", lambda *a, **k: handed.append(k.get("first_frame_ahead")) or generate(*a, **k))
     cache = {}
     result = run_batch(jobs, cache=cache)
     assert result.ok, [read_record(j).get("traceback") or read_record(j).get("error") for j in jobs]
     assert len(loads) == 1 and "generate_pipe" in cache  # loaded once, kept for the next job
+    assert aheads[0] is None and aheads[1] is not None and aheads[1].future is not None  # cold, then warm
+    assert handed == aheads
     short, _ = read_video(tiny_inputs / "out" / "a" / "ex4d_30.mp4")
     long, fps = read_video(tiny_inputs / "out" / "b" / "ex4d_zoom_in.mp4")
     assert short.shape == (5, 16, 16, 3) and long.shape == (9, 16, 16, 3) and fps == 10.0  # the source rate, as `ex4d run`

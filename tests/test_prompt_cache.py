@@ -236,12 +236,15 @@ def test_recon_chain_computes_frame_0_during_recon_and_gives_the_same_video(mode
         raise AssertionError("frame 0 was read from the file")
 
     monkeypatch.setattr(conditioning, "first_frame_ahead", no_file_peek)
+    lookups, lookup = [], pipeline._cached_prompt_embeds
+    monkeypatch.setattr(pipeline, "_cached_prompt_embeds", lambda *a, **k: lookups.append(1) or lookup(*a, **k))
     ahead = pipeline.first_frame_from_recon(options, cache, clip.num_frames)
     chained = pipeline.run_recon(clip, depth_video, tmp_path / "chained", recon_options, first_color_sink=ahead.sink)
     assert ahead.future is not None and len(threads) == 1 and threads[0].startswith("first frame ahead")
     out = run_generate(chained["color"], None, tmp_path / "chained.mp4", options, cache=cache, show_progress=False,
                        first_frame_ahead=ahead)
     assert contexts[-1] is not None and contexts[-1].num_frames == 5
+    assert len(lookups) == 1  # the prompt cache was read once for the chained job
     # The same condition files as recon's first run (same frames), so the same video as computed in the call.
     np.testing.assert_array_equal(read_video(chained["color"])[0], read_video(recon["color"])[0])
     np.testing.assert_array_equal(read_video(out)[0], read_video(in_call)[0])

@@ -871,8 +871,9 @@ class ReconFirstFrame:
     0 and length, and reads frame 0 from the file itself when no frame came (recon's outputs reused).
     """
 
-    def __init__(self, pipe, options: GenerateOptions, num_frames: int):
+    def __init__(self, pipe, options: GenerateOptions, num_frames: int, prompt_lookup):
         self.pipe, self.options, self.num_frames = pipe, options, int(num_frames)
+        self.prompt_lookup = prompt_lookup  # _prompt_lookup's result: run_generate reads the cache once
         self.future = None  # set by sink(): a Future of (pipeline, FirstFrameContext or None)
 
     def sink(self, frame: np.ndarray) -> None:
@@ -889,9 +890,9 @@ def first_frame_from_recon(options: GenerateOptions, cache: dict | None, num_fra
     """A :class:`ReconFirstFrame` for the recon whose ``num_frames``-frame condition ``run_generate`` will
     take next with ``options`` and ``cache``, or None where frame 0's work cannot run ahead (no warm
     pipeline, several GPUs, a GPU memory budget, FIRST_FRAME_AHEAD off)."""
-    _, need_text_encoder = _prompt_lookup(options, parallel)
-    pipe = _ahead_pipeline(options, cache, parallel, text_encoder=need_text_encoder)
-    return ReconFirstFrame(pipe, options, num_frames) if pipe is not None else None
+    looked_up = _prompt_lookup(options, parallel)
+    pipe = _ahead_pipeline(options, cache, parallel, text_encoder=looked_up[1])
+    return ReconFirstFrame(pipe, options, num_frames, looked_up) if pipe is not None else None
 
 
 def cached_generator(options: GenerateOptions, cache: dict, parallel=None, *, text_encoder: bool = True):
@@ -1082,7 +1083,8 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
     options.validate()
     color, mask, output, record_path = check_generate_paths(color, mask, output, options)
     # Prompt embeddings all in the cache: the text encoder is not even loaded.
-    looked_up, need_text_encoder = _prompt_lookup(options, parallel)
+    same_options = first_frame_ahead is not None and first_frame_ahead.options == options
+    looked_up, need_text_encoder = first_frame_ahead.prompt_lookup if same_options else _prompt_lookup(options, parallel)
     # Warm runs: frame 0's CLIP features and latent are computed during recon, or while the condition is read.
     ahead = first_frame_ahead.future if first_frame_ahead is not None else None
     if ahead is None:
