@@ -7,6 +7,7 @@ as FFV1 in ``.mkv`` so that later stages read exact {0, 1} masks.
 
 from __future__ import annotations
 
+import logging
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 
 from ex4d.errors import InputError
 from ex4d.io.files import atomic_path, require_file
+
+log = logging.getLogger(__name__)
 
 
 def _open_video(path: Path):
@@ -305,10 +308,8 @@ class VideoWriter:
                 self._first_frame_sink = self._first_frame_decoder = None
                 sink(frames[0].to_ndarray(format="rgb24"))
         except Exception:  # noqa: BLE001 (work ahead only: the file is not affected)
-            import logging
-
             self._first_frame_sink = self._first_frame_decoder = None
-            logging.getLogger(__name__).warning("handing frame 0 of %s ahead failed", self.path.name, exc_info=True)
+            log.warning("handing frame 0 of %s ahead failed", self.path.name, exc_info=True)
 
     def write(self, frame: np.ndarray) -> None:
         """Encode one uint8 frame (H, W, 3) RGB or (H, W) / (H, W, 1) grey."""
