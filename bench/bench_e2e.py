@@ -42,7 +42,7 @@ final encode on the last run's output and on the source clip's frames (same shap
 ``total_s_median_with_source_like_final_encode`` swaps the one for the other (derived, not a run);
 with the streamed decode the encode overlaps the decode, so no such swap is made (null).
 ``generate_parts_s_median`` splits ``generate_io``: reading the condition videos (``load_condition``),
-the prompt-embedding cache lookup, and closing the final video's writer (the encode's tail after the
+the prompt-embedding cache lookup, waiting for frame 0's work run ahead (``first_frame_wait``), and closing the final video's writer (the encode's tail after the
 last decoded frame when streamed, the whole encode when not). On a GPU, CLIP and the first-frame
 latent are computed on a helper thread (``ahead_first_frame_context_s``, not in the total, and no
 longer in ``text_and_image_encoders`` / ``vae_encode``), started during recon from the colour
@@ -222,7 +222,8 @@ def time_recon_parts(stages: Stages) -> None:
 def time_generate_parts(stages: Stages, output_prefix: str) -> None:
     """Time the parts of generate around the sampler as stages ``generate.*``: ``generate.load_condition``
     (reading the colour and mask videos, erosion, scaling), ``generate.prompt_lookup`` (the prompt
-    embedding cache) and ``generate.writer_close`` (closing the final video's writer after the last
+    embedding cache), ``generate.first_frame_wait`` (waiting for frame 0's work run ahead on a helper
+    thread, once the condition is read) and ``generate.writer_close`` (closing the final video's writer after the last
     decoded frame: the streamed encode's tail, or the whole encode without streaming). The writer
     of a file whose name starts with ``output_prefix`` is the final video's; recon's are not counted."""
     import ex4d.diffusion.conditioning as conditioning
@@ -241,6 +242,7 @@ def time_generate_parts(stages: Stages, output_prefix: str) -> None:
 
     conditioning.load_condition = accumulate("generate.load_condition_parts", conditioning.load_condition)
     pipeline._cached_prompt_embeds = accumulate("generate.prompt_lookup_parts", pipeline._cached_prompt_embeds)
+    pipeline._context_computed_ahead = accumulate("generate.first_frame_wait_parts", pipeline._context_computed_ahead)
     VideoWriter.__exit__ = accumulate("generate.writer_close_parts", VideoWriter.__exit__,
                                       lambda writer, *a: writer.path.name.startswith(output_prefix))
 

@@ -1061,6 +1061,20 @@ def check_generate_paths(color: str | os.PathLike, mask: str | os.PathLike | Non
     return color, mask, output, record_path
 
 
+def _context_computed_ahead(ahead, condition):
+    """Wait for frame 0's work run ahead (a Future of :func:`_submit_first_frame`, or None): (pipeline,
+    FirstFrameContext) where it equals the loaded ``condition``'s frame 0 and length, else None."""
+    if ahead is None:
+        return None
+    ahead_pipe, context = ahead.result()
+    if context is not None and context.matches(condition.first_frame, condition.num_frames):
+        return ahead_pipe, context
+    if context is not None:
+        log.info("frame 0 computed ahead differs from the condition's (mask frame 0 not fully visible?); "
+                 "computing it in the sampler")
+    return None
+
+
 def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
                  options: GenerateOptions, *, cache: dict | None = None, parallel=None,
                  progress: Progress | None = None, show_progress: bool = True,
@@ -1099,14 +1113,7 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
             with contextlib.suppress(Exception):  # the condition's own error is the one to report
                 ahead.result()
         raise
-    first_frame_context = None
-    if ahead is not None:
-        ahead_pipe, context = ahead.result()
-        if context is not None and context.matches(condition.first_frame, condition.num_frames):
-            first_frame_context = (ahead_pipe, context)
-        elif context is not None:
-            log.info("frame 0 computed ahead differs from the condition's (mask frame 0 not fully visible?); "
-                     "computing it in the sampler")
+    first_frame_context = _context_computed_ahead(ahead, condition)
     log.info("condition: %d frames at %dx%d, erosion sizes %s", condition.num_frames, *condition.size,
              condition.kernel_sizes)
     long_clip = condition.num_frames > options.window
