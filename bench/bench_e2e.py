@@ -42,13 +42,16 @@ final encode on the last run's output and on the source clip's frames (same shap
 ``total_s_median_with_source_like_final_encode`` swaps the one for the other (derived, not a run);
 with the streamed decode the encode overlaps the decode, so no such swap is made (null).
 ``generate_parts_s_median`` splits ``generate_io``: reading the condition videos (``load_condition``),
-the prompt-embedding cache lookup, waiting for frame 0's work run ahead (``first_frame_wait``), and closing the final video's writer (the encode's tail after the
+the prompt-embedding cache lookup, waiting for frame 0's work and the condition's encodes run ahead
+(``first_frame_wait``, ``condition_wait``), and closing the final video's writer (the encode's tail after the
 last decoded frame when streamed, the whole encode when not). On a GPU, CLIP and the first-frame
 latent are computed on a helper thread (``ahead_first_frame_context_s``, not in the total, and no
 longer in ``text_and_image_encoders`` / ``vae_encode``), started during recon from the colour
-encoder's frame 0 as batch jobs chain the two (``ex4d.pipeline.first_frame_from_recon``);
-``--no-recon-first-frame`` starts it only while the condition loads, and ``--no-first-frame-ahead``
-computes them in the sampler call instead.
+encoder's frame 0 as batch jobs chain the two (``ex4d.pipeline.start_ahead_of_recon``), and the
+condition's two VAE encodes follow there frame by frame (then ``vae_encode`` is nearly nothing);
+``--no-condition-ahead`` leaves the condition's encodes to the sampler call, ``--no-recon-first-frame``
+starts frame 0's work only while the condition loads, and ``--no-first-frame-ahead`` computes it in
+the sampler call instead.
 
 ``--x264-lookahead N`` sets the final video's rc-lookahead, ``--condition-lookahead N`` that of recon's
 condition videos (0: preset medium's 40), ``--loop-torch-threads N`` the torch CPU threads of recon's
@@ -222,8 +225,9 @@ def time_recon_parts(stages: Stages) -> None:
 def time_generate_parts(stages: Stages, output_prefix: str) -> None:
     """Time the parts of generate around the sampler as stages ``generate.*``: ``generate.load_condition``
     (reading the colour and mask videos, erosion, scaling), ``generate.prompt_lookup`` (the prompt
-    embedding cache), ``generate.first_frame_wait`` (waiting for frame 0's work run ahead on a helper
-    thread, once the condition is read) and ``generate.writer_close`` (closing the final video's writer after the last
+    embedding cache), ``generate.first_frame_wait`` / ``generate.condition_wait`` (waiting for frame
+    0's work and the condition's encodes run ahead on a helper thread, once the condition is read)
+    and ``generate.writer_close`` (closing the final video's writer after the last
     decoded frame: the streamed encode's tail, or the whole encode without streaming). The writer
     of a file whose name starts with ``output_prefix`` is the final video's; recon's are not counted."""
     import ex4d.diffusion.conditioning as conditioning
@@ -243,6 +247,8 @@ def time_generate_parts(stages: Stages, output_prefix: str) -> None:
     conditioning.load_condition = accumulate("generate.load_condition_parts", conditioning.load_condition)
     pipeline._cached_prompt_embeds = accumulate("generate.prompt_lookup_parts", pipeline._cached_prompt_embeds)
     pipeline._context_computed_ahead = accumulate("generate.first_frame_wait_parts", pipeline._context_computed_ahead)
+    pipeline._condition_computed_ahead = accumulate("generate.condition_wait_parts",
+                                                    pipeline._condition_computed_ahead)
     VideoWriter.__exit__ = accumulate("generate.writer_close_parts", VideoWriter.__exit__,
                                       lambda writer, *a: writer.path.name.startswith(output_prefix))
 
@@ -431,7 +437,10 @@ def main(argv=None) -> int:
                              "condition (ex4d.pipeline.FIRST_FRAME_AHEAD off)")
     parser.add_argument("--no-recon-first-frame", action="store_true",
                         help="start frame 0's work when generation starts, not during recon from the colour "
-                             "encoder's frame 0 (ex4d.pipeline.first_frame_from_recon, as batch jobs chain it)")
+                             "encoder's frame 0 (ex4d.pipeline.start_ahead_of_recon, as batch jobs chain it)")
+    parser.add_argument("--no-condition-ahead", action="store_true",
+                        help="encode the condition in the sampler call, not during recon frame by frame "
+                             "(ex4d.pipeline.CONDITION_AHEAD off)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -448,6 +457,7 @@ def main(argv=None) -> int:
     from ex4d.pipeline import ReconOptions, estimate_depth, load_clip, run_generate, run_recon
 
     pipeline.FIRST_FRAME_AHEAD = pipeline.FIRST_FRAME_AHEAD and not args.no_first_frame_ahead
+    pipeline.CONDITION_AHEAD = pipeline.CONDITION_AHEAD and not args.no_condition_ahead
     dlogging.set_verbosity_error()
     from ex4d.diffusion.fp8 import Float8Linear
     from ex4d.diffusion.pipeline import EX4DPipeline
@@ -516,12 +526,12 @@ def main(argv=None) -> int:
                            reuse=False)
         note(f"  depth {stages.times['depth'][-1]:.1f}s")
         # As batch jobs chain them: frame 0's work starts from the colour encoder's frame 0 during recon.
-        ahead = None if args.no_recon_first_frame else pipeline.first_frame_from_recon(options, cache, args.frames)
+        ahead = None if args.no_recon_first_frame else pipeline.start_ahead_of_recon(options, cache, args.frames)
         recon = stages.run("recon", run_recon, clip, depth, run_dir, ReconOptions(cam=args.cam, device=device),
-                           first_color_sink=ahead.sink if ahead is not None else None)
+                           condition_sink=ahead.sink if ahead is not None else None)
         note(f"  recon {stages.times['recon'][-1]:.1f}s")
         out = stages.run("generate", run_generate, recon["color"], recon.get("mask"), run_dir / f"ex4d_{args.cam}.mp4",
-                         options, cache=cache, show_progress=False, first_frame_ahead=ahead)
+                         options, cache=cache, show_progress=False, ahead=ahead)
         note(f"  generate {stages.times['generate'][-1]:.1f}s")
         stages.sync()
         total = time.perf_counter() - start
@@ -577,6 +587,7 @@ def main(argv=None) -> int:
         compile_vae_norms=not args.no_vae_norm_compile, **recon_settings, streamed_decode=not args.no_streamed_decode,
         first_frame_ahead=pipeline.FIRST_FRAME_AHEAD,
         recon_first_frame=pipeline.FIRST_FRAME_AHEAD and not args.no_recon_first_frame,
+        condition_ahead=pipeline.FIRST_FRAME_AHEAD and not args.no_recon_first_frame and pipeline.CONDITION_AHEAD,
         runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},

@@ -307,13 +307,13 @@ def test_run_jobs_generate_with_tiny_weights(tiny_inputs, monkeypatch):
 
     import ex4d.pipeline as pipeline
 
-    # As on one GPU: the second job, warm, starts frame 0's work from recon's colour encoder
-    # (first_frame_from_recon) and hands it to its generation.
+    # As on one GPU: the second job, warm, does generation's work on the condition during recon
+    # (start_ahead_of_recon) and hands it to its generation.
     monkeypatch.setattr(pipeline, "_condition_device", lambda options, parallel=None: torch.device("cpu"))
     aheads, handed = [], []
-    make_ahead, generate = pipeline.first_frame_from_recon, pipeline.run_generate
-    monkeypatch.setattr(pipeline, "first_frame_from_recon", lambda *a, **k: aheads.append(make_ahead(*a, **k)) or aheads[-1])
-    monkeypatch.setattr(pipeline, "run_generate", lambda *a, **k: handed.append(k.get("first_frame_ahead")) or generate(*a, **k))
+    make_ahead, generate = pipeline.start_ahead_of_recon, pipeline.run_generate
+    monkeypatch.setattr(pipeline, "start_ahead_of_recon", lambda *a, **k: aheads.append(make_ahead(*a, **k)) or aheads[-1])
+    monkeypatch.setattr(pipeline, "run_generate", lambda *a, **k: handed.append(k.get("ahead")) or generate(*a, **k))
     cache = {}
     result = run_batch(jobs, cache=cache)
     assert result.ok, [read_record(j).get("traceback") or read_record(j).get("error") for j in jobs]

@@ -260,3 +260,31 @@ def test_first_frame_ahead_is_load_condition_s_frame_0_from_one_decoded_frame(tm
     with av.open(str(no_count)) as container:
         header_count = container.streams.video[0].frames
     assert (first_frame_ahead(no_count, size) is None) == (header_count == 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("size", ["48x64", "32x32"])  # the recon size, and a resize
+@pytest.mark.parametrize("erode", [True, False])
+def test_condition_frame_by_frame_equals_load_condition(tmp_path, size, erode, device):
+    """condition_frame on each decoded colour frame and exact mask frame, put side by side, is
+    load_condition's cond and mask, bit for bit (resize, division, per-frame erosion, scaling)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from ex4d.diffusion.conditioning import condition_frame, load_condition, sample_erosion_sizes
+    from ex4d.io.video import read_mask_video, read_video
+
+    rng = np.random.default_rng(4)
+    colour = (rng.random((9, 48, 64, 3)) * 255).astype(np.uint8)
+    visible = np.ones((9, 48, 64), bool)
+    for t in range(1, 9):
+        visible[t, 10:20 + t, 5 + 3 * t:30 + 3 * t] = False
+    write_video(tmp_path / "color_30.mp4", colour, fps=10)
+    write_video(tmp_path / "mask_30.mkv", visible.astype(np.uint8) * 255, fps=10, codec="ffv1")
+    want = load_condition(tmp_path / "color_30.mp4", size=size, seed=7, erode=erode, device=device)
+    decoded, _ = read_video(tmp_path / "color_30.mp4")
+    masks = read_mask_video(tmp_path / "mask_30.mkv")
+    sizes = sample_erosion_sizes(9, 7) if erode else [0] * 9
+    frames = [condition_frame(decoded[t], np.asarray(masks[t]), sizes[t], size, device) for t in range(9)]
+    assert torch.equal(torch.cat([f[0] for f in frames], dim=2), want.cond)
+    assert torch.equal(torch.cat([f[1] for f in frames], dim=2), want.mask)
+    assert want.kernel_sizes == sizes

@@ -471,3 +471,71 @@ def test_first_frame_context_on_a_helper_thread_builds_no_autograd_graph(pipe):
         context = pool.submit(pipe.first_frame_context, image, T).result()
     assert context.y.grad_fn is None and not context.y.requires_grad
     assert context.image_embeds.grad_fn is None and not context.image_embeds.requires_grad
+
+
+@pytest.mark.parametrize("frames", [5, 9])
+def test_condition_encode_stream_gives_prepare_condition_s_tokens_bit_for_bit(pipe, frames):
+    """The condition fed frame by frame (as recon renders it) gives the camera tokens of encoding the
+    whole video, exactly: the VAE runs the same time chunks with its causal cache carried over."""
+    from ex4d.diffusion.pipeline import ConditionEncodeStream
+
+    g = torch.Generator().manual_seed(frames)
+    cond = torch.rand(1, 3, frames, H, W, generator=g) * 2 - 1
+    mask = torch.where(torch.rand(1, 1, frames, H, W, generator=g) > 0.3, 1.0, -1.0).expand(1, 3, frames, H, W)
+    mask = mask.clone()
+    _, want = pipe.prepare_condition(cond, mask, torch.zeros(1, 3, H, W), torch.device("cpu"),
+                                     y=torch.zeros(1))
+    stream = pipe.condition_encode_stream()
+    assert isinstance(stream, ConditionEncodeStream) and stream.supported
+    for t in range(frames):
+        stream.add(cond[:, :, t:t + 1], mask[:, :, t:t + 1])
+    context = stream.finish()
+    assert torch.equal(context.tokens, want)
+    assert context.matches(cond, mask) and not context.matches(cond, -mask)
+
+
+def test_condition_context_is_used_only_for_its_own_condition(pipe, caplog):
+    """The sampler takes tokens computed ahead for an equal cond and mask (same latents, no VAE encode of
+    the condition), and ignores them, with a warning, for another condition."""
+    cond, mask = _condition()
+    stream = pipe.condition_encode_stream()
+    for t in range(T):
+        stream.add(cond[:, :, t:t + 1], mask[:, :, t:t + 1])
+    context = stream.finish()
+
+    def latents(c, m, **kwargs):
+        return pipe(c, m, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
+                    **kwargs).frames
+
+    want = latents(cond, mask)
+    encodes = []
+    original = pipe._vae_encode
+    pipe._vae_encode = lambda video: encodes.append(video.shape[2]) or original(video)
+    try:
+        np.testing.assert_array_equal(latents(cond, mask, condition_context=context), want)
+        assert encodes == [T]  # only the first-frame latent, not the condition's two encodes
+        other = _condition(1)
+        with caplog.at_level("WARNING"):
+            np.testing.assert_array_equal(latents(*other, condition_context=context), latents(*other))
+        assert any("condition context" in r.message for r in caplog.records)
+    finally:
+        del pipe._vae_encode
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_condition_encode_stream_on_cuda_gives_prepare_condition_s_tokens():
+    """On CUDA, with the VAE channels-last and its norms compiled (as ex4d runs it there): the streamed
+    encodes give the whole-video encodes' tokens, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    p = build_pipeline(make_tiny_components(0), None, PerformanceOptions(compile=True), "cuda")
+    g = torch.Generator("cuda").manual_seed(0)
+    cond = torch.rand(1, 3, 9, H, W, device="cuda", generator=g) * 2 - 1
+    mask = torch.where(torch.rand(1, 1, 9, H, W, device="cuda", generator=g) > 0.3, 1.0, -1.0).expand(1, 3, 9, H, W)
+    mask = mask.clone()
+    _, want = p.prepare_condition(cond, mask, None, torch.device("cuda"), y=torch.zeros(1))
+    stream = p.condition_encode_stream()
+    for t in range(9):
+        stream.add(cond[:, :, t:t + 1], mask[:, :, t:t + 1])
+    assert torch.equal(stream.finish().tokens, want)

@@ -274,10 +274,11 @@ def test_threaded_decoding_gives_the_single_threaded_frames(tmp_path):
 
 @pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("width", [64, 100])  # 100: padded columns, cropped in the stream header
-def test_first_frame_sink_gets_frame_0_as_the_file_decodes_before_the_last_frame(tmp_path, background, width):
-    """VideoWriter(first_frame_sink=) hands over frame 0 decoded from the encoder's own packets, once,
-    on the encoding thread, while frames are still being written: the same pixels as reading the
-    finished file (not the frame given, which H.264 changes)."""
+def test_decoded_frame_sink_gets_the_frames_as_the_file_decodes_before_the_last_is_written(tmp_path, background,
+                                                                                         width):
+    """VideoWriter(decoded_frame_sink=) hands over every frame decoded from the encoder's own packets, in
+    order, on the encoding thread, frame 0 while frames are still being written: the same pixels as
+    reading the finished file (not the frames given, which H.264 changes)."""
     import threading
 
     from ex4d.io.video import CONDITION_H264_LOOKAHEAD, VideoWriter
@@ -291,31 +292,31 @@ def test_first_frame_sink_gets_frame_0_as_the_file_decodes_before_the_last_frame
         got.append((frame.copy(), writer.frames_written, threading.current_thread() is threading.main_thread()))
 
     with VideoWriter(tmp_path / "v.mp4", 15, background=background, lookahead=CONDITION_H264_LOOKAHEAD,
-                     first_frame_sink=sink) as writer:
+                     decoded_frame_sink=sink) as writer:
         for frame in frames:
             writer.write(frame)
-    assert len(got) == 1
-    frame0, written_then, on_main = got[0]
-    np.testing.assert_array_equal(frame0, read_video(tmp_path / "v.mp4", 1)[0][0])
-    assert not np.array_equal(frame0, frames[0])  # lossy: the file's frame, not the frame written
-    assert on_main is not background
+    decoded, _ = read_video(tmp_path / "v.mp4")
+    assert len(got) == len(frames)
+    np.testing.assert_array_equal(np.stack([g[0] for g in got]), decoded)
+    assert not np.array_equal(got[0][0], frames[0])  # lossy: the file's frame, not the frame written
+    assert all(on_main is not background for _, _, on_main in got)
     if not background:  # (in the background the caller may run ahead of the encoder)
-        assert written_then < len(frames)  # before the last frame was written
+        assert got[0][1] < len(frames)  # frame 0 before the last frame was written
 
 
-def test_first_frame_sink_is_for_h264_and_its_errors_leave_the_file_alone(tmp_path, caplog):
+def test_decoded_frame_sink_is_for_h264_and_its_errors_leave_the_file_alone(tmp_path, caplog):
     from ex4d.io.video import VideoWriter
 
     with pytest.raises(ValueError, match="H.264"):
-        VideoWriter(tmp_path / "m.mkv", 15, codec="ffv1", first_frame_sink=print)
+        VideoWriter(tmp_path / "m.mkv", 15, codec="ffv1", decoded_frame_sink=print)
 
     def broken(frame):
         raise RuntimeError("sink failed")
 
     frames = (np.random.default_rng(1).random((9, 32, 32, 3)) * 255).astype(np.uint8)
     with caplog.at_level("WARNING"):
-        with VideoWriter(tmp_path / "v.mp4", 15, first_frame_sink=broken) as writer:
+        with VideoWriter(tmp_path / "v.mp4", 15, decoded_frame_sink=broken) as writer:
             for frame in frames:
                 writer.write(frame)
     assert read_video(tmp_path / "v.mp4")[0].shape == frames.shape
-    assert any("frame 0 of v.mp4 ahead failed" in r.message for r in caplog.records)
+    assert any("decoded frames of v.mp4 ahead failed" in r.message for r in caplog.records)

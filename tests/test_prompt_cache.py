@@ -12,7 +12,7 @@ import torch
 
 from ex4d.diffusion import prompt_cache as pc
 from ex4d.diffusion.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
-from ex4d.io.video import read_video, write_video
+from ex4d.io.video import read_mask_video, read_video, write_video
 from ex4d.pipeline import GenerateOptions, run_generate
 
 tiny_wan = pytest.importorskip("tiny_wan")
@@ -155,10 +155,13 @@ def test_convert_precomputes_the_embeddings_that_generation_then_hits(models, re
     assert loads["t5"] == 1
 
 
+condition_contexts: list = []
+
+
 @pytest.fixture()
 def first_frame_spies(monkeypatch):
     """(contexts, threads): the first_frame_context each pipeline call got, and the thread each frame-0
-    computation ran on."""
+    computation ran on. The condition_context each call got goes to the module's condition_contexts."""
     import threading
 
     from ex4d.diffusion.pipeline import EX4DPipeline
@@ -168,6 +171,7 @@ def first_frame_spies(monkeypatch):
 
     def spy_call(self, *args, **kwargs):
         contexts.append(kwargs.get("first_frame_context"))
+        condition_contexts.append(kwargs.get("condition_context"))
         return call(self, *args, **kwargs)
 
     def spy_make(self, *args, **kwargs):
@@ -204,13 +208,18 @@ def test_warm_run_computes_frame_0_ahead_and_gives_the_same_video(models, render
     np.testing.assert_array_equal(read_video(other)[0], read_video(first)[0])
 
 
-def test_recon_chain_computes_frame_0_during_recon_and_gives_the_same_video(models, tmp_path, monkeypatch, request):
-    """Chained warm as batch jobs chain them (first_frame_from_recon): recon's colour encoder hands over
-    frame 0 while recon runs, frame 0's work starts then on a helper thread, and generation takes it
-    without reading frame 0 from the file; the video is the one computed in the call. Reused recon
-    outputs hand over nothing, and generation then reads frame 0 from the file as before."""
+def test_recon_chain_does_the_condition_s_work_during_recon_and_gives_the_same_video(models, tmp_path, monkeypatch,
+                                                                                   request):
+    """Chained warm as batch jobs chain them (start_ahead_of_recon): recon's colour encoder hands over
+    each frame as the files will decode while recon runs; frame 0's work and then the condition's
+    encodes run on a helper thread, and generation takes both (it neither reads frame 0 from the file
+    nor VAE-encodes anything itself); the video is the one computed in the call. Reused recon outputs
+    hand over nothing, and generation then does the work itself as before."""
+    import threading
+
     import ex4d.diffusion.conditioning as conditioning
     import ex4d.pipeline as pipeline
+    from ex4d.diffusion.pipeline import ConditionContext, EX4DPipeline
 
     frames = np.stack([np.roll((np.indices((32, 32)).sum(0)[..., None] * [7, 3, 5]) % 256, 2 * t, axis=1)
                        for t in range(5)]).astype(np.uint8)
@@ -223,14 +232,17 @@ def test_recon_chain_computes_frame_0_during_recon_and_gives_the_same_video(mode
     recon_options = pipeline.ReconOptions(cam="30", device="cpu")
 
     monkeypatch.setattr(pipeline, "_condition_device", lambda options, parallel=None: torch.device("cpu"))
-    options = GenerateOptions(models_dir=str(models), device="cpu", size="32x32", steps=1)
+    # size 16x16: the condition is resized frame by frame during recon as load_condition resizes it
+    options = GenerateOptions(models_dir=str(models), device="cpu", size="16x16", steps=1, seed=3)
     cache = {}
-    assert pipeline.first_frame_from_recon(options, cache, 5) is None  # cold: nothing to run ahead on
+    assert pipeline.start_ahead_of_recon(options, cache, 5) is None  # cold: nothing to run ahead on
     recon = pipeline.run_recon(clip, depth_video, tmp_path / "recon", recon_options)
+    assert not read_mask_video(recon["mask_lossless"]).all()  # some of it unseen: the mask matters
     monkeypatch.setattr(pipeline, "FIRST_FRAME_AHEAD", False)
     in_call = run_generate(recon["color"], None, tmp_path / "in_call.mp4", options, cache=cache, show_progress=False)
     monkeypatch.setattr(pipeline, "FIRST_FRAME_AHEAD", True)
     contexts, threads = request.getfixturevalue("first_frame_spies")  # spies from here on
+    condition_contexts.clear()
 
     def no_file_peek(*args, **kwargs):
         raise AssertionError("frame 0 was read from the file")
@@ -238,18 +250,24 @@ def test_recon_chain_computes_frame_0_during_recon_and_gives_the_same_video(mode
     monkeypatch.setattr(conditioning, "first_frame_ahead", no_file_peek)
     lookups, lookup = [], pipeline._cached_prompt_embeds
     monkeypatch.setattr(pipeline, "_cached_prompt_embeds", lambda *a, **k: lookups.append(1) or lookup(*a, **k))
-    ahead = pipeline.first_frame_from_recon(options, cache, clip.num_frames)
-    chained = pipeline.run_recon(clip, depth_video, tmp_path / "chained", recon_options, first_color_sink=ahead.sink)
-    assert ahead.future is not None and len(threads) == 1 and threads[0].startswith("first frame ahead")
+    encodes, encode = [], EX4DPipeline._vae_encode
+    monkeypatch.setattr(EX4DPipeline, "_vae_encode", lambda self, video: encodes.append(
+        threading.current_thread() is threading.main_thread()) or encode(self, video))
+    ahead = pipeline.start_ahead_of_recon(options, cache, clip.num_frames)
+    chained = pipeline.run_recon(clip, depth_video, tmp_path / "chained", recon_options, condition_sink=ahead.sink)
+    assert ahead.future is not None and ahead.condition is not None
     out = run_generate(chained["color"], None, tmp_path / "chained.mp4", options, cache=cache, show_progress=False,
-                       first_frame_ahead=ahead)
+                       ahead=ahead)
+    assert len(threads) == 1 and threads[0].startswith("first frame ahead")
     assert contexts[-1] is not None and contexts[-1].num_frames == 5
+    assert isinstance(condition_contexts[-1], ConditionContext)
+    assert encodes == [False]  # frame 0's latent, on the helper; the condition's encodes were streamed there
     assert len(lookups) == 1  # the prompt cache was read once for the chained job
     # The same condition files as recon's first run (same frames), so the same video as computed in the call.
     np.testing.assert_array_equal(read_video(chained["color"])[0], read_video(recon["color"])[0])
     np.testing.assert_array_equal(read_video(out)[0], read_video(in_call)[0])
 
-    reused = pipeline.first_frame_from_recon(options, cache, clip.num_frames)
+    reused = pipeline.start_ahead_of_recon(options, cache, clip.num_frames)
     assert pipeline.run_recon(clip, depth_video, tmp_path / "chained", recon_options,
-                              first_color_sink=reused.sink).reused
-    assert reused.future is None  # nothing encoded, nothing handed over: run_generate reads the file
+                              condition_sink=reused.sink).reused
+    assert reused.future is None and reused.condition is None  # nothing encoded, nothing handed over

@@ -965,16 +965,16 @@ def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
         stretch_test=job.get("stretch_test", False), watertight=not job.get("torn", False),
         only_first_frame=job.get("only_first_frame", False), save_mesh=job.get("save_mesh", "first"),
         fps=job.get("fps"), resample=job.get("resample", False), device=device)
-    # A warm pipeline computes frame 0's CLIP features and latent while recon still renders.
-    ahead = pipeline.first_frame_from_recon(job_generate_options(job), cache, clip.num_frames) \
+    # A warm pipeline does generation's work on the condition (frame 0, the encodes) while recon renders.
+    ahead = pipeline.start_ahead_of_recon(job_generate_options(job), cache, clip.num_frames) \
         if job["stage"] == "run" else None
     t = time.perf_counter()
     written = {k: str(v) for k, v in pipeline.run_recon(clip, depth, job["output"], options,
-                                                        first_color_sink=ahead.sink if ahead else None).items()}
+                                                        condition_sink=ahead.sink if ahead else None).items()}
     timings["recon"] = time.perf_counter() - t
     if job["stage"] == "run":
         t = time.perf_counter()
-        written.update(generate_stage(job, written, cache, timings, first_frame_ahead=ahead))
+        written.update(generate_stage(job, written, cache, timings, ahead=ahead))
         timings["generate"] = time.perf_counter() - t
         if job.get("eval"):
             t = time.perf_counter()
@@ -1024,12 +1024,12 @@ def generation_key(job: dict) -> tuple:
 
 
 def generate_stage(job: dict, recon: dict, cache: dict, timings: dict | None = None, *,
-                   first_frame_ahead=None) -> dict:
+                   ahead=None) -> dict:
     """Generate ``ex4d_<cam>.mp4`` in the job's output folder from the recon files in ``recon``.
 
     The pipeline is loaded once per process and kept in ``cache``; clips longer than the window
-    (default 49 frames) go through overlapping windows. ``first_frame_ahead``: frame 0's work started
-    during recon (``ex4d.pipeline.first_frame_from_recon``). Returns {"video": path}.
+    (default 49 frames) go through overlapping windows. ``ahead``: generation's work on the condition
+    started during recon (``ex4d.pipeline.start_ahead_of_recon``). Returns {"video": path}.
     """
     from ex4d.pipeline import run_generate
 
@@ -1040,7 +1040,7 @@ def generate_stage(job: dict, recon: dict, cache: dict, timings: dict | None = N
     name = color.name.replace("color_", "ex4d_", 1) if color.name.startswith("color_") else f"ex4d_{color.name}"
     out = run_generate(color, mask, Path(job["output"]) / Path(name).with_suffix(".mp4"), job_generate_options(job),
                        cache=cache, show_progress=False,  # the batch has its own progress display
-                       first_frame_ahead=first_frame_ahead)
+                       ahead=ahead)
     result = {"video": str(out)}
     if "left" in recon:  # cam: stereo -- pack the left eye with the generated right eye (docs/stereo.md)
         from ex4d.stereo.pack import LAYOUTS, output_paths, pack_generated

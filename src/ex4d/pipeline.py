@@ -292,7 +292,7 @@ def check_depth_outputs(video: str | os.PathLike, out_dir: str | os.PathLike, de
 
 
 def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options: ReconOptions,
-              progress: Progress | None = None, *, first_color_sink=None) -> ReconResult:
+              progress: Progress | None = None, *, condition_sink=None) -> ReconResult:
     """Render ``clip`` + ``depth`` along ``options.cam``; write color/mask/camera/mesh files.
 
     Files in ``out_dir`` (``<cam>`` = the trajectory's name): ``color_<cam>.mp4``,
@@ -306,9 +306,9 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     are renamed into place and the new record is written last. An interrupted run leaves either the
     old set with its record, or no record at all; never a record that calls a mixed set current.
     Reuse needs the record's request to match and every file's sha256 to match the record.
-    ``first_color_sink``: called (on an encoder thread) with the colour video's frame 0, (H, W, 3) uint8
-    as it will decode, as soon as the encoder has it (:meth:`ReconFirstFrame.sink`); not called when
-    the outputs are reused.
+    ``condition_sink(index, colour, mask)``: called (on an encoder thread, in order) with each frame of
+    the condition as its files will decode, as soon as the colour encoder has it (``ConditionWriter(
+    frame_sink=)``; :meth:`ReconAhead.sink`); not called when the outputs are reused.
     """
     from ex4d.camera.trajectory import make_trajectory
     from ex4d.io.arrays import frames_sha1, iter_frames
@@ -354,7 +354,7 @@ def run_recon(clip: Clip, depth: DepthVideo, out_dir: str | os.PathLike, options
     staging.mkdir(mode=0o777)
     try:
         staged, settings = _render_into(staging, clip, depth, K_src, trajectory, options, mesh_options, fps,
-                                        device, progress, iter_frames, first_color_sink)
+                                        device, progress, iter_frames, condition_sink)
         digests = {path.name: _sha256(path) for path in staged.values()}
         record = {
             "request": request,
@@ -398,7 +398,7 @@ def _staging_tag() -> str:
 
 def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory, options: ReconOptions,
                  mesh_options: dict, fps: float, device, progress, iter_frames,
-                 first_color_sink=None) -> tuple[dict[str, Path], dict]:
+                 condition_sink=None) -> tuple[dict[str, Path], dict]:
     """Render and encode the condition, meshes and camera file into ``staging``, frame by frame."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -438,7 +438,7 @@ def _render_into(staging: Path, clip: Clip, depth: DepthVideo, K_src, trajectory
                     pixel_convention=options.pixel_convention,
                     mesh_callback=None if options.save_mesh == "none" else save_mesh, settings=settings)
     with ThreadPoolExecutor(1, thread_name_prefix="export mesh") as exporter:
-        with ConditionWriter(staging, trajectory.name, fps, first_color_sink=first_color_sink) as writer:
+        with ConditionWriter(staging, trajectory.name, fps, frame_sink=condition_sink) as writer:
             for color, mask in stream:
                 writer.write(color, mask)
         staged.update((role, written.result()) for role, written in exports)
@@ -779,7 +779,7 @@ def _reusable_generator(options: GenerateOptions, cache: dict, text_encoder: boo
 
 
 #: Compute frame 0's CLIP features and latent ahead on warm runs: while the condition loads
-#: (_first_frame_ahead), or while recon still renders (first_frame_from_recon).
+#: (_first_frame_ahead), or while recon still renders (start_ahead_of_recon).
 FIRST_FRAME_AHEAD = True
 
 
@@ -812,10 +812,11 @@ def _first_frame_context_beside(pipe, frame: np.ndarray, num_frames: int):
     return context
 
 
-def _submit_first_frame(pipe, options: GenerateOptions, peek):
+def _submit_first_frame(pipe, options: GenerateOptions, peek, pool=None):
     """Run frame 0's work on a helper thread: a Future of (pipeline, FirstFrameContext or None).
 
-    peek(): ((H, W, 3) uint8 frame 0 as the sampler takes it, the condition's frame count) or None."""
+    peek(): ((H, W, 3) uint8 frame 0 as the sampler takes it, the condition's frame count) or None.
+    pool: the executor to run it on (default: a thread of its own)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def work():
@@ -831,6 +832,8 @@ def _submit_first_frame(pipe, options: GenerateOptions, peek):
             return pipe, None
         return pipe, _first_frame_context_beside(pipe, frame, num_frames)
 
+    if pool is not None:
+        return pool.submit(work)
     pool = ThreadPoolExecutor(1, thread_name_prefix="first frame ahead")
     try:
         return pool.submit(work)
@@ -856,43 +859,120 @@ def _first_frame_ahead(color: Path, options: GenerateOptions, cache: dict | None
     return _submit_first_frame(pipe, options, lambda: first_frame_ahead(color, options.size))
 
 
-class ReconFirstFrame:
-    """Frame 0's CLIP features and latent computed while recon still renders, for a warm recon ->
-    generate chain (batch jobs, the benchmark); from :func:`first_frame_from_recon`.
+#: In a chained warm run, also encode the condition (its two VAE encodes and the camera encoder) while
+#: recon renders, frame by frame (ReconAhead).
+CONDITION_AHEAD = True
 
-        ahead = first_frame_from_recon(options, cache, clip.num_frames)   # None where it does not apply
-        run_recon(..., first_color_sink=ahead.sink if ahead else None)
-        run_generate(..., first_frame_ahead=ahead)
 
-    The colour encoder hands over frame 0 as the finished file will decode (``VideoWriter(
-    first_frame_sink=)``) once its look-ahead is full, about 15 frames into the render loop, so the
-    0.5-0.6 s of GPU work runs beside the rest of recon (on a CUDA stream of its own) instead of
-    before generation. ``run_generate`` uses the result only if it equals the loaded condition's frame
-    0 and length, and reads frame 0 from the file itself when no frame came (recon's outputs reused).
+class ReconAhead:
+    """Generation's work on the condition done while recon still renders, for a warm recon -> generate
+    chain (batch jobs, the benchmark); from :func:`start_ahead_of_recon`.
+
+        ahead = start_ahead_of_recon(options, cache, clip.num_frames)   # None where it does not apply
+        run_recon(..., condition_sink=ahead.sink if ahead else None)
+        run_generate(..., ahead=ahead)
+
+    Recon's colour encoder hands over each frame as the finished file will decode (``VideoWriter(
+    decoded_frame_sink=)``), frame 0 about 15 frames into the render loop, with its exact mask
+    (``ConditionWriter(frame_sink=)``). On one helper thread, on CUDA streams of its own:
+    frame 0's CLIP features and latent, then (``CONDITION_AHEAD``) each frame as ``load_condition``
+    will make it and the condition's VAE encodes in the VAE's time chunks as frames arrive, then
+    the camera tokens. ``run_generate`` uses each result only if it equals what it computes from the
+    files (frame 0 and length; the whole scaled condition), and does the work itself otherwise: when
+    no frame came (recon's outputs reused), for another frame pick or a clip longer than the window.
     """
 
-    def __init__(self, pipe, options: GenerateOptions, num_frames: int, prompt_lookup):
+    def __init__(self, pipe, options: GenerateOptions, num_frames: int, prompt_lookup, device):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ex4d.diffusion.conditioning import sample_erosion_sizes
+
         self.pipe, self.options, self.num_frames = pipe, options, int(num_frames)
         self.prompt_lookup = prompt_lookup  # _prompt_lookup's result: run_generate reads the cache once
-        self.future = None  # set by sink(): a Future of (pipeline, FirstFrameContext or None)
+        self.device = device  # where load_condition will put the condition (_condition_device)
+        self.future = None  # frame 0's work: a Future of (pipeline, FirstFrameContext or None)
+        self.condition = None  # the condition's: a Future of ConditionContext
+        single = options.num_frames in (None, self.num_frames) and self.num_frames <= options.window
+        self._encodes = pipe.condition_encode_stream() if CONDITION_AHEAD and single and \
+            hasattr(pipe, "condition_encode_stream") else None
+        if self._encodes is not None and not self._encodes.supported:
+            self._encodes = None
+        self._sizes = sample_erosion_sizes(self.num_frames, options.seed) if options.erode else [0] * self.num_frames
+        self._cuda_stream = None
+        # One thread, so frame 0's work and the condition's chunks run in order and never at once.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="first frame ahead")
 
-    def sink(self, frame: np.ndarray) -> None:
-        """Frame 0 of the colour video, (H, W, 3) uint8 as decoded; called once, on the encoder's thread."""
+    def sink(self, index: int, colour: np.ndarray, mask: np.ndarray) -> None:
+        """Frame ``index`` of the condition: colour (H, W, 3) uint8 as decoded, mask (H, W) bool; called
+        in order, on recon's colour encoder thread."""
         from ex4d.diffusion.conditioning import first_frame_from_decoded
 
-        frame = np.array(frame, copy=True)
-        self.future = _submit_first_frame(self.pipe, self.options,
-                                          lambda: (first_frame_from_decoded(frame, self.options.size), self.num_frames))
+        if index == 0:
+            frame0 = np.array(colour, copy=True)
+            self.future = _submit_first_frame(self.pipe, self.options, lambda: (
+                first_frame_from_decoded(frame0, self.options.size), self.num_frames), pool=self._pool)
+            if self._encodes is None:
+                self._pool.shutdown(wait=False)  # nothing more for it: the thread ends after frame 0's work
+        if self._encodes is not None and index < self.num_frames:
+            self._pool.submit(self._add, index, colour, mask)
+            if index == self.num_frames - 1:
+                self.condition = self._pool.submit(self._finish)
+
+    def _stream(self):
+        import contextlib
+
+        import torch
+
+        if torch.device(self.device).type != "cuda":
+            return contextlib.nullcontext()
+        if self._cuda_stream is None:
+            self._cuda_stream = torch.cuda.Stream(self.device)
+            self._cuda_stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._cuda_stream)
+
+    def _add(self, index: int, colour: np.ndarray, mask: np.ndarray) -> None:
+        from ex4d.diffusion.conditioning import condition_frame
+
+        if self._encodes is None:  # an earlier frame failed
+            return
+        try:
+            with self._stream():
+                self._encodes.add(*condition_frame(colour, mask, self._sizes[index], self.options.size, self.device))
+        except Exception:  # noqa: BLE001 (work ahead: generation encodes the condition itself)
+            self._encodes = None
+            log.warning("encoding the condition during recon failed; generation encodes it", exc_info=True)
+
+    def _finish(self):
+        import torch
+
+        if self._encodes is None:
+            return None
+        try:
+            with self._stream():
+                context = self._encodes.finish()
+            if self._cuda_stream is not None:
+                self._cuda_stream.synchronize()
+                for tensor in (context.cond, context.mask, context.tokens):  # used, and freed, on the default stream
+                    tensor.record_stream(torch.cuda.default_stream(self.device))
+            return context
+        except Exception:  # noqa: BLE001 (work ahead: generation encodes the condition itself)
+            log.warning("encoding the condition during recon failed; generation encodes it", exc_info=True)
+            return None
+        finally:
+            self._encodes = None
+            self._pool.shutdown(wait=False)
 
 
-def first_frame_from_recon(options: GenerateOptions, cache: dict | None, num_frames: int,
-                           parallel=None) -> ReconFirstFrame | None:
-    """A :class:`ReconFirstFrame` for the recon whose ``num_frames``-frame condition ``run_generate`` will
-    take next with ``options`` and ``cache``, or None where frame 0's work cannot run ahead (no warm
-    pipeline, several GPUs, a GPU memory budget, FIRST_FRAME_AHEAD off)."""
+def start_ahead_of_recon(options: GenerateOptions, cache: dict | None, num_frames: int,
+                         parallel=None) -> ReconAhead | None:
+    """A :class:`ReconAhead` for the recon whose ``num_frames``-frame condition ``run_generate`` will take
+    next with ``options`` and ``cache``, or None where nothing can run ahead (no warm pipeline,
+    several GPUs, a GPU memory budget, FIRST_FRAME_AHEAD off)."""
     looked_up = _prompt_lookup(options, parallel)
     pipe = _ahead_pipeline(options, cache, parallel, text_encoder=looked_up[1])
-    return ReconFirstFrame(pipe, options, num_frames, looked_up) if pipe is not None else None
+    if pipe is None:
+        return None
+    return ReconAhead(pipe, options, num_frames, looked_up, _condition_device(options, parallel))
 
 
 def cached_generator(options: GenerateOptions, cache: dict, parallel=None, *, text_encoder: bool = True):
@@ -1075,18 +1155,32 @@ def _context_computed_ahead(ahead, condition):
     return None
 
 
+def _condition_computed_ahead(recon_ahead: ReconAhead | None, condition):
+    """Wait for the condition's encodes run during recon: the ConditionContext where its scaled
+    condition equals the loaded ``condition``'s, else None."""
+    if recon_ahead is None or recon_ahead.condition is None:
+        return None
+    context = recon_ahead.condition.result()
+    if context is None:
+        return None
+    if context.matches(condition.cond, condition.mask):
+        return context
+    log.info("the condition encoded during recon differs from the one read from the files; encoding it again")
+    return None
+
+
 def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, output: str | os.PathLike,
                  options: GenerateOptions, *, cache: dict | None = None, parallel=None,
                  progress: Progress | None = None, show_progress: bool = True,
-                 first_frame_ahead: ReconFirstFrame | None = None) -> Path:
+                 ahead: ReconAhead | None = None) -> Path:
     """Generate the re-filmed video from a colour video and its mask; write ``output`` (.mp4).
 
     mask: None takes ``mask_<cam>.mkv`` (lossless) beside ``color_<cam>.mp4``. Clips longer than
     ``options.window`` frames are generated in overlapping windows (docs/scale.md). Inputs are
     checked before any weights load. ``cache``: a dict kept across calls so the models load once.
     ``parallel``: a ParallelContext under torchrun (only its main rank writes). ``show_progress``:
-    the sampler's progress bar (batch jobs have their own). ``first_frame_ahead``: frame 0's work
-    started during recon (:func:`first_frame_from_recon`). Writes
+    the sampler's progress bar (batch jobs have their own). ``ahead``: work on the condition started
+    during recon (:func:`start_ahead_of_recon`). Writes
     ``output`` and ``output.json`` (the settings and input fingerprints) atomically.
     """
     import torch
@@ -1097,10 +1191,11 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
     options.validate()
     color, mask, output, record_path = check_generate_paths(color, mask, output, options)
     # Prompt embeddings all in the cache: the text encoder is not even loaded.
-    same_options = first_frame_ahead is not None and first_frame_ahead.options == options
-    looked_up, need_text_encoder = first_frame_ahead.prompt_lookup if same_options else _prompt_lookup(options, parallel)
+    recon_ahead, ahead = ahead, None
+    same_options = recon_ahead is not None and recon_ahead.options == options
+    looked_up, need_text_encoder = recon_ahead.prompt_lookup if same_options else _prompt_lookup(options, parallel)
     # Warm runs: frame 0's CLIP features and latent are computed during recon, or while the condition is read.
-    ahead = first_frame_ahead.future if first_frame_ahead is not None else None
+    ahead = recon_ahead.future if recon_ahead is not None else None
     if ahead is None:
         ahead = _first_frame_ahead(color, options, cache, parallel, text_encoder=need_text_encoder)
     # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
@@ -1114,6 +1209,7 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
                 ahead.result()
         raise
     first_frame_context = _context_computed_ahead(ahead, condition)
+    condition_context = _condition_computed_ahead(recon_ahead, condition)
     log.info("condition: %d frames at %dx%d, erosion sizes %s", condition.num_frames, *condition.size,
              condition.kernel_sizes)
     long_clip = condition.num_frames > options.window
@@ -1133,12 +1229,14 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
 
     if first_frame_context is not None and \
             first_frame_context[0] is not _reusable_generator(options, cache or {}, need_text_encoder):
-        first_frame_context = None  # not the pipeline used: let go of it before another one loads
+        first_frame_context = condition_context = None  # not the pipeline used: let go before another loads
     pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel,
                             text_encoder=need_text_encoder)
     call_kwargs = {**options.call_kwargs(), **_prompt_embeds(pipe, options, looked_up, parallel)}
     if first_frame_context is not None and first_frame_context[0] is pipe and not long_clip:
         call_kwargs["first_frame_context"] = first_frame_context[1]
+        if condition_context is not None:  # (from the same pipeline as frame 0's: ReconAhead)
+            call_kwargs["condition_context"] = condition_context
     pipe.set_progress_bar_config(disable=not show_progress)
     _use_sampler_progress(pipe, progress if show_progress and (parallel is None or parallel.is_main) else None)
     if parallel is not None and parallel.world_size > 1:

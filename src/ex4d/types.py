@@ -249,11 +249,15 @@ class ConditionWriter:
 
     The three videos appear only when the block succeeds; ``paths`` maps roles to them. (The lossless
     ``.mkv`` is the exact mask; the ``.mp4`` mask is H.264, lossy, for viewing.)
-    ``first_color_sink``: gets the colour video's frame 0 as it will decode, while the rest still
-    renders (``VideoWriter(first_frame_sink=)``).
+    ``frame_sink(index, colour, mask)``: gets each frame of the condition as a reader of the files
+    will decode it, while later frames still render: colour (H, W, 3) uint8 decoded from the colour
+    encoder's own packets (``VideoWriter(decoded_frame_sink=)``), mask (H, W) bool as the lossless
+    mask holds it; in order, on the colour encoder's thread.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, name: str, fps: float, first_color_sink=None):
+    def __init__(self, out_dir: str | os.PathLike, name: str, fps: float, frame_sink=None):
+        import threading
+
         from ex4d.io import video as video_io
 
         out_dir = Path(out_dir)
@@ -263,8 +267,12 @@ class ConditionWriter:
         # renders (on a GPU, recon's encoding took as long as its rendering). A short look-ahead, so
         # that little is left to encode once the last frame is rendered (CONDITION_H264_LOOKAHEAD).
         h264 = dict(background=True, lookahead=video_io.CONDITION_H264_LOOKAHEAD)
-        self._writers = {"color": video_io.VideoWriter(self.paths["color"], fps, first_frame_sink=first_color_sink,
-                                                       **h264),
+        self._frame_sink = frame_sink
+        self._masks: dict[int, np.ndarray] = {}  # masks written, until their colour frame is decoded
+        self._lock = threading.Lock()
+        self._written = self._decoded = 0
+        self._writers = {"color": video_io.VideoWriter(self.paths["color"], fps, **h264,
+                                                       decoded_frame_sink=self._pair if frame_sink else None),
                          "mask": video_io.VideoWriter(self.paths["mask"], fps, **h264),
                          "mask_lossless": video_io.VideoWriter(self.paths["mask_lossless"], fps, codec="ffv1",
                                                                background=True)}
@@ -289,9 +297,21 @@ class ConditionWriter:
         # bool -> 0/255 in one pass (a bool array viewed as uint8 is its 0/1 values)
         mask_u8 = np.multiply(mask.view(np.uint8), 255, dtype=np.uint8) if mask.dtype == bool else \
             mask.astype(np.uint8) * 255
+        if self._frame_sink is not None:
+            with self._lock:  # before the colour goes in: its decoded frame comes out later
+                self._masks[self._written] = mask_u8 > 127
+                self._written += 1
         self._writers["color"].write(to_uint8(color))
         self._writers["mask"].write(mask_u8)
         self._writers["mask_lossless"].write(mask_u8)
+
+    def _pair(self, colour: np.ndarray) -> None:
+        """The colour encoder's next decoded frame, with the mask written with it, to the frame sink."""
+        with self._lock:
+            index = self._decoded
+            mask = self._masks.pop(index)
+            self._decoded += 1
+        self._frame_sink(index, colour, mask)
 
     def __exit__(self, *exc):
         if exc[0] is None:

@@ -397,6 +397,30 @@ def first_frame_from_decoded(frame: np.ndarray, size: str | tuple[int, int] | No
     return _first_frame_array(cond)
 
 
+def condition_frame(colour: np.ndarray, visible: np.ndarray, erosion_size: int,
+                    size: str | tuple[int, int] | None = DEFAULT_SIZE, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One frame of :func:`load_condition`'s result from that frame alone: (cond, mask), each
+    (1, 3, 1, H', W') on ``device``, the values ``load_condition`` gives it.
+
+    colour: (H, W, 3) uint8 as the colour video decodes; visible: (H, W) bool as the lossless mask
+    holds it; erosion_size: the frame's kernel size (``sample_erosion_sizes``; 0 without erosion).
+    Every step of ``load_condition`` is per frame (the resize, the division, the erosion with the
+    frame's own kernel, the scaling), so the frames of a clip put side by side are its condition,
+    which callers check before relying on it (``ConditionContext.matches``)."""
+    from ex4d.io.video import resize_frames
+
+    height, width = parse_size(size, colour.shape[:2])
+    colour, visible = colour[None], visible[None]
+    if colour.shape[1:3] != (height, width):
+        colour = resize_frames(colour, (height, width))
+        visible = resize_frames(visible[..., None].astype(np.float32), (height, width))[..., 0] > 0.5
+    target = torch.device("cpu") if device is None else torch.device(device)
+    mask = torch.from_numpy(np.ascontiguousarray(visible)).to(target)
+    if erosion_size > 1:
+        mask = erode_masks(mask, [int(erosion_size)])
+    return scale_condition(_colour01(colour, target), mask)
+
+
 def first_frame_uint8(cond: torch.Tensor) -> torch.Tensor:
     """The I2V first frame as the reference makes it: (3, H, W) float holding integers 0..255.
 

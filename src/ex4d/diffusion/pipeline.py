@@ -139,6 +139,79 @@ class FirstFrameContext:
         return int(num_frames) == self.num_frames and np.array_equal(np.asarray(image), self.image)
 
 
+@dataclass
+class ConditionContext:
+    """The camera tokens of a condition, computed ahead (:class:`ConditionEncodeStream`), with the scaled
+    condition they were computed from: cond (1, 3, T, H, W) in [-1, 1], mask (1, 3, T, H, W) in
+    {-1, +1}; tokens (1, C, T', h/2, w/2). The sampler takes them only for an equal cond and mask."""
+
+    cond: torch.Tensor
+    mask: torch.Tensor
+    tokens: torch.Tensor
+
+    def matches(self, cond: torch.Tensor, mask: torch.Tensor) -> bool:
+        return tuple(cond.shape) == tuple(self.cond.shape) and tuple(mask.shape) == tuple(self.mask.shape) and \
+            torch.equal(cond.to(self.cond.device), self.cond) and torch.equal(mask.to(self.mask.device), self.mask)
+
+
+class ConditionEncodeStream:
+    """The condition's two VAE encodes and the camera encoder, fed one frame at a time as frames arrive.
+
+    stream = pipe.condition_encode_stream(); stream.add(cond_frame, mask_frame) for each frame in
+    order (each (1, 3, 1, H, W), scaled as :func:`ex4d.diffusion.conditioning.scale_condition`
+    gives them); context = stream.finish().
+
+    Each encode runs the VAE's encoder on the same time chunks as ``AutoencoderKLWan.encode`` of the
+    whole video (frame 0, then 4 frames at a time, its causal cache carried over), with a cache of
+    its own, so the latents, and the tokens, are those of :meth:`EX4DPipeline.prepare_condition`.
+    Only for a VAE without patching or tiling (Wan2.1's); ``supported`` says whether it applies.
+    """
+
+    def __init__(self, pipe: "EX4DPipeline"):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        self.pipe, vae = pipe, pipe.vae
+        self.supported = getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False)
+        convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
+        self._caches = {"cond": [None] * convs, "mask": [None] * convs}
+        self._pending: dict[str, list] = {"cond": [], "mask": []}
+        self._chunks: dict[str, list] = {"cond": [], "mask": []}
+        self._frames: dict[str, list] = {"cond": [], "mask": []}
+
+    def add(self, cond_frame: torch.Tensor, mask_frame: torch.Tensor) -> None:
+        """Take the next frame; encode a chunk once it is complete."""
+        self._frames["cond"].append(cond_frame)
+        self._frames["mask"].append(mask_frame)
+        for name, frame in (("cond", cond_frame), ("mask", encoder_mask_input(mask_frame))):  # {-3, +1} (R)
+            pending = self._pending[name]
+            pending.append(frame)
+            if len(pending) == (1 if not self._chunks[name] else self.pipe.vae_scale_factor_temporal):
+                self._encode_chunk(name, torch.cat(pending, dim=2))
+                pending.clear()
+
+    @torch.no_grad()
+    def _encode_chunk(self, name: str, chunk: torch.Tensor) -> None:
+        vae = self.pipe.vae
+        chunk = chunk.to(device=_module_device(vae), dtype=vae.dtype)
+        self._chunks[name].append(vae.encoder(chunk, feat_cache=self._caches[name], feat_idx=[0]))
+
+    @torch.no_grad()
+    def finish(self) -> ConditionContext:
+        """The tokens, once every frame (4k + 1 of them) went in."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if any(self._pending.values()) or not self._chunks["cond"]:
+            raise ValueError(f"{len(self._frames['cond'])} frames went in; the VAE needs 4k+1")
+        latents = {}
+        for name in ("cond", "mask"):
+            moments = self.pipe.vae.quant_conv(torch.cat(self._chunks[name], dim=2))
+            latents[name] = self.pipe._normalised_latent(DiagonalGaussianDistribution(moments).mode())
+        self._caches = self._chunks = None  # the encoder's activations go now
+        tokens = self.pipe._camera_tokens(latents["cond"], latents["mask"], self.pipe._execution_device)
+        return ConditionContext(cond=torch.cat(self._frames["cond"], dim=2), mask=torch.cat(self._frames["mask"], dim=2),
+                                tokens=tokens)
+
+
 class EX4DPipeline(DiffusionPipeline):
     """Re-film a video from its rendered geometry condition with Wan2.1-I2V + the EX-4D adapter.
 
@@ -245,10 +318,21 @@ class EX4DPipeline(DiffusionPipeline):
     def _vae_encode(self, video: torch.Tensor) -> torch.Tensor:
         """Normalised VAE latent mean (B, 16, T', h, w) of a [-1, 1]-scaled video (B, 3, T, H, W)."""
         vae_device = _module_device(self.vae)
-        latent = self.vae.encode(video.to(device=vae_device, dtype=self.vae.dtype)).latent_dist.mode()
+        return self._normalised_latent(self.vae.encode(video.to(device=vae_device, dtype=self.vae.dtype)).latent_dist.mode())
+
+    def _normalised_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """(latent - the VAE's latents_mean) / latents_std, in float32."""
         mean = torch.tensor(self.vae.config.latents_mean, device=latent.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(self.vae.config.latents_std, device=latent.device).view(1, -1, 1, 1, 1)
         return (latent.float() - mean) / std
+
+    def condition_encode_stream(self) -> ConditionEncodeStream:
+        """A :class:`ConditionEncodeStream`: the condition's encodes fed frame by frame (e.g. while recon renders)."""
+        return ConditionEncodeStream(self)
+
+    def _camera_tokens(self, cond_latent: torch.Tensor, mask_latent: torch.Tensor, device: torch.device) -> torch.Tensor:
+        encoder_device = _module_device(self.camera_encoder)
+        return self.camera_encoder(cond_latent.to(encoder_device), mask_latent.to(encoder_device)).to(device)
 
     def prepare_latents(self, shape: tuple[int, ...], generator: torch.Generator | None,
                         device: torch.device, latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,16 +373,18 @@ class EX4DPipeline(DiffusionPipeline):
                                  y=self.first_frame_condition(model_range, int(num_frames), device))
 
     def prepare_condition(self, cond: torch.Tensor, mask: torch.Tensor, image: torch.Tensor,
-                          device: torch.device, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          device: torch.device, y: torch.Tensor | None = None,
+                          tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(y (1, 20, T', h, w), camera tokens (1, C, T', h/2, w/2)) from the scaled condition.
 
-        y: computed ahead by :meth:`first_frame_condition` (then ``image`` is not encoded again)."""
+        y: computed ahead by :meth:`first_frame_condition` (then ``image`` is not encoded again);
+        tokens: computed ahead by a :class:`ConditionEncodeStream` (then cond and mask are not)."""
         if y is None:
             y = self.first_frame_condition(image, cond.shape[2], device)
-        cond_latent = self._vae_encode(cond)
-        mask_latent = self._vae_encode(encoder_mask_input(mask))  # {-3, +1}: the double scaling (R)
-        encoder_device = _module_device(self.camera_encoder)
-        tokens = self.camera_encoder(cond_latent.to(encoder_device), mask_latent.to(encoder_device))
+        if tokens is None:
+            cond_latent = self._vae_encode(cond)
+            mask_latent = self._vae_encode(encoder_mask_input(mask))  # {-3, +1}: the double scaling (R)
+            tokens = self._camera_tokens(cond_latent, mask_latent, device)
         return y, tokens.to(device)
 
     # -----------------------------------------------------------------------------------------
@@ -332,7 +418,8 @@ class EX4DPipeline(DiffusionPipeline):
                  shift: float | None = None, output_type: str = "np", return_dict: bool = True,
                  callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None,
                  frame_sink: Callable[[np.ndarray], None] | None = None,
-                 first_frame_context: FirstFrameContext | None = None):
+                 first_frame_context: FirstFrameContext | None = None,
+                 condition_context: ConditionContext | None = None):
         """Generate the video.
 
         cond, mask: (1, 3, T, H, W) from :func:`ex4d.diffusion.conditioning.load_condition` (cond in
@@ -345,6 +432,8 @@ class EX4DPipeline(DiffusionPipeline):
         the VAE goes on decoding the next ones (e.g. a background video writer's ``write``); see
         :meth:`decode_latents_streamed`. first_frame_context: from :meth:`first_frame_context`, used when
         it was computed from this call's ``image`` (uint8 (H, W, 3)) and frame count, else ignored.
+        condition_context: from a :class:`ConditionEncodeStream`, used when computed from an equal
+        ``cond`` and ``mask``, else ignored.
         """
         if output_type not in ("np", "pt", "latent"):
             raise InputError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
@@ -378,8 +467,13 @@ class EX4DPipeline(DiffusionPipeline):
         image_embeds = image_embeds.to(device=device, dtype=dtype)
 
         # 2. Geometry condition and first-frame latent.
+        tokens = None
+        if condition_context is not None and condition_context.matches(cond, mask):
+            tokens = condition_context.tokens
+        elif condition_context is not None:
+            logger.warning("the condition context given is for another condition; encoding the condition again")
         y, tokens = self.prepare_condition(cond.float(), mask.float(), image, device,
-                                           y=ahead.y.to(device) if ahead is not None else None)
+                                           y=ahead.y.to(device) if ahead is not None else None, tokens=tokens)
         num_frames, height, width = cond.shape[2:]
         shape = (1, self.vae.config.z_dim, (num_frames - 1) // self.vae_scale_factor_temporal + 1,
                  height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)

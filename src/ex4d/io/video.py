@@ -193,21 +193,21 @@ class VideoWriter:
     so that several writers flush at once (:class:`ex4d.types.ConditionWriter` ends its three so).
     ``lookahead``: libx264's rc-lookahead for this video (None: H264_LOOKAHEAD).
 
-    ``first_frame_sink``: called once, on the encoding thread, with frame 0 as a reader of the
-    finished file will decode it ((H, W, 3) uint8 RGB, as :func:`read_video`), decoded in memory from
-    the encoder's first packets. For a lossy codec that frame exists before the file does: x264 hands
-    out frame 0's packet once its look-ahead is full, long before the last frame. The sink must be
-    quick (hand the frame to another thread); an exception in it is logged and otherwise ignored, as
-    it concerns only work done ahead, never the file.
+    ``decoded_frame_sink``: called with each frame as a reader of the finished file will decode it
+    ((H, W, 3) uint8 RGB, as :func:`read_video`), in order, on the encoding thread, decoded in memory
+    from the encoder's own packets. For a lossy codec those frames exist before the file does: x264
+    hands out frame k's packet once its look-ahead is full, long before the last frame. The sink
+    must be quick (hand the frame to another thread); an exception in it is logged and ends the
+    hand-over, as it concerns only work done ahead, never the file.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, codec: str = "h264", crf: int = 16,
                  background: bool = False, queue_frames: int = 4, lookahead: int | None = None,
-                 first_frame_sink=None):
+                 decoded_frame_sink=None):
         if codec not in ("h264", "ffv1"):
             raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'ffv1'")
-        if first_frame_sink is not None and codec != "h264":
-            raise ValueError("first_frame_sink is for H.264 (a lossless video's frame 0 is the frame written)")
+        if decoded_frame_sink is not None and codec != "h264":
+            raise ValueError("decoded_frame_sink is for H.264 (a lossless video's frames are the frames written)")
         self.path, self.fps, self.codec, self.crf = Path(path), fps, codec, crf
         self.lookahead = lookahead
         self.background, self.queue_frames = background, max(1, int(queue_frames))
@@ -218,8 +218,8 @@ class VideoWriter:
         self._pad = 0  # extra H.264 columns (H264_WIDTH_MULTIPLE), cropped in the stream header
         self._queue = self._thread = self._error = None
         self._input_ended = False  # end_input() was called: the thread flushes and stops
-        self._first_frame_sink = first_frame_sink
-        self._first_frame_decoder = None  # in-memory decoder of the first packets, until frame 0 is out
+        self._decoded_sink = decoded_frame_sink
+        self._decoder = None  # in-memory decoder of the encoder's packets (decoded_frame_sink)
 
     def __enter__(self) -> "VideoWriter":
         self._atomic = atomic_path(self.path)
@@ -283,33 +283,30 @@ class VideoWriter:
 
     def _mux(self, packets, last: bool = False) -> None:
         for packet in packets:
-            if self._first_frame_sink is not None:
-                self._decode_first_frame(bytes(packet))
+            if self._decoded_sink is not None:
+                self._decode_packet(bytes(packet))
             self._container.mux(packet)
-        if last and self._first_frame_sink is not None:
-            self._decode_first_frame(None)  # a decoder that holds frames back gives them up at the end
+        if last and self._decoded_sink is not None:
+            self._decode_packet(None)  # the decoder gives up the frames it holds back
 
-    def _decode_first_frame(self, data: bytes | None) -> None:
-        """Feed one packet's bytes (None: the end) to the in-memory decoder; hand frame 0 to the sink.
+    def _decode_packet(self, data: bytes | None) -> None:
+        """Feed one packet's bytes (None: the end) to the in-memory decoder; hand its frames to the sink.
 
         The decoder sees the same NAL units and parameter sets as a reader of the file (the mp4 muxer
-        only re-wraps them), and H.264 decoding is exact, so frame 0 is the file's frame 0."""
+        only re-wraps them), and H.264 decoding is exact, so the frames are the file's frames."""
         import av
 
-        sink = self._first_frame_sink
         try:
-            if self._first_frame_decoder is None:
+            if self._decoder is None:
                 decoder = av.CodecContext.create("h264", "r")  # FFmpeg's decoder, as a reader uses
                 if self._stream.codec_context.extradata:  # the parameter sets (mp4: a global header)
                     decoder.extradata = self._stream.codec_context.extradata
-                self._first_frame_decoder = decoder
-            frames = self._first_frame_decoder.decode(av.Packet(data) if data is not None else None)
-            if frames:
-                self._first_frame_sink = self._first_frame_decoder = None
-                sink(frames[0].to_ndarray(format="rgb24"))
+                self._decoder = decoder
+            for frame in self._decoder.decode(av.Packet(data) if data is not None else None):
+                self._decoded_sink(frame.to_ndarray(format="rgb24"))
         except Exception:  # noqa: BLE001 (work ahead only: the file is not affected)
-            self._first_frame_sink = self._first_frame_decoder = None
-            log.warning("handing frame 0 of %s ahead failed", self.path.name, exc_info=True)
+            self._decoded_sink = self._decoder = None
+            log.warning("handing the decoded frames of %s ahead failed", self.path.name, exc_info=True)
 
     def write(self, frame: np.ndarray) -> None:
         """Encode one uint8 frame (H, W, 3) RGB or (H, W) / (H, W, 1) grey."""
