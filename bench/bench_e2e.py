@@ -527,11 +527,15 @@ def main(argv=None) -> int:
         note(f"  depth {stages.times['depth'][-1]:.1f}s")
         # As batch jobs chain them: frame 0's work starts from the colour encoder's frame 0 during recon.
         ahead = None if args.no_recon_first_frame else pipeline.start_ahead_of_recon(options, cache, args.frames)
-        recon = stages.run("recon", run_recon, clip, depth, run_dir, ReconOptions(cam=args.cam, device=device),
-                           condition_sink=ahead.sink if ahead is not None else None)
-        note(f"  recon {stages.times['recon'][-1]:.1f}s")
-        out = stages.run("generate", run_generate, recon["color"], recon.get("mask"), run_dir / f"ex4d_{args.cam}.mp4",
-                         options, cache=cache, show_progress=False, ahead=ahead)
+        try:
+            recon = stages.run("recon", run_recon, clip, depth, run_dir, ReconOptions(cam=args.cam, device=device),
+                               condition_sink=ahead.sink if ahead is not None else None)
+            note(f"  recon {stages.times['recon'][-1]:.1f}s")
+            out = stages.run("generate", run_generate, recon["color"], recon.get("mask"),
+                             run_dir / f"ex4d_{args.cam}.mp4", options, cache=cache, show_progress=False, ahead=ahead)
+        finally:
+            if ahead is not None:
+                ahead.close()
         note(f"  generate {stages.times['generate'][-1]:.1f}s")
         stages.sync()
         total = time.perf_counter() - start

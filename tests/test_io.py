@@ -320,3 +320,23 @@ def test_decoded_frame_sink_is_for_h264_and_its_errors_leave_the_file_alone(tmp_
                 writer.write(frame)
     assert read_video(tmp_path / "v.mp4")[0].shape == frames.shape
     assert any("decoded frames of v.mp4 ahead failed" in r.message for r in caplog.records)
+
+
+def test_decoded_frame_sink_returning_false_ends_the_hand_over_and_the_condition_keeps_no_masks(tmp_path):
+    """A sink that wants no more frames (returns False) gets no more, and ConditionWriter then keeps no
+    masks for it (they are held only until their colour frame is decoded)."""
+    from ex4d.types import ConditionWriter
+
+    got = []
+
+    def sink(index, colour, mask):
+        got.append((index, colour.shape, mask.dtype))
+        return index < 2  # three frames, then no more
+
+    rng = np.random.default_rng(2)
+    with ConditionWriter(tmp_path, "30", 10, frame_sink=sink) as writer:
+        for t in range(30):
+            writer.write(rng.random((32, 48, 3)).astype(np.float32), rng.random((32, 48)) > 0.5)
+    assert [g[0] for g in got] == [0, 1, 2] and got[0][1:] == ((32, 48, 3), np.dtype(bool))
+    assert not writer._masks  # nothing held after the hand-over ended
+    assert read_video(writer.paths["color"])[0].shape == (30, 32, 48, 3)

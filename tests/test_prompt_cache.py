@@ -167,6 +167,7 @@ def first_frame_spies(monkeypatch):
     from ex4d.diffusion.pipeline import EX4DPipeline
 
     contexts, threads = [], []
+    condition_contexts.clear()
     call, make = EX4DPipeline.__call__, EX4DPipeline.first_frame_context
 
     def spy_call(self, *args, **kwargs):
@@ -242,7 +243,6 @@ def test_recon_chain_does_the_condition_s_work_during_recon_and_gives_the_same_v
     in_call = run_generate(recon["color"], None, tmp_path / "in_call.mp4", options, cache=cache, show_progress=False)
     monkeypatch.setattr(pipeline, "FIRST_FRAME_AHEAD", True)
     contexts, threads = request.getfixturevalue("first_frame_spies")  # spies from here on
-    condition_contexts.clear()
 
     def no_file_peek(*args, **kwargs):
         raise AssertionError("frame 0 was read from the file")
@@ -271,3 +271,23 @@ def test_recon_chain_does_the_condition_s_work_during_recon_and_gives_the_same_v
     assert pipeline.run_recon(clip, depth_video, tmp_path / "chained", recon_options,
                               condition_sink=reused.sink).reused
     assert reused.future is None and reused.condition is None  # nothing encoded, nothing handed over
+
+
+def test_work_ahead_that_fails_is_logged_and_done_in_the_call(models, renders, tmp_path, monkeypatch, caplog):
+    """Frame 0's work ahead failing (say, out of GPU memory beside recon) does not fail the generation:
+    it is logged, and the sampler computes frame 0 itself; the video is the same."""
+    import ex4d.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_condition_device", lambda options, parallel=None: torch.device("cpu"))
+    options = GenerateOptions(models_dir=str(models), device="cpu", size="16x16", steps=1)
+    cache = {}
+    first = run_generate(renders, None, tmp_path / "cold.mp4", options, cache=cache, show_progress=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(pipeline, "_first_frame_context_beside", out_of_memory)
+    with caplog.at_level("WARNING"):
+        warm = run_generate(renders, None, tmp_path / "warm.mp4", options, cache=cache, show_progress=False)
+    assert any("frame 0's CLIP features and latent ahead failed" in r.message for r in caplog.records)
+    np.testing.assert_array_equal(read_video(warm)[0], read_video(first)[0])

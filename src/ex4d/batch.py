@@ -968,14 +968,18 @@ def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
     # A warm pipeline does generation's work on the condition (frame 0, the encodes) while recon renders.
     ahead = pipeline.start_ahead_of_recon(job_generate_options(job), cache, clip.num_frames) \
         if job["stage"] == "run" else None
-    t = time.perf_counter()
-    written = {k: str(v) for k, v in pipeline.run_recon(clip, depth, job["output"], options,
-                                                        condition_sink=ahead.sink if ahead else None).items()}
-    timings["recon"] = time.perf_counter() - t
-    if job["stage"] == "run":
+    try:
         t = time.perf_counter()
-        written.update(generate_stage(job, written, cache, timings, ahead=ahead))
-        timings["generate"] = time.perf_counter() - t
+        written = {k: str(v) for k, v in pipeline.run_recon(clip, depth, job["output"], options,
+                                                            condition_sink=ahead.sink if ahead else None).items()}
+        timings["recon"] = time.perf_counter() - t
+        if job["stage"] == "run":
+            t = time.perf_counter()
+            written.update(generate_stage(job, written, cache, timings, ahead=ahead))
+            timings["generate"] = time.perf_counter() - t
+    finally:
+        if ahead is not None:  # a failed job's work ahead stops here, not in the next job
+            ahead.close()
         if job.get("eval"):
             t = time.perf_counter()
             written.update(eval_stage(job, written))

@@ -830,7 +830,12 @@ def _submit_first_frame(pipe, options: GenerateOptions, peek, pool=None):
         num_frames = options.num_frames or count
         if num_frames > options.window:  # windows get no single context
             return pipe, None
-        return pipe, _first_frame_context_beside(pipe, frame, num_frames)
+        try:
+            return pipe, _first_frame_context_beside(pipe, frame, num_frames)
+        except Exception:  # noqa: BLE001 (work ahead, e.g. out of GPU memory beside recon: the sampler does it)
+            log.warning("computing frame 0's CLIP features and latent ahead failed; the sampler computes them",
+                        exc_info=True)
+            return pipe, None
 
     if pool is not None:
         return pool.submit(work)
@@ -891,32 +896,49 @@ class ReconAhead:
         self.prompt_lookup = prompt_lookup  # _prompt_lookup's result: run_generate reads the cache once
         self.device = device  # where load_condition will put the condition (_condition_device)
         self.future = None  # frame 0's work: a Future of (pipeline, FirstFrameContext or None)
-        self.condition = None  # the condition's: a Future of ConditionContext
-        single = options.num_frames in (None, self.num_frames) and self.num_frames <= options.window
+        self.condition = None  # the condition's: a Future of ConditionContext or None
+        single = options.num_frames in (None, self.num_frames) and self.num_frames <= options.window and \
+            (self.num_frames - 1) % 4 == 0  # (else load_condition refuses it, or windows it)
         self._encodes = pipe.condition_encode_stream() if CONDITION_AHEAD and single and \
             hasattr(pipe, "condition_encode_stream") else None
         if self._encodes is not None and not self._encodes.supported:
             self._encodes = None
         self._sizes = sample_erosion_sizes(self.num_frames, options.seed) if options.erode else [0] * self.num_frames
         self._cuda_stream = None
+        self._closed = False
         # One thread, so frame 0's work and the condition's chunks run in order and never at once.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="first frame ahead")
 
-    def sink(self, index: int, colour: np.ndarray, mask: np.ndarray) -> None:
+    def sink(self, index: int, colour: np.ndarray, mask: np.ndarray) -> bool:
         """Frame ``index`` of the condition: colour (H, W, 3) uint8 as decoded, mask (H, W) bool; called
-        in order, on recon's colour encoder thread."""
+        in order, on recon's colour encoder thread. Returns False once it wants no more frames."""
         from ex4d.diffusion.conditioning import first_frame_from_decoded
 
+        if self._closed:
+            return False
         if index == 0:
             frame0 = np.array(colour, copy=True)
             self.future = _submit_first_frame(self.pipe, self.options, lambda: (
                 first_frame_from_decoded(frame0, self.options.size), self.num_frames), pool=self._pool)
-            if self._encodes is None:
-                self._pool.shutdown(wait=False)  # nothing more for it: the thread ends after frame 0's work
-        if self._encodes is not None and index < self.num_frames:
-            self._pool.submit(self._add, index, colour, mask)
-            if index == self.num_frames - 1:
-                self.condition = self._pool.submit(self._finish)
+        if self._encodes is None or index >= self.num_frames:
+            self._pool.shutdown(wait=False)  # nothing more to do: the thread ends after the queued work
+            return False
+        self._pool.submit(self._add, index, colour, mask)
+        if index == self.num_frames - 1:
+            self.condition = self._pool.submit(self._finish)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop: work not started is dropped, and none is queued any more (a failed recon, a finished job)."""
+        self._closed = True
+        self._encodes = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def release(self) -> None:
+        """Let go of the pipeline and the results (another pipeline is about to load)."""
+        self.close()
+        self.pipe = self.future = self.condition = None
 
     def _stream(self):
         import contextlib
@@ -933,11 +955,12 @@ class ReconAhead:
     def _add(self, index: int, colour: np.ndarray, mask: np.ndarray) -> None:
         from ex4d.diffusion.conditioning import condition_frame
 
-        if self._encodes is None:  # an earlier frame failed
+        encodes = self._encodes
+        if encodes is None:  # an earlier frame failed, or closed
             return
         try:
             with self._stream():
-                self._encodes.add(*condition_frame(colour, mask, self._sizes[index], self.options.size, self.device))
+                encodes.add(*condition_frame(colour, mask, self._sizes[index], self.options.size, self.device))
         except Exception:  # noqa: BLE001 (work ahead: generation encodes the condition itself)
             self._encodes = None
             log.warning("encoding the condition during recon failed; generation encodes it", exc_info=True)
@@ -945,11 +968,12 @@ class ReconAhead:
     def _finish(self):
         import torch
 
-        if self._encodes is None:
-            return None
+        encodes, self._encodes = self._encodes, None
         try:
+            if encodes is None:
+                return None
             with self._stream():
-                context = self._encodes.finish()
+                context = encodes.finish()
             if self._cuda_stream is not None:
                 self._cuda_stream.synchronize()
                 for tensor in (context.cond, context.mask, context.tokens):  # used, and freed, on the default stream
@@ -959,7 +983,6 @@ class ReconAhead:
             log.warning("encoding the condition during recon failed; generation encodes it", exc_info=True)
             return None
         finally:
-            self._encodes = None
             self._pool.shutdown(wait=False)
 
 
@@ -1156,15 +1179,19 @@ def _context_computed_ahead(ahead, condition):
 
 
 def _condition_computed_ahead(recon_ahead: ReconAhead | None, condition):
-    """Wait for the condition's encodes run during recon: the ConditionContext where its scaled
-    condition equals the loaded ``condition``'s, else None."""
+    """Wait for the condition's encodes run during recon: where its scaled condition equals the loaded
+    ``condition``'s, a ConditionContext of the loaded tensors and the tokens (the streamed copy of the
+    condition is let go), else None."""
+    from ex4d.diffusion.pipeline import ConditionContext
+
     if recon_ahead is None or recon_ahead.condition is None:
         return None
     context = recon_ahead.condition.result()
+    recon_ahead.condition = None
     if context is None:
         return None
     if context.matches(condition.cond, condition.mask):
-        return context
+        return ConditionContext(cond=condition.cond, mask=condition.mask, tokens=context.tokens)
     log.info("the condition encoded during recon differs from the one read from the files; encoding it again")
     return None
 
@@ -1227,16 +1254,23 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
                 raise InputError(FP8_ATTENTION_WITH_ULYSSES)
             check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
 
-    if first_frame_context is not None and \
-            first_frame_context[0] is not _reusable_generator(options, cache or {}, need_text_encoder):
-        first_frame_context = condition_context = None  # not the pipeline used: let go before another loads
+    reusable = _reusable_generator(options, cache or {}, need_text_encoder)
+    if first_frame_context is not None and first_frame_context[0] is not reusable:
+        first_frame_context = None
+    if recon_ahead is not None and recon_ahead.pipe is not reusable:
+        condition_context = None
+    if reusable is None:  # another pipeline is about to load: let go of the one the work ahead holds
+        ahead = first_frame_context = condition_context = None
+        if recon_ahead is not None:
+            recon_ahead.release()
+    del reusable
     pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel,
                             text_encoder=need_text_encoder)
     call_kwargs = {**options.call_kwargs(), **_prompt_embeds(pipe, options, looked_up, parallel)}
     if first_frame_context is not None and first_frame_context[0] is pipe and not long_clip:
         call_kwargs["first_frame_context"] = first_frame_context[1]
-        if condition_context is not None:  # (from the same pipeline as frame 0's: ReconAhead)
-            call_kwargs["condition_context"] = condition_context
+    if condition_context is not None and recon_ahead.pipe is pipe and not long_clip:
+        call_kwargs["condition_context"] = condition_context
     pipe.set_progress_bar_config(disable=not show_progress)
     _use_sampler_progress(pipe, progress if show_progress and (parallel is None or parallel.is_main) else None)
     if parallel is not None and parallel.world_size > 1:

@@ -252,7 +252,8 @@ class ConditionWriter:
     ``frame_sink(index, colour, mask)``: gets each frame of the condition as a reader of the files
     will decode it, while later frames still render: colour (H, W, 3) uint8 decoded from the colour
     encoder's own packets (``VideoWriter(decoded_frame_sink=)``), mask (H, W) bool as the lossless
-    mask holds it; in order, on the colour encoder's thread.
+    mask holds it; in order, on the colour encoder's thread. It returns False once it wants no more
+    frames (then nothing more is decoded or kept for it).
     """
 
     def __init__(self, out_dir: str | os.PathLike, name: str, fps: float, frame_sink=None):
@@ -299,19 +300,22 @@ class ConditionWriter:
             mask.astype(np.uint8) * 255
         if self._frame_sink is not None:
             with self._lock:  # before the colour goes in: its decoded frame comes out later
-                self._masks[self._written] = mask_u8 > 127
+                if self._writers["color"].decoding:
+                    self._masks[self._written] = mask_u8 > 127
+                else:  # the hand-over ended: keep no masks for it
+                    self._masks.clear()
                 self._written += 1
         self._writers["color"].write(to_uint8(color))
         self._writers["mask"].write(mask_u8)
         self._writers["mask_lossless"].write(mask_u8)
 
-    def _pair(self, colour: np.ndarray) -> None:
+    def _pair(self, colour: np.ndarray):
         """The colour encoder's next decoded frame, with the mask written with it, to the frame sink."""
         with self._lock:
             index = self._decoded
             mask = self._masks.pop(index)
             self._decoded += 1
-        self._frame_sink(index, colour, mask)
+        return self._frame_sink(index, colour, mask)
 
     def __exit__(self, *exc):
         if exc[0] is None:

@@ -197,8 +197,9 @@ class VideoWriter:
     ((H, W, 3) uint8 RGB, as :func:`read_video`), in order, on the encoding thread, decoded in memory
     from the encoder's own packets. For a lossy codec those frames exist before the file does: x264
     hands out frame k's packet once its look-ahead is full, long before the last frame. The sink
-    must be quick (hand the frame to another thread); an exception in it is logged and ends the
-    hand-over, as it concerns only work done ahead, never the file.
+    must be quick (hand the frame to another thread). Returning False ends the hand-over (no more
+    decoding); an exception in it is logged and ends it too, as it concerns only work done ahead,
+    never the file. ``decoding`` says whether frames are still handed over.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, codec: str = "h264", crf: int = 16,
@@ -281,6 +282,11 @@ class VideoWriter:
         """Drain the encoder's delayed frames into the container (the end of the stream)."""
         self._mux(self._stream.encode(), last=True)
 
+    @property
+    def decoding(self) -> bool:
+        """Whether decoded frames still go to ``decoded_frame_sink``."""
+        return self._decoded_sink is not None
+
     def _mux(self, packets, last: bool = False) -> None:
         for packet in packets:
             if self._decoded_sink is not None:
@@ -303,7 +309,9 @@ class VideoWriter:
                     decoder.extradata = self._stream.codec_context.extradata
                 self._decoder = decoder
             for frame in self._decoder.decode(av.Packet(data) if data is not None else None):
-                self._decoded_sink(frame.to_ndarray(format="rgb24"))
+                if self._decoded_sink(frame.to_ndarray(format="rgb24")) is False:  # it wants no more
+                    self._decoded_sink = self._decoder = None
+                    return
         except Exception:  # noqa: BLE001 (work ahead only: the file is not affected)
             self._decoded_sink = self._decoder = None
             log.warning("handing the decoded frames of %s ahead failed", self.path.name, exc_info=True)
