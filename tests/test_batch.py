@@ -388,3 +388,29 @@ def test_depth_speed_switches_reach_the_estimator(tiny_inputs, monkeypatch):
                                                "depth_compile: true}\n")
     with pytest.raises(InputError, match="depth_compile apply to depth: depthcrafter only"):
         load_jobs(bad)
+
+
+def test_a_failed_generation_is_the_job_s_error_and_nothing_is_evaluated(monkeypatch, tmp_path):
+    """stage: run with eval: true: when generation fails, its error is what the job reports, the work
+    done ahead is closed, and no evaluation runs."""
+    from types import SimpleNamespace
+
+    import ex4d.batch as batch
+
+    closed, evaluated = [], []
+    ahead = SimpleNamespace(sink=None, close=lambda: closed.append(1))
+    fake = SimpleNamespace(
+        load_clip=lambda *a, **k: SimpleNamespace(num_frames=5), estimate_depth=lambda *a, **k: None,
+        ReconOptions=lambda **k: k, run_recon=lambda *a, **k: {"color": str(tmp_path / "color_30.mp4")},
+        start_ahead_of_recon=lambda *a, **k: ahead)
+
+    def failing_generation(*args, **kwargs):
+        raise InputError("generation failed here")
+
+    monkeypatch.setattr(batch, "generate_stage", failing_generation)
+    monkeypatch.setattr(batch, "eval_stage", lambda *a, **k: evaluated.append(1) or {})
+    job = {"video": "clip.mp4", "cam": "30", "output": str(tmp_path), "stage": "run", "eval": True,
+           "depth": "depth.npz"}
+    with pytest.raises(InputError, match="generation failed here"):
+        batch._chain_stages(fake, job, {})
+    assert closed == [1] and evaluated == []

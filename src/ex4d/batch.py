@@ -980,10 +980,10 @@ def _chain_stages(pipeline, job: dict, cache: dict) -> dict:
     finally:
         if ahead is not None:  # a failed job's work ahead stops here, not in the next job
             ahead.close()
-        if job.get("eval"):
-            t = time.perf_counter()
-            written.update(eval_stage(job, written))
-            timings["eval"] = time.perf_counter() - t
+    if job["stage"] == "run" and job.get("eval"):
+        t = time.perf_counter()
+        written.update(eval_stage(job, written))
+        timings["eval"] = time.perf_counter() - t
     written["_timings"] = {k: round(v, 3) for k, v in timings.items()}
     return written
 
