@@ -292,7 +292,7 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ex4d.io.video import read_video, resize_frames
+    from ex4d.io.video import read_video
 
     color_path = require_file(color_path, "colour video")
     mask_file = find_mask_for(color_path, mask_path)
@@ -328,6 +328,19 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
     if not visible[0].all():
         logger.warning("mask frame 0 of %s is not fully visible; frame 0 should be the source view", mask_file)
 
+    sizes = sample_erosion_sizes(len(indices), seed) if erode else [0] * len(indices)
+    cond, mask_scaled = _scaled_condition(colour, visible, sizes, size, device)
+    return ConditionInputs(cond=cond, mask=mask_scaled, first_frame=_first_frame_array(cond), kernel_sizes=sizes,
+                           fps=fps)
+
+
+def _scaled_condition(colour: np.ndarray, visible: np.ndarray, erosion_sizes: list[int],
+                      size: str | tuple[int, int] | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-frame steps of :func:`load_condition`: colour uint8 (T, H, W, 3) and visible bool (T, H, W)
+    -> (cond, mask), each (1, 3, T, H', W') on ``device`` (None: the CPU). Resized to ``size``, colour to
+    [0, 1], each mask frame eroded with its own kernel size (k <= 1: unchanged), then scaled."""
+    from ex4d.io.video import resize_frames
+
     height, width = parse_size(size, colour.shape[1:3])
     if colour.shape[1:3] != (height, width):
         colour = resize_frames(colour, (height, width))
@@ -335,14 +348,10 @@ def load_condition(color_path: str | os.PathLike, mask_path: str | os.PathLike |
         # 0/255 video, erosion and "> 0.5" (erosion is a min filter, so it commutes with thresholding).
         visible = resize_frames(visible[..., None].astype(np.float32), (height, width))[..., 0] > 0.5
     target = torch.device("cpu") if device is None else torch.device(device)
-    colour01 = _colour01(colour, target)
-    mask_t = torch.from_numpy(np.ascontiguousarray(visible)).to(target)
-    sizes = sample_erosion_sizes(len(indices), seed) if erode else [0] * len(indices)
-    if erode:
-        mask_t = erode_masks(mask_t, sizes)
-    cond, mask_scaled = scale_condition(colour01, mask_t)
-    return ConditionInputs(cond=cond, mask=mask_scaled, first_frame=_first_frame_array(cond), kernel_sizes=sizes,
-                           fps=fps)
+    mask = torch.from_numpy(np.ascontiguousarray(visible)).to(target)
+    if any(k > 1 for k in erosion_sizes):
+        mask = erode_masks(mask, erosion_sizes)
+    return scale_condition(_colour01(colour, target), mask)
 
 
 def _colour01(colour: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -389,11 +398,7 @@ def first_frame_from_decoded(frame: np.ndarray, size: str | tuple[int, int] | No
     """Frame 0 for the sampler, (H', W', 3) uint8, from the colour video's decoded frame 0 (H, W, 3)
     uint8: :func:`load_condition`'s resize to ``size``, division and scaling, on that one frame (with
     frame 0 of the mask fully visible; see :func:`first_frame_ahead`)."""
-    from ex4d.io.video import resize_frames
-
-    height, width = parse_size(size, frame.shape[:2])
-    colour = resize_frames(frame[None], (height, width)) if frame.shape[:2] != (height, width) else frame[None]
-    cond, _ = scale_condition(_colour01(colour, torch.device("cpu")), torch.ones((1, height, width), dtype=torch.bool))
+    cond, _ = _scaled_condition(frame[None], np.ones((1, *frame.shape[:2]), dtype=bool), [0], size, None)
     return _first_frame_array(cond)
 
 
@@ -404,21 +409,10 @@ def condition_frame(colour: np.ndarray, visible: np.ndarray, erosion_size: int,
 
     colour: (H, W, 3) uint8 as the colour video decodes; visible: (H, W) bool as the lossless mask
     holds it; erosion_size: the frame's kernel size (``sample_erosion_sizes``; 0 without erosion).
-    Every step of ``load_condition`` is per frame (the resize, the division, the erosion with the
-    frame's own kernel, the scaling), so the frames of a clip put side by side are its condition,
-    which callers check before relying on it (``ConditionContext.matches``)."""
-    from ex4d.io.video import resize_frames
-
-    height, width = parse_size(size, colour.shape[:2])
-    colour, visible = colour[None], visible[None]
-    if colour.shape[1:3] != (height, width):
-        colour = resize_frames(colour, (height, width))
-        visible = resize_frames(visible[..., None].astype(np.float32), (height, width))[..., 0] > 0.5
-    target = torch.device("cpu") if device is None else torch.device(device)
-    mask = torch.from_numpy(np.ascontiguousarray(visible)).to(target)
-    if erosion_size > 1:
-        mask = erode_masks(mask, [int(erosion_size)])
-    return scale_condition(_colour01(colour, target), mask)
+    Every step of ``load_condition`` is per frame (:func:`_scaled_condition`), so the frames of a clip
+    put side by side are its condition, which callers check before relying on it
+    (``ConditionContext.matches``)."""
+    return _scaled_condition(colour[None], visible[None], [int(erosion_size)], size, device)
 
 
 def first_frame_uint8(cond: torch.Tensor) -> torch.Tensor:
