@@ -1178,16 +1178,16 @@ def _context_computed_ahead(ahead, condition):
     return None
 
 
-def _condition_computed_ahead(recon_ahead: ReconAhead | None, condition):
+def _condition_computed_ahead(ahead: ReconAhead | None, condition):
     """Wait for the condition's encodes run during recon: where its scaled condition equals the loaded
     ``condition``'s, a ConditionContext of the loaded tensors and the tokens (the streamed copy of the
     condition is let go), else None."""
     from ex4d.diffusion.pipeline import ConditionContext
 
-    if recon_ahead is None or recon_ahead.condition is None:
+    if ahead is None or ahead.condition is None:
         return None
-    context = recon_ahead.condition.result()
-    recon_ahead.condition = None
+    context = ahead.condition.result()
+    ahead.condition = None
     if context is None:
         return None
     if context.matches(condition.cond, condition.mask):
@@ -1218,25 +1218,25 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
     options.validate()
     color, mask, output, record_path = check_generate_paths(color, mask, output, options)
     # Prompt embeddings all in the cache: the text encoder is not even loaded.
-    recon_ahead, ahead = ahead, None
-    same_options = recon_ahead is not None and recon_ahead.options == options
-    looked_up, need_text_encoder = recon_ahead.prompt_lookup if same_options else _prompt_lookup(options, parallel)
+    same_options = ahead is not None and ahead.options == options
+    looked_up, need_text_encoder = ahead.prompt_lookup if same_options else _prompt_lookup(options, parallel)
     # Warm runs: frame 0's CLIP features and latent are computed during recon, or while the condition is read.
-    ahead = recon_ahead.future if recon_ahead is not None else None
-    if ahead is None:
-        ahead = _first_frame_ahead(color, options, cache, parallel, text_encoder=need_text_encoder)
+    frame0 = ahead.future if ahead is not None else None
+    if frame0 is None:
+        frame0 = _first_frame_ahead(color, options, cache, parallel, text_encoder=need_text_encoder)
     # Inputs first: a bad video should fail in a second, not after loading 40 GB of weights.
     try:
         condition = load_condition(color, mask, size=options.size, num_frames=options.num_frames,
                                    seed=options.seed, erode=options.erode, device=_condition_device(options, parallel))
     except BaseException:
-        if ahead is not None:
-            ahead.cancel()
+        if frame0 is not None:
+            frame0.cancel()
             with contextlib.suppress(Exception):  # the condition's own error is the one to report
-                ahead.result()
+                frame0.result()
         raise
-    first_frame_context = _context_computed_ahead(ahead, condition)
-    condition_context = _condition_computed_ahead(recon_ahead, condition)
+    first_frame_context = _context_computed_ahead(frame0, condition)
+    condition_context = _condition_computed_ahead(ahead, condition)
+    frame0 = None  # (its result holds the pipeline it ran on)
     log.info("condition: %d frames at %dx%d, erosion sizes %s", condition.num_frames, *condition.size,
              condition.kernel_sizes)
     long_clip = condition.num_frames > options.window
@@ -1254,22 +1254,22 @@ def run_generate(color: str | os.PathLike, mask: str | os.PathLike | None, outpu
                 raise InputError(FP8_ATTENTION_WITH_ULYSSES)
             check_ulysses(WAN_14B_HEADS, tokens, parallel.ulysses_degree)
 
+    # Work done ahead counts only if done with the pipeline this call uses: cached_generator returns
+    # the reusable one when there is one, else loads another (then the work ahead lets go of its own).
     reusable = _reusable_generator(options, cache or {}, need_text_encoder)
     if first_frame_context is not None and first_frame_context[0] is not reusable:
         first_frame_context = None
-    if recon_ahead is not None and recon_ahead.pipe is not reusable:
+    if ahead is not None and ahead.pipe is not reusable:
         condition_context = None
-    if reusable is None:  # another pipeline is about to load: let go of the one the work ahead holds
-        ahead = first_frame_context = condition_context = None
-        if recon_ahead is not None:
-            recon_ahead.release()
-    del reusable
+        if reusable is None:
+            ahead.release()
+    reusable = None
     pipe = cached_generator(options, cache if cache is not None else {}, parallel=parallel,
                             text_encoder=need_text_encoder)
     call_kwargs = {**options.call_kwargs(), **_prompt_embeds(pipe, options, looked_up, parallel)}
-    if first_frame_context is not None and first_frame_context[0] is pipe and not long_clip:
+    if first_frame_context is not None and not long_clip:
         call_kwargs["first_frame_context"] = first_frame_context[1]
-    if condition_context is not None and recon_ahead.pipe is pipe and not long_clip:
+    if condition_context is not None and not long_clip:
         call_kwargs["condition_context"] = condition_context
     pipe.set_progress_bar_config(disable=not show_progress)
     _use_sampler_progress(pipe, progress if show_progress and (parallel is None or parallel.is_main) else None)
