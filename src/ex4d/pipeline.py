@@ -794,21 +794,37 @@ def _ahead_pipeline(options: GenerateOptions, cache: dict | None, parallel=None,
     return pipe if pipe is not None and hasattr(pipe, "first_frame_context") else None
 
 
+def _side_stream(device):
+    """A CUDA stream of its own on ``device`` for work done ahead, so that the other threads' GPU work
+    (recon's meshes, the condition) does not queue behind it; it starts after what is queued now."""
+    import torch
+
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
+
+
+def _hand_over_from(stream, device, tensors) -> None:
+    """Wait for ``stream``'s work, and mark ``tensors`` (made on it) as used on the default stream, where
+    the caller uses and frees them (the caching allocator then keeps their memory until that is done)."""
+    import torch
+
+    stream.synchronize()
+    for tensor in tensors:
+        tensor.record_stream(torch.cuda.default_stream(device))
+
+
 def _first_frame_context_beside(pipe, frame: np.ndarray, num_frames: int):
-    """``pipe.first_frame_context`` on a CUDA stream of its own, so that the GPU work of the thread that
-    called it elsewhere (recon's meshes, the condition) does not queue behind it. Returns once done."""
+    """``pipe.first_frame_context`` on a CUDA stream of its own (:func:`_side_stream`). Returns once done."""
     import torch
 
     device = torch.device(pipe._execution_device)
     if device.type != "cuda":
         return pipe.first_frame_context(frame, num_frames)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    stream = _side_stream(device)
     with torch.cuda.stream(stream):
         context = pipe.first_frame_context(frame, num_frames)
-    stream.synchronize()
-    for tensor in (context.image_embeds, context.y):  # later used, and freed, on the default stream
-        tensor.record_stream(torch.cuda.default_stream(device))
+    _hand_over_from(stream, device, (context.image_embeds, context.y))
     return context
 
 
@@ -948,8 +964,7 @@ class ReconAhead:
         if torch.device(self.device).type != "cuda":
             return contextlib.nullcontext()
         if self._cuda_stream is None:
-            self._cuda_stream = torch.cuda.Stream(self.device)
-            self._cuda_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._cuda_stream = _side_stream(self.device)
         return torch.cuda.stream(self._cuda_stream)
 
     def _add(self, index: int, colour: np.ndarray, mask: np.ndarray) -> None:
@@ -966,8 +981,6 @@ class ReconAhead:
             log.warning("encoding the condition during recon failed; generation encodes it", exc_info=True)
 
     def _finish(self):
-        import torch
-
         encodes, self._encodes = self._encodes, None
         try:
             if encodes is None:
@@ -975,9 +988,7 @@ class ReconAhead:
             with self._stream():
                 context = encodes.finish()
             if self._cuda_stream is not None:
-                self._cuda_stream.synchronize()
-                for tensor in (context.cond, context.mask, context.tokens):  # used, and freed, on the default stream
-                    tensor.record_stream(torch.cuda.default_stream(self.device))
+                _hand_over_from(self._cuda_stream, self.device, (context.cond, context.mask, context.tokens))
             return context
         except Exception:  # noqa: BLE001 (work ahead: generation encodes the condition itself)
             log.warning("encoding the condition during recon failed; generation encodes it", exc_info=True)
