@@ -132,6 +132,18 @@ class Stages:
             self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
         return out
 
+    def accumulating(self, name: str, fn, when=None):
+        """``fn`` timed into ``name`` on every call (for ``when(*args)`` true, if given), without the stage's
+        synchronisation and peak reset: for parts inside a stage (``<stage>.<part>_parts``)."""
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if when is None or when(*args):
+                    self.times.setdefault(name, []).append(time.perf_counter() - start)
+        return wrapper
+
     def wrap(self, obj, method: str, name: str):
         """Time every call of ``obj.method`` as stage ``name`` (an instance attribute shadows the method)."""
         fn = getattr(obj, method)
@@ -162,14 +174,7 @@ def time_recon_parts(stages: Stages) -> None:
     import ex4d.types as types
     from ex4d.render.rasterizer import MeshRenderer
 
-    def accumulate(name, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                stages.times.setdefault(name, []).append(time.perf_counter() - start)
-        return wrapper
+    accumulate = stages.accumulating
 
     def timed_items(name, fn):
         """Time each item the iterator ``fn`` returns takes to arrive (as ``name``)."""
@@ -234,15 +239,7 @@ def time_generate_parts(stages: Stages, output_prefix: str) -> None:
     import ex4d.pipeline as pipeline
     from ex4d.io.video import VideoWriter
 
-    def accumulate(name, fn, when=lambda *a: True):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if when(*args):
-                    stages.times.setdefault(name, []).append(time.perf_counter() - start)
-        return wrapper
+    accumulate = stages.accumulating
 
     conditioning.load_condition = accumulate("generate.load_condition_parts", conditioning.load_condition)
     pipeline._cached_prompt_embeds = accumulate("generate.prompt_lookup_parts", pipeline._cached_prompt_embeds)
