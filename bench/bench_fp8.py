@@ -119,7 +119,37 @@ def profile_step(transformer, branches) -> dict:
         top[ev.key[:90]] = t
     out = {k: round(v, 4) for k, v in sorted(kinds.items())}
     out["top"] = {k: round(v, 4) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}
+    out.update(gpu_idle(prof))
     return out
+
+
+def gpu_idle(prof, shown: int = 8) -> dict:
+    """How much of the profiled span the GPU sat idle between kernels, and the longest such gaps.
+
+    The kernels' [start, end) intervals (one stream) are merged; ``span_s`` runs from the first
+    kernel's start to the last one's end, ``idle_s`` is the span less the merged busy time. Each gap
+    names the kernels on either side, to tell a host-side stall (a sync, a slow launch) from noise.
+    """
+    from torch.autograd import DeviceType
+
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                     if ev.device_type == DeviceType.CUDA and ev.time_range.end > ev.time_range.start)
+    if not kernels:
+        return {}
+    busy, gaps, cur_start, cur_end, cur_name = 0.0, [], *kernels[0]
+    for start, end, name in kernels[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_name[:60], name[:60]))
+            cur_start = start
+        if end >= cur_end:
+            cur_end, cur_name = end, name
+    busy += cur_end - cur_start
+    span = kernels[-1][1] - kernels[0][0]
+    gaps.sort(reverse=True)
+    return {"span_s": round(span / 1e6, 4), "busy_s": round(busy / 1e6, 4), "idle_s": round((span - busy) / 1e6, 4),
+            "gaps": len(gaps), "gaps_over_50us": sum(g[0] > 50 for g in gaps),
+            "longest_gaps_us": [[round(g[0], 1), g[1], g[2]] for g in gaps[:shown]]}
 
 
 def time_steps(transformer, branches, repeats: int, cuda: bool) -> list[float]:
@@ -145,7 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed CFG steps (default 5)")
     parser.add_argument("--variants", default="exact", help="comma list of fp8 variants to time, each "
                         f"one of {', '.join(VARIANTS)}; the first is the one profiled (default exact)")
-    parser.add_argument("--profile", action="store_true", help="kernel time by kind in one fp8 step (default off)")
+    parser.add_argument("--profile", action="store_true", help="kernel time by kind in one fp8 step, and the GPU's idle time between kernels (default off)")
     args = parser.parse_args(argv)
 
     from ex4d.diffusion.fp8 import Float8Linear, convert_to_fp8
