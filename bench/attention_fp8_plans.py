@@ -4,9 +4,10 @@
 q, k, v of shape (B, S, H, D) = (1, 13312, 40, 128) (512x512x49) and runs the first plan cuDNN's
 heuristics rank. This script asks the heuristics for every plan they offer (modes A, B and
 FALLBACK), builds each, and times each one on the same float8 inputs, in two memory layouts: the
-(B, S, H, D) order that the DiT's projections produce (what ex4d binds) and (B, H, S, D). Each
-plan's output is compared with the first plan's (max |difference|), so a faster plan that
-computes something else shows.
+(B, S, H, D) order that the DiT's projections produce (what ex4d binds) and (B, H, S, D), each with
+O written in bf16 (Blackwell) and in fp8 (scaled by v's bound, as on Hopper). Each plan's output is
+compared with the first plan's (max |difference|), so a faster plan that computes something else
+shows.
 
 Prints ONE JSON object: commit, device, cuDNN version, per layout the plans in heuristic order
 with their names, workspace, median ms of a call and TFLOP/s.
@@ -36,8 +37,8 @@ B, S, H, D = 1, 13312, 40, 128
 FLOP = 4 * B * H * S * S * D
 
 
-def build_all(cudnn, handle, layout: str):
-    """The graph with every plan the heuristics offer built; bf16 output as ex4d asks for it."""
+def build_all(cudnn, handle, layout: str, fp8_out: bool):
+    """The graph with every plan the heuristics offer built; O in bf16, or scaled in fp8 (``fp8_out``)."""
     graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
                           compute_data_type=cudnn.data_type.FLOAT, handle=handle)
     stride = (S * H * D, D, H * D, 1) if layout == "bshd" else (H * S * D, S * D, D, 1)
@@ -53,7 +54,8 @@ def build_all(cudnn, handle, layout: str):
         descale_k=scalar(_Uid.DESCALE_K), descale_v=scalar(_Uid.DESCALE_V), descale_s=scalar(_Uid.DESCALE_S),
         scale_s=scalar(_Uid.SCALE_S), scale_o=scalar(_Uid.SCALE_O), generate_stats=False,
         attn_scale=1.0 / math.sqrt(D), use_causal_mask=False)
-    o.set_uid(_Uid.O).set_output(True).set_dim((B, H, S, D)).set_stride(stride).set_data_type(cudnn.data_type.BFLOAT16)
+    o.set_uid(_Uid.O).set_output(True).set_dim((B, H, S, D)).set_stride(stride) \
+        .set_data_type(cudnn.data_type.FP8_E4M3 if fp8_out else cudnn.data_type.BFLOAT16)
     for tensor, uid in ((amax_s, _Uid.AMAX_S), (amax_o, _Uid.AMAX_O)):
         tensor.set_uid(uid).set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)) \
             .set_data_type(cudnn.data_type.FLOAT)
@@ -84,39 +86,43 @@ def main() -> int:
                   torch=torch.__version__, cudnn_backend=cudnn.backend_version_string(),
                   cudnn_frontend=getattr(cudnn, "__version__", "?"), shape_bshd=[B, S, H, D], layouts={})
     reference = None
-    for layout in ("bshd", "bhsd"):
+    for layout, fp8_out in (("bshd", False), ("bshd", True), ("bhsd", False), ("bhsd", True)):
+        tag = f"{layout}_{'fp8' if fp8_out else 'bf16'}_out"
         inputs = (q8, k8, v8) if layout == "bshd" else tuple(t.permute(0, 2, 1, 3).contiguous() for t in (q8, k8, v8))
         try:
-            graph = build_all(cudnn, handle, layout)
-        except Exception as exc:  # noqa: BLE001 (reported, the other layout still runs)
-            result["layouts"][layout] = f"not built: {type(exc).__name__}: {exc}"[:400]
+            graph = build_all(cudnn, handle, layout, fp8_out)
+        except Exception as exc:  # noqa: BLE001 (reported, the other forms still run)
+            result["layouts"][tag] = f"not built: {type(exc).__name__}: {exc}"[:300]
             continue
+        scale_o = 1.0 / dv if fp8_out else one
         plans = []
         for index in range(graph.get_execution_plan_count()):
             name = graph.get_plan_name_at_index(index)
             try:
                 workspace_bytes = graph.get_workspace_size_plan_at_index(index)
                 workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device="cuda")
-                out = torch.empty(inputs[0].shape, dtype=torch.bfloat16, device="cuda")
+                out = torch.empty(inputs[0].shape, dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16,
+                                  device="cuda")
                 amax = torch.empty(2, device="cuda")
                 pack = {_Uid.Q: inputs[0], _Uid.K: inputs[1], _Uid.V: inputs[2], _Uid.DESCALE_Q: dq,
                         _Uid.DESCALE_K: dk, _Uid.DESCALE_V: dv, _Uid.DESCALE_S: one / scale_s, _Uid.SCALE_S: scale_s,
-                        _Uid.SCALE_O: one, _Uid.O: out, _Uid.AMAX_S: amax[0:1], _Uid.AMAX_O: amax[1:2]}
+                        _Uid.SCALE_O: scale_o, _Uid.O: out, _Uid.AMAX_S: amax[0:1], _Uid.AMAX_O: amax[1:2]}
 
                 def run(pack=pack, workspace=workspace, index=index):
                     graph.execute_plan_at_index(pack, workspace, index, handle=handle)
 
                 ms = time_ms(run)
-                bshd_out = out if layout == "bshd" else out.permute(0, 2, 1, 3)
+                o = out.float() / scale_o
+                bshd_out = o if layout == "bshd" else o.permute(0, 2, 1, 3)
                 if reference is None:
-                    reference = bshd_out.float().clone()
-                diff = (bshd_out.float() - reference).abs().max().item()
+                    reference = bshd_out.clone()
+                diff = (bshd_out - reference).abs().max().item()
                 plans.append(dict(index=index, name=name, workspace_mib=round(workspace_bytes / 2**20, 1),
                                   ms=round(ms, 3), tflops=round(FLOP / ms / 1e9, 1), max_abs_vs_first=diff))
             except Exception as exc:  # noqa: BLE001 (a plan that will not run is reported, not fatal)
                 plans.append(dict(index=index, name=name, error=f"{type(exc).__name__}: {exc}"[:300]))
-            note(f"{layout} plan {index}: {plans[-1]}")
-        result["layouts"][layout] = plans
+            note(f"{tag} plan {index}: {plans[-1]}")
+        result["layouts"][tag] = plans
     print(json.dumps(result))
     return 0
 
