@@ -258,7 +258,7 @@ def test_recon_chain_does_the_condition_s_work_during_recon_and_gives_the_same_v
     assert ahead.future is not None and ahead.condition is not None
     out = run_generate(chained["color"], None, tmp_path / "chained.mp4", options, cache=cache, show_progress=False,
                        ahead=ahead)
-    assert len(threads) == 1 and threads[0].startswith("first frame ahead")
+    assert len(threads) == 1 and threads[0].startswith("generation work ahead")
     assert contexts[-1] is not None and contexts[-1].num_frames == 5
     assert isinstance(condition_contexts[-1], ConditionContext)
     assert encodes == [False]  # frame 0's latent, on the helper; the condition's encodes were streamed there

@@ -923,7 +923,7 @@ class ReconAhead:
         self._cuda_stream = None
         self._closed = False
         # One thread, so frame 0's work and the condition's chunks run in order and never at once.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="first frame ahead")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="generation work ahead")
 
     def sink(self, index: int, colour: np.ndarray, mask: np.ndarray) -> bool:
         """Frame ``index`` of the condition: colour (H, W, 3) uint8 as decoded, mask (H, W) bool; called
