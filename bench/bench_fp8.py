@@ -22,6 +22,8 @@ Prints ONE JSON object.
   python bench/bench_fp8.py --baseline --variants exact,fast,exact-bias-epilogue,fast-bias-epilogue --profile
                                                # on an H100 (~4 min incl. the compiles)
   python bench/bench_fp8.py --variants exact,exact+fp8-attention,fast+fp8-attention
+  python bench/bench_fp8.py --variants fast+fp8-attention --inductor coordinate_descent_tuning=True
+                                               # an inductor setting, A/B against the run without it
   python bench/bench_fp8.py --tiny             # CPU check of the script (tiny model, emulated fp8)
 """
 
@@ -152,6 +154,28 @@ def gpu_idle(prof, shown: int = 8) -> dict:
             "longest_gaps_us": [[round(g[0], 1), g[1], g[2]] for g in gaps[:shown]]}
 
 
+def set_inductor_config(settings: list[str], parser) -> dict:
+    """Apply ``KEY=VALUE`` settings to ``torch._inductor.config`` (VALUE a Python literal); returns them."""
+    import ast
+    import functools
+
+    import torch._inductor.config as inductor_config
+
+    applied = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        try:
+            parsed = ast.literal_eval(value)
+            *parents, name = key.split(".")
+            owner = functools.reduce(getattr, parents, inductor_config)
+            getattr(owner, name)  # an unknown key is an error, not a new attribute
+        except (ValueError, SyntaxError, AttributeError) as exc:
+            parser.error(f"--inductor {setting!r}: {exc if sep else 'expected KEY=VALUE'}")
+        setattr(owner, name, parsed)
+        applied[key] = parsed
+    return applied
+
+
 def time_steps(transformer, branches, repeats: int, cuda: bool) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -176,7 +200,11 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="exact", help="comma list of fp8 variants to time, each "
                         f"one of {', '.join(VARIANTS)}; the first is the one profiled (default exact)")
     parser.add_argument("--profile", action="store_true", help="kernel time by kind in one fp8 step, and the GPU's idle time between kernels (default off)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config KEY (dotted) to the Python literal VALUE before compiling, "
+                             "e.g. coordinate_descent_tuning=True; repeatable (default: none)")
     args = parser.parse_args(argv)
+    inductor_settings = set_inductor_config(args.inductor, parser)
 
     from ex4d.diffusion.fp8 import Float8Linear, convert_to_fp8
 
@@ -192,7 +220,7 @@ def main(argv=None) -> int:
     branches = make_inputs(transformer.config, frames, size, device, dtype)
     result = dict(bench="bench_fp8", commit=git_commit(), device=torch.cuda.get_device_name() if cuda else "cpu",
                   torch=torch.__version__, frames=frames, size=size, dtype=str(dtype), compiled=compile_,
-                  repeats=args.repeats)
+                  repeats=args.repeats, inductor_config=inductor_settings)
 
     cond: list = []
     reference = (step(transformer, branches, cond), cond[0])
