@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed CFG steps (default 5)")
     parser.add_argument("--variants", default="exact", help="comma list of fp8 variants to time, each "
                         f"one of {', '.join(VARIANTS)}; the first is the one profiled (default exact)")
-    parser.add_argument("--profile", action="store_true", help="kernel time by kind in one fp8 step, and the GPU's idle time between kernels (default off)")
+    parser.add_argument("--profile", action="store_true",
+                        help="kernel time by kind in one fp8 step, and the GPU's idle time between kernels (default off)")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config KEY (dotted) to the Python literal VALUE before compiling, "
                              "e.g. coordinate_descent_tuning=True; repeatable (default: none)")
