@@ -236,7 +236,7 @@ def compile_vae_norms(vae: nn.Module) -> int:
     the cast back, two scalings, the bias); compiled, it is one read for the reduction and one
     read-write. On an H100 at 512x512x49 (bf16, channels-last), end to end: the three encodes 1.17 s
     and the decode 0.56 s, against 1.47 s and 0.76 s eager on another H100 machine (bench/bench_e2e.py,
-    docs/generation.md).
+    docs/benchmarks.md).
     Dynamic shapes: one graph serves every chunk length and resolution of a channel count. The outputs
     are not bit-identical (the fused kernel keeps float32 between the steps): with static-shape graphs
     (bench/bench_vae.py) at most 0.025 in the latents and 0.047 in the decoded [-1, 1] frames at full

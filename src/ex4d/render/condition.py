@@ -38,7 +38,7 @@ _THRESHOLD_F32 = float(np.float32(MASK_ALPHA_THRESHOLD))
 #: own count). The loop's torch CPU work is small (threshold and mask, 8-bit conversion) and shares
 #: the cores with the three encoders' threads and the GL driver, where torch's default of one thread
 #: per core oversubscribes them: on a 16-core H100 machine, recon of 49 frames at 512x512 took 1.50 s
-#: with 4 torch threads against 1.76 s with 16 (bench/bench_recon_stage.py; docs/generation.md).
+#: with 4 torch threads against 1.76 s with 16 (bench/bench_recon_stage.py; docs/benchmarks.md).
 CUDA_LOOP_TORCH_THREADS: int | None = 4
 #: With meshes on a GPU, finish each frame (the analytic antialiasing's CPU blend, then threshold and
 #: mask) on a helper thread while the loop builds and draws the next one: the GPU and GL work of frame
