@@ -51,7 +51,10 @@ encoder's frame 0 as batch jobs chain the two (``ex4d.pipeline.start_ahead_of_re
 condition's two VAE encodes follow there frame by frame (then ``vae_encode`` is nearly nothing);
 ``--no-condition-ahead`` leaves the condition's encodes to the sampler call, ``--no-recon-first-frame``
 starts frame 0's work only while the condition loads, and ``--no-first-frame-ahead`` computes it in
-the sampler call instead.
+the sampler call instead. The helper's calls are also timed until they return, before the wait for
+their GPU work (``ahead_*_launch_s``; for the condition's chunk encodes and their finish only that):
+when that is close to the work's GPU time, the helper thread (launching kernels, waiting for the GIL
+beside recon's threads), not the GPU, sets the pace.
 
 ``--x264-lookahead N`` sets the final video's rc-lookahead, ``--condition-lookahead N`` that of recon's
 condition videos (0: preset medium's 40), ``--loop-torch-threads N`` the torch CPU threads of recon's
@@ -116,7 +119,9 @@ class Stages:
 
     def run(self, name, fn, *args, **kwargs):
         """A call on another thread than the main one (work done ahead, beside a stage) is booked as
-        ``ahead.<name>``, outside the stages that add up to the total, and leaves the peak counter alone."""
+        ``ahead.<name>``, outside the stages that add up to the total, and leaves the peak counter alone;
+        its time until ``fn`` returns, before the wait for its GPU work, also as ``ahead.<name>_launch``
+        (close to the whole when the thread, not the GPU, sets the pace)."""
         ahead = threading.current_thread() is not threading.main_thread()
         if ahead:
             name = f"ahead.{name}"
@@ -125,6 +130,8 @@ class Stages:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = fn(*args, **kwargs)
+        if ahead:
+            self.times.setdefault(f"{name}_launch", []).append(time.perf_counter() - start)
         self.sync()
         self.times.setdefault(name, []).append(time.perf_counter() - start)
         if self.cuda:
@@ -231,7 +238,9 @@ def time_generate_parts(stages: Stages, output_prefix: str) -> None:
     """Time the parts of generate around the sampler as stages ``generate.*``: ``generate.load_condition``
     (reading the colour and mask videos, erosion, scaling), ``generate.prompt_lookup`` (the prompt
     embedding cache), ``generate.first_frame_wait`` / ``generate.condition_wait`` (waiting for frame
-    0's work and the condition's encodes run ahead on a helper thread, once the condition is read)
+    0's work and the condition's encodes run ahead on a helper thread, once the condition is read;
+    on that thread, ``ahead.condition_chunk_launch`` and ``ahead.condition_finish_launch`` time its calls
+    without waiting for the GPU)
     and ``generate.writer_close`` (closing the final video's writer after the last
     decoded frame: the streamed encode's tail, or the whole encode without streaming). The writer
     of a file whose name starts with ``output_prefix`` is the final video's; recon's are not counted."""
@@ -246,6 +255,15 @@ def time_generate_parts(stages: Stages, output_prefix: str) -> None:
     pipeline._context_computed_ahead = accumulate("generate.first_frame_wait_parts", pipeline._context_computed_ahead)
     pipeline._condition_computed_ahead = accumulate("generate.condition_wait_parts",
                                                     pipeline._condition_computed_ahead)
+    # The condition's encodes on the helper thread, timed without waiting for the GPU (so as not to
+    # change when the helper queues its work): the time its chunk calls and its finish take to return
+    # (launching kernels, and waiting for the GIL beside recon's threads). Near the encodes' GPU time
+    # (about 0.7 s for the two), the thread, not the GPU, sets the pace.
+    from ex4d.diffusion.pipeline import ConditionEncodeStream
+
+    ConditionEncodeStream._encode_chunk = accumulate("ahead.condition_chunk_launch_parts",
+                                                     ConditionEncodeStream._encode_chunk)
+    ConditionEncodeStream.finish = accumulate("ahead.condition_finish_launch_parts", ConditionEncodeStream.finish)
     VideoWriter.__exit__ = accumulate("generate.writer_close_parts", VideoWriter.__exit__,
                                       lambda writer, *a: writer.path.name.startswith(output_prefix))
 
