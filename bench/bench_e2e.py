@@ -456,9 +456,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-condition-ahead", action="store_true",
                         help="encode the condition in the sampler call, not during recon frame by frame "
                              "(ex4d.pipeline.CONDITION_AHEAD off)")
+    parser.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                        help="Python's thread switch interval for the whole benchmark (sys.setswitchinterval; "
+                             "default: Python's 0.005 s), to see whether the helper thread beside recon waits "
+                             "for the GIL")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.switch_interval is not None:
+        if args.switch_interval <= 0:
+            parser.error("--switch-interval must be a positive number of seconds")
+        sys.setswitchinterval(args.switch_interval)
     if args.cprofile and Path(args.cprofile).exists():  # now, not after minutes of GPU time
         parser.error(f"--cprofile {args.cprofile} exists; give a new file (the profile never replaces one)")
 
@@ -607,6 +615,7 @@ def main(argv=None) -> int:
         first_frame_ahead=pipeline.FIRST_FRAME_AHEAD,
         recon_first_frame=pipeline.FIRST_FRAME_AHEAD and not args.no_recon_first_frame,
         condition_ahead=pipeline.FIRST_FRAME_AHEAD and not args.no_recon_first_frame and pipeline.CONDITION_AHEAD,
+        switch_interval_s=sys.getswitchinterval(),
         runs=args.runs,
         total_s_median=round(total_med, 3), total_s_runs=[round(t, 3) for t in totals],
         stages_s_median={k: round(v, 3) for k, v in stage_s.items()},
