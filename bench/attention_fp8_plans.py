@@ -18,7 +18,6 @@ with their names, workspace, median ms of a call and TFLOP/s.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -31,36 +30,16 @@ sys.path.insert(0, str(ROOT / "src"))
 from attention_kernels import time_ms  # noqa: E402
 from bench_generate import git_commit, note  # noqa: E402
 
-from ex4d.diffusion.attention_fp8 import PROBABILITY_SCALE, _Uid, quantize_tensorwise  # noqa: E402
+from ex4d.diffusion.attention_fp8 import PROBABILITY_SCALE, _Uid, quantize_tensorwise, sdpa_fp8_graph  # noqa: E402
 
 B, S, H, D = 1, 13312, 40, 128
 FLOP = 4 * B * H * S * S * D
 
 
 def build_all(cudnn, handle, layout: str, fp8_out: bool):
-    """The graph with every plan the heuristics offer built; O in bf16, or scaled in fp8 (``fp8_out``)."""
-    graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
-                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    stride = (S * H * D, D, H * D, 1) if layout == "bshd" else (H * S * D, S * D, D, 1)
-
-    def qkv(uid):
-        return graph.tensor(uid=uid, dim=(B, H, S, D), stride=stride, data_type=cudnn.data_type.FP8_E4M3)
-
-    def scalar(uid):
-        return graph.tensor(uid=uid, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=cudnn.data_type.FLOAT)
-
-    o, _stats, amax_s, amax_o = graph.sdpa_fp8(
-        q=qkv(_Uid.Q), k=qkv(_Uid.K), v=qkv(_Uid.V), descale_q=scalar(_Uid.DESCALE_Q),
-        descale_k=scalar(_Uid.DESCALE_K), descale_v=scalar(_Uid.DESCALE_V), descale_s=scalar(_Uid.DESCALE_S),
-        scale_s=scalar(_Uid.SCALE_S), scale_o=scalar(_Uid.SCALE_O), generate_stats=False,
-        attn_scale=1.0 / math.sqrt(D), use_causal_mask=False)
-    o.set_uid(_Uid.O).set_output(True).set_dim((B, H, S, D)).set_stride(stride) \
-        .set_data_type(cudnn.data_type.FP8_E4M3 if fp8_out else cudnn.data_type.BFLOAT16)
-    for tensor, uid in ((amax_s, _Uid.AMAX_S), (amax_o, _Uid.AMAX_O)):
-        tensor.set_uid(uid).set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)) \
-            .set_data_type(cudnn.data_type.FLOAT)
-    graph.validate()
-    graph.build_operation_graph()
+    """ex4d's graph (attention_fp8.sdpa_fp8_graph) in ``layout`` with every plan the heuristics offer
+    built; O in bf16, or scaled in fp8 (``fp8_out``)."""
+    graph = sdpa_fp8_graph(cudnn, handle, (B, S, S, H, D), fp8_out, heads_major=layout == "bhsd")
     modes = [cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK]
     try:
         graph.create_execution_plans(modes)

@@ -116,32 +116,43 @@ class _Plan:
         self.descale_s = self.one / self.scale_s
 
 
-def _build(cudnn, handle, shape: tuple[int, int, int, int, int], fp8_out: bool) -> _Plan:
-    """Build the graph for q (B, Sq, H, D) and k/v (B, Skv, H, D), all in (B, S, H, D) memory order."""
+def sdpa_fp8_graph(cudnn, handle, shape: tuple[int, int, int, int, int], fp8_out: bool, *,
+                   heads_major: bool = False):
+    """cuDNN's fp8 attention as an operation graph, before its execution plans: q (B, Sq, H, D) and
+    k/v (B, Skv, H, D) in (B, S, H, D) memory order, or (B, H, S, D) with ``heads_major``; O in bf16,
+    or (``fp8_out``) scaled into fp8. Tensors are bound by the uids of :class:`_Uid`."""
     b, s_q, s_kv, h, d = shape
     graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
                           compute_data_type=cudnn.data_type.FLOAT, handle=handle)
 
-    def bshd(uid, s, data_type):  # logical (B, H, S, D) dims over (B, S, H, D) memory
-        return graph.tensor(uid=uid, dim=(b, h, s, d), stride=(s * h * d, d, h * d, 1), data_type=data_type)
+    def stride(s):  # of logical (B, H, S, D) dims over the memory order
+        return (h * s * d, s * d, d, 1) if heads_major else (s * h * d, d, h * d, 1)
+
+    def qkv(uid, s):
+        return graph.tensor(uid=uid, dim=(b, h, s, d), stride=stride(s), data_type=cudnn.data_type.FP8_E4M3)
 
     def scalar(uid):
         return graph.tensor(uid=uid, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=cudnn.data_type.FLOAT)
 
-    q = bshd(_Uid.Q, s_q, cudnn.data_type.FP8_E4M3)
-    k = bshd(_Uid.K, s_kv, cudnn.data_type.FP8_E4M3)
-    v = bshd(_Uid.V, s_kv, cudnn.data_type.FP8_E4M3)
     o, _stats, amax_s, amax_o = graph.sdpa_fp8(
-        q=q, k=k, v=v, descale_q=scalar(_Uid.DESCALE_Q), descale_k=scalar(_Uid.DESCALE_K),
-        descale_v=scalar(_Uid.DESCALE_V), descale_s=scalar(_Uid.DESCALE_S), scale_s=scalar(_Uid.SCALE_S),
-        scale_o=scalar(_Uid.SCALE_O), generate_stats=False, attn_scale=1.0 / math.sqrt(d), use_causal_mask=False)
-    o.set_uid(_Uid.O).set_output(True).set_dim((b, h, s_q, d)).set_stride((s_q * h * d, d, h * d, 1)) \
+        q=qkv(_Uid.Q, s_q), k=qkv(_Uid.K, s_kv), v=qkv(_Uid.V, s_kv), descale_q=scalar(_Uid.DESCALE_Q),
+        descale_k=scalar(_Uid.DESCALE_K), descale_v=scalar(_Uid.DESCALE_V), descale_s=scalar(_Uid.DESCALE_S),
+        scale_s=scalar(_Uid.SCALE_S), scale_o=scalar(_Uid.SCALE_O), generate_stats=False,
+        attn_scale=1.0 / math.sqrt(d), use_causal_mask=False)
+    o.set_uid(_Uid.O).set_output(True).set_dim((b, h, s_q, d)).set_stride(stride(s_q)) \
         .set_data_type(cudnn.data_type.FP8_E4M3 if fp8_out else cudnn.data_type.BFLOAT16)
     for tensor, uid in ((amax_s, _Uid.AMAX_S), (amax_o, _Uid.AMAX_O)):
         tensor.set_uid(uid).set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)) \
             .set_data_type(cudnn.data_type.FLOAT)
     graph.validate()
     graph.build_operation_graph()
+    return graph
+
+
+def _build(cudnn, handle, shape: tuple[int, int, int, int, int], fp8_out: bool) -> _Plan:
+    """The graph for q (B, Sq, H, D) and k/v (B, Skv, H, D) in (B, S, H, D) memory order, with the first
+    plan cuDNN's heuristics rank that builds."""
+    graph = sdpa_fp8_graph(cudnn, handle, shape, fp8_out)
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
     graph.build_plans()
