@@ -91,7 +91,7 @@ def kernels() -> dict:
         out["cudnn_fp8"] = fp8_attention
         quantized = {}
 
-        fp8_out = fp8_output(torch.cuda.current_device())
+        fp8_out = fp8_output(torch.device("cuda", torch.cuda.current_device()))
 
         def kernel_only(q, k, v):  # the cuDNN call alone (and an fp8 O's scaling back), on inputs quantised once
             key = (q.data_ptr(), k.data_ptr(), v.data_ptr())

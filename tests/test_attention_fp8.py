@@ -129,6 +129,41 @@ def test_processor_refuses_cross_attention():
                                                 encoder_hidden_states=torch.zeros(1, 600, 24))
 
 
+@pytest.mark.parametrize("fp8_out", [True, False], ids=["fp8-output (Hopper)", "bf16-output (Blackwell)"])
+def test_the_op_path_traces_as_one_graph_with_an_fp8_output_scaled_back_in_it(monkeypatch, fp8_out):
+    """The non-emulated path, on the op's CPU emulation: fp8_output is a constant to the compiler, the op
+    (a bool argument, an fp8 or bf16 output) traces without a graph break, and an fp8 O is divided by its
+    scale outside the op (so that the compiler can fuse it), giving the eager result."""
+    from torch._dynamo.utils import counters
+
+    asked = []
+
+    @torch.compiler.assume_constant_result
+    def cudnn_writes_fp8(device):
+        asked.append(device)
+        return fp8_out
+
+    assert getattr(attention_fp8.fp8_output, "_dynamo_marked_constant", False)  # the real one is a constant too
+    monkeypatch.setattr(attention_fp8, "fp8_output", cudnn_writes_fp8)
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(seed=3, s=96))
+    eager = fp8_attention(q, k, v)
+    assert eager.dtype == torch.bfloat16 and eager.shape == q.shape
+    assert relative_l2(eager, exact_attention(q.float(), k.float(), v.float())) < 0.08
+    emulated = fp8_attention(q, k, v, emulate=True)
+    if fp8_out:  # O's own rounding to fp8 shows on top of the emulation's
+        assert 0 < relative_l2(eager, emulated) < 0.05
+    else:
+        assert torch.equal(eager, emulated)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(fp8_attention, fullgraph=True)(q, k, v)  # inductor checks the fake's strides too
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    assert not counters["graph_break"] and asked
+
+
 def _cudnn_ready() -> bool:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         return False

@@ -105,15 +105,23 @@ class _Uid:
 class _Plan:
     """One built cuDNN fp8 attention graph for one shape; ``fp8_out``: cuDNN writes O in fp8 (scaled).
 
-    ``one``, ``scale_s``, ``descale_s``: its constant (1,) fp32 inputs, made once on its GPU rather than
-    in each of the 80 calls of a CFG step.
+    :meth:`constants` gives its constant (1,) fp32 inputs (1, the probabilities' scale and its
+    inverse), made once on its GPU rather than in each of the 80 calls of a CFG step, and only when the
+    graph first runs: :func:`fp8_output` builds plans while torch.compile traces, where no tensor
+    should be made.
     """
 
     def __init__(self, graph, fp8_out: bool, workspace_bytes: int, device: torch.device):
-        self.graph, self.fp8_out, self.workspace_bytes = graph, fp8_out, workspace_bytes
-        self.one = torch.ones(1, dtype=torch.float32, device=device)
-        self.scale_s = torch.full((1,), PROBABILITY_SCALE, dtype=torch.float32, device=device)
-        self.descale_s = self.one / self.scale_s
+        self.graph, self.fp8_out, self.workspace_bytes, self.device = graph, fp8_out, workspace_bytes, device
+        self._constants: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(one, scale_s, descale_s) on the plan's GPU."""
+        if self._constants is None:
+            one = torch.ones(1, dtype=torch.float32, device=self.device)
+            scale_s = torch.full((1,), PROBABILITY_SCALE, dtype=torch.float32, device=self.device)
+            self._constants = (one, scale_s, one / scale_s)
+        return self._constants
 
 
 def sdpa_fp8_graph(cudnn, handle, shape: tuple[int, int, int, int, int], fp8_out: bool, *,
@@ -189,13 +197,15 @@ _FP8_OUTPUT: dict[int, bool] = {}
 
 
 @torch.compiler.assume_constant_result
-def fp8_output(device_index: int) -> bool:
+def fp8_output(device: torch.device) -> bool:
     """Whether cuDNN's fp8 attention must write O in fp8 on this GPU (True) or can write bf16 (False).
 
     bf16 needs Blackwell and cuDNN 9.13+; Hopper writes fp8. A constant to torch.compile: the
     scaling back of an fp8 O is then traced with the ops around it and fuses into the output
-    projection's quantisation (about 0.04 s of a CFG step on an H100 when it ran eagerly).
+    projection's quantisation (about 0.04 s of a CFG step on an H100 when it ran eagerly). It only
+    builds cuDNN graphs, and makes no tensor: the compiler calls it while tracing.
     """
+    device_index = device.index if device.index is not None else torch.cuda.current_device()
     known = _FP8_OUTPUT.get(device_index)
     if known is None:  # once per GPU: a failed build is not cached by cudnn_plan, and is slow
         try:
@@ -208,7 +218,7 @@ def fp8_output(device_index: int) -> bool:
     return known
 
 
-@torch.library.custom_op("ex4d::sdpa_fp8_cudnn", mutates_args=())
+@torch.library.custom_op("ex4d::sdpa_fp8_cudnn", mutates_args=(), device_types="cuda")
 def sdpa_fp8_cudnn(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                    descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
                    fp8_out: bool) -> torch.Tensor:
@@ -228,10 +238,11 @@ def sdpa_fp8_cudnn(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale
     out = torch.empty(b, s_q, h, d, dtype=FP8_DTYPE if fp8_out else torch.bfloat16, device=q8.device)
     amax = torch.empty(2, dtype=torch.float32, device=q8.device)
     workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=q8.device)
+    one, scale_s, descale_s = plan.constants()
     plan.graph.execute({_Uid.Q: q8, _Uid.K: k8, _Uid.V: v8, _Uid.DESCALE_Q: descale_q.float(),
                         _Uid.DESCALE_K: descale_k.float(), _Uid.DESCALE_V: descale_v.float(),
-                        _Uid.DESCALE_S: plan.descale_s, _Uid.SCALE_S: plan.scale_s,
-                        _Uid.SCALE_O: scale_o.float() if fp8_out else plan.one,
+                        _Uid.DESCALE_S: descale_s, _Uid.SCALE_S: scale_s,
+                        _Uid.SCALE_O: scale_o.float() if fp8_out else one,
                         _Uid.O: out, _Uid.AMAX_S: amax[0:1], _Uid.AMAX_O: amax[1:2]}, workspace, handle=handle)
     return out
 
@@ -241,6 +252,13 @@ def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, fp8_out):
     return q8.new_empty((*q8.shape[:-1], v8.shape[-1]), dtype=FP8_DTYPE if fp8_out else torch.bfloat16)
 
 
+@sdpa_fp8_cudnn.register_kernel("cpu")
+def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, fp8_out):
+    """The op's maths emulated on the CPU (tests): :func:`emulated_sdpa_fp8`, then O as cuDNN writes it."""
+    out = emulated_sdpa_fp8(q8, k8, v8, descale_q, descale_k, descale_v).contiguous()  # as the fake's, cuDNN's
+    return (out.float() * scale_o).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE) if fp8_out else out
+
+
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, emulate: bool = False) -> torch.Tensor:
     """Attention over (B, S, H, D) q, k, v with fp8 products; returns (B, Sq, H, D) bf16 (see the module notes)."""
     q8, descale_q = quantize_tensorwise(q)
@@ -248,8 +266,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, emulate:
     v8, descale_v = quantize_tensorwise(v)
     if emulate:
         return emulated_sdpa_fp8(q8, k8, v8, descale_q, descale_k, descale_v)
-    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if not fp8_output(device_index):
+    if not fp8_output(q.device):
         return sdpa_fp8_cudnn(q8, k8, v8, descale_q, descale_k, descale_v, descale_v, False)
     # O is a convex combination of v's rows, so |O| <= max |v|: 1 / descale_v maps it onto fp8's range.
     scale_o = 1.0 / descale_v
@@ -308,7 +325,7 @@ def check_fp8_attention_device(device: torch.device | str) -> None:
         raise InputError(f"--attention fp8 needs a Hopper or newer GPU (compute capability 9.0+); "
                          f"{torch.cuda.get_device_name(index)} is {major}.{minor}: use --attention native")
     _cudnn()
-    fp8_output(index)  # an unsupported cuDNN says so now, not after the weights load
+    fp8_output(torch.device("cuda", index))  # an unsupported cuDNN says so now, not after the weights load
 
 
 def _hopper_gap() -> str:
