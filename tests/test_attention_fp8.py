@@ -164,6 +164,39 @@ def test_the_op_path_traces_as_one_graph_with_an_fp8_output_scaled_back_in_it(mo
     assert not counters["graph_break"] and asked
 
 
+def test_fp8_blocks_with_the_op_path_compile_with_inductor(monkeypatch):
+    """The DiT as ``--fp8 --attention fp8 --compile`` runs it on Hopper, on the CPU: fp8 linears, the
+    self-attention through the op (its CPU emulation, O written in fp8) and its scaling back, the blocks
+    compiled by inductor as one graph each (as apply_performance does). The velocity stays the eager one
+    up to the compiler's own rounding (it may keep the scaled-back O in fp32 inside its fused kernel)."""
+    from torch._dynamo.utils import counters
+
+    from ex4d.diffusion.fp8 import convert_to_fp8
+
+    @torch.compiler.assume_constant_result
+    def hopper(device):
+        return True
+
+    monkeypatch.setattr(attention_fp8, "fp8_output", hopper)
+    transformer = _tiny_transformer()
+    reference = tiny_velocity(transformer, seed=2)
+    convert_to_fp8(transformer, emulate=True)
+    use_fp8_self_attention(transformer)
+    eager = tiny_velocity(transformer, seed=2)
+    assert 1e-4 < relative_l2(eager, reference) < 0.08
+    torch._dynamo.reset()
+    counters.clear()
+    transformer.compile_repeated_blocks(fullgraph=True)
+    try:
+        compiled = tiny_velocity(transformer, seed=2)
+    finally:
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    print(f"fp8 blocks with the op path: eager vs fp32 {relative_l2(eager, reference):.4f}, compiled vs eager "
+          f"{relative_l2(compiled, eager):.5f}")
+    assert relative_l2(compiled, eager) < 0.02
+
+
 def _cudnn_ready() -> bool:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         return False
