@@ -5,8 +5,10 @@ short guided Euler loop (the sampler's shape: CFG combine, then x += v * dsigma)
 the final latents must equal the single-process ones.
 """
 
+import gc
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +97,56 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def start_and_join(procs, timeout=300):
+    """Start the rank processes, wait for them, kill any still running; returns their exit codes.
+
+    A forked child inherits the parent's uncollected garbage, and collecting it there can hang: a
+    PyAV reformatter left in a reference cycle by an earlier test frees its swscale context, which
+    joins slice threads that exist only in the parent (seen as a hang in peft's adapter injection,
+    where the child's garbage collector ran). So the parent collects before forking. A rank left
+    running would also keep pytest from exiting (multiprocessing joins its children at exit).
+    """
+    gc.collect()
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(deadline - time.monotonic(), 0.1))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes
+
+
+def _collect_garbage():
+    gc.collect()
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
+def test_forked_ranks_survive_the_parents_video_garbage(tmp_path):
+    """start_and_join collects before forking: a forked child that collects a PyAV frame left in a
+    reference cycle (converted to RGB, so it holds a threaded swscale context) would hang for good."""
+    from ex4d.io.video import _decoded, write_video
+
+    write_video(tmp_path / "clip.mp4", np.zeros((2, 512, 512, 3), np.uint8), 10)
+    enabled = gc.isenabled()
+    gc.disable()  # keep the cycle for the fork, whatever the collector's thresholds
+    try:
+        frames = _decoded(tmp_path / "clip.mp4", None, convert=False)
+        _, frame = next(frames)
+        frame.to_ndarray(format="rgb24")
+        cycle = [frame, frames]
+        cycle.append(cycle)
+        del cycle, frame, frames
+        codes = start_and_join([mp.get_context("fork").Process(target=_collect_garbage)], timeout=60)
+    finally:
+        if enabled:
+            gc.enable()
+    assert codes == [0]
+
+
 def run_ranks(world_size, mode, tmp_path, dtype=torch.float32, target=None):
     # fork: the children inherit the imported modules (spawn would re-import torch and diffusers in
     # each, ~20 s on 2 cores). No process group exists in the parent, and each child uses 1 thread.
@@ -106,14 +158,7 @@ def run_ranks(world_size, mode, tmp_path, dtype=torch.float32, target=None):
         extra = ()
     procs = [spawn.Process(target=target, args=(r, world_size, port, mode, str(tmp_path), *extra))
              for r in range(world_size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    codes = start_and_join(procs)
     assert codes == [0] * world_size, f"a rank failed: exit codes {codes}"
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
@@ -285,11 +330,7 @@ def test_torchrun_entry_point_writes_the_same_video(tmp_path, monkeypatch):
     port = _free_port()
     argv = [*common, "-o", str(tmp_path / "two.mp4")]
     procs = [spawn.Process(target=_cli_worker, args=(r, 2, port, "cfg", str(out_dir), argv)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert start_and_join(procs) == [0, 0]
     assert [torch.load(out_dir / f"rank{r}.pt")["code"] for r in range(2)] == [0, 0]
     one, _ = read_video(tmp_path / "one.mp4")
     two, _ = read_video(tmp_path / "two.mp4")
@@ -321,11 +362,7 @@ def test_two_gpus_nccl_match_one(mode, tmp_path):
     spawn = mp.get_context("spawn")  # CUDA cannot be used in forked children
     port = _free_port()
     procs = [spawn.Process(target=_gpu_worker, args=(r, 2, port, mode, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert start_and_join(procs, timeout=600) == [0, 0]
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for r in results:
         assert r["env"] == par.SAFE_COLLECTIVE_ENV

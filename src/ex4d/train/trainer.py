@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import hashlib
 import json
 import logging
@@ -702,6 +703,11 @@ def train(system: TrainSystem, dataset, config: TrainConfig, *, resume: str | No
 
     result = TrainResult(step=start_step)
     try:
+        if config.num_workers > 0:
+            # The data workers are forked here. A child that collects garbage inherited from this
+            # process can hang for good: a decoded PyAV frame left in a reference cycle frees a
+            # swscale context whose slice threads exist only in the parent. Collect it here first.
+            gc.collect()
         batches = iter(loader)
         steps = range(start_step, config.max_steps)
         if progress is not None and accelerator.is_main_process:
