@@ -84,24 +84,19 @@ def kernels() -> dict:
     except Exception as exc:  # report, not fail: the point is to list what exists here
         out["fa4_direct"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
     try:
-        from ex4d.diffusion.attention_fp8 import (centre_keys, check_fp8_attention_device, fp8_attention,
-                                                  fp8_output, quantize_tensorwise, sdpa_fp8_cudnn)
+        from ex4d.diffusion.attention_fp8 import (centre_keys, check_fp8_attention_device, cudnn_attention_fp8,
+                                                  fp8_attention, quantize_tensorwise)
 
         check_fp8_attention_device("cuda")
         out["cudnn_fp8"] = fp8_attention
         quantized = {}
-
-        fp8_out = fp8_output(torch.device("cuda", torch.cuda.current_device()))
 
         def kernel_only(q, k, v):  # the cuDNN call alone (and an fp8 O's scaling back), on inputs quantised once
             key = (q.data_ptr(), k.data_ptr(), v.data_ptr())
             if key not in quantized:
                 quantized[key] = (quantize_tensorwise(q), quantize_tensorwise(centre_keys(k)), quantize_tensorwise(v))
             (q8, dq), (k8, dk), (v8, dv) = quantized[key]
-            if not fp8_out:
-                return sdpa_fp8_cudnn(q8, k8, v8, dq, dk, dv, dv, False)
-            scale_o = 1.0 / dv
-            return (sdpa_fp8_cudnn(q8, k8, v8, dq, dk, dv, scale_o, True).float() / scale_o).to(torch.bfloat16)
+            return cudnn_attention_fp8(q8, k8, v8, dq, dk, dv)
 
         out["cudnn_fp8_kernel_only"] = kernel_only
     except Exception as exc:

@@ -103,7 +103,7 @@ class _Uid:
 
 
 class _Plan:
-    """One built cuDNN fp8 attention graph for one shape; ``fp8_out``: cuDNN writes O in fp8 (scaled).
+    """One built cuDNN fp8 attention graph for one shape and output type (:func:`cudnn_plan`).
 
     :meth:`constants` gives its constant (1,) fp32 inputs (1, the probabilities' scale and its
     inverse), made once on its GPU rather than in each of the 80 calls of a CFG step, and only when the
@@ -111,8 +111,8 @@ class _Plan:
     should be made.
     """
 
-    def __init__(self, graph, fp8_out: bool, workspace_bytes: int, device: torch.device):
-        self.graph, self.fp8_out, self.workspace_bytes, self.device = graph, fp8_out, workspace_bytes, device
+    def __init__(self, graph, workspace_bytes: int, device: torch.device):
+        self.graph, self.workspace_bytes, self.device = graph, workspace_bytes, device
         self._constants: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +164,7 @@ def _build(cudnn, handle, shape: tuple[int, int, int, int, int], fp8_out: bool) 
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
     graph.build_plans()
-    return _Plan(graph, fp8_out, graph.get_workspace_size(), torch.device("cuda", torch.cuda.current_device()))
+    return _Plan(graph, graph.get_workspace_size(), torch.device("cuda", torch.cuda.current_device()))
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -266,7 +266,17 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, emulate:
     v8, descale_v = quantize_tensorwise(v)
     if emulate:
         return emulated_sdpa_fp8(q8, k8, v8, descale_q, descale_k, descale_v)
-    if not fp8_output(q.device):
+    return cudnn_attention_fp8(q8, k8, v8, descale_q, descale_k, descale_v)
+
+
+def cudnn_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                        descale_k: torch.Tensor, descale_v: torch.Tensor) -> torch.Tensor:
+    """cuDNN's fp8 attention on quantised (B, S, H, D) q/k/v and their (1,) descales -> (B, Sq, H, D) bf16.
+
+    Where cuDNN writes O in fp8 (Hopper), the scaling back happens here, outside the op, so that
+    torch.compile fuses it into the next kernel.
+    """
+    if not fp8_output(q8.device):
         return sdpa_fp8_cudnn(q8, k8, v8, descale_q, descale_k, descale_v, descale_v, False)
     # O is a convex combination of v's rows, so |O| <= max |v|: 1 / descale_v maps it onto fp8's range.
     scale_o = 1.0 / descale_v
